@@ -1,0 +1,40 @@
+# Two commands for a new user: `make demo` (the tiny CPU LUFFY demo) and `make test` (the test suite).
+# Both create and reuse a local virtual environment in $(VENV).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+MEGATRON_VERSION ?= 0.19.2
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: venv demo test test-fast lint clean
+
+venv: $(STAMP)
+
+# torch first and pinned (a CPU wheel; a resolver must never pull another build), then megatron-core without its
+# Requires-Python check (0.17+ declares >=3.12 but runs on 3.11), then the package and its test tools.
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q --no-deps --ignore-requires-python megatron-core==$(MEGATRON_VERSION)
+	$(PY) -m pip install -q -e '.[dev,tensorboard]'
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/bash examples/run_tiny_cpu.sh
+
+test: $(STAMP)
+	$(PY) -m ruff check luffy_megatron tools tests examples
+	$(PY) -m pytest tests -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -q -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check luffy_megatron tools tests examples
+	$(PY) -m ruff format --check luffy_megatron tools tests examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info
