@@ -37,7 +37,7 @@ class ModelConfig:
     """The policy: an HF folder (architecture, tokenizer, and initial weights unless a Megatron checkpoint is given)."""
 
     hf_path: str = MISSING
-    # A Megatron checkpoint written by tools/convert_hf_to_megatron.py; when null the HF weights are converted on the fly.
+    # A Megatron checkpoint from tools/convert_hf_to_megatron.py; null = convert the HF weights on the fly.
     megatron_checkpoint: str | None = None
     # Parameter and compute dtype of the policy update.
     dtype: str = "bfloat16"
@@ -363,7 +363,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _choice(a.on_policy_reshape, "algorithm.on_policy_reshape", ON_OFF_RESHAPES)
     _choice(a.loss_agg_mode, "algorithm.loss_agg_mode", LOSS_AGG_MODES)
     _choice(a.kl_type, "algorithm.kl_type", ("k1", "k3"))
-    _positive(a, "algorithm", ("off_policy_reshape_gamma", "on_policy_reshape_gamma", "adv_eps", "logprob_chunk_tokens"))
+    _positive(
+        a, "algorithm", ("off_policy_reshape_gamma", "on_policy_reshape_gamma", "adv_eps", "logprob_chunk_tokens")
+    )
     if a.clip_eps <= 0 or a.clip_eps >= 1:
         _fail("algorithm.clip_eps", f"must be in (0, 1), got {a.clip_eps}")
     for name in ("entropy_coeff", "kl_coeff", "sft_loss_coeff"):
