@@ -1,0 +1,134 @@
+"""Build megatron-core ``GPTModel`` chunks for a family, on the current rank's pipeline stage(s)."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from luffy_megatron.models import get_family
+from luffy_megatron.models.family import ModelFamily, padded_vocab_size, torch_dtype, transformer_config_kwargs
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build (and convert) one model: family, HF config, and the derived Megatron shapes."""
+
+    family: ModelFamily
+    hf_config: dict[str, Any]
+    vocab_size: int  # true vocabulary of the HF checkpoint
+    padded_vocab_size: int
+    tied_embeddings: bool
+    max_position_embeddings: int
+
+
+def model_spec(hf_config: dict[str, Any], tp: int = 1) -> ModelSpec:
+    family = get_family(hf_config)
+    vocab = int(hf_config["vocab_size"])
+    return ModelSpec(
+        family=family,
+        hf_config=hf_config,
+        vocab_size=vocab,
+        padded_vocab_size=padded_vocab_size(vocab, tp),
+        tied_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(hf_config.get("max_position_embeddings", 32768)),
+    )
+
+
+def transformer_engine_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def build_transformer_config(
+    spec: ModelSpec,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    dtype: str = "float32",
+    recompute: bool = False,
+    **overrides: Any,
+):
+    """HF config -> ``TransformerConfig`` with the parallel layout and precision of this run."""
+    from megatron.core.transformer import TransformerConfig
+
+    params_dtype = torch_dtype(dtype)
+    kwargs = transformer_config_kwargs(spec.family, spec.hf_config)
+    kwargs.update(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=True,
+        # Mixed precision: keep softmax/residual in fp32 like HF does for bf16 checkpoints.
+        attention_softmax_in_fp32=True,
+    )
+    if recompute:
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt_model(
+    spec: ModelSpec,
+    config,
+    *,
+    use_transformer_engine: bool | None = None,
+    wrap_with_ddp: bool = False,
+) -> list[torch.nn.Module]:
+    """Model chunks of this pipeline rank (one per virtual stage), on this rank's device.
+
+    Uses transformer-engine's layer spec when TE is importable on a GPU (or when forced), else megatron-core's local
+    spec. Parameters are named as the local spec names them; with TE the layer norms live in the fused linears.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
+    layer_spec_fn = get_gpt_layer_with_transformer_engine_spec if use_te else get_gpt_layer_local_spec
+    layer_spec = layer_spec_fn(qk_layernorm=spec.family.qk_layernorm, normalization="RMSNorm")
+    vpp = config.virtual_pipeline_model_parallel_size
+    chunks: list[torch.nn.Module] = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec,
+            vocab_size=spec.padded_vocab_size,
+            max_sequence_length=spec.max_position_embeddings,
+            pre_process=pre,
+            post_process=post,
+            parallel_output=True,
+            share_embeddings_and_output_weights=spec.tied_embeddings,
+            position_embedding_type="rope",
+            vp_stage=stage,
+            **spec.family.rope_kwargs(spec.hf_config),
+        )
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    if wrap_with_ddp:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=False,
+        )
+        chunks = [
+            DistributedDataParallel(config=config, ddp_config=ddp_config, module=m, disable_bucketing=(i > 0))
+            for i, m in enumerate(chunks)
+        ]
+    return chunks

@@ -1,0 +1,160 @@
+"""Run megatron-core on CPU: the compatibility layer.
+
+megatron-core has no CPU mode. These patches let its real code paths (GPTModel, tensor/pipeline parallel mappings,
+pipeline schedules, DDP, optimizers, dist_checkpointing) run on CPU with the gloo backend. They are applied by
+:func:`apply_cpu_patches`, called from exactly one place (:func:`luffy_megatron.platform.setup_platform`), and are a
+no-op when CUDA is available. Each patch names the failure it fixes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_APPLIED = False
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is a CUDA ordinal in torch's factory functions (torch.cuda.current_device() returns one).
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+_CPU_TYPE_TO_CUDA = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Redirects CUDA placements to the CPU inside torch calls.
+
+    Fixes: ``device="cuda"`` literals (pipeline schedules' token counter, optimizer and clip_grads buffers),
+    ``device=torch.cuda.current_device()`` (~90 call sites: attention buffers, rotary embeddings, TP mappings),
+    ``.cuda()`` (tied embeddings under PP), ``.to("cuda")``; and makes ``Tensor.type()`` answer ``torch.cuda.*``
+    for CPU float tensors, which megatron's optimizers and clip_grads compare against (``param.type() ==
+    'torch.cuda.FloatTensor'``) before accepting a parameter.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
+        elif func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CPU_TYPE_TO_CUDA.get(name, name)
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream / Event: CPU work is already ordered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, *args: Any) -> None:
+        pass
+
+    def wait_event(self, *args: Any) -> None:
+        pass
+
+    def record_event(self, *args: Any) -> _NullStream:
+        return self
+
+    def record(self, *args: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other: Any) -> float:
+        return 0.0
+
+
+def _stub_paged_stash_ops() -> None:
+    """Fixes ``import megatron.core`` failing without triton.
+
+    ``megatron/core/transformer/moe/ops/paged_stash.py`` imports triton unguarded (MoE paged stashing kernels, CUDA
+    only) and is reached from ``gpt_model`` and the pipeline schedules. Without triton we register a module with the
+    same names whose kernels raise if ever launched.
+    """
+    name = "megatron.core.transformer.moe.ops.paged_stash"
+    try:
+        import triton  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    if name in sys.modules:
+        return
+
+    def _unavailable(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("MoE paged stash kernels need triton and CUDA")
+
+    stub = types.ModuleType(name)
+    stub.GLOBAL_BLOCK_SIZE = 1024
+    stub.paged_stash_copy_kernel = _unavailable
+    stub.paged_stash_pop_kernel = _unavailable
+    sys.modules[name] = stub
+
+
+def _patch_rng_tracker() -> None:
+    """Fixes the CUDA RNG tracker (``model_parallel_cuda_manual_seed``, dropout under ``get_cuda_rng_tracker().fork()``)
+    calling ``torch.cuda.get_rng_state`` / ``default_generators``: its states become CPU generator states, so
+    per-TP-rank dropout streams still work."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def get_state(device: Any = None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def set_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+        torch.set_rng_state(new_state)
+
+    mrandom._get_cuda_rng_state = get_state
+    mrandom._set_cuda_rng_state = set_state
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+    torch.cuda.manual_seed = lambda seed: None
+    torch.cuda.manual_seed_all = lambda seed: None
+
+
+def apply_cpu_patches() -> None:
+    """Apply every patch once, and only when CUDA is unavailable."""
+    global _APPLIED
+    if _APPLIED or torch.cuda.is_available():
+        return
+    _stub_paged_stash_ops()
+    # Fixes torch.cuda.current_device() raising "Torch not compiled with CUDA": callers pass the ordinal on as a
+    # device, which _CudaToCpuMode maps to the CPU.
+    torch.cuda.current_device = lambda: 0
+    # Fixes torch.cuda.synchronize() in p2p communication and the async checkpoint writer.
+    torch.cuda.synchronize = lambda device=None: None
+    # Fixes torch.cuda.current_stream()/Stream/Event/stream() in DDP grad buffers and the p2p/overlap code.
+    torch.cuda.current_stream = lambda device=None: _NullStream()
+    torch.cuda.default_stream = lambda device=None: _NullStream()
+    torch.cuda.Stream = _NullStream  # type: ignore[misc,assignment]
+    torch.cuda.Event = _NullStream  # type: ignore[misc,assignment]
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    # Fixes memory reports (torch.cuda.memory_allocated etc.) in megatron's logging helpers.
+    torch.cuda.memory_allocated = lambda device=None: 0
+    torch.cuda.max_memory_allocated = lambda device=None: 0
+    torch.cuda.memory_reserved = lambda device=None: 0
+    _patch_rng_tracker()
+    _CudaToCpuMode().__enter__()
+    _APPLIED = True

@@ -1,0 +1,106 @@
+"""Distributed initialisation for torchrun and Slurm, and megatron-core's model-parallel groups."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def read_dist_env() -> DistEnv:
+    """Rank layout from torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK) or, under ``srun``, from Slurm's.
+
+    Without either, a single process on this host. MASTER_ADDR/MASTER_PORT default to localhost / 29500; under Slurm
+    set MASTER_ADDR to the first host of ``$SLURM_JOB_NODELIST`` (examples/*.sh do).
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    else:
+        rank, world, local = 0, 1, 0
+    return DistEnv(rank, world, local, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_platform() -> torch.device:
+    """Choose the device and, without CUDA, make megatron-core run on the CPU. Idempotent."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    from luffy_megatron.platform.cpu_compat import apply_cpu_patches
+
+    apply_cpu_patches()
+    return torch.device("cpu")
+
+
+def device() -> torch.device:
+    """The device this rank computes on."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> DistEnv:
+    """Initialise torch.distributed (NCCL on GPU, gloo on CPU) unless already done; set the CUDA device."""
+    setup_platform()
+    env = read_dist_env()
+    if dist.is_initialized():
+        return env
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    if env.world_size == 1 and "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    dist.init_process_group(
+        backend=backend,
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(minutes=timeout_minutes),
+    )
+    return env
+
+
+def init_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1) -> None:
+    """Create megatron-core's TP/PP/DP groups and seed the model-parallel RNG tracker."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_model_parallel() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
