@@ -80,12 +80,13 @@ def build_gpt_model(
     config,
     *,
     use_transformer_engine: bool | None = None,
-    wrap_with_ddp: bool = False,
+    ddp_config=None,
 ) -> list[torch.nn.Module]:
     """Model chunks of this pipeline rank (one per virtual stage), on this rank's device.
 
     Uses transformer-engine's layer spec when TE is importable on a GPU (or when forced), else megatron-core's local
     spec. Parameters are named as the local spec names them; with TE the layer norms live in the fused linears.
+    With ``ddp_config`` (a megatron ``DistributedDataParallelConfig``) the chunks are wrapped in megatron's DDP.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -119,14 +120,9 @@ def build_gpt_model(
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
-    if wrap_with_ddp:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    if ddp_config is not None:
+        from megatron.core.distributed import DistributedDataParallel
 
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=False,
-        )
         chunks = [
             DistributedDataParallel(config=config, ddp_config=ddp_config, module=m, disable_bucketing=(i > 0))
             for i, m in enumerate(chunks)
