@@ -50,9 +50,15 @@ class ModelFamily:
     extra_hf_keys_to_ignore: tuple[str, ...] = field(default_factory=tuple)
 
     def rope_kwargs(self, hf: dict[str, Any]) -> dict[str, Any]:
-        """GPTModel rotary arguments (llama 3.x frequency scaling where the config asks for it)."""
-        kwargs: dict[str, Any] = {"rotary_base": int(hf.get("rope_theta", 10000))}
-        scaling = hf.get("rope_scaling")
+        """GPTModel rotary arguments (llama 3.x frequency scaling where the config asks for it).
+
+        Reads both config styles: transformers < 5 (``rope_theta`` and ``rope_scaling`` at top level) and
+        transformers >= 5 (``rope_parameters`` holding ``rope_theta``, ``rope_type`` and the scaling fields).
+        """
+        rope = hf.get("rope_parameters") or {}
+        theta = hf.get("rope_theta", rope.get("rope_theta", 10000))
+        kwargs: dict[str, Any] = {"rotary_base": int(theta)}
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling:
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind == "llama3":

@@ -1,0 +1,69 @@
+"""Write a tiny random Hugging Face checkpoint (config, safetensors, offline-trained tokenizer) for tests and demos.
+
+Example:
+    python tools/make_tiny_model.py --family qwen2 --out /tmp/tiny-qwen2 --layers 2 --hidden-size 64 --tie-embeddings
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from luffy_megatron.models.tiny import FAMILY_ARCHITECTURES, make_tiny_model  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="example: python tools/make_tiny_model.py --family qwen2 --out /tmp/tiny-qwen2 --tie-embeddings",
+    )
+    parser.add_argument("--family", choices=sorted(FAMILY_ARCHITECTURES), default="qwen2")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    parser.add_argument(
+        "--vocab-size", type=int, default=397, help="model vocabulary (default 397, not a multiple of 128)"
+    )
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--intermediate-size", type=int, default=160)
+    parser.add_argument("--head-dim", type=int, default=None, help="default hidden_size / heads")
+    parser.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument(
+        "--split-digits",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one token per digit, as Qwen's pre-tokenizer does (default on)",
+    )
+    parser.add_argument("--max-position-embeddings", type=int, default=4096)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--corpus", type=Path, default=None, help="text file to train the tokenizer on instead")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = make_tiny_model(
+        args.out,
+        args.family,
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        layers=args.layers,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        intermediate_size=args.intermediate_size,
+        head_dim=args.head_dim,
+        tie_embeddings=args.tie_embeddings,
+        seed=args.seed,
+        corpus=args.corpus.read_text(encoding="utf-8") if args.corpus else None,
+        split_digits=args.split_digits,
+        max_position_embeddings=args.max_position_embeddings,
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
