@@ -1,0 +1,101 @@
+"""A synthetic addition task in the LUFFY schema, small enough for a tiny model to learn on CPU in minutes.
+
+Problem ``47+85=`` (zero-padded operands of ``digits`` digits), expert trace
+``<think>\\n7+5=12;4+8+1=13\\n</think>\\n\\boxed{132}`` (column sums from the right, ``+1`` for a carry), ground truth
+``132``, data source ``synthetic_add``. Train and validation problems are disjoint draws from all operand pairs.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+DATA_SOURCE = "synthetic_add"
+DEFAULT_SYSTEM_PROMPT = "Add the numbers. Think inside <think> </think>, then write the sum in \\boxed{}."
+
+
+def problem_text(a: int, b: int, digits: int) -> str:
+    """The user turn, e.g. ``07+85=``."""
+    return f"{a:0{digits}d}+{b:0{digits}d}="
+
+
+def expert_trace(a: int, b: int, digits: int) -> str:
+    """Column-by-column addition from the least significant digit, then the boxed sum."""
+    steps, carry = [], 0
+    for i in range(digits):
+        da, db = (a // 10**i) % 10, (b // 10**i) % 10
+        total = da + db + carry
+        steps.append(f"{da}+{db}{'+1' if carry else ''}={total}")
+        carry = total // 10
+    return "<think>\n" + ";".join(steps) + "\n</think>\n\\boxed{" + str(a + b) + "}"
+
+
+def make_row(a: int, b: int, digits: int, index: int, split: str, system_prompt: str | None) -> dict[str, Any]:
+    """One row in the paper's schema."""
+    prompt = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    prompt.append({"role": "user", "content": problem_text(a, b, digits)})
+    return {
+        "data_source": DATA_SOURCE,
+        "prompt": prompt,
+        "target": [{"role": "assistant", "content": expert_trace(a, b, digits)}],
+        "ability": "math",
+        "reward_model": {"ground_truth": str(a + b), "style": "rule"},
+        "extra_info": {"index": index, "split": split},
+    }
+
+
+def generate(
+    num_train: int, num_val: int, seed: int = 0, digits: int = 2, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Disjoint train / validation rows drawn without replacement from all ``(10**digits)**2`` operand pairs."""
+    if digits < 1:
+        raise ValueError(f"digits must be >= 1, got {digits}")
+    if num_train < 0 or num_val < 0:
+        raise ValueError("num_train and num_val must be >= 0")
+    space = (10**digits) ** 2
+    if num_train + num_val > space:
+        raise ValueError(f"{num_train} + {num_val} problems exceed the {space} distinct {digits}-digit pairs")
+    picks = random.Random(seed).sample(range(space), num_train + num_val)
+    n = 10**digits
+    pairs = [divmod(p, n) for p in picks]
+    train = [make_row(a, b, digits, i, "train", system_prompt) for i, (a, b) in enumerate(pairs[:num_train])]
+    val = [make_row(a, b, digits, i, "val", system_prompt) for i, (a, b) in enumerate(pairs[num_train:])]
+    return train, val
+
+
+def write_parquet(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Write rows with an explicit schema (identical for train and val, and for empty files)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    message = pa.struct([("content", pa.string()), ("role", pa.string())])
+    schema = pa.schema(
+        [
+            ("data_source", pa.string()),
+            ("prompt", pa.list_(message)),
+            ("target", pa.list_(message)),
+            ("ability", pa.string()),
+            ("reward_model", pa.struct([("ground_truth", pa.string()), ("style", pa.string())])),
+            ("extra_info", pa.struct([("index", pa.int64()), ("split", pa.string())])),
+        ]
+    )
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+
+def write_task(
+    out_dir: str | Path,
+    num_train: int,
+    num_val: int,
+    seed: int = 0,
+    digits: int = 2,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+) -> tuple[Path, Path]:
+    """Write ``train.parquet`` and ``val.parquet`` to ``out_dir``; returns their paths."""
+    train, val = generate(num_train, num_val, seed, digits, system_prompt)
+    out = Path(out_dir)
+    paths = out / "train.parquet", out / "val.parquet"
+    write_parquet(train, paths[0])
+    write_parquet(val, paths[1])
+    return paths
