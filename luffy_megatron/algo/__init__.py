@@ -1,1 +1,21 @@
-"""algo"""
+"""The LUFFY algorithm as plain tensor functions: advantages, split-invariant aggregation weights, the mixed-policy
+loss, and the fused vocab-parallel log-prob/entropy. See docs/algorithm.md."""
+
+from .advantages import compute_advantages
+from .aggregation import AGG_MODES, GlobalCounts, LossWeights, aggregation_weights, sequence_lengths
+from .logprob import vocab_parallel_logprob_entropy
+from .loss import RESHAPES, MetricSums, mixed_policy_loss, validate_algorithm_config
+
+__all__ = [
+    "AGG_MODES",
+    "RESHAPES",
+    "GlobalCounts",
+    "LossWeights",
+    "MetricSums",
+    "aggregation_weights",
+    "compute_advantages",
+    "mixed_policy_loss",
+    "sequence_lengths",
+    "validate_algorithm_config",
+    "vocab_parallel_logprob_entropy",
+]

@@ -1,0 +1,90 @@
+"""Group-relative (GRPO) outcome advantages over mixed on/off-policy groups.
+
+``A_j = r_j - mean_g(r)`` over every sample of the group ``g`` of ``j``, the off-policy traces included (the released
+LUFFY run uses verl's ``grpo`` estimator with ``algorithm.grpo_use_std=False``); with ``use_std`` it is divided by the
+unbiased group standard deviation plus ``eps``. A group of a single sample gets mean 0 and std 1 (as verl does).
+``stat_mask`` restricts the samples that enter mean and std (the "RL with SFT loss" ablation uses verl's
+``grpo_split``: statistics over the on-policy samples only), while every sample still receives an advantage.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["compute_advantages"]
+
+
+def compute_advantages(
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    use_std: bool = False,
+    eps: float = 1e-6,
+    stat_mask: Tensor | None = None,
+) -> Tensor:
+    """Per-sample advantages.
+
+    Args:
+        rewards: [S] float scalar reward of each sample.
+        group_ids: [S] integer id of each sample's group (prompt); any values, groups of any sizes.
+        use_std: divide by (unbiased std of the group + eps).
+        eps: added to the std.
+        stat_mask: [S] bool, samples that enter the group statistics (default: all).
+
+    Returns:
+        [S] advantages, dtype of ``rewards``. Statistics are accumulated in float64 (no Python loop over samples);
+        a group whose rewards are all equal gets exactly 0.
+
+    Raises:
+        ValueError naming the argument for shape/dtype mismatches, non-finite rewards, or a group with no sample in
+        ``stat_mask``.
+    """
+    if not isinstance(rewards, Tensor) or rewards.dim() != 1 or not rewards.is_floating_point():
+        raise ValueError(f"rewards: expected a 1-D float tensor, got {_describe(rewards)}")
+    if not isinstance(group_ids, Tensor) or group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
+        raise ValueError(f"group_ids: expected an integer tensor, got {_describe(group_ids)}")
+    if tuple(group_ids.shape) != tuple(rewards.shape):
+        raise ValueError(f"group_ids: shape {tuple(group_ids.shape)} does not match rewards {tuple(rewards.shape)}")
+    if stat_mask is None:
+        stat_mask = torch.ones_like(rewards, dtype=torch.bool)
+    elif not isinstance(stat_mask, Tensor) or stat_mask.dtype != torch.bool:
+        raise ValueError(f"stat_mask: expected a bool tensor, got {_describe(stat_mask)}")
+    elif tuple(stat_mask.shape) != tuple(rewards.shape):
+        raise ValueError(f"stat_mask: shape {tuple(stat_mask.shape)} does not match rewards {tuple(rewards.shape)}")
+    if rewards.numel() == 0:
+        return rewards.clone()
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError(f"rewards: {int((~torch.isfinite(rewards)).sum())} non-finite value(s) (NaN/inf)")
+
+    _, inv = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(inv.max()) + 1
+    r = rewards.double()
+    w = stat_mask.double()
+    count = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, inv, w)
+    if bool((count == 0).any()):
+        bad = group_ids[(count == 0)[inv]][0].item()
+        raise ValueError(f"stat_mask: group {bad} has no sample that enters the group statistics")
+    total = torch.zeros_like(count).index_add_(0, inv, r * w)
+    mean = total / count
+    # Exact mean when all included rewards of a group are equal (no rounding residue -> exactly zero advantage).
+    big = torch.finfo(torch.float64).max
+    lo = torch.full_like(count, big).scatter_reduce_(0, inv, torch.where(stat_mask, r, big), "amin")
+    hi = torch.full_like(count, -big).scatter_reduce_(0, inv, torch.where(stat_mask, r, -big), "amax")
+    mean = torch.where(lo == hi, lo, mean)
+    single = count == 1
+    mean = torch.where(single, torch.zeros_like(mean), mean)
+    dev = r - mean[inv]
+    if not use_std:
+        return dev.to(rewards.dtype)
+    sq = torch.zeros_like(count).index_add_(0, inv, (r - (total / count)[inv]).square() * w)
+    std = torch.sqrt(sq / (count - 1).clamp_min(1))
+    std = torch.where(lo == hi, torch.zeros_like(std), std)
+    std = torch.where(single, torch.ones_like(std), std)
+    return (dev / (std[inv] + eps)).to(rewards.dtype)
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
