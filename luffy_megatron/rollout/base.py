@@ -1,0 +1,149 @@
+"""The rollout-engine interface shared by the in-process HF engine and the SGLang servers.
+
+Log-probabilities. Every engine returns, for each sampled token y_t, ``log softmax(logits_t / T)[y_t]``: the
+log-probability under the temperature-scaled distribution over the *full* vocabulary, before any top-k / top-p
+truncation and renormalisation. This is what verl (and therefore LUFFY's released code) computes as the policy's
+log-prob (``logits.div_(temperature)`` then log-softmax) and what SGLang returns in ``output_token_logprobs`` by
+default. With ``temperature == 0`` (greedy) the log-probs are those of the untempered distribution (T = 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from luffy_megatron.config import RolloutConfig
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class RolloutError(RuntimeError):
+    """A rollout request could not be served (unreachable servers, rejected requests, lost prompts)."""
+
+
+class WeightSyncError(RuntimeError):
+    """A weight update failed on at least one engine; training must not continue against stale weights."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample ``n`` completions per prompt.
+
+    ``top_k <= 0`` and ``top_p == 1`` disable truncation; ``temperature == 0`` is greedy. ``stop_token_ids`` are added
+    to the model's EOS ids. With a ``seed`` the samples are a pure function of (weights, prompts, params): sample ``j``
+    of prompt ``i`` uses :func:`sample_seed` ``(seed, i, j)`` whatever the batching.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 128
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+@dataclass
+class RolloutOutput:
+    """One sampled completion.
+
+    ``output_ids`` include the stop token when ``finish_reason == "stop"``; ``logprobs[t]`` is the log-prob of
+    ``output_ids[t]`` as defined in this module's docstring. ``weight_version`` is the version that generated it.
+    """
+
+    prompt_index: int
+    output_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
+    sample_index: int = 0
+    weight_version: int | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """A 63-bit seed for sample ``sample_index`` of prompt ``prompt_index``; the same in every engine."""
+    digest = hashlib.blake2b(f"{seed}/{prompt_index}/{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class RolloutEngine(ABC):
+    """Generates completions for token-id prompts and receives new weights as an HF-named tensor stream."""
+
+    #: Version of the weights currently served (the ``version`` of the last successful :meth:`update_weights`).
+    weight_version: int | None = None
+
+    @abstractmethod
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[RolloutOutput]]:
+        """``params.n`` outputs per prompt, outer list in prompt order, inner list by sample index."""
+
+    @abstractmethod
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
+        """Load full HF-named tensors; raises :class:`WeightSyncError` when any engine fails to load them."""
+
+    @abstractmethod
+    def health(self) -> dict:
+        """``{"ok": bool, ...}`` with per-server details where there are servers."""
+
+    def pause(self) -> None:
+        """Stop generating (in-flight requests are aborted) until the next weight update or :meth:`resume`."""
+
+    def resume(self) -> None:
+        """Undo :meth:`pause`."""
+
+    def release_memory(self) -> None:
+        """Free accelerator memory (weights and KV cache) while the trainer runs; no-op where unsupported."""
+
+    def resume_memory(self) -> None:
+        """Re-acquire what :meth:`release_memory` freed."""
+
+    def close(self) -> None:
+        """Release processes, sessions and files owned by the engine."""
+
+    def __enter__(self) -> RolloutEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build_rollout_engine(
+    cfg: RolloutConfig,
+    hf_path: str,
+    *,
+    dtype: str = "float32",
+    eos_token_ids: list[int] | None = None,
+    device: str = "cpu",
+) -> RolloutEngine:
+    """The engine named by ``cfg.backend``: ``hf`` (in-process transformers) or ``sglang`` (HTTP servers).
+
+    ``dtype``/``device`` apply to the HF engine (fp32 on CPU by default); SGLang takes its dtype from
+    ``cfg.sglang.dtype``. ``eos_token_ids`` default to the model's ``generation_config`` / ``config``.
+    """
+    if cfg.backend == "hf":
+        from luffy_megatron.rollout.hf_engine import HFEngine
+
+        return HFEngine.from_pretrained(
+            hf_path, dtype=dtype, device=device, batch_size=cfg.hf_batch_size, eos_token_ids=eos_token_ids
+        )
+    if cfg.backend == "sglang":
+        from luffy_megatron.rollout.sglang.engine import SGLangEngine
+
+        return SGLangEngine.from_config(cfg.sglang, hf_path, eos_token_ids=eos_token_ids)
+    raise ValueError(f"rollout.backend: unknown backend {cfg.backend!r} (expected 'hf' or 'sglang')")

@@ -1,0 +1,259 @@
+"""In-process rollout engine on ``transformers`` for CPU runs and tests.
+
+Own sampling loop: left-padded batches, one prefill and then one-token decode steps with the model's KV cache, finished
+rows dropped from the batch (and cache) as they stop. Each row draws its uniforms from its own ``random.Random`` seeded
+with :func:`~luffy_megatron.rollout.base.sample_seed`, and samples by inverse CDF over the (truncated, renormalised)
+distribution, so a seeded request gives the same tokens whatever the batch it shares.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from luffy_megatron.rollout.base import (
+    FinishReason,
+    RolloutEngine,
+    RolloutOutput,
+    SamplingParams,
+    WeightSyncError,
+    sample_seed,
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RowResult:
+    """One generated row of :meth:`HFEngine.generate_rows`."""
+
+    output_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
+    matched_stop: int | None = None
+
+
+def read_eos_token_ids(hf_path: str | Path) -> list[int]:
+    """EOS ids of an HF folder: ``generation_config.json`` first, then ``config.json``; ``[]`` when none."""
+    for name in ("generation_config.json", "config.json"):
+        path = Path(hf_path) / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    return []
+
+
+def next_token_distribution(
+    logits: torch.Tensor, temperature: float, top_p: float, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Sampling distribution and reported log-probs for a [B, V] block of fp32 logits.
+
+    Returns ``(cdf, logp, order)``: ``logp = log_softmax(logits / T)`` over the full vocabulary (what is reported);
+    ``cdf`` the cumulative sampling probabilities (top-k then top-p truncated, unnormalised: the last column is the
+    total mass) over token ids ``order`` (sorted descending by probability) or over the vocabulary when ``order`` is None.
+    """
+    scaled = logits / temperature if temperature > 0 else logits
+    logp = torch.log_softmax(scaled, dim=-1)
+    probs = logp.exp()
+    if top_k <= 0 and top_p >= 1.0:
+        return probs.cumsum(dim=-1), logp, None
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    if 0 < top_k < sorted_p.shape[-1]:
+        sorted_p[:, top_k:] = 0.0
+    if top_p < 1.0:
+        # Keep the smallest prefix whose mass reaches top_p: a token is dropped when the mass before it already does.
+        before = sorted_p.cumsum(dim=-1) - sorted_p
+        sorted_p = sorted_p.masked_fill(before >= top_p * sorted_p.sum(dim=-1, keepdim=True), 0.0)
+    return sorted_p.cumsum(dim=-1), logp, order
+
+
+class HFEngine(RolloutEngine):
+    """Batched sampling from a ``transformers`` causal LM held in this process."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        eos_token_ids: Sequence[int] = (),
+        batch_size: int = 64,
+        pad_token_id: int = 0,
+    ) -> None:
+        self.model = model.eval()
+        self.eos_token_ids = tuple(int(e) for e in eos_token_ids)
+        self.batch_size = batch_size
+        self.pad_token_id = pad_token_id
+        self.weight_version: int | None = 0
+        self._stale = False
+        self._rng = random.Random()
+        self.device = next(model.parameters()).device
+        self.stats = {"generated_tokens": 0, "generate_seconds": 0.0}
+        # transformers 5 renamed the cache argument ``past_key_values`` -> ``cache``.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        hf_path: str | Path,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        batch_size: int = 64,
+        eos_token_ids: Sequence[int] | None = None,
+    ) -> HFEngine:
+        """Load an HF folder (fp32 on CPU by default)."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(hf_path), dtype=_DTYPES[dtype]).to(device)
+        eos = read_eos_token_ids(hf_path) if eos_token_ids is None else list(eos_token_ids)
+        pad = getattr(model.config, "pad_token_id", None)
+        return cls(model, eos_token_ids=eos, batch_size=batch_size, pad_token_id=int(pad) if pad is not None else 0)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[RolloutOutput]]:
+        """``params.n`` samples per prompt (see :class:`~luffy_megatron.rollout.base.RolloutEngine`)."""
+        rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
+        seeds = [None if params.seed is None else sample_seed(params.seed, i, j) for i, j in rows]
+        results = self.generate_rows([prompts[i] for i, _ in rows], params, seeds)
+        out: list[list[RolloutOutput]] = [[] for _ in prompts]
+        for (i, j), res in zip(rows, results):
+            out[i].append(
+                RolloutOutput(i, res.output_ids, res.logprobs, res.finish_reason, j, weight_version=self.weight_version)
+            )
+        return out
+
+    def generate_rows(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        seeds: Sequence[int | None],
+        is_aborted: Callable[[int], bool] | None = None,
+    ) -> list[RowResult]:
+        """One sample per row with its own seed (``params.n`` is ignored); ``is_aborted(row)`` is polled per step."""
+        if self._stale:
+            raise WeightSyncError("the last weight update failed; the in-process engine holds partial weights")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        t0 = time.perf_counter()
+        results: list[RowResult] = []
+        for start in range(0, len(prompts), self.batch_size):
+            stop = start + self.batch_size
+            abort = None if is_aborted is None else (lambda r, s=start: is_aborted(s + r))
+            results.extend(self._generate_batch(prompts[start:stop], params, seeds[start:stop], abort))
+        self.stats["generated_tokens"] += sum(len(r.output_ids) for r in results)
+        self.stats["generate_seconds"] += time.perf_counter() - t0
+        return results
+
+    @torch.no_grad()
+    def _generate_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        seeds: Sequence[int | None],
+        is_aborted: Callable[[int], bool] | None,
+    ) -> list[RowResult]:
+        b = len(prompts)
+        rngs = [random.Random(self._rng.getrandbits(63) if s is None else s) for s in seeds]
+        stop_ids = torch.tensor(sorted(set(self.eos_token_ids) | set(params.stop_token_ids)), dtype=torch.long)
+        lens = torch.tensor([len(p) for p in prompts])
+        width = int(lens.max())
+        input_ids = torch.full((b, width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            input_ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[r, width - len(p) :] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        dev = self.device
+        input_ids, mask, position_ids = input_ids.to(dev), mask.to(dev), position_ids.to(dev)
+
+        out_ids: list[list[int]] = [[] for _ in range(b)]
+        out_lp: list[list[float]] = [[] for _ in range(b)]
+        reasons: list[FinishReason | None] = [None] * b
+        matched: list[int | None] = [None] * b
+        alive = list(range(b))  # batch slot -> original row
+        next_pos = position_ids[:, -1:] + 1
+        past = None
+        step_ids, step_pos = input_ids, position_ids
+        for step in range(params.max_new_tokens):
+            kw = {self._cache_kw: past} if past is not None else {}
+            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **kw)
+            past = getattr(out, self._cache_kw)
+            logits = out.logits[:, -1, :].float()
+            cdf, logp, order = next_token_distribution(logits, params.temperature, params.top_p, params.top_k)
+            if params.temperature == 0:
+                tokens = logits.argmax(dim=-1)
+            else:
+                u = torch.tensor([rngs[r].random() for r in alive], dtype=cdf.dtype, device=cdf.device)
+                idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).clamp(max=cdf.shape[-1] - 1)
+                tokens = (idx if order is None else order.gather(-1, idx)).squeeze(-1)
+            tok_lp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            tokens_l, lp_l = tokens.tolist(), tok_lp.tolist()
+            is_stop = torch.isin(tokens.cpu(), stop_ids).tolist()
+            keep: list[int] = []
+            last = step == params.max_new_tokens - 1
+            for slot, r in enumerate(alive):
+                out_ids[r].append(tokens_l[slot])
+                out_lp[r].append(lp_l[slot])
+                if is_stop[slot]:
+                    reasons[r], matched[r] = "stop", tokens_l[slot]
+                elif is_aborted is not None and is_aborted(r):
+                    reasons[r] = "abort"
+                elif last:
+                    reasons[r] = "length"
+                else:
+                    keep.append(slot)
+            if not keep:
+                break
+            if len(keep) < len(alive):
+                sel = torch.tensor(keep, device=dev)
+                past.batch_select_indices(sel)
+                tokens, mask, next_pos = tokens[sel], mask[sel], next_pos[sel]
+                alive = [alive[s] for s in keep]
+            mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype, device=dev)], dim=-1)
+            step_ids, step_pos = tokens.unsqueeze(-1), next_pos
+            next_pos = next_pos + 1
+        return [RowResult(out_ids[r], out_lp[r], reasons[r] or "length", matched[r]) for r in range(b)]
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Copy a full HF-named stream into the model's parameters and persistent buffers.
+
+        Unknown names, shape mismatches and names never received raise :class:`WeightSyncError`; a tied parameter
+        (``lm_head.weight`` sharing the embedding) may be omitted. A failed update leaves the engine refusing to
+        generate until a complete update succeeds.
+        """
+        targets = self.model.state_dict(keep_vars=True)
+        by_storage: dict[int, list[str]] = {}
+        for name, t in targets.items():
+            by_storage.setdefault(t.data_ptr(), []).append(name)
+        seen: set[str] = set()
+        self._stale = True
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                target = targets.get(name)
+                if target is None:
+                    raise WeightSyncError(f"update_weights: unknown parameter name {name!r}")
+                if tuple(target.shape) != tuple(tensor.shape):
+                    raise WeightSyncError(
+                        f"update_weights: shape mismatch for {name!r}: got {tuple(tensor.shape)}, "
+                        f"model has {tuple(target.shape)}"
+                    )
+                target.data.copy_(tensor)
+                seen.update(by_storage[target.data_ptr()])
+        missing = sorted(set(targets) - seen)
+        if missing:
+            raise WeightSyncError(f"update_weights: {len(missing)} parameters not in the stream, e.g. {missing[:5]}")
+        self._stale = False
+        self.weight_version = version
+
+    def health(self) -> dict:
+        """Always healthy unless a weight update failed."""
+        return {"ok": not self._stale, "weight_version": self.weight_version, "backend": "hf"}

@@ -1,0 +1,415 @@
+"""SGLang rollout engine: the :class:`~luffy_megatron.rollout.base.RolloutEngine` interface over HTTP servers.
+
+Weight sync (``SGLangConfig.weight_sync``), always framed as pause -> flush -> load -> continue, with the new
+``weight_version`` set by the load requests; a failure on any server raises :class:`WeightSyncError` and leaves the
+engine refusing to generate until a later update succeeds:
+
+- ``disk``: the stream is written as HF safetensors shards (``weight_bucket_mb`` each, plus the model's config files)
+  into ``weight_sync_dir/v{version}``; every server loads it with ``/update_weights_from_disk``. Needs a filesystem
+  shared by trainer and servers.
+- ``distributed``: once, ``/init_weights_update_group`` puts the trainer (rank 0) and every server GPU
+  (rank ``1 + i * tp_size + tp_rank``) into one NCCL group; per bucket, ``/update_weights_from_distributed`` carries
+  names/dtypes/shapes by HTTP while the trainer broadcasts the tensors from rank 0.
+- ``tensor``: colocated servers; each bucket is pickled with torch's ``ForkingPickler`` (CUDA-IPC handles for GPU
+  tensors), base64-encoded, and posted to ``/update_weights_from_tensor`` (one copy per TP rank).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from luffy_megatron.config import SGLangConfig
+from luffy_megatron.rollout.base import (
+    RolloutEngine,
+    RolloutError,
+    RolloutOutput,
+    SamplingParams,
+    WeightSyncError,
+    sample_seed,
+)
+from luffy_megatron.rollout.sglang.client import LoopThread, SampleRequest, SGLangClient
+from luffy_megatron.rollout.sglang.launcher import (
+    ServerProcess,
+    launch_router,
+    launch_servers,
+    read_api_key,
+    stop_processes,
+    wait_healthy,
+)
+
+logger = logging.getLogger(__name__)
+GROUP_NAME = "weight_update_group"
+_CONFIG_FILES = ("config.json", "generation_config.json")
+
+
+def iter_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[tuple[list[tuple[str, torch.Tensor]], bool]]:
+    """Group a stream into buckets of at most ``bucket_bytes`` (a larger tensor is a bucket alone); yields (bucket,
+    is_last)."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    pending: list[tuple[str, torch.Tensor]] | None = None
+    for name, t in named_tensors:
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            if pending is not None:
+                yield pending, False
+            pending, bucket, size = bucket, [], 0
+        bucket.append((name, t))
+        size += nbytes
+    if pending is not None:
+        yield pending, not bucket
+    if bucket:
+        yield bucket, True
+
+
+def sampling_params_body(params: SamplingParams, seed: int | None, stop_token_ids: Iterable[int]) -> dict:
+    """The ``sampling_params`` object of one sample (documented keys only)."""
+    body: dict[str, Any] = {
+        "max_new_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k if params.top_k > 0 else -1,
+    }
+    stops = sorted(set(stop_token_ids) | set(params.stop_token_ids))
+    if stops:
+        body["stop_token_ids"] = stops
+    if seed is not None:
+        body["sampling_seed"] = seed
+    return body
+
+
+def serialize_named_tensors(named: list[tuple[str, torch.Tensor]]) -> str:
+    """SGLang's ``MultiprocessingSerializer`` format: ForkingPickler bytes (shared memory / CUDA IPC), base64."""
+    from torch.multiprocessing.reductions import ForkingPickler
+
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(named)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def init_weights_update_group(
+    master_address: str, master_port: int, rank: int, world_size: int, group_name: str, backend: str = "nccl",
+    timeout_s: float = 600.0,
+) -> Any:  # fmt: skip
+    """A process group outside the default one (trainer rank 0 + server GPUs), as SGLang's servers build theirs."""
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = timedelta(seconds=timeout_s)
+    store, rank, world_size = next(
+        c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
+    )
+    store.set_timeout(timeout)
+    pg, _ = c10d._new_process_group_helper(
+        world_size, rank, [], c10d.Backend(backend), store, group_name=group_name, timeout=timeout
+    )
+    c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
+class SGLangEngine(RolloutEngine):
+    """Generation and weight sync over a set of SGLang servers."""
+
+    def __init__(
+        self,
+        client: SGLangClient,
+        *,
+        weight_sync: str = "disk",
+        weight_sync_dir: str | None = None,
+        hf_path: str | None = None,
+        bucket_mb: int = 512,
+        tp_size: int = 1,
+        colocate: bool = False,
+        eos_token_ids: Iterable[int] = (),
+        processes: list[ServerProcess] | None = None,
+        master_address: str = "127.0.0.1",
+        master_port: int = 0,
+        group_backend: str = "nccl",
+        flush_retries: int = 20,
+    ) -> None:
+        if weight_sync not in ("disk", "distributed", "tensor"):
+            raise ValueError(f"rollout.sglang.weight_sync: unknown mode {weight_sync!r}")
+        if weight_sync == "disk" and not weight_sync_dir:
+            raise ValueError("rollout.sglang.weight_sync_dir is required for weight_sync=disk")
+        self.client = client
+        self.weight_sync = weight_sync
+        self.weight_sync_dir = weight_sync_dir
+        self.hf_path = hf_path
+        self.bucket_bytes = bucket_mb << 20
+        self.tp_size = tp_size
+        self.colocate = colocate
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.processes = processes or []
+        self.master_address = master_address
+        self.master_port = master_port
+        self.group_backend = group_backend
+        self.flush_retries = flush_retries
+        self.weight_version: int | None = None
+        self._stale = False
+        self._group: Any = None
+        self._loop = LoopThread()
+        self._last_dir: Path | None = None
+        self.last_sync: dict[str, float] = {}
+
+    @classmethod
+    def from_config(
+        cls, cfg: SGLangConfig, hf_path: str, *, eos_token_ids: Iterable[int] | None = None, log_dir: str | None = None
+    ) -> SGLangEngine:
+        """Launch servers (and the router) or attach to ``cfg.urls``; waits for ``/health`` either way."""
+        api_key = read_api_key(cfg)
+        procs: list[ServerProcess] = []
+        try:
+            if cfg.launch:
+                procs = launch_servers(cfg, hf_path, log_dir=log_dir)
+                server_urls = [p.url for p in procs]
+            else:
+                server_urls = list(cfg.urls)
+                wait_healthy(server_urls, cfg.startup_timeout_s, api_key=api_key)
+            generate_urls = server_urls
+            if cfg.use_router:
+                router = launch_router(cfg, server_urls, log_dir=log_dir)
+                procs.append(router)
+                generate_urls = [router.url]
+        except BaseException:
+            stop_processes(procs)
+            raise
+        client = SGLangClient(
+            generate_urls,
+            server_urls,
+            api_key=api_key,
+            max_concurrency=cfg.max_concurrency,
+            request_timeout_s=cfg.request_timeout_s,
+            max_retries=cfg.max_retries,
+        )
+        if eos_token_ids is None:
+            from luffy_megatron.rollout.hf_engine import read_eos_token_ids
+
+            eos_token_ids = read_eos_token_ids(hf_path)
+        return cls(
+            client,
+            weight_sync=cfg.weight_sync,
+            weight_sync_dir=cfg.weight_sync_dir,
+            hf_path=hf_path,
+            bucket_mb=cfg.weight_bucket_mb,
+            tp_size=cfg.tp_size,
+            colocate=cfg.colocate,
+            eos_token_ids=eos_token_ids,
+            processes=procs,
+        )
+
+    def _run(self, coro: Any) -> Any:
+        return self._loop.run(coro)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[RolloutOutput]]:
+        """``params.n`` samples per prompt; each sample is its own request (``rid``), batched per HTTP call."""
+        if self._stale:
+            raise WeightSyncError("the last weight update failed; refusing to generate from stale weights")
+        call = uuid.uuid4().hex[:12]
+        reqs: list[SampleRequest] = []
+        for i, prompt in enumerate(prompts):
+            for j in range(params.n):
+                seed = None if params.seed is None else sample_seed(params.seed, i, j)
+                sp = sampling_params_body(params, seed, self.eos_token_ids)
+                reqs.append(SampleRequest(f"{call}-{i}-{j}", list(prompt), sp))
+        results = self._run(self.client.generate(reqs))
+        out: list[list[RolloutOutput]] = []
+        for i in range(len(prompts)):
+            row = []
+            for j in range(params.n):
+                r = results[f"{call}-{i}-{j}"]
+                row.append(RolloutOutput(i, r.output_ids, r.logprobs, r.finish_reason, j, self.weight_version,
+                                         {"url": r.url, "server_weight_version": r.meta_info.get("weight_version")}))
+            out.append(row)
+        return out
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Pause, flush, load the stream on every server in the configured mode, continue; raises on any failure."""
+        import time
+
+        t0 = time.perf_counter()
+        self._stale = True
+        try:
+            self.pause()
+            self._flush()
+            nbytes = {"disk": self._sync_disk, "distributed": self._sync_distributed, "tensor": self._sync_tensor}[
+                self.weight_sync
+            ](named_tensors, version)
+            self._run(self.client.post_all("/continue_generation", {}))
+        except WeightSyncError:
+            raise
+        except Exception as e:
+            raise WeightSyncError(f"weight update to version {version} failed: {e}") from e
+        self._stale = False
+        self.weight_version = version
+        dt = time.perf_counter() - t0
+        self.last_sync = {"seconds": dt, "bytes": float(nbytes), "gb_per_s": nbytes / dt / 1e9 if dt > 0 else 0.0}
+
+    def _flush(self) -> None:
+        """``/flush_cache`` on every server, retried while a server still has requests to finish (it answers 400)."""
+        import time
+
+        for attempt in range(self.flush_retries):
+            try:
+                self._run(self.client.post_all("/flush_cache", None, timeout_s=60.0))
+                return
+            except RolloutError as e:
+                if attempt == self.flush_retries - 1:
+                    raise WeightSyncError(f"flush_cache kept failing: {e}") from e
+                time.sleep(min(2.0, 0.1 * 2**attempt))
+
+    def _sync_disk(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        from safetensors.torch import save_file
+
+        assert self.weight_sync_dir is not None
+        root = Path(self.weight_sync_dir)
+        final = root / f"v{version}"
+        tmp = root / f".v{version}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        nbytes = 0
+        index: dict[str, str] = {}
+        for k, (bucket, _) in enumerate(iter_buckets(named_tensors, self.bucket_bytes)):
+            fname = f"model-{k:05d}.safetensors"
+            tensors = {name: t.detach().contiguous().cpu() for name, t in bucket}
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            for name, t in tensors.items():
+                index[name] = fname
+                nbytes += t.numel() * t.element_size()
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": nbytes}, "weight_map": index}, indent=1)
+        )
+        if self.hf_path:
+            for cfg_name in _CONFIG_FILES:
+                if (Path(self.hf_path) / cfg_name).is_file():
+                    shutil.copy(Path(self.hf_path) / cfg_name, tmp / cfg_name)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        body = {"model_path": str(final), "weight_version": str(version), "flush_cache": True,
+                "abort_all_requests": False}  # fmt: skip
+        self._run(self.client.post_all("/update_weights_from_disk", body))
+        if self._last_dir is not None and self._last_dir != final:
+            shutil.rmtree(self._last_dir, ignore_errors=True)
+        self._last_dir = final
+        return nbytes
+
+    def _sync_tensor(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        nbytes = 0
+        for bucket, last in iter_buckets(named_tensors, self.bucket_bytes):
+            payload = serialize_named_tensors([(n, t.detach().contiguous()) for n, t in bucket])
+            body: dict[str, Any] = {"serialized_named_tensors": [payload] * self.tp_size, "flush_cache": last,
+                                    "abort_all_requests": False}  # fmt: skip
+            if last:
+                body["weight_version"] = str(version)
+            self._run(self.client.post_all("/update_weights_from_tensor", body))
+            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        return nbytes
+
+    def init_distributed(self) -> None:
+        """Join the servers' weight-update group (once): rank 0 here, server ``i`` TP rank ``r`` at ``1 + i*tp + r``."""
+        if self._group is not None:
+            return
+        urls = self.client.server_urls
+        world = 1 + len(urls) * self.tp_size
+        port = self.master_port or _free_port()
+        futures: list[Future] = []
+        for i, url in enumerate(urls):
+            body = {"master_address": self.master_address, "master_port": port, "rank_offset": 1 + i * self.tp_size,
+                    "world_size": world, "group_name": GROUP_NAME, "backend": self.group_backend}  # fmt: skip
+            futures.append(self._submit(self.client.post_all("/init_weights_update_group", body, urls=[url])))
+        try:
+            self._group = init_weights_update_group(self.master_address, port, 0, world, GROUP_NAME,
+                                                    self.group_backend)  # fmt: skip
+        finally:
+            for f in futures:
+                f.result()
+
+    def _submit(self, coro: Any) -> Future:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self._loop.loop)
+
+    def _sync_distributed(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        import torch.distributed as dist
+
+        self.init_distributed()
+        device = torch.device("cuda", torch.cuda.current_device()) if self.group_backend == "nccl" else "cpu"
+        nbytes = 0
+        for bucket, last in iter_buckets(named_tensors, self.bucket_bytes):
+            body: dict[str, Any] = {
+                "names": [n for n, _ in bucket],
+                "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket],
+                "group_name": GROUP_NAME,
+                "flush_cache": last,
+            }
+            if last:
+                body["weight_version"] = str(version)
+            fut = self._submit(self.client.post_all("/update_weights_from_distributed", body))
+            try:
+                for _, t in bucket:
+                    dist.broadcast(t.detach().to(device).contiguous(), src=0, group=self._group)
+                    nbytes += t.numel() * t.element_size()
+            finally:
+                fut.result()
+        return nbytes
+
+    # ------------------------------------------------------------------ control
+    def pause(self) -> None:
+        """``/pause_generation`` (mode abort) on every server."""
+        self._run(self.client.post_all("/pause_generation", {"mode": "abort"}))
+
+    def resume(self) -> None:
+        """``/continue_generation`` on every server."""
+        self._run(self.client.post_all("/continue_generation", {}))
+
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        """Colocated servers free weights/KV cache/CUDA graphs (``tags=None``: all); no-op unless colocated."""
+        if self.colocate:
+            self._run(self.client.post_all("/release_memory_occupation", {"tags": tags}))
+
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        """Undo :meth:`release_memory`."""
+        if self.colocate:
+            self._run(self.client.post_all("/resume_memory_occupation", {"tags": tags}))
+
+    def health(self) -> dict:
+        """Per-server ``/health`` results."""
+        servers = {u: self._run(self.client.health(u)) for u in self.client.server_urls}
+        return {"ok": all(servers.values()) and not self._stale, "servers": servers,
+                "weight_version": self.weight_version, "backend": "sglang"}  # fmt: skip
+
+    def close(self) -> None:
+        """Close the HTTP session, stop launched processes, destroy the weight-update group."""
+        try:
+            self._run(self.client.close())
+        finally:
+            self._loop.stop()
+            stop_processes(self.processes)
+            if self._group is not None:
+                import torch.distributed as dist
+
+                dist.destroy_process_group(self._group)
+                self._group = None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

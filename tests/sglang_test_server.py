@@ -1,0 +1,488 @@
+"""A local stand-in for an SGLang server, backed by the in-process HF engine.
+
+It speaks the subset of SGLang's HTTP API documented in ``docs/rollout.md`` (request fields, ``sampling_params``
+validation that rejects unknown keys with 400, response shapes) and injects faults on demand: 5xx answers, malformed
+JSON, slow answers, a wrong number of answers, and dying mid-batch (all connections cut, port closed). Every request
+body is recorded for field-by-field checks of what the client sends.
+
+In tests: ``server = SGLangTestServer(engine, api_key=...); url = server.start()``. As a process (for launcher tests):
+``python tests/sglang_test_server.py --model-path DIR --host 127.0.0.1 --port P`` accepts SGLang's launch flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import pickle
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from aiohttp import web
+
+from luffy_megatron.rollout.base import SamplingParams
+from luffy_megatron.rollout.hf_engine import HFEngine
+
+# GenerateReqInput fields of SGLang 0.5 (a subset; anything else is rejected like SGLang's dataclass constructor does).
+GENERATE_KEYS = {
+    "text", "input_ids", "input_embeds", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num",
+    "token_ids_logprob", "return_text_in_logprobs", "stream", "rid", "return_prompt_token_ids", "return_entropy",
+    "priority", "log_metrics", "image_data", "lora_path", "custom_logit_processor", "return_hidden_states", "bootstrap_host",
+}  # fmt: skip
+# SamplingParams fields of SGLang 0.5.
+SAMPLING_KEYS = {
+    "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
+    "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n", "json_schema", "regex", "ebnf",
+    "structural_tag", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
+    "custom_params", "stream_interval", "logit_bias", "sampling_seed",
+}  # fmt: skip
+UNSUPPORTED_HERE = {"stop", "stop_regex", "json_schema", "regex", "ebnf", "structural_tag", "logit_bias", "custom_params"}
+WEIGHT_KEYS = {
+    "/update_weights_from_disk": {"model_path", "load_format", "abort_all_requests", "weight_version", "flush_cache",
+                                  "is_async", "torch_empty_cache", "keep_pause", "recapture_cuda_graph", "token_step"},
+    "/update_weights_from_tensor": {"serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests",
+                                    "weight_version"},
+    "/init_weights_update_group": {"master_address", "master_port", "rank_offset", "world_size", "group_name", "backend"},
+    "/update_weights_from_distributed": {"names", "dtypes", "shapes", "group_name", "flush_cache", "abort_all_requests",
+                                         "weight_version", "load_format"},
+    "/destroy_weights_update_group": {"group_name"},
+}  # fmt: skip
+
+
+@dataclass
+class Faults:
+    """Fault injection; counters count down per ``/generate`` request."""
+
+    status_5xx: int = 0  # answer the next N /generate requests with 503
+    malformed: int = 0  # answer the next N /generate requests with broken JSON
+    wrong_count: int = 0  # answer the next N /generate requests with one answer missing
+    delay_s: float = 0.0  # sleep before answering every /generate request
+    step_delay_s: float = 0.0  # sleep per decode step (slow generation; abortable)
+    die_on_request: int | None = None  # cut all connections and close the port on the N-th /generate (1-based)
+    fail_weight_update: bool = False  # weight updates answer 400 {success: false}
+    unhealthy: bool = False  # /health answers 503
+
+
+@dataclass
+class Recorded:
+    path: str
+    method: str
+    body: Any
+    authorization: str | None
+
+
+@dataclass
+class SGLangTestServer:
+    """One fake SGLang server in a background thread (127.0.0.1, port 0 unless given)."""
+
+    engine: HFEngine
+    api_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    faults: Faults = field(default_factory=Faults)
+    requests: list[Recorded] = field(default_factory=list)
+    weight_version: str = "default"
+    paused: bool = False
+    released: set[str] = field(default_factory=set)
+    groups: dict[str, dict] = field(default_factory=dict)
+    generate_count: int = 0
+    dead: bool = False
+
+    def __post_init__(self) -> None:
+        self._aborted: set[str] = set()
+        self._abort_all = False
+        self._active: set[str] = set()
+        self._lock = threading.Lock()  # one engine call at a time
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._transports: set[asyncio.BaseTransport] = set()
+        self._continue: asyncio.Event | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> str:
+        """Start serving; returns the base URL."""
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
+        self._thread.start()
+        if not ready.wait(30):
+            raise RuntimeError("test server did not start")
+        return self.url
+
+    def _serve(self, ready: threading.Event) -> None:
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._start_site())
+        ready.set()
+        self._loop.run_forever()
+
+    async def _start_site(self) -> None:
+        self._continue = asyncio.Event()
+        self._continue.set()
+        app = web.Application(middlewares=[self._middleware], client_max_size=1 << 30)
+        routes = {
+            "/generate": self._generate,
+            "/flush_cache": self._flush_cache,
+            "/update_weights_from_disk": self._update_from_disk,
+            "/update_weights_from_tensor": self._update_from_tensor,
+            "/init_weights_update_group": self._weight_group,
+            "/update_weights_from_distributed": self._weight_group,
+            "/destroy_weights_update_group": self._weight_group,
+            "/abort_request": self._abort_request,
+            "/pause_generation": self._pause,
+            "/continue_generation": self._continue_generation,
+            "/update_weight_version": self._update_weight_version,
+            "/release_memory_occupation": self._memory,
+            "/resume_memory_occupation": self._memory,
+        }
+        for path, handler in routes.items():
+            app.router.add_post(path, handler)
+        for path in ("/health", "/health_generate", "/flush_cache", "/model_info", "/server_info"):
+            app.router.add_get(path, self._get)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        """Graceful shutdown."""
+        if self._loop is None or self.dead:
+            return
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)  # type: ignore[union-attr]
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self.dead = True
+
+    def kill(self) -> None:
+        """Die abruptly: cut every open connection and stop listening (like SIGKILL, seen from the client)."""
+        if self._loop is None or self.dead:
+            return
+        self.dead = True
+        self._abort_all = True
+
+        def _cut() -> None:
+            for tr in list(self._transports):
+                tr.abort()
+            for srv in self._runner.sites:  # type: ignore[union-attr]
+                srv._server.close()  # type: ignore[attr-defined]
+
+        self._loop.call_soon_threadsafe(_cut)
+
+    # ------------------------------------------------------------------ middleware
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.dead:
+            request.transport.abort()  # type: ignore[union-attr]
+            raise ConnectionResetError
+        if request.transport is not None:
+            self._transports.add(request.transport)
+        body: Any = None
+        if request.method == "POST" and request.can_read_body:
+            raw = await request.read()
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                return web.json_response({"error": "invalid JSON body"}, status=400)
+        auth = request.headers.get("Authorization")
+        self.requests.append(Recorded(request.path, request.method, body, auth))
+        if self.api_key and request.path not in ("/health", "/metrics") and auth != f"Bearer {self.api_key}":
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        request["body"] = body
+        return await handler(request)
+
+    # ------------------------------------------------------------------ handlers
+    async def _get(self, request: web.Request) -> web.Response:
+        if request.path.startswith("/health"):
+            return web.Response(status=503 if self.faults.unhealthy else 200)
+        if request.path == "/flush_cache":
+            return await self._flush_cache(request)
+        return web.json_response({"weight_version": self.weight_version, "is_generation": True})
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        body = request["body"]
+        self.generate_count += 1
+        f = self.faults
+        if f.die_on_request is not None and self.generate_count >= f.die_on_request:
+            self.kill()
+            await asyncio.sleep(0.05)
+            raise ConnectionResetError
+        if f.status_5xx > 0:
+            f.status_5xx -= 1
+            return web.json_response({"error": "injected"}, status=503)
+        try:
+            rows, seeds, params, rids = _parse_generate(body)
+        except ValueError as e:
+            return web.json_response({"error": {"message": str(e)}}, status=400)
+        assert self._continue is not None
+        await self._continue.wait()  # paused: hold new requests until /continue_generation
+        if f.delay_s:
+            await asyncio.sleep(f.delay_s)
+        t0 = time.perf_counter()
+        self._active.update(rids)
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(None, self._run, rows, seeds, params, rids)
+        finally:
+            self._active.difference_update(rids)
+        if f.malformed > 0:
+            f.malformed -= 1
+            return web.Response(text='[{"output_ids": [1, 2', content_type="application/json")
+        answers = []
+        for rid, row, res in zip(rids, rows, results):
+            finish: dict[str, Any] = {"type": res.finish_reason}
+            if res.finish_reason == "stop":
+                finish["matched"] = res.matched_stop
+            elif res.finish_reason == "length":
+                finish["length"] = len(res.output_ids)
+            else:
+                finish.update(message="Abort request", status_code=200, err_type=None)
+            meta = {
+                "id": rid,
+                "finish_reason": finish,
+                "prompt_tokens": len(row),
+                "completion_tokens": len(res.output_ids),
+                "cached_tokens": 0,
+                "weight_version": self.weight_version,
+                "e2e_latency": time.perf_counter() - t0,
+            }
+            if body.get("return_logprob"):
+                meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(res.logprobs, res.output_ids)]
+            answers.append({"output_ids": res.output_ids, "meta_info": meta})
+        if f.wrong_count > 0:
+            f.wrong_count -= 1
+            answers = answers[:-1]
+        single = not isinstance(body["input_ids"][0], list)
+        return web.json_response(answers[0] if single else answers)
+
+    def _run(self, rows: list[list[int]], seeds: list, params: SamplingParams, rids: list[str]) -> list:
+        delay = self.faults.step_delay_s
+
+        def is_aborted(r: int) -> bool:
+            if delay and r == 0:
+                time.sleep(delay)
+            rid = rids[r]
+            return self._abort_all or self.dead or any(rid.startswith(p) for p in self._aborted)
+
+        with self._lock:
+            return self.engine.generate_rows(rows, params, seeds, is_aborted)
+
+    async def _flush_cache(self, request: web.Request) -> web.Response:
+        if self._active:
+            return web.Response(text="Cache not flushed: there are pending requests.", status=400)
+        return web.Response(text="Cache flushed.")
+
+    async def _abort_request(self, request: web.Request) -> web.Response:
+        body = request["body"] or {}
+        if body.get("abort_all"):
+            self._abort_all = True
+            await asyncio.sleep(0.05)
+            self._abort_all = False
+        elif body.get("rid"):
+            self._aborted.add(body["rid"])
+        return web.Response()
+
+    async def _pause(self, request: web.Request) -> web.Response:
+        mode = (request["body"] or {}).get("mode", "abort")
+        if mode not in ("abort", "retract", "in_place"):
+            return web.json_response({"error": f"bad mode {mode}"}, status=400)
+        self.paused = True
+        assert self._continue is not None
+        self._continue.clear()
+        if mode == "abort":
+            self._abort_all = True
+        return web.json_response({"success": True, "message": "Generation paused."})
+
+    async def _continue_generation(self, request: web.Request) -> web.Response:
+        self.paused = False
+        self._abort_all = False
+        assert self._continue is not None
+        self._continue.set()
+        return web.json_response({"success": True, "message": "Generation continued."})
+
+    async def _update_weight_version(self, request: web.Request) -> web.Response:
+        body = request["body"] or {}
+        if "new_version" not in body:
+            return web.json_response({"success": False, "message": "new_version required"}, status=400)
+        self.weight_version = str(body["new_version"])
+        return web.json_response({"success": True, "message": "ok"})
+
+    async def _memory(self, request: web.Request) -> web.Response:
+        tags = (request["body"] or {}).get("tags") or ["kv_cache", "weights", "cuda_graph"]
+        if request.path.startswith("/release"):
+            self.released.update(tags)
+        else:
+            self.released.difference_update(tags)
+        return web.json_response({"success": True, "message": "ok"})
+
+    def _check_weight_body(self, request: web.Request) -> tuple[dict, web.Response | None]:
+        body = request["body"]
+        if not isinstance(body, dict):
+            return {}, web.json_response({"success": False, "message": "JSON object required"}, status=400)
+        unknown = set(body) - WEIGHT_KEYS[request.path]
+        if unknown:
+            return body, web.json_response({"success": False, "message": f"unknown keys {sorted(unknown)}"}, status=400)
+        if self.faults.fail_weight_update:
+            return body, web.json_response({"success": False, "message": "injected load failure"}, status=400)
+        return body, None
+
+    async def _load(self, body: dict, stream: Any) -> web.Response:
+        version = body.get("weight_version")
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._load_sync, stream)
+        except Exception as e:
+            return web.json_response({"success": False, "message": f"{type(e).__name__}: {e}"}, status=400)
+        if version is not None:
+            self.weight_version = str(version)
+        return web.json_response({"success": True, "message": "Succeeded to update model weights.",
+                                  "num_paused_requests": 0})  # fmt: skip
+
+    def _load_sync(self, stream: Any) -> None:
+        with self._lock:
+            self.engine.update_weights(stream(), version=self.engine.weight_version or 0)
+
+    async def _update_from_disk(self, request: web.Request) -> web.Response:
+        body, err = self._check_weight_body(request)
+        if err is not None:
+            return err
+        path = Path(body.get("model_path", ""))
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+        if not files:
+            return web.json_response({"success": False, "message": f"no safetensors in {path}"}, status=400)
+
+        def stream() -> Any:
+            from safetensors import safe_open
+
+            for fname in files:
+                with safe_open(str(fname), framework="pt") as fh:
+                    for name in fh.keys():  # noqa: SIM118
+                        yield name, fh.get_tensor(name)
+
+        return await self._load(body, stream)
+
+    async def _update_from_tensor(self, request: web.Request) -> web.Response:
+        body, err = self._check_weight_body(request)
+        if err is not None:
+            return err
+        blobs = body.get("serialized_named_tensors")
+        if not isinstance(blobs, list) or not blobs:
+            return web.json_response({"success": False, "message": "serialized_named_tensors: list"}, status=400)
+        named = pickle.load(io.BytesIO(base64.b64decode(blobs[0])))  # noqa: S301 - test server, local trusted client
+        return await self._load(body, lambda: iter(named))
+
+    async def _weight_group(self, request: web.Request) -> web.Response:
+        body, err = self._check_weight_body(request)
+        if err is not None:
+            return err
+        name = body.get("group_name", "weight_update_group")
+        if request.path == "/init_weights_update_group":
+            self.groups[name] = body
+        elif name not in self.groups:
+            return web.json_response({"success": False, "message": f"no weight update group {name!r}"}, status=400)
+        elif request.path == "/destroy_weights_update_group":
+            del self.groups[name]
+        else:
+            if not (len(body["names"]) == len(body["dtypes"]) == len(body["shapes"])):
+                return web.json_response({"success": False, "message": "names/dtypes/shapes differ"}, status=400)
+            if body.get("weight_version") is not None:
+                self.weight_version = str(body["weight_version"])
+        return web.json_response({"success": True, "message": "ok"})
+
+
+def _parse_generate(body: Any) -> tuple[list[list[int]], list[int | None], SamplingParams, list[str]]:
+    """Validate a /generate body like SGLang does; expands ``n`` into rows."""
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    unknown = set(body) - GENERATE_KEYS
+    if unknown:
+        raise ValueError(f"unexpected keyword arguments {sorted(unknown)}")
+    ids = body.get("input_ids")
+    if not isinstance(ids, list) or not ids:
+        raise ValueError("input_ids required (text is not supported with --skip-tokenizer-init)")
+    batch = ids if isinstance(ids[0], list) else [ids]
+    sp = body.get("sampling_params") or {}
+    sps = sp if isinstance(sp, list) else [sp] * len(batch)
+    rid = body.get("rid")
+    rids = rid if isinstance(rid, list) else [rid or f"auto-{i}-{time.time_ns()}" for i in range(len(batch))]
+    if len(sps) != len(batch) or len(rids) != len(batch):
+        raise ValueError("sampling_params / rid lists must match input_ids")
+    rows, seeds, out_rids, shared = [], [], [], None
+    for prompt, p, r in zip(batch, sps, rids):
+        if not isinstance(p, dict):
+            raise ValueError("sampling_params must be an object")
+        bad = set(p) - SAMPLING_KEYS
+        if bad:
+            raise ValueError(f"SamplingParams got unexpected keyword arguments {sorted(bad)}")
+        if set(p) & UNSUPPORTED_HERE:
+            raise ValueError(f"not supported by the test server: {sorted(set(p) & UNSUPPORTED_HERE)}")
+        if not all(isinstance(t, int) for t in prompt):
+            raise ValueError("input_ids must be integers")
+        params = SamplingParams(
+            n=1,
+            temperature=float(p.get("temperature", 1.0)),
+            top_p=float(p.get("top_p", 1.0)),
+            top_k=int(p.get("top_k", -1)),
+            max_new_tokens=int(p.get("max_new_tokens", 128)),
+            stop_token_ids=tuple(p.get("stop_token_ids") or ()),
+        )
+        if shared is not None and params != shared:
+            raise ValueError("the test server needs identical sampling_params (except sampling_seed) within a batch")
+        shared = params
+        for k in range(int(p.get("n", 1))):
+            rows.append(list(prompt))
+            seed = p.get("sampling_seed")
+            seeds.append(None if seed is None else int(seed) + k)
+            out_rids.append(r if k == 0 else f"{r}-{k}")
+    assert shared is not None
+    return rows, seeds, shared, out_rids
+
+
+def main() -> None:
+    """Serve a model folder like ``python -m sglang.launch_server`` (ignores flags it cannot honour)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-path", required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=30000)
+    ap.add_argument("--api-key", default=None)
+    args, _ = ap.parse_known_args()
+    torch.set_num_threads(1)
+    server = SGLangTestServer(HFEngine.from_pretrained(args.model_path), api_key=args.api_key, host=args.host,
+                              port=args.port)  # fmt: skip
+    server.start()
+    print(f"serving on {server.url}", flush=True)
+    while not server.dead:
+        time.sleep(0.5)
+
+
+
+def tiny_model(seed: int = 0, vocab: int = 32, eos: int = 1, scale: float = 1.0) -> torch.nn.Module:
+    """A random 2-layer Qwen2 (fp32); ``scale`` multiplies the output head to make distributions peaked."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=eos,
+        pad_token_id=0,
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return model
+
+
+def save_tiny_model(path: str | Path, seed: int = 0, **kw: Any) -> str:
+    """Write :func:`tiny_model` as an HF folder; returns the path."""
+    tiny_model(seed, **kw).save_pretrained(str(path))
+    return str(path)
+
+
+if __name__ == "__main__":
+    main()
