@@ -21,6 +21,7 @@ import logging
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -93,12 +94,16 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         raise ItemTimeout()
 
     old = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
+    # Re-fire every 50 ms: if some library code swallows the exception, the next one stops it.
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds, 0.05)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        if outer > 0:  # someone else's alarm (e.g. pytest-timeout) was pending: re-arm what is left of it
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3))
 
 
 @lru_cache(maxsize=1)
