@@ -55,6 +55,9 @@ WEIGHT_KEYS = {
 }  # fmt: skip
 
 
+BODY = web.RequestKey("body", object)
+
+
 @dataclass
 class Faults:
     """Fault injection; counters count down per ``/generate`` request."""
@@ -196,7 +199,7 @@ class SGLangTestServer:
         self.requests.append(Recorded(request.path, request.method, body, auth))
         if self.api_key and request.path not in ("/health", "/metrics") and auth != f"Bearer {self.api_key}":
             return web.json_response({"error": "Unauthorized"}, status=401)
-        request["body"] = body
+        request[BODY] = body
         return await handler(request)
 
     # ------------------------------------------------------------------ handlers
@@ -208,7 +211,7 @@ class SGLangTestServer:
         return web.json_response({"weight_version": self.weight_version, "is_generation": True})
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
-        body = request["body"]
+        body = request[BODY]
         self.generate_count += 1
         f = self.faults
         if f.die_on_request is not None and self.generate_count >= f.die_on_request:
@@ -280,7 +283,7 @@ class SGLangTestServer:
         return web.Response(text="Cache flushed.")
 
     async def _abort_request(self, request: web.Request) -> web.Response:
-        body = request["body"] or {}
+        body = request[BODY] or {}
         if body.get("abort_all"):
             self._abort_all = True
             await asyncio.sleep(0.05)
@@ -290,7 +293,7 @@ class SGLangTestServer:
         return web.Response()
 
     async def _pause(self, request: web.Request) -> web.Response:
-        mode = (request["body"] or {}).get("mode", "abort")
+        mode = (request[BODY] or {}).get("mode", "abort")
         if mode not in ("abort", "retract", "in_place"):
             return web.json_response({"error": f"bad mode {mode}"}, status=400)
         self.paused = True
@@ -308,14 +311,14 @@ class SGLangTestServer:
         return web.json_response({"success": True, "message": "Generation continued."})
 
     async def _update_weight_version(self, request: web.Request) -> web.Response:
-        body = request["body"] or {}
+        body = request[BODY] or {}
         if "new_version" not in body:
             return web.json_response({"success": False, "message": "new_version required"}, status=400)
         self.weight_version = str(body["new_version"])
         return web.json_response({"success": True, "message": "ok"})
 
     async def _memory(self, request: web.Request) -> web.Response:
-        tags = (request["body"] or {}).get("tags") or ["kv_cache", "weights", "cuda_graph"]
+        tags = (request[BODY] or {}).get("tags") or ["kv_cache", "weights", "cuda_graph"]
         if request.path.startswith("/release"):
             self.released.update(tags)
         else:
@@ -323,7 +326,7 @@ class SGLangTestServer:
         return web.json_response({"success": True, "message": "ok"})
 
     def _check_weight_body(self, request: web.Request) -> tuple[dict, web.Response | None]:
-        body = request["body"]
+        body = request[BODY]
         if not isinstance(body, dict):
             return {}, web.json_response({"success": False, "message": "JSON object required"}, status=400)
         unknown = set(body) - WEIGHT_KEYS[request.path]

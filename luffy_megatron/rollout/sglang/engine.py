@@ -94,7 +94,9 @@ def sampling_params_body(params: SamplingParams, seed: int | None, stop_token_id
 
 def serialize_named_tensors(named: list[tuple[str, torch.Tensor]]) -> str:
     """SGLang's ``MultiprocessingSerializer`` format: ForkingPickler bytes (shared memory / CUDA IPC), base64."""
-    from torch.multiprocessing.reductions import ForkingPickler
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 - registers torch's shared-memory / CUDA-IPC reducers
 
     buf = io.BytesIO()
     ForkingPickler(buf).dump(named)

@@ -1,0 +1,350 @@
+"""SGLang client and engine against the protocol-faithful local test server (tests/sglang_test_server.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import pytest
+import torch
+
+from luffy_megatron.config import SGLangConfig
+from luffy_megatron.rollout import RolloutError, SamplingParams, WeightSyncError, sample_seed
+from luffy_megatron.rollout.hf_engine import HFEngine
+from luffy_megatron.rollout.sglang.client import SAMPLING_KEYS, RequestRejected, SampleRequest, SGLangClient
+from luffy_megatron.rollout.sglang.engine import SGLangEngine, iter_buckets
+from tests.sglang_test_server import GENERATE_KEYS, SGLangTestServer, tiny_model
+
+PROMPTS = [[3, 4, 5], [7, 8], [9, 10, 11, 12], [13]]
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return tiny_model(seed=21, scale=4.0)
+
+
+def _server(model: torch.nn.Module, **kw) -> SGLangTestServer:
+    server = SGLangTestServer(HFEngine(model, eos_token_ids=[1]), **kw)
+    server.start()
+    return server
+
+
+@pytest.fixture
+def servers(model):
+    started: list[SGLangTestServer] = []
+
+    def make(n: int = 1, **kw) -> list[SGLangTestServer]:
+        for _ in range(n):
+            started.append(_server(model, **kw))
+        return started[-n:]
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+def _engine(servers: list[SGLangTestServer], tmp_path=None, **kw) -> SGLangEngine:
+    client_kw = {k: kw.pop(k) for k in list(kw) if k in ("api_key", "max_retries", "backoff_s", "request_timeout_s",
+                                                           "samples_per_request")}  # fmt: skip
+    client_kw.setdefault("backoff_s", 0.01)
+    client = SGLangClient([s.url for s in servers], **client_kw)
+    return SGLangEngine(client, weight_sync_dir=str(tmp_path) if tmp_path else None,
+                        weight_sync=kw.pop("weight_sync", "disk" if tmp_path else "tensor"), eos_token_ids=[1],
+                        **kw)  # fmt: skip
+
+
+def _generate_bodies(server: SGLangTestServer) -> list[dict]:
+    return [r.body for r in server.requests if r.path == "/generate"]
+
+
+def test_generate_matches_in_process_engine_and_request_bodies(servers, model) -> None:
+    (server,) = servers(1)
+    engine = _engine([server], samples_per_request=5)
+    params = SamplingParams(n=3, temperature=0.8, top_p=0.9, top_k=20, max_new_tokens=10, seed=4)
+    out = engine.generate(PROMPTS, params)
+    ref = HFEngine(model, eos_token_ids=[1]).generate(PROMPTS, params)
+    assert [[o.output_ids for o in row] for row in out] == [[o.output_ids for o in row] for row in ref]
+    for row, rrow in zip(out, ref):
+        for o, r in zip(row, rrow):
+            assert o.finish_reason == r.finish_reason and len(o.logprobs) == len(o.output_ids)
+            assert torch.allclose(torch.tensor(o.logprobs), torch.tensor(r.logprobs), atol=1e-5)
+    assert [o.prompt_index for row in out for o in row] == [i for i in range(4) for _ in range(3)]
+
+    bodies = _generate_bodies(server)
+    assert len(bodies) == 3  # 12 samples, 5 per request
+    rids = []
+    for body in bodies:
+        # Field by field against sglang-api.md (GenerateReqInput / SamplingParams).
+        assert set(body) == {"input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len", "stream"}
+        assert set(body) <= GENERATE_KEYS
+        assert body["return_logprob"] is True and body["logprob_start_len"] == -1 and body["stream"] is False
+        assert isinstance(body["input_ids"], list) and all(isinstance(p, list) for p in body["input_ids"])
+        assert all(isinstance(t, int) for p in body["input_ids"] for t in p)
+        assert len(body["sampling_params"]) == len(body["input_ids"]) == len(body["rid"])
+        for sp in body["sampling_params"]:
+            assert set(sp) <= SAMPLING_KEYS
+            assert sp["max_new_tokens"] == 10 and sp["temperature"] == 0.8 and sp["top_p"] == 0.9
+            assert sp["top_k"] == 20 and sp["stop_token_ids"] == [1] and isinstance(sp["sampling_seed"], int)
+            assert "n" not in sp  # samples are expanded client-side, one rid each
+        rids += body["rid"]
+    assert len(set(rids)) == 12
+    seeds = [sp["sampling_seed"] for b in bodies for sp in b["sampling_params"]]
+    assert seeds == [sample_seed(4, i, j) for i in range(4) for j in range(3)]
+    engine.close()
+
+
+def test_unknown_sampling_key_rejected_by_server_and_client(servers) -> None:
+    (server,) = servers(1)
+    client = SGLangClient([server.url], max_retries=0)
+
+    async def go() -> None:
+        with pytest.raises(RequestRejected, match="400.*unexpected keyword"):
+            await client.request(server.url, "/generate", {"input_ids": [1, 2], "sampling_params": {"temprature": 1}})
+        with pytest.raises(RolloutError, match="not in the documented"):
+            await client.generate([SampleRequest("a", [1, 2], {"best_of": 2})])
+        single = await client.request(server.url, "/generate", {"input_ids": [2, 3], "return_logprob": True,
+                                                               "sampling_params": {"max_new_tokens": 3}})  # fmt: skip
+        assert isinstance(single, dict) and len(single["meta_info"]["output_token_logprobs"]) == len(
+            single["output_ids"]
+        )
+        await client.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("fault", ["status_5xx", "malformed", "wrong_count"])
+def test_transient_faults_are_retried(servers, fault) -> None:
+    (server,) = servers(1)
+    setattr(server.faults, fault, 2)
+    engine = _engine([server], max_retries=3)
+    out = engine.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=4, seed=1))
+    assert sum(len(r) for r in out) == 8
+    assert len(_generate_bodies(server)) == 3
+    engine.close()
+
+
+def test_persistent_5xx_fails_loudly_naming_the_url(servers) -> None:
+    (server,) = servers(1)
+    server.faults.status_5xx = 100
+    engine = _engine([server], max_retries=2)
+    with pytest.raises(RolloutError, match=f"failed after 3 attempts.*{server.url}.*503"):
+        engine.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=4))
+    engine.close()
+
+
+def test_slow_answer_times_out_and_is_resent_elsewhere(servers) -> None:
+    slow, fast = servers(2)
+    slow.faults.delay_s = 2.0
+    engine = _engine([slow, fast], request_timeout_s=0.5, max_retries=2, samples_per_request=100)
+    engine.client._failures[fast.url] = 1  # make the client try the slow server first
+    t0 = time.perf_counter()
+    out = engine.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=4, seed=2))
+    assert time.perf_counter() - t0 < 1.9
+    assert {o.meta["url"] for row in out for o in row} == {fast.url}
+    assert len(_generate_bodies(slow)) == 1 and len(_generate_bodies(fast)) == 1
+    # The timed-out rids were aborted on the slow server.
+    time.sleep(0.2)
+    assert [r for r in slow.requests if r.path == "/abort_request"]
+    engine.close()
+
+
+def test_unreachable_server_error_names_url() -> None:
+    client = SGLangClient(["http://127.0.0.1:9"], max_retries=1, backoff_s=0.01, connect_timeout_s=1.0)
+    engine = SGLangEngine(client, weight_sync="tensor")
+    with pytest.raises(RolloutError, match=r"127\.0\.0\.1:9"):
+        engine.generate([[1, 2]], SamplingParams(max_new_tokens=2))
+    assert engine.health()["ok"] is False
+    engine.close()
+
+
+def test_server_killed_mid_batch_no_prompt_lost_or_duplicated(servers) -> None:
+    a, b = servers(2)
+    a.faults.die_on_request = 2  # dies on its 2nd /generate, while others are in flight
+    a.faults.step_delay_s = 0.01
+    engine = _engine([a, b], samples_per_request=2, max_retries=3)
+    prompts = [[2 + i % 20, 3 + i % 7] for i in range(24)]
+    params = SamplingParams(n=2, max_new_tokens=6, seed=9)
+    out = engine.generate(prompts, params)
+    assert a.dead
+    got = sorted((o.prompt_index, o.sample_index) for row in out for o in row)
+    assert got == [(i, j) for i in range(24) for j in range(2)]
+    ref = HFEngine(b.engine.model, eos_token_ids=[1]).generate(prompts, params)
+    assert [[o.output_ids for o in r] for r in out] == [[o.output_ids for o in r] for r in ref]
+    assert {o.meta["url"] for row in out for o in row} >= {b.url}
+    engine.close()
+
+
+def test_abort_request(model) -> None:
+    server = SGLangTestServer(HFEngine(model, eos_token_ids=[]))  # never stops by itself
+    server.start()
+    server.faults.step_delay_s = 0.02
+    client = SGLangClient([server.url])
+
+    async def go() -> None:
+        task = asyncio.ensure_future(client.generate([SampleRequest("job-1", [2, 3], {"max_new_tokens": 200,
+                                                                                      "stop_token_ids": []})]))  # fmt: skip
+        await asyncio.sleep(0.3)
+        await client.abort(rid="job-")
+        res = await asyncio.wait_for(task, 10)
+        assert res["job-1"].finish_reason == "abort" and 0 < len(res["job-1"].output_ids) < 200
+        await client.close()
+
+    asyncio.run(go())
+    body = next(r.body for r in server.requests if r.path == "/abort_request")
+    assert body == {"rid": "job-", "abort_all": False}
+    server.stop()
+
+
+def test_api_key_required_and_never_logged(servers, caplog) -> None:
+    secret = "sk-test-Zq81"
+    (server,) = servers(1, api_key=secret)
+    server.faults.status_5xx = 1
+    bad = _engine([server], api_key="wrong", max_retries=0)
+    with pytest.raises(RolloutError, match="401"):
+        bad.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))
+    bad.close()
+    caplog.set_level(logging.DEBUG)
+    engine = _engine([server], api_key=secret)
+    out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=3))
+    assert len(out) == 4
+    assert all(r.authorization == f"Bearer {secret}" for r in server.requests[-2:])
+    assert secret not in caplog.text and secret not in repr(engine.client)
+    assert "retry" in caplog.text or "failed" in caplog.text  # the 5xx was logged, without the key
+    engine.close()
+
+
+def test_weight_update_from_disk_changes_outputs(servers, tmp_path) -> None:
+    a, b = servers(2)
+    engine = _engine([a, b], tmp_path)
+    params = SamplingParams(n=2, max_new_tokens=8, seed=3)
+    before = engine.generate(PROMPTS, params)
+    new = tiny_model(seed=99, scale=4.0)
+    engine.bucket_bytes = 20_000  # several shards
+    engine.update_weights(new.state_dict().items(), version=7)
+    after = engine.generate(PROMPTS, params)
+    ref = HFEngine(new, eos_token_ids=[1]).generate(PROMPTS, params)
+    assert [[o.output_ids for o in r] for r in after] == [[o.output_ids for o in r] for r in ref]
+    assert [[o.output_ids for o in r] for r in after] != [[o.output_ids for o in r] for r in before]
+    assert {o.meta["server_weight_version"] for r in after for o in r} == {"7"}
+    assert engine.weight_version == 7 and all(o.weight_version == 7 for r in after for o in r)
+    for s in (a, b):
+        paths = [r.path for r in s.requests if r.path != "/generate"]
+        assert paths == ["/pause_generation", "/flush_cache", "/update_weights_from_disk", "/continue_generation"]
+        body = next(r.body for r in s.requests if r.path == "/update_weights_from_disk")
+        assert body == {"model_path": str(tmp_path / "v7"), "weight_version": "7", "flush_cache": True,
+                        "abort_all_requests": False}  # fmt: skip
+        assert next(r.body for r in s.requests if r.path == "/pause_generation") == {"mode": "abort"}
+    assert len(list((tmp_path / "v7").glob("*.safetensors"))) > 1
+    engine.update_weights(new.state_dict().items(), version=8)
+    assert not (tmp_path / "v7").exists() and (tmp_path / "v8").is_dir()
+    engine.close()
+
+
+def test_failed_weight_update_on_one_server_raises_and_blocks_generation(servers, tmp_path, model) -> None:
+    a, b = servers(2)
+    b.faults.fail_weight_update = True
+    engine = _engine([a, b], tmp_path)
+    with pytest.raises(WeightSyncError, match=f"1/2 servers.*{b.url}.*injected load failure"):
+        engine.update_weights(model.state_dict().items(), version=1)
+    with pytest.raises(WeightSyncError, match="stale"):
+        engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))
+    assert a.paused and b.paused  # nothing generates with mixed weights
+    b.faults.fail_weight_update = False
+    engine.update_weights(model.state_dict().items(), version=2)
+    assert not a.paused and engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))
+    engine.close()
+
+
+def test_weight_update_from_tensor_and_memory_release(servers) -> None:
+    (server,) = servers(1)
+    engine = _engine([server], colocate=True, tp_size=2, bucket_mb=1)
+    new = tiny_model(seed=5, scale=4.0)
+    engine.release_memory()
+    assert server.released == {"kv_cache", "weights", "cuda_graph"}
+    engine.resume_memory()
+    assert not server.released
+    engine.update_weights(((k, v.clone()) for k, v in new.state_dict().items()), version=3)
+    params = SamplingParams(n=1, max_new_tokens=6, seed=1)
+    ref = HFEngine(new, eos_token_ids=[1]).generate(PROMPTS, params)
+    assert [[o.output_ids for o in r] for r in engine.generate(PROMPTS, params)] == [
+        [o.output_ids for o in r] for r in ref
+    ]
+    body = next(r.body for r in server.requests if r.path == "/update_weights_from_tensor")
+    assert set(body) == {"serialized_named_tensors", "flush_cache", "abort_all_requests", "weight_version"}
+    assert len(body["serialized_named_tensors"]) == 2 and body["weight_version"] == "3"
+    assert [r.body for r in server.requests if r.path == "/release_memory_occupation"] == [{"tags": None}]
+    engine.close()
+
+
+def test_distributed_sync_http_protocol(servers, model) -> None:
+    """The HTTP half of NCCL weight sync; the broadcasts run over gloo here (NCCL needs GPUs)."""
+    a, b = servers(2)
+    engine = _engine([a, b], weight_sync="distributed", tp_size=2, bucket_mb=1, group_backend="gloo")
+    calls: list[tuple[int, int, str]] = []
+
+    def fake_group(addr: str, port: int, rank: int, world: int, name: str, backend: str) -> object:
+        calls.append((rank, world, backend))
+        return object()
+
+    import luffy_megatron.rollout.sglang.engine as eng
+
+    broadcasts: list[tuple[int, ...]] = []
+    orig_group = eng.init_weights_update_group
+    eng.init_weights_update_group = fake_group
+    orig_bcast = torch.distributed.broadcast
+    torch.distributed.broadcast = lambda t, src, group: broadcasts.append(tuple(t.shape))
+    try:
+        engine.update_weights(model.state_dict().items(), version=4)
+    finally:
+        eng.init_weights_update_group = orig_group
+        torch.distributed.broadcast = orig_bcast
+    assert calls == [(0, 5, "gloo")]
+    inits = [next(r.body for r in s.requests if r.path == "/init_weights_update_group") for s in (a, b)]
+    assert [i["rank_offset"] for i in inits] == [1, 3] and {i["world_size"] for i in inits} == {5}
+    assert set(inits[0]) == {"master_address", "master_port", "rank_offset", "world_size", "group_name", "backend"}
+    updates = [r.body for r in a.requests if r.path == "/update_weights_from_distributed"]
+    names = [n for u in updates for n in u["names"]]
+    assert names == list(model.state_dict()) and len(broadcasts) == len(names)
+    for u in updates:
+        assert [list(model.state_dict()[n].shape) for n in u["names"]] == u["shapes"]
+        assert set(u["dtypes"]) == {"float32"} and u["group_name"] == "weight_update_group"
+    assert updates[-1]["weight_version"] == "4" and all("weight_version" not in u for u in updates[:-1])
+    assert a.weight_version == "4" == b.weight_version
+    engine._group = None  # the fake group is not a real process group
+    engine.close()
+
+
+def test_iter_buckets() -> None:
+    ts = [(f"t{i}", torch.zeros(n)) for i, n in enumerate([3, 3, 10, 1, 1])]
+    buckets = list(iter_buckets(ts, bucket_bytes=24))
+    assert [[n for n, _ in b] for b, _ in buckets] == [["t0", "t1"], ["t2"], ["t3", "t4"]]
+    assert [last for _, last in buckets] == [False, False, True]
+    assert list(iter_buckets([], 10)) == []
+
+
+def test_engine_from_config_attach_and_bad_url(servers, tmp_path, monkeypatch) -> None:
+    (server,) = servers(1, api_key="k-123")
+    monkeypatch.setenv("MY_SGLANG_KEY", "k-123")
+    cfg = SGLangConfig(urls=[server.url], api_key_env="MY_SGLANG_KEY", weight_sync="disk",
+                       weight_sync_dir=str(tmp_path), startup_timeout_s=5)  # fmt: skip
+    engine = SGLangEngine.from_config(cfg, hf_path=str(tmp_path), eos_token_ids=[1])
+    assert engine.health()["ok"] and len(engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))) == 4
+    engine.close()
+    cfg = SGLangConfig(urls=["http://127.0.0.1:9"], startup_timeout_s=1.5)
+    with pytest.raises(RolloutError, match=r"not healthy after .*http://127\.0\.0\.1:9"):
+        SGLangEngine.from_config(cfg, hf_path=str(tmp_path))
+    monkeypatch.delenv("MY_SGLANG_KEY")
+    with pytest.raises(RolloutError, match="MY_SGLANG_KEY is not set"):
+        SGLangEngine.from_config(SGLangConfig(urls=[server.url], api_key_env="MY_SGLANG_KEY"), hf_path=".")
+
+
+def test_no_thread_leak_after_close(servers) -> None:
+    (server,) = servers(1)
+    before = threading.active_count()
+    engine = _engine([server])
+    engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))
+    engine.close()
+    time.sleep(0.1)
+    assert threading.active_count() <= before + 1  # executor threads of the server may linger

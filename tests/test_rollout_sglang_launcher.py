@@ -1,0 +1,79 @@
+"""SGLang launcher: command lines (host, flags, key redaction), health waiting, real subprocess servers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from luffy_megatron.config import SGLangConfig
+from luffy_megatron.rollout import RolloutError, SamplingParams
+from luffy_megatron.rollout.sglang.client import SGLangClient
+from luffy_megatron.rollout.sglang.engine import SGLangEngine
+from luffy_megatron.rollout.sglang.launcher import (
+    launch_servers,
+    redact,
+    router_command,
+    server_command,
+    stop_processes,
+    wait_healthy,
+)
+from tests.sglang_test_server import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_server_command_flags_and_redaction() -> None:
+    cfg = SGLangConfig(tp_size=2, mem_fraction_static=0.6, context_length=4096, colocate=True, extra_args=["--x"])
+    cmd = server_command(cfg, "/m", 1, api_key="sk-secret")
+    assert cmd[1:3] == ["-m", "sglang.launch_server"]
+    flags = dict(zip(cmd[3::2], cmd[4::2]))
+    assert flags["--host"] == "127.0.0.1" and flags["--port"] == "30010" and flags["--base-gpu-id"] == "2"
+    assert flags["--tp-size"] == "2" and flags["--mem-fraction-static"] == "0.6" and flags["--dtype"] == "bfloat16"
+    assert "--skip-tokenizer-init" in cmd and "--enable-memory-saver" in cmd and cmd[-1] == "--x"
+    assert "--context-length" in cmd and "0.0.0.0" not in cmd
+    printable = redact(cmd)
+    assert "sk-secret" not in printable and "--api-key <redacted>" in printable
+    assert redact(["a", "--api-key=abc"]) == "a --api-key=<redacted>"
+    no_key = server_command(SGLangConfig(), "/m", 0)
+    assert "--api-key" not in no_key and "--enable-memory-saver" not in no_key
+    rc = router_command(SGLangConfig(router_port=29001), ["http://a:1", "http://b:2"])
+    assert rc[1:5] == ["-m", "sglang_router.launch_router", "--worker-urls", "http://a:1"] and "29001" in rc
+
+
+def test_wait_healthy_names_the_url() -> None:
+    with pytest.raises(RolloutError, match=r"http://127\.0\.0\.1:9 \("):
+        wait_healthy(["http://127.0.0.1:9"], timeout_s=0.5, poll_s=0.1)
+
+
+@pytest.mark.slow
+def test_launch_real_processes_kill_one_mid_run(tmp_path, monkeypatch, caplog) -> None:
+    """Two server processes via the launcher (the test server stands in for sglang.launch_server); SIGKILL one."""
+    model = save_tiny_model(tmp_path / "model", seed=3)
+    monkeypatch.setenv("TEST_SGLANG_KEY", "sk-proc-77")
+    base = 20000 + os.getpid() % 20000
+    cfg = SGLangConfig(launch=True, num_servers=2, base_port=base, api_key_env="TEST_SGLANG_KEY", startup_timeout_s=120)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    caplog.set_level("INFO")
+    procs = launch_servers(cfg, model, log_dir=str(tmp_path / "logs"), module="tests.sglang_test_server", env=env)
+    try:
+        assert "sk-proc-77" not in caplog.text and "<redacted>" in caplog.text
+        client = SGLangClient([p.url for p in procs], api_key="sk-proc-77", backoff_s=0.05, samples_per_request=2)
+        engine = SGLangEngine(client, weight_sync="tensor", eos_token_ids=[1])
+        params = SamplingParams(n=2, max_new_tokens=5, seed=1)
+        prompts = [[2 + i, 3] for i in range(10)]
+        first = engine.generate(prompts, params)
+        os.kill(procs[0].proc.pid, signal.SIGKILL)
+        procs[0].proc.wait(10)
+        second = engine.generate(prompts, params)
+        assert [[o.output_ids for o in r] for r in first] == [[o.output_ids for o in r] for r in second]
+        assert {o.meta["url"] for r in second for o in r} == {procs[1].url}
+        assert engine.health()["servers"] == {procs[0].url: False, procs[1].url: True}
+        engine.processes = []
+        engine.close()
+    finally:
+        stop_processes(procs, timeout_s=10)
+    assert sys.executable  # the servers ran under this interpreter
