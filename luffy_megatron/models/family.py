@@ -141,3 +141,10 @@ GATED_MLP = FusedGatedMLP(
     "model.layers.*.mlp.gate_proj.weight",
     "model.layers.*.mlp.up_proj.weight",
 )
+
+# Layer-relative names of the norms that transformer-engine's layer spec fuses into the following linear
+# (local spec name -> TE spec name); the converter translates TE names back before applying the mappings above.
+TE_FUSED_NORM_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}

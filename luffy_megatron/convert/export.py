@@ -1,0 +1,203 @@
+"""Stream HF-named full tensors out of a live TP/PP-sharded Megatron model, in bounded buckets.
+
+Used by Megatron -> HF conversion and by rollout weight sync every RL step. For each bucket of consecutive
+parameters owned by one pipeline stage, the owning stage's TP ranks all-gather their shards and rebuild the HF
+tensors (fused QKV / gate-up split, vocabulary padding removed); with PP > 1 the owning stage then broadcasts the
+bucket as one flat buffer over the pipeline group.
+
+Where tensors materialise: on **every rank of the model-parallel group** (all TP and PP ranks of a data-parallel
+replica) each yielded bucket holds the full HF tensors; data-parallel replicas work independently (no cross-DP
+traffic). All ranks of the model-parallel group must iterate the generator to the end together (it is collective).
+Memory beyond the model is about one bucket (plus one parameter's gathered shards).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from luffy_megatron.convert.hf_io import StreamingSafetensorsWriter, copy_aux_files
+from luffy_megatron.convert.load import expected_hf_shapes
+from luffy_megatron.convert.mapping import VOCAB_PARAMS, Geometry, conversion_plan, global_param_names
+from luffy_megatron.models.builder import ModelSpec
+
+DEFAULT_BUCKET_BYTES = 256 * 1024**2
+
+_SHAPES_CACHE: dict[str, dict[str, tuple[int, ...]]] = {}
+
+
+def _hf_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    key = json.dumps(spec.hf_config, sort_keys=True, default=str)
+    if key not in _SHAPES_CACHE:
+        _SHAPES_CACHE[key] = expected_hf_shapes(spec)
+    return _SHAPES_CACHE[key]
+
+
+def _groups():
+    from megatron.core import parallel_state as ps
+
+    tp_group = ps.get_tensor_model_parallel_group()
+    pp_group = ps.get_pipeline_model_parallel_group()
+    return tp_group, ps.get_tensor_model_parallel_world_size(), pp_group, ps.get_pipeline_model_parallel_world_size()
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _gather_tp(param: torch.Tensor, tp_group, tp_size: int) -> list[torch.Tensor]:
+    """Every TP rank's shard of ``param`` (gloo and NCCL alike: moved as raw bytes, so any dtype works)."""
+    if tp_size == 1:
+        return [param.detach()]
+    local = _as_bytes(param.detach())
+    parts = [torch.empty_like(local) for _ in range(tp_size)]
+    dist.all_gather(parts, local, group=tp_group)
+    return [p.view(param.dtype).reshape(param.shape) for p in parts]
+
+
+def iter_hf_weights(
+    model_chunks: list[torch.nn.Module],
+    spec: ModelSpec,
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    dtype: torch.dtype | None = None,
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield buckets of ``(HF name, full tensor)`` covering the whole model once, in a fixed order.
+
+    A bucket holds consecutive tensors of one pipeline stage up to ``bucket_bytes`` (a single larger tensor forms
+    its own bucket). ``dtype`` casts the output (default: the parameters' dtype). Collective over the model-parallel
+    group; see the module docstring for where tensors materialise. Exact: no arithmetic touches the values.
+    """
+    tp_group, tp_size, pp_group, pp_size = _groups()
+    plan = conversion_plan(spec)
+    local = {g: p for chunk in model_chunks for g, _, p in global_param_names(chunk)}
+    mine = {g: (p.dtype, tuple(p.shape), getattr(p, "partition_dim", None)) for g, p in local.items()}
+    if pp_size > 1:
+        stages: list[dict] = [None] * pp_size  # type: ignore[list-item]
+        dist.all_gather_object(stages, mine, group=pp_group)
+        pp_ranks = dist.get_process_group_ranks(pp_group)
+    else:
+        stages, pp_ranks = [mine], [dist.get_rank() if dist.is_initialized() else 0]
+    from megatron.core import parallel_state as ps
+
+    my_stage = ps.get_pipeline_model_parallel_rank()
+    owner: dict[str, int] = {}
+    for stage, names in enumerate(stages):
+        for g in names:
+            owner.setdefault(g, stage)
+    shapes = _hf_shapes(spec)
+
+    order = [g for g, rule in plan.items() if not rule.tied_copy]
+    missing = [g for g in order if g not in owner]
+    if missing:
+        raise RuntimeError(f"no pipeline stage holds {missing[:8]}")
+
+    def out_dtype(g: str) -> torch.dtype:
+        return dtype or stages[owner[g]][g][0]
+
+    def nbytes(g: str) -> int:
+        return sum(math.prod(shapes[h]) for h in plan[g].hf) * torch.empty((), dtype=out_dtype(g)).element_size()
+
+    buckets: list[list[str]] = []
+    size = 0
+    for g in order:
+        if buckets and owner[g] == owner[buckets[-1][-1]] and size + nbytes(g) <= bucket_bytes:
+            buckets[-1].append(g)
+            size += nbytes(g)
+        else:
+            buckets.append([g])
+            size = nbytes(g)
+
+    with torch.no_grad():
+        for bucket in buckets:
+            stage = owner[bucket[0]]
+            tensors: list[tuple[str, torch.Tensor]] = []
+            if stage == my_stage:
+                for g in bucket:
+                    param = local[g]
+                    dim = (
+                        getattr(param, "partition_dim", None)
+                        if getattr(param, "tensor_model_parallel", False)
+                        else None
+                    )
+                    geo = Geometry.of(spec, padded_vocab=param.shape[0] * tp_size if g in VOCAB_PARAMS else None)
+                    shards = _gather_tp(param, tp_group, tp_size)
+                    for name, t in plan[g].hf_from_shards(shards, geo, dim):
+                        tensors.append((name, t.to(out_dtype(g)).contiguous()))
+            if pp_size > 1:
+                tensors = _broadcast_bucket(tensors, bucket, plan, shapes, out_dtype, pp_group, pp_ranks[stage])
+            yield tensors
+
+
+def _broadcast_bucket(tensors, bucket, plan, shapes, out_dtype, pp_group, src: int):
+    """Send the owning stage's bucket to every stage as one flat byte buffer."""
+    names = [(h, out_dtype(g)) for g in bucket for h in plan[g].hf]
+    sizes = [math.prod(shapes[h]) * torch.empty((), dtype=dt).element_size() for h, dt in names]
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if tensors:
+        flat = torch.cat([_as_bytes(t) for _, t in tensors]).to(device)
+    else:
+        flat = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+    dist.broadcast(flat, src=src, group=pp_group)
+    if tensors:
+        return tensors
+    out = []
+    for (h, dt), part in zip(names, flat.split(sizes)):
+        out.append((h, part.view(dt).reshape(shapes[h])))
+    return out
+
+
+def save_hf_checkpoint(
+    model_chunks: list[torch.nn.Module],
+    spec: ModelSpec,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype,
+    hf_files_from: str | Path | None = None,
+    max_shard_bytes: int = 4 * 1024**3,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    progress: bool = False,
+) -> None:
+    """Write a complete HF folder from the live model (global rank 0 writes; every rank must call it).
+
+    Sharded safetensors with an index, ``config.json`` (true vocabulary, ``dtype``), and the generation config and
+    tokenizer files copied from ``hf_files_from``.
+    """
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    plan = conversion_plan(spec)
+    shapes = _hf_shapes(spec)
+    order = [h for rule in plan.values() if not rule.tied_copy for h in rule.hf]
+    writer = (
+        StreamingSafetensorsWriter(out_dir, [(h, shapes[h], dtype) for h in order], max_shard_bytes) if rank0 else None
+    )
+    bar = None
+    if progress and rank0:
+        from tqdm import tqdm
+
+        total = sum(math.prod(shapes[h]) for h in order) * torch.empty((), dtype=dtype).element_size()
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="export HF weights")
+    for bucket in iter_hf_weights(model_chunks, spec, bucket_bytes=bucket_bytes, dtype=dtype):
+        if writer is not None:
+            for name, tensor in bucket:
+                writer.write(name, tensor)
+                if bar is not None:
+                    bar.update(tensor.numel() * tensor.element_size())
+        del bucket
+    if bar is not None:
+        bar.close()
+    if writer is None:
+        return
+    writer.close()
+    out = Path(out_dir)
+    if hf_files_from is not None:
+        copy_aux_files(hf_files_from, out, skip=("config.json",))
+    config = dict(spec.hf_config)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    config["vocab_size"] = spec.vocab_size
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

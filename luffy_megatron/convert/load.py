@@ -1,0 +1,199 @@
+"""HF weights -> a live TP/PP-sharded Megatron model, and Megatron distributed checkpoints (save / load).
+
+Every rank reads only its own shards: :func:`load_hf_weights` reads, for each of its parameters, the HF rows (or
+columns) that this TP rank holds; :func:`load_megatron_checkpoint` lets megatron's ``dist_checkpointing`` reshard a
+checkpoint written at any TP/PP to the model's layout. Load weights before building the optimizer (a distributed
+optimizer keeps its own fp32 copy of the parameters).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from luffy_megatron.convert.hf_io import HFCheckpointReader, copy_aux_files
+from luffy_megatron.convert.mapping import (
+    VOCAB_PARAMS,
+    ConversionError,
+    Geometry,
+    conversion_plan,
+    global_param_names,
+    hf_names,
+    unwrap,
+)
+from luffy_megatron.models.builder import ModelSpec
+
+METADATA_NAME = "luffy_checkpoint.json"
+HF_FILES_DIR = "hf"  # inside a Megatron checkpoint: config.json, generation config, tokenizer files
+FORMAT_VERSION = 1
+
+
+def expected_hf_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape for the model ``spec.hf_config`` describes (built by transformers on the meta device).
+
+    Also checks that the family's mapping names exactly the tensors transformers defines (a mapping bug otherwise).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = dict(spec.hf_config)
+    model_type = hf.pop("model_type")
+    config = AutoConfig.for_model(model_type, **hf)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    planned = set(hf_names(conversion_plan(spec)))
+    if planned != set(shapes):
+        raise ConversionError(
+            f"family {spec.family.name} mapping does not match transformers' {type(model).__name__}: "
+            f"unmapped {sorted(set(shapes) - planned)[:8]}, unknown {sorted(planned - set(shapes))[:8]}"
+        )
+    return shapes
+
+
+def check_hf_tensors(reader: HFCheckpointReader, spec: ModelSpec) -> None:
+    """Raise :class:`ConversionError` listing missing / unexpected tensors and shape mismatches."""
+    expected = expected_hf_shapes(spec)
+    present = set(reader.names())
+    ignored = set(spec.family.extra_hf_keys_to_ignore)
+    if spec.tied_embeddings:
+        ignored.add(spec.family.output_layer[1])  # some tied checkpoints still store lm_head.weight
+    missing = sorted(set(expected) - present)
+    extra = sorted(present - set(expected) - ignored)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
+    if extra:
+        problems.append(f"unexpected tensors ({len(extra)}): {', '.join(extra)}")
+    for name in sorted(set(expected) & present):
+        if tuple(reader.shape(name)) != expected[name]:
+            problems.append(f"shape mismatch for {name}: expected {expected[name]}, found {tuple(reader.shape(name))}")
+    if problems:
+        raise ConversionError(f"{reader.dir} does not match its config.json:\n  " + "\n  ".join(problems))
+
+
+def _tp() -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def check_parallel_layout(spec: ModelSpec, tp: int) -> None:
+    """Raise if ``tp`` does not divide the attention heads, query groups or MLP width."""
+    geo = Geometry.of(spec)
+    for what, n in (("attention heads", geo.heads), ("query groups (kv heads)", geo.groups), ("ffn", geo.ffn)):
+        if n % tp:
+            raise ConversionError(f"tensor parallel size {tp} does not divide the {n} {what}")
+
+
+@torch.no_grad()
+def load_hf_weights(model_chunks: list[torch.nn.Module], spec: ModelSpec, hf_dir: str | Path, progress: bool = False):
+    """Copy an HF checkpoint into this rank's model chunks (any TP/PP/VPP), converting on the fly.
+
+    Checks names and shapes first (:class:`ConversionError` names the offending tensors). Each rank reads only the
+    rows/columns of its shards; memory beyond the model is one HF tensor slice at a time.
+    """
+    tp_rank, tp_size = _tp()
+    check_parallel_layout(spec, tp_size)
+    plan = conversion_plan(spec)
+    with HFCheckpointReader(hf_dir) as reader:
+        check_hf_tensors(reader, spec)
+        params = [p for chunk in model_chunks for p in global_param_names(chunk)]
+        for gname, local, param in _progress(params, progress, "load HF weights"):
+            rule = plan.get(gname)
+            if rule is None:
+                raise ConversionError(
+                    f"model parameter {local} ({gname}) has no HF mapping in family {spec.family.name}"
+                )
+            padded = param.shape[0] * tp_size if gname in VOCAB_PARAMS else None
+            geo = Geometry.of(spec, padded_vocab=padded)
+            dim = getattr(param, "partition_dim", None) if getattr(param, "tensor_model_parallel", False) else None
+            shard = rule.shard_from_hf(reader.read, geo, tp_rank, tp_size, dim, param.shape)
+            if shard.shape != param.shape:
+                raise ConversionError(f"{gname}: shard shape {tuple(shard.shape)} != parameter {tuple(param.shape)}")
+            param.data.copy_(shard)
+
+
+def _progress(items: list, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="tensor")
+
+
+def _sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    chunks = [unwrap(c) for c in model_chunks]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def save_megatron_checkpoint(
+    model_chunks: list[torch.nn.Module],
+    spec: ModelSpec,
+    ckpt_dir: str | Path,
+    *,
+    dtype: str,
+    hf_files_from: str | Path | None = None,
+) -> Path:
+    """Write the model as a megatron ``dist_checkpointing`` (torch_dist) checkpoint that loads at any TP/PP.
+
+    Next to it: ``luffy_checkpoint.json`` (family, HF config, true vocabulary, dtype) and ``hf/`` with the HF config,
+    generation config and tokenizer files copied from ``hf_files_from``, so the checkpoint is self-contained.
+    Collective: every rank of the job calls it with the same ``ckpt_dir``.
+    """
+    from megatron.core import dist_checkpointing
+
+    ckpt = Path(ckpt_dir)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        ckpt.mkdir(parents=True, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    dist_checkpointing.save(_sharded_state_dict(model_chunks), str(ckpt))
+    if rank0:
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "family": spec.family.name,
+            "vocab_size": spec.vocab_size,
+            "dtype": dtype,
+            "tied_embeddings": spec.tied_embeddings,
+            "hf_config": spec.hf_config,
+        }
+        (ckpt / METADATA_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        (ckpt / HF_FILES_DIR).mkdir(exist_ok=True)
+        if hf_files_from is not None:
+            copy_aux_files(hf_files_from, ckpt / HF_FILES_DIR)
+        (ckpt / HF_FILES_DIR / "config.json").write_text(json.dumps(spec.hf_config, indent=2, sort_keys=True) + "\n")
+    if dist.is_initialized():
+        dist.barrier()
+    return ckpt
+
+
+def read_checkpoint_metadata(ckpt_dir: str | Path) -> dict[str, Any]:
+    """The ``luffy_checkpoint.json`` of a checkpoint written by :func:`save_megatron_checkpoint`."""
+    path = Path(ckpt_dir) / METADATA_NAME
+    if not path.exists():
+        raise ConversionError(f"{ckpt_dir} is not a luffy-megatron checkpoint (no {METADATA_NAME})")
+    return json.loads(path.read_text())
+
+
+@torch.no_grad()
+def load_megatron_checkpoint(model_chunks: list[torch.nn.Module], ckpt_dir: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written at any TP/PP into this rank's chunks; return its metadata. Collective."""
+    from megatron.core import dist_checkpointing
+
+    meta = read_checkpoint_metadata(ckpt_dir)
+    sharded = _sharded_state_dict(model_chunks)
+    loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+    chunks = [unwrap(c) for c in model_chunks]
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"], strict=True)
+    else:
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(loaded[f"model{i}"], strict=True)
+    return meta
