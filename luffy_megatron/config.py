@@ -139,6 +139,9 @@ class AlgorithmConfig:
     sft_loss: bool = False
     sft_loss_coeff: float = 1.0
     loss_agg_mode: str = "luffy"
+    # K of the "luffy" mode: weight K / (sequences * max response length); 64 reproduces the paper's run (see
+    # luffy_megatron.algo.aggregation).
+    luffy_micro_batch_seqs: int = 64
     # Tokens per chunk of the fused log-prob/entropy function (bounds its temporary memory).
     logprob_chunk_tokens: int = 4096
 
@@ -364,15 +367,24 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _choice(a.loss_agg_mode, "algorithm.loss_agg_mode", LOSS_AGG_MODES)
     _choice(a.kl_type, "algorithm.kl_type", ("k1", "k3"))
     _positive(
-        a, "algorithm", ("off_policy_reshape_gamma", "on_policy_reshape_gamma", "adv_eps", "logprob_chunk_tokens")
+        a,
+        "algorithm",
+        (
+            "off_policy_reshape_gamma",
+            "on_policy_reshape_gamma",
+            "adv_eps",
+            "logprob_chunk_tokens",
+            "luffy_micro_batch_seqs",
+        ),
     )
     if a.clip_eps <= 0 or a.clip_eps >= 1:
         _fail("algorithm.clip_eps", f"must be in (0, 1), got {a.clip_eps}")
     for name in ("entropy_coeff", "kl_coeff", "sft_loss_coeff"):
         if getattr(a, name) < 0:
             _fail(f"algorithm.{name}", f"must be >= 0, got {getattr(a, name)}")
-    if a.kl_coeff > 0 and m.megatron_checkpoint is None and not m.hf_path:
-        _fail("algorithm.kl_coeff", "a KL penalty needs a reference model")
+    if a.kl_coeff > 0:
+        # The loss supports k1/k3 penalties; the trainer does not build a reference model yet.
+        _fail("algorithm.kl_coeff", "the trainer has no reference model yet: set it to 0 (the paper's recipe)")
 
     _positive(d, "data", ("max_prompt_length", "max_response_length", "train_batch_size", "mini_batch_size"))
     if d.train_batch_size % d.mini_batch_size:

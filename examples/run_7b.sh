@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# LUFFY on Qwen2.5-Math-7B, the paper's recipe: 2 nodes x 8 GPUs. Node 0 trains (Megatron, TP 4 x DP 2);
+# node 1 serves rollouts (4 SGLang servers of TP 2). Weights go to the servers over NCCL after every step.
+#   sbatch examples/run_7b.sh [CONFIG] [key=value ...]
+#SBATCH --job-name=luffy-7b
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --exclusive
+#SBATCH --time=72:00:00
+#SBATCH --output=logs/%x-%j.out
+set -euo pipefail
+CONFIG=${1:-configs/luffy_qwen2.5_math_7b.yaml}
+shift || true
+source "$(dirname "$0")/slurm_common.sh"
+launch_rollout_servers 1 4 2          # node index, servers, TP per server
+run_trainer 0 8 "$CONFIG" "rollout.sglang.launch=false" "rollout.sglang.urls=[$SERVER_URLS]" "$@"

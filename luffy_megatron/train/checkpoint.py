@@ -1,0 +1,171 @@
+"""Training checkpoints: model + optimizer (megatron dist_checkpointing), scheduler, sampler, RNG states, step.
+
+Layout of ``save_dir``::
+
+    step_000010/              a complete checkpoint (only names of this form are ever loaded)
+        model_optim/          dist_checkpointing (torch_dist) of model chunks and optimizer: reshardable
+        trainer_state.json    step, scheduler, sampler, metadata; written last
+        rng/rank_00000.pt     python / numpy / torch / megatron RNG states of every rank
+    step_000020.incomplete/   a save in progress or interrupted: ignored, removed by the next save
+
+A save writes into ``step_N.incomplete`` and renames it to ``step_N`` once every rank has finished, so a crash (or a
+full disk) at any point never leaves a directory that looks complete; older checkpoints are pruned only after that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in ``save_dir`` (None when there is none)."""
+    root = Path(save_dir)
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(s, p) for s, p in found if (p / "trainer_state.json").is_file()]
+    return max(found)[1] if found else None
+
+
+def _rank0_then_broadcast(fn) -> Any:
+    """Run ``fn`` on global rank 0 and give every rank its result; an exception there is raised on every rank."""
+    result: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            result[0] = ("ok", fn())
+        except Exception as e:  # re-raised below, on every rank
+            result[0] = ("error", f"{type(e).__name__}: {e}")
+    dist.broadcast_object_list(result, src=0)
+    status, value = result[0]
+    if status == "error":
+        raise CheckpointError(value)
+    return value
+
+
+def _sharded_state(policy, is_loading: bool) -> dict:
+    model_sd: dict[str, Any] = {}
+    for i, chunk in enumerate(policy.modules):
+        model_sd[f"model{i}"] = chunk.sharded_state_dict()
+    state = dict(model_sd)
+    state["optimizer"] = policy.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    return state
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(save_dir: str, step: int, policy, trainer_state: dict, keep_last: int) -> Path:
+    """Save collectively (every rank calls it); returns the final directory. Raises :class:`CheckpointError`."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(save_dir)
+    final = root / f"step_{step:06d}"
+    tmp = root / f"step_{step:06d}.incomplete"
+
+    def prepare() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("*.incomplete"):
+            shutil.rmtree(stale, ignore_errors=True)
+        (tmp / "model_optim").mkdir(parents=True)
+        (tmp / "rng").mkdir()
+
+    try:
+        _rank0_then_broadcast(prepare)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot create checkpoint directory {tmp}: {e}") from None
+    failure: str | None = None
+    try:
+        dist_checkpointing.save(_sharded_state(policy, is_loading=False), str(tmp / "model_optim"))
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{dist.get_rank():05d}.pt")
+    except Exception as e:  # reported collectively below so that no rank hangs in a barrier
+        failure = f"rank {dist.get_rank()}: {type(e).__name__}: {e}"
+    failures: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    errors = [f for f in failures if f]
+    if errors:
+        raise CheckpointError(f"saving checkpoint {final} failed (previous checkpoints are intact): {errors[0]}")
+
+    def finish() -> Path:
+        state = dict(trainer_state, step=step, scheduler=policy.scheduler.state_dict())
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=_json_default))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        complete = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+        for _, old in complete[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    try:
+        return _rank0_then_broadcast(finish)
+    except CheckpointError as e:
+        raise CheckpointError(f"finishing checkpoint {final} failed (previous checkpoints are intact): {e}") from None
+
+
+def load_checkpoint(path: str | os.PathLike, policy) -> dict:
+    """Load model, optimizer, scheduler and this rank's RNG state; returns the trainer state (step, sampler, ...).
+
+    Model and optimizer reshard to the current TP/PP layout.
+    """
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    state_file = path / "trainer_state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no trainer_state.json)")
+    loaded = dist_checkpointing.load(_sharded_state(policy, is_loading=True), str(path / "model_optim"))
+    for i, chunk in enumerate(policy.modules):
+        chunk.load_state_dict(loaded[f"model{i}"])
+    policy.optimizer.load_state_dict(loaded["optimizer"])
+    trainer_state = json.loads(state_file.read_text())
+    policy.scheduler.load_state_dict(trainer_state["scheduler"])
+    rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
+    if rng_file.is_file():  # absent when resuming at a different world size: RNG streams then start afresh
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return trainer_state
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

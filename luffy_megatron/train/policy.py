@@ -1,0 +1,246 @@
+"""The policy on Megatron: model chunks, optimizer, LR schedule, log-prob forward and the policy update.
+
+Runs at any (TP, PP, VPP, DP) layout through megatron-core's pipeline schedules. Every rank holds the step's samples
+(broadcast by the loop); :func:`pack_micro_batches` gives each data-parallel rank its share. The loss of a micro-batch
+carries its global aggregation weights, so the summed gradient is that of the whole mini-batch however it is split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from luffy_megatron.algo import (
+    GlobalCounts,
+    MetricSums,
+    aggregation_weights,
+    mixed_policy_loss,
+    vocab_parallel_logprob_entropy,
+)
+from luffy_megatron.config import RunConfig
+from luffy_megatron.models.builder import ModelSpec, build_gpt_model, build_transformer_config
+from luffy_megatron.train.samples import MicroBatch, Sample, make_micro_batch, pack_micro_batches
+
+
+class MegatronPolicy:
+    """Model chunks of this rank plus optimizer and scheduler; built from a validated :class:`RunConfig`."""
+
+    def __init__(self, cfg: RunConfig, spec: ModelSpec, pad_id: int) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.cfg, self.spec, self.pad_id = cfg, spec, pad_id
+        p = cfg.parallel
+        self.tconfig = build_transformer_config(
+            spec,
+            tp=p.tp,
+            pp=p.pp,
+            vpp=p.vpp,
+            dtype=cfg.model.dtype,
+            recompute=cfg.model.recompute_activations,
+            # Micro-batches have their own lengths; pipeline stages exchange shapes first.
+            variable_seq_lengths=True,
+            moe_token_dispatcher_type="alltoall",
+        )
+        use_dist_opt = p.use_distributed_optimizer and torch.cuda.is_available()
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_dist_opt
+        )
+        self.chunks = build_gpt_model(
+            spec, self.tconfig, use_transformer_engine=cfg.model.use_transformer_engine, ddp_config=ddp_config
+        )
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.no_sync_func = [c.no_sync for c in self.chunks]
+        if len(self.chunks) == 1:
+            self.tconfig.no_sync_func = self.tconfig.no_sync_func[0]
+        o = cfg.optimizer
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=o.lr,
+                min_lr=o.min_lr,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1,
+                adam_beta2=o.adam_beta2,
+                adam_eps=o.adam_eps,
+                clip_grad=o.clip_grad,
+                bf16=cfg.model.dtype == "bfloat16",
+                fp16=cfg.model.dtype == "float16",
+                params_dtype=self.tconfig.params_dtype,
+                use_distributed_optimizer=use_dist_opt,
+            ),
+            self.chunks,
+        )
+        steps_per_rollout = cfg.data.train_batch_size // cfg.data.mini_batch_size
+        total = max(1, cfg.trainer.total_steps * steps_per_rollout)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if o.lr_warmup_steps else o.lr,
+            max_lr=o.lr,
+            min_lr=o.min_lr,
+            lr_warmup_steps=o.lr_warmup_steps,
+            lr_decay_steps=total,
+            lr_decay_style=o.lr_decay_style,
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=total,
+            wd_incr_style="constant",
+        )
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.tp_group = ps.get_tensor_model_parallel_group() if p.tp > 1 else None
+        self.vocab_start = ps.get_tensor_model_parallel_rank() * (spec.padded_vocab_size // p.tp)
+        self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+
+    # ---------------------------------------------------------------------------------------------------------
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        """The bare GPTModel chunks (without the DDP wrapper)."""
+        return [getattr(c, "module", c) for c in self.chunks]
+
+    def _micro_batches(self, samples: list[Sample]) -> list[MicroBatch]:
+        plan = pack_micro_batches(
+            [s.num_tokens for s in samples], self.cfg.parallel.max_tokens_per_micro_batch, self.dp_size
+        )
+        return [make_micro_batch(samples, ids, self.pad_id) for ids in plan[self.dp_rank]]
+
+    def _token_logprobs(self, mb: MicroBatch, logits: torch.Tensor, with_entropy: bool):
+        b, length, vocab_shard = logits.shape
+        return vocab_parallel_logprob_entropy(
+            logits.reshape(b * length, vocab_shard),
+            mb.targets.reshape(-1).to(logits.device),
+            tp_group=self.tp_group,
+            vocab_start=self.vocab_start,
+            temperature=self.cfg.rollout.temperature,
+            true_vocab_size=self.spec.vocab_size,
+            chunk_tokens=self.cfg.algorithm.logprob_chunk_tokens,
+            compute_entropy=with_entropy,
+        )
+
+    def _run(self, mbs: list[MicroBatch], loss_fn, forward_only: bool) -> list[Any]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
+            mb = next(data_iterator)
+            dev = next(model.parameters()).device
+            out = model(mb.tokens.to(dev), mb.position_ids.to(dev), attention_mask=None)
+            return out, partial(loss_fn, mb)
+
+        iters: Any = [iter(mbs) for _ in self.chunks] if len(self.chunks) > 1 else iter(mbs)
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iters,
+            model=self.chunks,
+            num_microbatches=len(mbs),
+            seq_length=max(mb.tokens.shape[1] for mb in mbs),
+            micro_batch_size=max(mb.tokens.shape[0] for mb in mbs),
+            forward_only=forward_only,
+        )
+
+    # ---------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_logprobs(self, samples: list[Sample]) -> list[list[float]]:
+        """Log-probs of every sample's response tokens under the current weights (forward only), on every rank."""
+        for c in self.chunks:
+            c.eval()
+        mbs = self._micro_batches(samples)
+
+        def loss_fn(mb: MicroBatch, logits: torch.Tensor):
+            logp, _ = self._token_logprobs(mb, logits, with_entropy=False)
+            logp = logp.view(mb.tokens.shape).float().cpu()
+            out = {i: logp[row][mb.response_mask[row]].tolist() for row, i in enumerate(mb.sample_ids)}
+            return torch.zeros(()), {"logprobs": out}
+
+        stores = self._run(mbs, loss_fn, forward_only=True)
+        local: dict[int, list[float]] = {}
+        if self.is_last_stage and (self.tp_group is None or dist.get_rank(self.tp_group) == 0):
+            for store in stores:
+                local.update(store["logprobs"])
+        gathered: list[dict[int, list[float]]] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, local)
+        merged: dict[int, list[float]] = {}
+        for part in gathered:
+            merged.update(part)
+        return [merged[i] for i in range(len(samples))]
+
+    def train_mini_batch(self, samples: list[Sample], use_old_logprobs: bool) -> dict[str, float]:
+        """One optimiser step on ``samples`` (a mini-batch). Returns reduced metrics (identical on every rank).
+
+        Without ``use_old_logprobs`` the old policy is the current one (one optimiser step per rollout batch), so the
+        ratio is ``exp(logp - logp.detach())``: value 1, gradient of logp.
+        """
+        for c in self.chunks:
+            c.train()
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        mbs = self._micro_batches(samples)
+        alg = self.cfg.algorithm
+        lengths = [len(s.response_ids) for s in samples]
+        counts = GlobalCounts(
+            num_tokens=sum(lengths),
+            num_seqs=sum(1 for n in lengths if n > 0),
+            num_off_policy_tokens=sum(n for n, s in zip(lengths, samples) if s.off_policy),
+        )
+        # The schedule divides each micro-batch loss by their number and DDP averages over data-parallel ranks; the
+        # aggregation weights already normalise over the whole mini-batch, so undo both.
+        scale = len(mbs) * self.dp_size
+
+        def loss_fn(mb: MicroBatch, logits: torch.Tensor):
+            dev = logits.device
+            logp, ent = self._token_logprobs(mb, logits, with_entropy=True)
+            shape = mb.tokens.shape
+            logp, ent = logp.view(shape), ent.view(shape)
+            resp, off = mb.response_mask.to(dev), mb.off_policy_mask.to(dev)
+            weights = aggregation_weights(
+                alg.loss_agg_mode,
+                resp,
+                counts,
+                max_response_length=self.cfg.data.max_response_length,
+                off_policy_mask=off,
+                luffy_micro_batch_seqs=alg.luffy_micro_batch_seqs,
+            )
+            old = mb.old_logprobs.to(dev) if use_old_logprobs else logp.detach()
+            loss, sums = mixed_policy_loss(
+                logp, old, mb.advantages.to(dev), resp, off, alg, token_weights=weights, entropy=ent
+            )
+            gap_mask = mb.has_rollout_logprobs.to(dev) & ~off
+            gap = (old.detach().float() - mb.rollout_logprobs.to(dev)).abs()
+            sums.add_mean("train_rollout_logprob_gap", (gap * gap_mask).sum(), gap_mask.sum())
+            return loss * scale, {"sums": sums}
+
+        stores = self._run(mbs, loss_fn, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        local = MetricSums()
+        if self.is_last_stage and (self.tp_group is None or dist.get_rank(self.tp_group) == 0):
+            for store in stores:
+                local.add(store["sums"])
+        metrics = _reduce_metric_sums(local)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["update_skipped"] = float(not ok)
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        return metrics
+
+
+def _reduce_metric_sums(local: MetricSums) -> dict[str, float]:
+    """Sum every rank's metric accumulators (ranks off the last pipeline stage hold none) and compute the means."""
+    payload = (
+        {k: float(v) for k, v in local.sums.items()},
+        {k: float(v) for k, v in local.counts.items()},
+        {k: float(v) for k, v in local.totals.items()},
+    )
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, payload)
+    total = MetricSums()
+    for sums, counts, totals in gathered:
+        for k, v in sums.items():
+            total.add_mean(k, torch.tensor(v), torch.tensor(counts[k]))
+        for k, v in totals.items():
+            total.add_total(k, torch.tensor(v))
+    return total.compute()

@@ -1,0 +1,156 @@
+"""Mixed groups of samples and their packing into micro-batches.
+
+A *sample* is one prompt + one response: on-policy (sampled by the rollout engine) or off-policy (the expert trace).
+Each prompt's samples form a *group* of ``n``: ``n - n_off`` on-policy samples and ``n_off`` copies of its trace
+(a prompt without a trace gets ``n`` on-policy samples instead).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Sample:
+    """One prompt + response. Log-prob lists are aligned with ``response_ids``."""
+
+    prompt_index: int  # row of the dataset
+    group_id: int  # position of the prompt in this step's batch
+    prompt_ids: list[int]
+    response_ids: list[int]
+    off_policy: bool
+    finish_reason: str = "stop"
+    rollout_logprobs: list[float] | None = None  # from the engine; None for traces
+    reward: float = 0.0
+    advantage: float = 0.0
+    old_logprobs: list[float] | None = None  # from the policy before this update
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+def assemble_groups(
+    prompt_indices: list[int],
+    prompt_ids: list[list[int]],
+    traces: list[list[int] | None],
+    rollouts: list[list[tuple[list[int], list[float], str]]],
+    n_off: int,
+) -> list[Sample]:
+    """Mixed groups: per prompt its on-policy rollouts then ``n_off`` copies of its trace (when it has one).
+
+    ``rollouts[i]`` holds (output ids, engine log-probs, finish reason) of prompt i; prompts without a trace must come
+    with ``n`` rollouts, others with ``n - n_off`` (the caller asks the engine for that many).
+    """
+    samples: list[Sample] = []
+    for gid, (pidx, pids, trace, outs) in enumerate(zip(prompt_indices, prompt_ids, traces, rollouts)):
+        for ids, logprobs, reason in outs:
+            samples.append(Sample(pidx, gid, pids, list(ids), False, reason, list(logprobs)))
+        if trace is not None:
+            for _ in range(n_off):
+                samples.append(Sample(pidx, gid, pids, list(trace), True, "stop"))
+    return samples
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded tensors of a few samples; position t predicts token t + 1.
+
+    All [b, L] with L the longest sample of this micro-batch (never the max response length): ``tokens``,
+    ``position_ids``, ``targets`` (token t + 1), ``response_mask`` (target is a response token), ``off_policy_mask``,
+    ``advantages``, ``old_logprobs`` (0 where unknown), ``rollout_logprobs`` (0 where unknown) and
+    ``has_rollout_logprobs``.
+    """
+
+    sample_ids: list[int]
+    tokens: torch.Tensor
+    position_ids: torch.Tensor
+    targets: torch.Tensor
+    response_mask: torch.Tensor
+    off_policy_mask: torch.Tensor
+    advantages: torch.Tensor
+    old_logprobs: torch.Tensor
+    rollout_logprobs: torch.Tensor
+    has_rollout_logprobs: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.numel())
+
+
+def make_micro_batch(samples: list[Sample], sample_ids: list[int], pad_id: int) -> MicroBatch:
+    """Right-padded tensors of ``samples[i] for i in sample_ids``."""
+    # An empty micro-batch (a rank with fewer samples than micro-batches) is one fully masked row of padding.
+    length = max((samples[i].num_tokens for i in sample_ids), default=2)
+    b = max(len(sample_ids), 1)
+    tokens = torch.full((b, length), pad_id, dtype=torch.long)
+    targets = torch.full((b, length), pad_id, dtype=torch.long)
+    resp = torch.zeros((b, length), dtype=torch.bool)
+    off = torch.zeros((b, length), dtype=torch.bool)
+    adv = torch.zeros((b, length))
+    old = torch.zeros((b, length))
+    roll = torch.zeros((b, length))
+    has_roll = torch.zeros((b, length), dtype=torch.bool)
+    for row, i in enumerate(sample_ids):
+        s = samples[i]
+        ids = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long)
+        n, p, r = len(ids), len(s.prompt_ids), len(s.response_ids)
+        tokens[row, :n] = ids
+        targets[row, : n - 1] = ids[1:]
+        span = slice(p - 1, p - 1 + r)  # positions whose target is a response token
+        resp[row, span] = True
+        off[row, span] = s.off_policy
+        adv[row, span] = s.advantage
+        if s.old_logprobs is not None:
+            old[row, span] = torch.tensor(s.old_logprobs)
+        if s.rollout_logprobs is not None:
+            roll[row, span] = torch.tensor(s.rollout_logprobs)
+            has_roll[row, span] = True
+    positions = torch.arange(length).unsqueeze(0).expand(b, length).contiguous()
+    return MicroBatch(sample_ids, tokens, positions, targets, resp, off, adv, old, roll, has_roll)
+
+
+def pack_micro_batches(lengths: list[int], max_tokens: int, num_ranks: int) -> list[list[list[int]]]:
+    """Split samples over data-parallel ranks and micro-batches by a token budget.
+
+    Returns ``plan[rank][micro_batch] -> sample ids``. Every rank gets the same number of micro-batches (the pipeline
+    schedules need it); a micro-batch costs ``len(samples) * longest sample`` tokens (right padding) and stays within
+    ``max_tokens`` unless a single sample is longer. Samples are sorted by length so that padding is small, then dealt
+    to ranks longest-first onto the rank with the fewest tokens (balances work across ranks).
+    """
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rank_samples: list[list[int]] = [[] for _ in range(num_ranks)]
+    load = [0] * num_ranks
+    for i in order:
+        r = min(range(num_ranks), key=lambda k: (load[k], len(rank_samples[k])))
+        rank_samples[r].append(i)
+        load[r] += lengths[i]
+
+    def split(ids: list[int]) -> list[list[int]]:
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for i in ids:  # longest first, so the first sample of a batch sets its padded length
+            if current and (len(current) + 1) * lengths[current[0]] > max_tokens:
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+        return batches
+
+    plan = [split(ids) for ids in rank_samples]
+    target = max(1, max(len(p) for p in plan))
+    for p in plan:  # equalise the count: split the largest micro-batches until every rank has `target`
+        while len(p) < target:
+            big = max(range(len(p)), key=lambda k: len(p[k])) if p else None
+            if big is None or len(p[big]) < 2:
+                p.append([])
+                continue
+            half = len(p[big]) // 2
+            p.insert(big + 1, p[big][half:])
+            p[big] = p[big][:half]
+    return plan
