@@ -40,14 +40,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from luffy_megatron.config import AlgorithmConfig
-
 from .aggregation import LossWeights
+
+if TYPE_CHECKING:
+    from luffy_megatron.config import AlgorithmConfig
 
 __all__ = ["RESHAPES", "MetricSums", "mixed_policy_loss", "validate_algorithm_config"]
 
