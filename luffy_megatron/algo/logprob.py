@@ -113,26 +113,35 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
             return grad, None, None, None, None, None, None, None
         g_lp = grad_logp.float() if grad_logp is not None else torch.zeros(n, device=logits.device)
         in_shard, local = _local_targets(target, vocab_start, n_valid)
+        # fp32 logits: work directly in the gradient buffer (no temporary of size [chunk, V] on the log-prob path).
+        in_place = logits.dtype == torch.float32
         for s in range(0, n, chunk_tokens):
             e = min(s + chunk_tokens, n)
-            lp = _scaled_fp32(logits[s:e, :n_valid], temperature)
-            lp.sub_(lse[s:e].unsqueeze(-1))  # log p  [c, n_valid]
+            out = grad[s:e, :n_valid]
+            if in_place:
+                buf = out
+                buf.copy_(logits[s:e, :n_valid])
+                if temperature != 1.0:
+                    buf.div_(temperature)
+            else:
+                buf = _scaled_fp32(logits[s:e, :n_valid], temperature)
+            buf.sub_(lse[s:e].unsqueeze(-1))  # log p  [c, n_valid]
             gl = g_lp[s:e].unsqueeze(-1)
             if grad_entropy is not None:
-                p = torch.exp(lp)
+                p = torch.exp(buf)
                 gh = grad_entropy[s:e].float().unsqueeze(-1)
-                # dL/dz = g_lp * (onehot - p) - g_H * p * (log p + H)  =  -p * (g_lp + g_H * (log p + H)) + g_lp*onehot
-                lp.add_(entropy[s:e].unsqueeze(-1)).mul_(gh).add_(gl).mul_(p).neg_()
+                # dL/dz = g_lp (1[y] - p) - g_H p (log p + H) = p (-g_H log p - (g_lp + g_H H)) + g_lp 1[y]
+                buf.mul_(-gh).sub_(gl + gh * entropy[s:e].unsqueeze(-1)).mul_(p)
                 del p
             else:
-                lp.exp_().mul_(gl).neg_()
+                buf.exp_().mul_(-gl)
             rows = in_shard[s:e]
-            idx = local[s:e].unsqueeze(1)
-            lp.scatter_add_(1, idx, torch.where(rows, g_lp[s:e], 0.0).unsqueeze(1))
+            buf.scatter_add_(1, local[s:e].unsqueeze(1), torch.where(rows, g_lp[s:e], 0.0).unsqueeze(1))
             if temperature != 1.0:
-                lp.div_(temperature)
-            grad[s:e, :n_valid].copy_(lp)
-            del lp
+                buf.div_(temperature)
+            if not in_place:
+                out.copy_(buf)
+            del buf
         return grad, None, None, None, None, None, None, None
 
 
