@@ -29,30 +29,36 @@ from aiohttp import web
 from luffy_megatron.rollout.base import SamplingParams
 from luffy_megatron.rollout.hf_engine import HFEngine
 
+
+def _words(text: str) -> set[str]:
+    return set(text.split())
+
+
 # GenerateReqInput fields of SGLang 0.5 (a subset; anything else is rejected like SGLang's dataclass constructor does).
-GENERATE_KEYS = {
-    "text", "input_ids", "input_embeds", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num",
-    "token_ids_logprob", "return_text_in_logprobs", "stream", "rid", "return_prompt_token_ids", "return_entropy",
-    "priority", "log_metrics", "image_data", "lora_path", "custom_logit_processor", "return_hidden_states", "bootstrap_host",
-}  # fmt: skip
+GENERATE_KEYS = _words(
+    "text input_ids input_embeds sampling_params return_logprob logprob_start_len top_logprobs_num token_ids_logprob "
+    "return_text_in_logprobs stream rid return_prompt_token_ids return_entropy priority log_metrics image_data "
+    "lora_path custom_logit_processor return_hidden_states bootstrap_host"
+)
 # SamplingParams fields of SGLang 0.5.
-SAMPLING_KEYS = {
-    "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
-    "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n", "json_schema", "regex", "ebnf",
-    "structural_tag", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
-    "custom_params", "stream_interval", "logit_bias", "sampling_seed",
-}  # fmt: skip
-UNSUPPORTED_HERE = {"stop", "stop_regex", "json_schema", "regex", "ebnf", "structural_tag", "logit_bias", "custom_params"}
+SAMPLING_KEYS = _words(
+    "max_new_tokens stop stop_token_ids stop_regex temperature top_p top_k min_p frequency_penalty presence_penalty "
+    "repetition_penalty min_new_tokens n json_schema regex ebnf structural_tag ignore_eos skip_special_tokens "
+    "spaces_between_special_tokens no_stop_trim custom_params stream_interval logit_bias sampling_seed"
+)
+UNSUPPORTED_HERE = _words("stop stop_regex json_schema regex ebnf structural_tag logit_bias custom_params")
+# Request fields of the weight endpoints, as documented in reference/sglang-api.md (SGLang 0.5.23).
 WEIGHT_KEYS = {
-    "/update_weights_from_disk": {"model_path", "load_format", "abort_all_requests", "weight_version", "flush_cache",
-                                  "is_async", "torch_empty_cache", "keep_pause", "recapture_cuda_graph", "token_step"},
-    "/update_weights_from_tensor": {"serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests",
-                                    "weight_version"},
-    "/init_weights_update_group": {"master_address", "master_port", "rank_offset", "world_size", "group_name", "backend"},
-    "/update_weights_from_distributed": {"names", "dtypes", "shapes", "group_name", "flush_cache", "abort_all_requests",
-                                         "weight_version", "load_format"},
+    "/update_weights_from_disk": _words("model_path load_format abort_all_requests weight_version flush_cache"),
+    "/update_weights_from_tensor": _words(
+        "serialized_named_tensors load_format flush_cache abort_all_requests weight_version"
+    ),
+    "/init_weights_update_group": _words("master_address master_port rank_offset world_size group_name backend"),
+    "/update_weights_from_distributed": _words(
+        "names dtypes shapes group_name flush_cache abort_all_requests weight_version load_format"
+    ),
     "/destroy_weights_update_group": {"group_name"},
-}  # fmt: skip
+}
 
 
 BODY = web.RequestKey("body", object)
@@ -336,10 +342,10 @@ class SGLangTestServer:
             return body, web.json_response({"success": False, "message": "injected load failure"}, status=400)
         return body, None
 
-    async def _load(self, body: dict, stream: Any) -> web.Response:
+    async def _load(self, body: dict, stream: Any, strict: bool = True) -> web.Response:
         version = body.get("weight_version")
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self._load_sync, stream)
+            await asyncio.get_running_loop().run_in_executor(None, self._load_sync, stream, strict)
         except Exception as e:
             return web.json_response({"success": False, "message": f"{type(e).__name__}: {e}"}, status=400)
         if version is not None:
@@ -347,9 +353,12 @@ class SGLangTestServer:
         return web.json_response({"success": True, "message": "Succeeded to update model weights.",
                                   "num_paused_requests": 0})  # fmt: skip
 
-    def _load_sync(self, stream: Any) -> None:
+    def _load_sync(self, stream: Any, strict: bool) -> None:
         with self._lock:
-            self.engine.update_weights(stream(), version=self.engine.weight_version or 0)
+            if strict:  # a whole checkpoint (from disk)
+                self.engine.update_weights(stream(), version=self.engine.weight_version or 0)
+            else:  # one bucket of a bucketed update, as SGLang loads them
+                self.engine.load_weights(stream(), strict=False)
 
     async def _update_from_disk(self, request: web.Request) -> web.Response:
         body, err = self._check_weight_body(request)
@@ -378,7 +387,7 @@ class SGLangTestServer:
         if not isinstance(blobs, list) or not blobs:
             return web.json_response({"success": False, "message": "serialized_named_tensors: list"}, status=400)
         named = pickle.load(io.BytesIO(base64.b64decode(blobs[0])))  # noqa: S301 - test server, local trusted client
-        return await self._load(body, lambda: iter(named))
+        return await self._load(body, lambda: iter(named), strict=False)
 
     async def _weight_group(self, request: web.Request) -> web.Response:
         body, err = self._check_weight_body(request)
@@ -462,7 +471,6 @@ def main() -> None:
     print(f"serving on {server.url}", flush=True)
     while not server.dead:
         time.sleep(0.5)
-
 
 
 def tiny_model(seed: int = 0, vocab: int = 32, eos: int = 1, scale: float = 1.0) -> torch.nn.Module:

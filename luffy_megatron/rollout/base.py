@@ -103,18 +103,23 @@ class RolloutEngine(ABC):
 
     def pause(self) -> None:
         """Stop generating (in-flight requests are aborted) until the next weight update or :meth:`resume`."""
+        return None
 
     def resume(self) -> None:
         """Undo :meth:`pause`."""
+        return None
 
     def release_memory(self) -> None:
         """Free accelerator memory (weights and KV cache) while the trainer runs; no-op where unsupported."""
+        return None
 
     def resume_memory(self) -> None:
         """Re-acquire what :meth:`release_memory` freed."""
+        return None
 
     def close(self) -> None:
         """Release processes, sessions and files owned by the engine."""
+        return None
 
     def __enter__(self) -> RolloutEngine:
         return self

@@ -58,7 +58,7 @@ def next_token_distribution(
 
     Returns ``(cdf, logp, order)``: ``logp = log_softmax(logits / T)`` over the full vocabulary (what is reported);
     ``cdf`` the cumulative sampling probabilities (top-k then top-p truncated, unnormalised: the last column is the
-    total mass) over token ids ``order`` (sorted descending by probability) or over the vocabulary when ``order`` is None.
+    total mass) over token ids ``order`` (sorted by descending probability), or over the vocabulary when it is None.
     """
     scaled = logits / temperature if temperature > 0 else logits
     logp = torch.log_softmax(scaled, dim=-1)
@@ -230,12 +230,22 @@ class HFEngine(RolloutEngine):
         (``lm_head.weight`` sharing the embedding) may be omitted. A failed update leaves the engine refusing to
         generate until a complete update succeeds.
         """
+        self._stale = True
+        self.load_weights(named_tensors, strict=True)
+        self._stale = False
+        self.weight_version = version
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, strict: bool = True) -> int:
+        """Copy tensors into the model by HF name; returns the bytes received. ``strict``: every name must arrive.
+
+        Non-strict loads (one bucket of a bucketed update) still reject unknown names and shape mismatches.
+        """
         targets = self.model.state_dict(keep_vars=True)
         by_storage: dict[int, list[str]] = {}
         for name, t in targets.items():
             by_storage.setdefault(t.data_ptr(), []).append(name)
         seen: set[str] = set()
-        self._stale = True
+        nbytes = 0
         with torch.no_grad():
             for name, tensor in named_tensors:
                 target = targets.get(name)
@@ -247,12 +257,12 @@ class HFEngine(RolloutEngine):
                         f"model has {tuple(target.shape)}"
                     )
                 target.data.copy_(tensor)
+                nbytes += tensor.numel() * tensor.element_size()
                 seen.update(by_storage[target.data_ptr()])
         missing = sorted(set(targets) - seen)
-        if missing:
+        if strict and missing:
             raise WeightSyncError(f"update_weights: {len(missing)} parameters not in the stream, e.g. {missing[:5]}")
-        self._stale = False
-        self.weight_version = version
+        return nbytes
 
     def health(self) -> dict:
         """Always healthy unless a weight update failed."""

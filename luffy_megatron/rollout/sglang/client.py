@@ -150,7 +150,7 @@ class SGLangClient:
     async def request(
         self, url: str, path: str, body: dict | None = None, *, method: str = "POST", timeout_s: float | None = None
     ) -> Any:
-        """One HTTP call: parsed JSON (or text) on 2xx; 4xx -> :class:`RequestRejected`; else :class:`RetryableError`."""
+        """One HTTP call: JSON (or text) on 2xx; 4xx -> :class:`RequestRejected`; else :class:`RetryableError`."""
         session = await self._get_session()
         timeout = aiohttp.ClientTimeout(total=timeout_s or self.request_timeout_s, connect=self.connect_timeout_s)
         try:

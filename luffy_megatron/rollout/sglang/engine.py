@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import shutil
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
@@ -164,7 +165,9 @@ class SGLangEngine(RolloutEngine):
         self._group: Any = None
         self._loop = LoopThread()
         self._last_dir: Path | None = None
+        #: Seconds, bytes and GB/s of the last successful update (disk mode adds ``write_s`` and ``load_s``).
         self.last_sync: dict[str, float] = {}
+        self._phases: dict[str, float] = {}
 
     @classmethod
     def from_config(
@@ -233,17 +236,25 @@ class SGLangEngine(RolloutEngine):
             row = []
             for j in range(params.n):
                 r = results[f"{call}-{i}-{j}"]
-                row.append(RolloutOutput(i, r.output_ids, r.logprobs, r.finish_reason, j, self.weight_version,
-                                         {"url": r.url, "server_weight_version": r.meta_info.get("weight_version")}))
+                row.append(
+                    RolloutOutput(
+                        i,
+                        r.output_ids,
+                        r.logprobs,
+                        r.finish_reason,
+                        j,
+                        self.weight_version,
+                        {"url": r.url, "server_weight_version": r.meta_info.get("weight_version")},
+                    )
+                )
             out.append(row)
         return out
 
     # ------------------------------------------------------------------ weights
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Pause, flush, load the stream on every server in the configured mode, continue; raises on any failure."""
-        import time
-
         t0 = time.perf_counter()
+        self._phases = {}
         self._stale = True
         try:
             self.pause()
@@ -260,11 +271,10 @@ class SGLangEngine(RolloutEngine):
         self.weight_version = version
         dt = time.perf_counter() - t0
         self.last_sync = {"seconds": dt, "bytes": float(nbytes), "gb_per_s": nbytes / dt / 1e9 if dt > 0 else 0.0}
+        self.last_sync.update(self._phases)
 
     def _flush(self) -> None:
         """``/flush_cache`` on every server, retried while a server still has requests to finish (it answers 400)."""
-        import time
-
         for attempt in range(self.flush_retries):
             try:
                 self._run(self.client.post_all("/flush_cache", None, timeout_s=60.0))
@@ -278,6 +288,7 @@ class SGLangEngine(RolloutEngine):
         from safetensors.torch import save_file
 
         assert self.weight_sync_dir is not None
+        t0 = time.perf_counter()
         root = Path(self.weight_sync_dir)
         final = root / f"v{version}"
         tmp = root / f".v{version}.partial"
@@ -301,9 +312,12 @@ class SGLangEngine(RolloutEngine):
                     shutil.copy(Path(self.hf_path) / cfg_name, tmp / cfg_name)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        self._phases["write_s"] = time.perf_counter() - t0
         body = {"model_path": str(final), "weight_version": str(version), "flush_cache": True,
                 "abort_all_requests": False}  # fmt: skip
+        t1 = time.perf_counter()
         self._run(self.client.post_all("/update_weights_from_disk", body))
+        self._phases["load_s"] = time.perf_counter() - t1
         if self._last_dir is not None and self._last_dir != final:
             shutil.rmtree(self._last_dir, ignore_errors=True)
         self._last_dir = final

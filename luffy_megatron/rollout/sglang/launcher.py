@@ -8,6 +8,7 @@ visible to local users through ``/proc`` on that host, but it is redacted from e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -212,16 +213,12 @@ def stop_processes(procs: Sequence[ServerProcess], timeout_s: float = 30.0) -> N
     """Terminate (then kill) launched processes and their process groups."""
     for p in procs:
         if p.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.proc.pid, 15)
-            except ProcessLookupError:
-                pass
     for p in procs:
         try:
             p.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.proc.pid, 9)
-            except ProcessLookupError:
-                pass
             p.proc.wait(5)
