@@ -127,6 +127,11 @@ def test_bad_input():
         vocab_parallel_logprob_entropy(logits, target, temperature=0.0)
     with pytest.raises(ValueError, match="true_vocab_size"):
         vocab_parallel_logprob_entropy(logits, target, true_vocab_size=65)
+    for bad in (float("nan"), float("inf")):
+        x = logits.clone()
+        x[3, 5] = bad
+        with pytest.raises(ValueError, match="logits: non-finite values \\(NaN/inf\\) in 1 of 23"):
+            vocab_parallel_logprob_entropy(x, target)
 
 
 def tp_worker(rank: int, world_size: int) -> str:

@@ -156,6 +156,7 @@ def vocab_parallel_logprob_entropy(
     true_vocab_size: int | None = None,
     compute_entropy: bool = True,
     check_targets: bool = True,
+    check_finite: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probability of ``target`` and entropy of softmax(logits / temperature), from vocab-parallel shards.
 
@@ -171,6 +172,8 @@ def vocab_parallel_logprob_entropy(
             (probability 0, i.e. logit -inf) and get a zero gradient.
         compute_entropy: False skips the entropy (returned as None), e.g. for old/reference log-probs.
         check_targets: raise ValueError on target ids outside the (true) vocabulary (one host sync).
+        check_finite: raise ValueError when a NaN/inf logit made a log-prob or entropy non-finite (one host sync on
+            the [N] outputs; the logits themselves are not scanned again).
 
     Returns:
         (log_prob [...] fp32, entropy [...] fp32 or None). Differentiable w.r.t. ``logits``; when entropy is unused
@@ -202,4 +205,8 @@ def vocab_parallel_logprob_entropy(
     logp, entropy = _VocabParallelLogProbEntropy.apply(
         flat, tgt, tp_group, int(vocab_start), float(temperature), int(chunk_tokens), n_valid, bool(compute_entropy)
     )
+    if check_finite:
+        bad = ~torch.isfinite(logp) | ~torch.isfinite(entropy)
+        if bool(bad.any()):
+            raise ValueError(f"logits: non-finite values (NaN/inf) in {int(bad.sum())} of {bad.numel()} token rows")
     return logp.view(lead), (entropy.view(lead) if compute_entropy else None)
