@@ -100,7 +100,12 @@ def time_limit(seconds: float | None) -> Iterator[None]:
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        while True:  # a timer tick may land while disarming; absorb it and disarm again
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                break
+            except ItemTimeout:
+                continue
         signal.signal(signal.SIGALRM, old)
         if outer > 0:  # someone else's alarm (e.g. pytest-timeout) was pending: re-arm what is left of it
             signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3))
