@@ -102,6 +102,7 @@ class SGLangTestServer:
     groups: dict[str, dict] = field(default_factory=dict)
     generate_count: int = 0
     dead: bool = False
+    join_groups: bool = False  # join weight-update process groups for real (gloo on CPU) instead of recording them
 
     def __post_init__(self) -> None:
         self._aborted: set[str] = set()
@@ -112,6 +113,7 @@ class SGLangTestServer:
         self._runner: web.AppRunner | None = None
         self._transports: set[asyncio.BaseTransport] = set()
         self._continue: asyncio.Event | None = None
+        self._pgs: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> str:
@@ -394,18 +396,39 @@ class SGLangTestServer:
         if err is not None:
             return err
         name = body.get("group_name", "weight_update_group")
+        run = asyncio.get_running_loop().run_in_executor
         if request.path == "/init_weights_update_group":
             self.groups[name] = body
+            if self.join_groups:  # really join: this server is rank ``rank_offset`` (one GPU per server here)
+                from luffy_megatron.rollout.sglang.engine import init_weights_update_group
+
+                args = (body["master_address"], body["master_port"], body["rank_offset"], body["world_size"], name,
+                        body.get("backend", "nccl"))  # fmt: skip
+                self._pgs[name] = await run(None, init_weights_update_group, *args)
         elif name not in self.groups:
             return web.json_response({"success": False, "message": f"no weight update group {name!r}"}, status=400)
         elif request.path == "/destroy_weights_update_group":
             del self.groups[name]
+            if name in self._pgs:
+                torch.distributed.destroy_process_group(self._pgs.pop(name))
         else:
             if not (len(body["names"]) == len(body["dtypes"]) == len(body["shapes"])):
                 return web.json_response({"success": False, "message": "names/dtypes/shapes differ"}, status=400)
+            if name in self._pgs:
+                await run(None, self._receive_broadcasts, self._pgs[name], body)
             if body.get("weight_version") is not None:
                 self.weight_version = str(body["weight_version"])
         return web.json_response({"success": True, "message": "ok"})
+
+    def _receive_broadcasts(self, group: Any, body: dict) -> None:
+        """Receive one bucket from the trainer's rank 0, in the order of ``names``, and load it."""
+        named = []
+        for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
+            t = torch.empty(shape, dtype=getattr(torch, dtype))
+            torch.distributed.broadcast(t, src=0, group=group)
+            named.append((name, t))
+        with self._lock:
+            self.engine.load_weights(named, strict=False)
 
 
 def _parse_generate(body: Any) -> tuple[list[list[int]], list[int | None], SamplingParams, list[str]]:
@@ -463,10 +486,11 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--join-weight-groups", action="store_true", help="really join weight-update groups (gloo)")
     args, _ = ap.parse_known_args()
     torch.set_num_threads(1)
     server = SGLangTestServer(HFEngine.from_pretrained(args.model_path), api_key=args.api_key, host=args.host,
-                              port=args.port)  # fmt: skip
+                              port=args.port, join_groups=args.join_weight_groups)  # fmt: skip
     server.start()
     print(f"serving on {server.url}", flush=True)
     while not server.dead:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 
 from luffy_megatron.config import SGLangConfig
 from luffy_megatron.rollout import RolloutError, SamplingParams
+from luffy_megatron.rollout.hf_engine import HFEngine
 from luffy_megatron.rollout.sglang.client import SGLangClient
 from luffy_megatron.rollout.sglang.engine import SGLangEngine
 from luffy_megatron.rollout.sglang.launcher import (
@@ -21,7 +21,7 @@ from luffy_megatron.rollout.sglang.launcher import (
     stop_processes,
     wait_healthy,
 )
-from tests.sglang_test_server import save_tiny_model
+from tests.sglang_test_server import save_tiny_model, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,30 +50,39 @@ def test_wait_healthy_names_the_url() -> None:
 
 
 @pytest.mark.slow
-def test_launch_real_processes_kill_one_mid_run(tmp_path, monkeypatch, caplog) -> None:
-    """Two server processes via the launcher (the test server stands in for sglang.launch_server); SIGKILL one."""
+def test_real_processes_gloo_weight_sync_and_kill(tmp_path, monkeypatch, caplog) -> None:
+    """Two server processes started by the launcher (the test server stands in for ``sglang.launch_server``):
+    distributed weight sync with real broadcasts over gloo, then one server SIGKILLed between batches."""
     model = save_tiny_model(tmp_path / "model", seed=3)
     monkeypatch.setenv("TEST_SGLANG_KEY", "sk-proc-77")
     base = 20000 + os.getpid() % 20000
-    cfg = SGLangConfig(launch=True, num_servers=2, base_port=base, api_key_env="TEST_SGLANG_KEY", startup_timeout_s=120)
+    cfg = SGLangConfig(launch=True, num_servers=2, base_port=base, api_key_env="TEST_SGLANG_KEY",
+                       startup_timeout_s=180, extra_args=["--join-weight-groups"])  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     caplog.set_level("INFO")
     procs = launch_servers(cfg, model, log_dir=str(tmp_path / "logs"), module="tests.sglang_test_server", env=env)
     try:
         assert "sk-proc-77" not in caplog.text and "<redacted>" in caplog.text
         client = SGLangClient([p.url for p in procs], api_key="sk-proc-77", backoff_s=0.05, samples_per_request=2)
-        engine = SGLangEngine(client, weight_sync="tensor", eos_token_ids=[1])
+        engine = SGLangEngine(client, weight_sync="distributed", group_backend="gloo", eos_token_ids=[1])
+        engine.bucket_bytes = 20_000  # several buckets
         params = SamplingParams(n=2, max_new_tokens=5, seed=1)
         prompts = [[2 + i, 3] for i in range(10)]
+        new = tiny_model(seed=8, scale=4.0)
+        ref = HFEngine(new, eos_token_ids=[1]).generate(prompts, params)
+        for version in (1, 2):  # the group is created once and reused
+            engine.update_weights(new.state_dict().items(), version=version)
         first = engine.generate(prompts, params)
+        assert [[o.output_ids for o in r] for r in first] == [[o.output_ids for o in r] for r in ref]
+        assert {o.meta["server_weight_version"] for r in first for o in r} == {"2"}
         os.kill(procs[0].proc.pid, signal.SIGKILL)
         procs[0].proc.wait(10)
         second = engine.generate(prompts, params)
-        assert [[o.output_ids for o in r] for r in first] == [[o.output_ids for o in r] for r in second]
+        assert [[o.output_ids for o in r] for r in second] == [[o.output_ids for o in r] for r in ref]
         assert {o.meta["url"] for r in second for o in r} == {procs[1].url}
         assert engine.health()["servers"] == {procs[0].url: False, procs[1].url: True}
         engine.processes = []
+        engine._group = None  # the peer is gone; skip destroying the group
         engine.close()
     finally:
         stop_processes(procs, timeout_s=10)
-    assert sys.executable  # the servers ran under this interpreter
