@@ -76,6 +76,7 @@ class Faults:
     die_on_request: int | None = None  # cut all connections and close the port on the N-th /generate (1-based)
     fail_weight_update: bool = False  # weight updates answer 400 {success: false}
     unhealthy: bool = False  # /health answers 503
+    trim_stop: bool = False  # leave the matched stop token out of output_ids (it stays in output_token_logprobs)
 
 
 @dataclass
@@ -266,7 +267,8 @@ class SGLangTestServer:
             }
             if body.get("return_logprob"):
                 meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(res.logprobs, res.output_ids)]
-            answers.append({"output_ids": res.output_ids, "meta_info": meta})
+            ids = res.output_ids[:-1] if f.trim_stop and res.finish_reason == "stop" else res.output_ids
+            answers.append({"output_ids": ids, "meta_info": meta})
         if f.wrong_count > 0:
             f.wrong_count -= 1
             answers = answers[:-1]

@@ -13,7 +13,14 @@ import torch
 from luffy_megatron.config import SGLangConfig
 from luffy_megatron.rollout import RolloutError, SamplingParams, WeightSyncError, sample_seed
 from luffy_megatron.rollout.hf_engine import HFEngine
-from luffy_megatron.rollout.sglang.client import SAMPLING_KEYS, RequestRejected, SampleRequest, SGLangClient
+from luffy_megatron.rollout.sglang.client import (
+    SAMPLING_KEYS,
+    RequestRejected,
+    RetryableError,
+    SampleRequest,
+    SGLangClient,
+    parse_sample,
+)
 from luffy_megatron.rollout.sglang.engine import SGLangEngine, iter_buckets
 from tests.sglang_test_server import GENERATE_KEYS, SGLangTestServer, tiny_model
 
@@ -123,6 +130,32 @@ def test_transient_faults_are_retried(servers, fault) -> None:
     assert sum(len(r) for r in out) == 8
     assert len(_generate_bodies(server)) == 3
     engine.close()
+
+
+def test_trimmed_stop_token_restored_from_logprobs(servers, model) -> None:
+    (server,) = servers(1)
+    server.faults.trim_stop = True
+    engine = _engine([server])
+    params = SamplingParams(n=4, max_new_tokens=12, seed=2)
+    out = engine.generate(PROMPTS, params)
+    ref = HFEngine(model, eos_token_ids=[1]).generate(PROMPTS, params)
+    assert [[o.output_ids for o in r] for r in out] == [[o.output_ids for o in r] for r in ref]
+    assert any(o.finish_reason == "stop" and o.output_ids[-1] == 1 for r in out for o in r)
+    engine.close()
+
+
+def test_parse_sample_rejects_inconsistent_answers() -> None:
+    meta = {"id": "r", "finish_reason": {"type": "length", "length": 2}, "output_token_logprobs": [[-0.1, 5, None]]}
+    with pytest.raises(RetryableError, match="do not match"):
+        parse_sample({"output_ids": [5, 6], "meta_info": meta}, "r")
+    with pytest.raises(RetryableError, match="does not match rid"):
+        parse_sample({"output_ids": [5], "meta_info": meta}, "other")
+    with pytest.raises(RetryableError, match="malformed"):
+        parse_sample({"output_ids": [5], "meta_info": {**meta, "output_token_logprobs": [[None, 5]]}}, "r")
+    with pytest.raises(RetryableError, match="finish_reason"):
+        parse_sample({"output_ids": [5], "meta_info": {**meta, "finish_reason": None}}, "r")
+    ok = parse_sample({"output_ids": [5], "meta_info": meta}, "r")
+    assert ok.output_ids == [5] and ok.logprobs == [-0.1] and ok.finish_reason == "length"
 
 
 def test_persistent_5xx_fails_loudly_naming_the_url(servers) -> None:

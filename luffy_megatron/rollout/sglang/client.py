@@ -70,24 +70,28 @@ def parse_finish_reason(value: Any) -> FinishReason:
 
 
 def parse_sample(item: Any, rid: str) -> SampleResult:
-    """Validate one element of a ``/generate`` answer; malformed answers raise :class:`RetryableError`."""
+    """Validate one element of a ``/generate`` answer; malformed answers raise :class:`RetryableError`.
+
+    The sampled tokens are taken from ``meta_info.output_token_logprobs`` (``[logprob, token_id, text]`` per token),
+    which always include a matched stop token; ``output_ids`` must equal them or lack only that final stop token.
+    """
     try:
         output_ids = [int(t) for t in item["output_ids"]]
         meta = item["meta_info"]
         lps = meta["output_token_logprobs"]
         finish = parse_finish_reason(meta["finish_reason"])
-    except (KeyError, TypeError, ValueError) as e:
+        tokens = [int(e[1]) for e in lps]
+        logprobs = [float(e[0]) for e in lps]
+    except (KeyError, TypeError, ValueError, IndexError) as e:
         raise RetryableError(f"malformed /generate answer for rid {rid!r}: {e!r}") from e
     if meta.get("id", rid) != rid:
         raise RetryableError(f"answer id {meta.get('id')!r} does not match rid {rid!r}")
-    if len(lps) != len(output_ids):
-        raise RetryableError(f"rid {rid!r}: {len(lps)} log-probs for {len(output_ids)} output tokens")
-    logprobs: list[float] = []
-    for t, (entry, tok) in enumerate(zip(lps, output_ids)):
-        if not isinstance(entry, list | tuple) or len(entry) < 2 or int(entry[1]) != tok or entry[0] is None:
-            raise RetryableError(f"rid {rid!r}: log-prob entry {t} {entry!r} does not match token {tok}")
-        logprobs.append(float(entry[0]))
-    return SampleResult(rid, output_ids, logprobs, finish, meta)
+    trimmed_stop = finish == "stop" and output_ids == tokens[:-1]
+    if output_ids != tokens and not trimmed_stop:
+        raise RetryableError(
+            f"rid {rid!r}: output_ids ({len(output_ids)} tokens) do not match output_token_logprobs ({len(tokens)})"
+        )
+    return SampleResult(rid, tokens, logprobs, finish, meta)
 
 
 class SGLangClient:
