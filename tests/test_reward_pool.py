@@ -81,7 +81,7 @@ def test_pool_matches_serial_scores_in_input_order(pool):
 
 def test_adversarial_inputs_each_finish_within_timeout_plus_one_second():
     timeout = 1.0
-    with RewardPool(RewardConfig(num_workers=2, timeout_s=timeout), hard_margin_s=0.5) as fast:
+    with RewardPool(RewardConfig(num_workers=2, timeout_s=timeout), hard_margin_s=0.3) as fast:
         fast.score(["<think></think>\\boxed{1}"] * 4, ["1"] * 4, [False] * 4)  # workers started and warm
         for name, response in ADVERSARIAL.items():
             start = time.monotonic()

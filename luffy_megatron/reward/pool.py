@@ -55,7 +55,8 @@ class RewardStats:
 
 
 def _worker_main(conn: Connection, timeout_s: float, require_think: bool, choices: bool) -> None:
-    """Worker loop: receive a chunk of items, send ``(position, score, status)`` after each item; None stops it."""
+    """Worker loop: receive ``(batch_id, items)``, send ``(batch_id, position, score, status)`` after each item;
+    None stops it."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
@@ -68,9 +69,10 @@ def _worker_main(conn: Connection, timeout_s: float, require_think: bool, choice
             return
         if chunk is None:
             return
-        for pos, response, truth, think in chunk:
+        batch_id, items = chunk
+        for pos, response, truth, think in items:
             res = score_detailed(response, truth, think, timeout_s, require_think, choices)
-            conn.send((pos, res.score, res.status))
+            conn.send((batch_id, pos, res.score, res.status))
 
 
 class _Worker:
@@ -124,6 +126,7 @@ class RewardPool:
         self._args = (float(config.timeout_s), config.require_think_format, config.allow_choice_letters)
         self.stats = RewardStats()
         self._start_failures = 0
+        self._batch_id = 0  # results of an interrupted earlier call are recognised and dropped
         self._workers: list[_Worker] = [self._spawn() for _ in range(config.num_workers)]
         self._closed = False
 
@@ -188,7 +191,15 @@ class RewardPool:
             items = [(i, responses[i], ground_truths[i], bool(prompt_ends_with_think[i])) for i in range(n)]
             size = self.chunk_size or max(1, -(-n // (4 * len(self._workers))))
             queue: deque[list[Item]] = deque(items[s : s + size] for s in range(0, n, size))
-            self._run(queue, results)
+            self._batch_id += 1
+            try:
+                self._run(queue, results)
+            except BaseException:  # e.g. KeyboardInterrupt: busy workers would keep scoring a stale batch
+                for idx, w in enumerate(self._workers):
+                    if w.chunk:
+                        w.kill()
+                        self._workers[idx] = self._spawn()
+                raise
         out = [r if r is not None else RewardResult(0.0, ERROR) for r in results]
         self._count(out)
         return out
@@ -213,7 +224,7 @@ class RewardPool:
                 if w.ready and not w.chunk and queue:
                     chunk = queue.popleft()
                     try:
-                        w.conn.send(chunk)
+                        w.conn.send((self._batch_id, chunk))
                     except (OSError, ValueError):
                         queue.appendleft(chunk)
                         continue
@@ -250,8 +261,8 @@ class RewardPool:
                     w.ready = True
                     self._start_failures = 0
                     continue
-                pos, score, status = msg
-                if w.chunk and w.chunk[0][0] == pos:
+                batch_id, pos, score, status = msg
+                if batch_id == self._batch_id and w.chunk and w.chunk[0][0] == pos:
                     w.chunk.popleft()
                     results[pos] = RewardResult(score, status)
                     done += 1
