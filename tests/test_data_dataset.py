@@ -157,6 +157,8 @@ def test_globs_hf_folders_and_dotted_keys(tok, tmp_path):
     write_parquet(val, tmp_path / "a" / "part-1.parquet")
     ds = PromptDataset(DataConfig(), [str(tmp_path / "a" / "*.parquet")], tok, progress=False)
     assert len(ds) == 10
+    folder = PromptDataset(DataConfig(), [str(tmp_path / "a")], tok, progress=False)  # datasets.load_dataset(dir)
+    assert sorted(it.ground_truth for it in folder.items) == sorted(it.ground_truth for it in ds.items)
     renamed = [{"q": r["prompt"], "expert": r["target"], "meta": {"answer": r["reward_model"]["ground_truth"]},
                 "src": r["data_source"]} for r in train]  # fmt: skip
     datasets.Dataset.from_list(renamed).save_to_disk(str(tmp_path / "hf"))
