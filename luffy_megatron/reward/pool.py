@@ -246,8 +246,10 @@ class RewardPool:
                 died = w.proc.sentinel in ready or not w.proc.is_alive()
                 overdue = bool(w.chunk) and now - w.item_started > hard
                 stuck_start = not w.ready and now - w.item_started > self.startup_timeout_s
-                if died and w.conn.poll():  # results written just before exit
+                if (died or overdue or stuck_start) and w.conn.poll():  # results that arrived just now count
                     remaining -= self._drain(w, results, now)
+                    overdue = bool(w.chunk) and now - w.item_started > hard
+                    stuck_start = not w.ready and now - w.item_started > self.startup_timeout_s
                 if died or overdue or stuck_start:
                     remaining -= self._replace(idx, w, queue, results, HUNG if overdue and not died else CRASH)
 
