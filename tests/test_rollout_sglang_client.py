@@ -192,7 +192,7 @@ def test_unreachable_server_error_names_url() -> None:
     engine.close()
 
 
-def test_server_killed_mid_batch_no_prompt_lost_or_duplicated(servers) -> None:
+def test_server_killed_mid_batch_no_prompt_lost_or_duplicated(servers, tmp_path) -> None:
     a, b = servers(2)
     a.faults.die_on_request = 2  # dies on its 2nd /generate, while others are in flight
     a.faults.step_delay_s = 0.01
@@ -206,6 +206,14 @@ def test_server_killed_mid_batch_no_prompt_lost_or_duplicated(servers) -> None:
     ref = HFEngine(b.engine.model, eos_token_ids=[1]).generate(prompts, params)
     assert [[o.output_ids for o in r] for r in out] == [[o.output_ids for o in r] for r in ref]
     assert {o.meta["url"] for row in out for o in row} >= {b.url}
+    with pytest.raises(WeightSyncError, match=a.url):  # a dead server fails the update until it is removed
+        engine.update_weights([], version=1)
+    engine.client.remove_server(a.url)
+    with pytest.raises(RolloutError, match="only generate URL"):
+        engine.client.remove_server(b.url)
+    engine.weight_sync, engine.weight_sync_dir = "disk", str(tmp_path)
+    engine.update_weights(b.engine.model.state_dict().items(), version=1)
+    assert [r.path for r in b.requests][-1] == "/continue_generation"
     engine.close()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from luffy_megatron.config import SGLangConfig
-from luffy_megatron.rollout import RolloutError, SamplingParams
+from luffy_megatron.rollout import RolloutError, SamplingParams, WeightSyncError
 from luffy_megatron.rollout.hf_engine import HFEngine
 from luffy_megatron.rollout.sglang.client import SGLangClient
 from luffy_megatron.rollout.sglang.engine import SGLangEngine
@@ -81,6 +81,8 @@ def test_real_processes_gloo_weight_sync_and_kill(tmp_path, monkeypatch, caplog)
         assert [[o.output_ids for o in r] for r in second] == [[o.output_ids for o in r] for r in ref]
         assert {o.meta["url"] for r in second for o in r} == {procs[1].url}
         assert engine.health()["servers"] == {procs[0].url: False, procs[1].url: True}
+        with pytest.raises(WeightSyncError, match=procs[0].url):  # never update only some servers
+            engine.update_weights(new.state_dict().items(), version=3)
         engine.processes = []
         engine._group = None  # the peer is gone; skip destroying the group
         engine.close()

@@ -52,6 +52,7 @@ def qwen05b_shaped(dtype: torch.dtype, layers: int, seed: int | None) -> torch.n
     with torch.device("meta"):
         model = Qwen2ForCausalLM(cfg).to(dtype).eval()
     model = model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty unties lm_head from the embedding
     if seed is not None:
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -60,8 +61,19 @@ def qwen05b_shaped(dtype: torch.dtype, layers: int, seed: int | None) -> torch.n
     return model
 
 
+def hf_stream(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The HF-named tensors a trainer exports: tied duplicates (``lm_head.weight``) appear once, as in safetensors."""
+    seen: set[int] = set()
+    out = []
+    for name, t in model.state_dict().items():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            out.append((name, t))
+    return out
+
+
 def stream_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return sum(t.numel() * t.element_size() for _, t in hf_stream(model))
 
 
 def bench_in_process(src: torch.nn.Module, dst: HFEngine, repeats: int) -> dict:
@@ -69,7 +81,7 @@ def bench_in_process(src: torch.nn.Module, dst: HFEngine, repeats: int) -> dict:
     times = []
     for v in range(repeats):
         t0 = time.perf_counter()
-        dst.update_weights(src.state_dict().items(), version=v + 1)
+        dst.update_weights(hf_stream(src), version=v + 1)
         times.append(time.perf_counter() - t0)
     best = min(times)
     return {"seconds": best, "all_seconds": times, "bytes": nbytes, "gb_per_s": nbytes / best / 1e9}
@@ -87,8 +99,9 @@ def bench_server_sync(src: torch.nn.Module, dst: HFEngine, mode: str, repeats: i
         engine = SGLangEngine(SGLangClient([server.url]), weight_sync=mode, weight_sync_dir=tmp, bucket_mb=bucket_mb)
         try:
             for v in range(repeats):
-                stream = ((k, t.clone()) for k, t in src.state_dict().items()) if mode == "tensor" else None
-                engine.update_weights(stream or src.state_dict().items(), version=v + 1)
+                # ForkingPickler moves CPU tensors into shared memory: send copies, keep the source intact.
+                stream = [(k, t.clone()) for k, t in hf_stream(src)] if mode == "tensor" else hf_stream(src)
+                engine.update_weights(stream, version=v + 1)
                 runs.append(dict(engine.last_sync))
         finally:
             engine.close()

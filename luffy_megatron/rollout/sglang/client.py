@@ -130,10 +130,19 @@ class SGLangClient:
         self._sem: asyncio.Semaphore | None = None
         self._inflight = dict.fromkeys(self.generate_urls, 0)
         self._failures = dict.fromkeys(self.generate_urls, 0)
+        self._background: set[asyncio.Future] = set()
 
     def __repr__(self) -> str:
         key = "<redacted>" if self._api_key else None
         return f"SGLangClient(generate_urls={self.generate_urls}, server_urls={self.server_urls}, api_key={key})"
+
+    def remove_server(self, url: str) -> None:
+        """Stop sending anything to ``url`` (a dead server; weight updates fail while it is listed)."""
+        url = url.rstrip("/")
+        if url in self.generate_urls and len(self.generate_urls) == 1:
+            raise RolloutError(f"cannot remove {url}: it is the only generate URL")
+        self.generate_urls = [u for u in self.generate_urls if u != url]
+        self.server_urls = [u for u in self.server_urls if u != url]
 
     # ------------------------------------------------------------------ plumbing
     def _headers(self) -> dict[str, str]:
@@ -208,7 +217,9 @@ class SGLangClient:
                 errors.append(str(e))
                 logger.warning("generate attempt %d failed: %s", attempt + 1, e)
                 # A slow server may still be working on these rids: cancel them there before resending elsewhere.
-                asyncio.ensure_future(self._quiet_abort(url, [r.rid for r in chunk]))
+                task = asyncio.ensure_future(self._quiet_abort(url, [r.rid for r in chunk]))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
                 if attempt < self.max_retries:
                     await asyncio.sleep(self.backoff_s * (2**attempt) * (0.5 + random.random()))
             finally:
