@@ -61,7 +61,7 @@ def pack(seqs: list[dict]) -> dict:
     return out
 
 
-def micro_batch_loss(w: torch.Tensor, mb: dict, counts: GlobalCounts, cfg: AlgorithmConfig, mode: str) -> torch.Tensor:
+def micro_batch_loss(w: torch.Tensor, mb: dict, counts: GlobalCounts, cfg: AlgorithmConfig, mode: str, sums=None):
     logits = mb["hidden"] @ w
     lp, ent = vocab_parallel_logprob_entropy(logits, mb["target"], chunk_tokens=4, temperature=0.9)
     weights = aggregation_weights(
@@ -75,16 +75,18 @@ def micro_batch_loss(w: torch.Tensor, mb: dict, counts: GlobalCounts, cfg: Algor
     )
     old = lp.detach() + mb["old_shift"]
     ref = lp.detach() + mb["ref_shift"]
-    loss, _ = mixed_policy_loss(
+    loss, metrics = mixed_policy_loss(
         lp, old, mb["adv"], mb["resp"], mb["off"], cfg, token_weights=weights, entropy=ent, ref_log_prob=ref
     )
+    if sums is not None:
+        sums.add(metrics)
     return loss
 
 
-def grad_for_split(w0: torch.Tensor, seqs: list[dict], split: list[list[int]], counts, cfg, mode) -> torch.Tensor:
+def grad_for_split(w0: torch.Tensor, seqs: list[dict], split: list[list[int]], counts, cfg, mode, sums=None):
     w = w0.clone().requires_grad_()
     for idx in split:
-        micro_batch_loss(w, pack([seqs[i] for i in idx]), counts, cfg, mode).backward()
+        micro_batch_loss(w, pack([seqs[i] for i in idx]), counts, cfg, mode, sums).backward()
     return w.grad
 
 
@@ -228,6 +230,13 @@ def dp_worker(rank: int, world_size: int) -> str:
             ref = grad_for_split(w0, seqs, SPLITS[1], global_counts, replace(cfg), mode)
             torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7, msg=lambda m, c=cfg_name, o=mode: f"{c}/{o}: {m}")
             checked += 1
+    from luffy_megatron.algo import MetricSums
+
+    mine_sums, full_sums = MetricSums(), MetricSums()
+    grad_for_split(w0, seqs, mine, counts, CONFIGS["clip_kl_k3"], "luffy", mine_sums)
+    grad_for_split(w0, seqs, SPLITS[1], global_counts, CONFIGS["clip_kl_k3"], "luffy", full_sums)
+    a, b = mine_sums.all_reduce(group).compute(), full_sums.compute()
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(b[k])) for k in a), (a, b)
     return f"rank {rank}: {checked} ok"
 
 

@@ -31,9 +31,9 @@ def _world(group: dist.ProcessGroup | None) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def _scaled_fp32(chunk: Tensor, temperature: float) -> Tensor:
-    """A new fp32 buffer holding ``chunk / temperature`` (the input is never modified)."""
-    out = torch.empty(chunk.shape, dtype=torch.float32, device=chunk.device)
+def _scaled_fp32(chunk: Tensor, temperature: float, buf: Tensor) -> Tensor:
+    """``chunk / temperature`` in fp32, written into the front rows of the reusable buffer ``buf``."""
+    out = buf[: chunk.shape[0]]
     out.copy_(chunk)
     if temperature != 1.0:
         out.div_(temperature)
@@ -68,10 +68,14 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         entropy = torch.zeros(n, dtype=torch.float32, device=device)
         in_shard, local = _local_targets(target, vocab_start, n_valid)
         distributed = _world(tp_group) > 1
+        # Two [chunk, V] fp32 buffers, allocated once and reused by every chunk (no repeated page faults).
+        rows_max = min(chunk_tokens, n)
+        zbuf = torch.empty(rows_max, n_valid, dtype=torch.float32, device=device)
+        ebuf = torch.empty_like(zbuf)
         for s in range(0, n, chunk_tokens):
             e = min(s + chunk_tokens, n)
             c = e - s
-            z = _scaled_fp32(logits[s:e, :n_valid], temperature)  # [c, n_valid] fp32
+            z = _scaled_fp32(logits[s:e, :n_valid], temperature, zbuf)  # [c, n_valid] fp32
             if n_valid > 0:
                 m = z.max(dim=-1).values
             else:
@@ -80,14 +84,13 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
                 dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
             z.sub_(m.unsqueeze(-1))  # z - max: <= 0, finite
             stats = torch.zeros(c, 3, dtype=torch.float32, device=device)
-            ez = torch.exp(z)
+            ez = torch.exp(z, out=ebuf[:c])
             stats[:, 0] = ez.sum(dim=-1)
             if compute_entropy and n_valid > 0:
                 stats[:, 1] = torch.bmm(ez.unsqueeze(1), z.unsqueeze(2)).view(c)  # sum_v exp(z) * z, no [c, V] temp
             del ez
             rows = in_shard[s:e]
             stats[:, 2] = torch.where(rows, z.gather(1, local[s:e].unsqueeze(1)).squeeze(1), 0.0) if n_valid else 0.0
-            del z
             if distributed:
                 dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=tp_group)
             log_z = torch.log(stats[:, 0])
@@ -95,6 +98,7 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
             logp[s:e] = stats[:, 2] - log_z
             if compute_entropy:
                 entropy[s:e] = log_z - stats[:, 1] / stats[:, 0]
+        del zbuf, ebuf
         ctx.save_for_backward(logits, target, lse, entropy)
         ctx.meta = (tp_group, vocab_start, temperature, chunk_tokens, n_valid, compute_entropy)
         return logp, entropy
@@ -115,6 +119,11 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         in_shard, local = _local_targets(target, vocab_start, n_valid)
         # fp32 logits: work directly in the gradient buffer (no temporary of size [chunk, V] on the log-prob path).
         in_place = logits.dtype == torch.float32
+        rows_max = min(chunk_tokens, n)
+        lbuf = None if in_place else torch.empty(rows_max, n_valid, dtype=torch.float32, device=logits.device)
+        pbuf = (
+            None if grad_entropy is None else torch.empty(rows_max, n_valid, dtype=torch.float32, device=logits.device)
+        )
         for s in range(0, n, chunk_tokens):
             e = min(s + chunk_tokens, n)
             out = grad[s:e, :n_valid]
@@ -124,11 +133,11 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
                 if temperature != 1.0:
                     buf.div_(temperature)
             else:
-                buf = _scaled_fp32(logits[s:e, :n_valid], temperature)
+                buf = _scaled_fp32(logits[s:e, :n_valid], temperature, lbuf)
             buf.sub_(lse[s:e].unsqueeze(-1))  # log p  [c, n_valid]
             gl = g_lp[s:e].unsqueeze(-1)
             if grad_entropy is not None:
-                p = torch.exp(buf)
+                p = torch.exp(buf, out=pbuf[: e - s])
                 gh = grad_entropy[s:e].float().unsqueeze(-1)
                 # dL/dz = g_lp (1[y] - p) - g_H p (log p + H) = p (-g_H log p - (g_lp + g_H H)) + g_lp 1[y]
                 buf.mul_(-gh).sub_(gl + gh * entropy[s:e].unsqueeze(-1)).mul_(p)
