@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from luffy_megatron.convert.export import save_hf_checkpoint
-from luffy_megatron.convert.hf_io import commit_output_dir, prepare_output_dir, temp_dir_for
+from luffy_megatron.convert.hf_io import check_output_dir, commit_output_dir, prepare_output_dir, temp_dir_for
 from luffy_megatron.convert.load import (
     HF_FILES_DIR,
     check_parallel_layout,
@@ -108,6 +108,7 @@ def convert_hf_to_megatron(
     spec = model_spec(hf_config, tp=tp)
     check_parallel_layout(spec, tp)
     dtype = dtype or hf_dtype_name(hf_config)
+    check_output_dir(out, overwrite)
     setup_parallel(tp, pp)
     tmp = _prepare(out, overwrite)
     try:
@@ -139,6 +140,7 @@ def convert_megatron_to_hf(
     spec = model_spec(meta["hf_config"], tp=tp)
     check_parallel_layout(spec, tp)
     out_dtype = dtype or meta["dtype"]
+    check_output_dir(out, overwrite)
     setup_parallel(tp, pp)
     tmp = _prepare(out, overwrite)
     try:

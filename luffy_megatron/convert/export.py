@@ -126,7 +126,7 @@ def iter_hf_weights(
                         else None
                     )
                     geo = Geometry.of(spec, padded_vocab=param.shape[0] * tp_size if g in VOCAB_PARAMS else None)
-                    shards = _gather_tp(param, tp_group, tp_size)
+                    shards = _gather_tp(param, tp_group, tp_size) if dim is not None else [param.detach()]
                     for name, t in plan[g].hf_from_shards(shards, geo, dim):
                         tensors.append((name, t.to(out_dtype(g)).contiguous()))
             if pp_size > 1:

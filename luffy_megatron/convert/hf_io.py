@@ -204,6 +204,7 @@ class StreamingSafetensorsWriter:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+            self._file = None
         if self._pos != len(self._queue):
             missing = [q[0] for q in self._queue[self._pos :]]
             raise ConversionError(f"{len(missing)} planned tensors were not written: {missing[:8]}")
@@ -230,14 +231,20 @@ def copy_aux_files(src: str | Path, dst: str | Path, skip: tuple[str, ...] = ())
     return copied
 
 
+def check_output_dir(out: str | Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty ``out`` unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConversionError(f"output {out} exists and is not empty (pass --overwrite to replace it)")
+
+
 def prepare_output_dir(out: str | Path, overwrite: bool) -> Path:
     """A fresh temporary folder next to ``out`` (``.<name>.tmp``); refuses a non-empty ``out`` unless overwrite.
 
     Write there and call :func:`commit_output_dir`: an interrupted conversion leaves no complete-looking ``out``.
     """
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConversionError(f"output {out} exists and is not empty (pass --overwrite to replace it)")
+    check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_for(out)
     if tmp.exists():

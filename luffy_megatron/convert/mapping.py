@@ -136,7 +136,7 @@ class Rule:
         if self.kind == "mlp":
             halves = [s.chunk(2, dim=0) for s in shards]
             return [(self.hf[0], _cat([h[0] for h in halves])), (self.hf[1], _cat([h[1] for h in halves]))]
-        full = _cat(shards, dim=partition_dim or 0) if len(shards) > 1 else shards[0]
+        full = shards[0] if partition_dim is None or len(shards) == 1 else _cat(shards, dim=partition_dim)
         if self.vocab:
             full = full[: geo.vocab]
         return [(self.hf[0], full.contiguous())]
