@@ -156,3 +156,7 @@ def test_build_rollout_engine_hf(tmp_path) -> None:
     assert [len(r) for r in out] == [3, 3] and [o.prompt_index for o in out[1]] == [1, 1, 1]
     with pytest.raises(ValueError, match="backend"):
         build_rollout_engine(RolloutConfig(backend="vllm"), path)
+    sp = SamplingParams.from_config(RolloutConfig(n=8, n_off=1, temperature=0.9, seed=5), max_new_tokens=64)
+    assert (sp.n, sp.temperature, sp.top_p, sp.top_k, sp.max_new_tokens, sp.seed) == (7, 0.9, 1.0, -1, 64, 5)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)

@@ -59,6 +59,20 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
+    @classmethod
+    def from_config(
+        cls, cfg: RolloutConfig, max_new_tokens: int, *, n: int | None = None, seed: int | None = None
+    ) -> SamplingParams:
+        """On-policy sampling of a rollout step: ``n`` defaults to ``cfg.n - cfg.n_off``, ``seed`` to ``cfg.seed``."""
+        return cls(
+            n=cfg.n - cfg.n_off if n is None else n,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            max_new_tokens=max_new_tokens,
+            seed=cfg.seed if seed is None else seed,
+        )
+
 
 @dataclass
 class RolloutOutput:

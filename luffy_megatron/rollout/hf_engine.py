@@ -98,6 +98,8 @@ class HFEngine(RolloutEngine):
         # transformers 5 renamed the cache argument ``past_key_values`` -> ``cache``.
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # Only the last position's logits are needed (a prefill's full [B, L, V] logits can take gigabytes).
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     @classmethod
     def from_pretrained(
@@ -183,7 +185,7 @@ class HFEngine(RolloutEngine):
         past = None
         step_ids, step_pos = input_ids, position_ids
         for step in range(params.max_new_tokens):
-            kw = {self._cache_kw: past} if past is not None else {}
+            kw = {self._cache_kw: past, **self._last_only} if past is not None else dict(self._last_only)
             out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **kw)
             past = getattr(out, self._cache_kw)
             logits = out.logits[:, -1, :].float()
