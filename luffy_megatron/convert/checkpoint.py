@@ -114,7 +114,7 @@ def convert_hf_to_megatron(
     try:
         chunks = build_model(spec, tp, pp, dtype)
         load_hf_weights(chunks, spec, hf_dir, progress=progress and _rank0())
-        save_megatron_checkpoint(chunks, spec, tmp, dtype=dtype, hf_files_from=hf_dir)
+        save_megatron_checkpoint(chunks, spec, tmp, dtype=dtype, hf_files_from=hf_dir, release_model=True)
         del chunks
         _finish(tmp, out)
     except BaseException:
