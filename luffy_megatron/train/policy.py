@@ -23,7 +23,7 @@ from luffy_megatron.algo import (
 )
 from luffy_megatron.config import RunConfig
 from luffy_megatron.models.builder import ModelSpec, build_gpt_model, build_transformer_config
-from luffy_megatron.train.samples import MicroBatch, Sample, make_micro_batch, pack_micro_batches
+from luffy_megatron.train.samples import MicroBatch, Sample, make_micro_batch, pack_micro_batches, pad_micro_batch
 
 
 class MegatronPolicy:
@@ -44,9 +44,6 @@ class MegatronPolicy:
             vpp=p.vpp,
             dtype=cfg.model.dtype,
             recompute=cfg.model.recompute_activations,
-            # Micro-batches have their own lengths; pipeline stages exchange shapes first.
-            variable_seq_lengths=True,
-            moe_token_dispatcher_type="alltoall",
         )
         use_dist_opt = p.use_distributed_optimizer and torch.cuda.is_available()
         ddp_config = DistributedDataParallelConfig(
@@ -108,7 +105,12 @@ class MegatronPolicy:
         plan = pack_micro_batches(
             [s.num_tokens for s in samples], self.cfg.parallel.max_tokens_per_micro_batch, self.dp_size
         )
-        return [make_micro_batch(samples, ids, self.pad_id) for ids in plan[self.dp_rank]]
+        mbs = [make_micro_batch(samples, ids, self.pad_id) for ids in plan[self.dp_rank]]
+        if self.cfg.parallel.pp > 1:
+            # Pipeline stages exchange activations of one fixed shape per step: pad every micro-batch to the largest.
+            shape = (max(mb.tokens.shape[0] for mb in mbs), max(mb.tokens.shape[1] for mb in mbs))
+            mbs = [pad_micro_batch(mb, shape, self.pad_id) for mb in mbs]
+        return mbs
 
     def _token_logprobs(self, mb: MicroBatch, logits: torch.Tensor, with_entropy: bool):
         b, length, vocab_shard = logits.shape

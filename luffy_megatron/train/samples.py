@@ -112,6 +112,31 @@ def make_micro_batch(samples: list[Sample], sample_ids: list[int], pad_id: int) 
     return MicroBatch(sample_ids, tokens, positions, targets, resp, off, adv, old, roll, has_roll)
 
 
+def pad_micro_batch(mb: MicroBatch, shape: tuple[int, int], pad_id: int) -> MicroBatch:
+    """``mb`` right-padded to ``shape`` = (rows, length) with fully masked padding."""
+    rows, length = shape
+    b, n = mb.tokens.shape
+
+    def pad(t: torch.Tensor, value: float | int | bool) -> torch.Tensor:
+        out = torch.full((rows, length), value, dtype=t.dtype)
+        out[:b, :n] = t
+        return out
+
+    positions = torch.arange(length).unsqueeze(0).expand(rows, length).contiguous()
+    return MicroBatch(
+        mb.sample_ids,
+        pad(mb.tokens, pad_id),
+        positions,
+        pad(mb.targets, pad_id),
+        pad(mb.response_mask, False),
+        pad(mb.off_policy_mask, False),
+        pad(mb.advantages, 0.0),
+        pad(mb.old_logprobs, 0.0),
+        pad(mb.rollout_logprobs, 0.0),
+        pad(mb.has_rollout_logprobs, False),
+    )
+
+
 def pack_micro_batches(lengths: list[int], max_tokens: int, num_ranks: int) -> list[list[list[int]]]:
     """Split samples over data-parallel ranks and micro-batches by a token budget.
 

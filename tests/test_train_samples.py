@@ -1,0 +1,80 @@
+"""Mixed-group assembly, micro-batch tensors and token-budget packing."""
+
+import random
+
+import pytest
+import torch
+
+from luffy_megatron.train.loop import split_mini_batches
+from luffy_megatron.train.samples import Sample, assemble_groups, make_micro_batch, pack_micro_batches
+
+
+def test_assemble_groups_mixes_rollouts_and_trace_copies():
+    samples = assemble_groups(
+        prompt_indices=[10, 11],
+        prompt_ids=[[1, 2], [3]],
+        traces=[[7, 8, 9], None],
+        rollouts=[[([4], [-0.5], "stop")] * 3, [([5, 6], [-0.1, -0.2], "length")] * 4],
+        n_off=1,
+    )
+    assert [(s.group_id, s.off_policy) for s in samples] == [(0, False)] * 3 + [(0, True)] + [(1, False)] * 4
+    trace = samples[3]
+    assert trace.response_ids == [7, 8, 9] and trace.rollout_logprobs is None and trace.prompt_index == 10
+    assert samples[4].finish_reason == "length" and samples[4].rollout_logprobs == [-0.1, -0.2]
+
+
+def test_micro_batch_aligns_targets_with_response_tokens():
+    s = Sample(0, 0, [1, 2, 3], [4, 5], off_policy=True, advantage=0.5, old_logprobs=[-1.0, -2.0])
+    t = Sample(1, 0, [1], [6, 7, 8], off_policy=False, advantage=-1.0, rollout_logprobs=[-0.1, -0.2, -0.3])
+    mb = make_micro_batch([s, t], [0, 1], pad_id=0)
+    assert mb.tokens.tolist() == [[1, 2, 3, 4, 5], [1, 6, 7, 8, 0]]
+    # Position t predicts token t + 1: the response mask marks positions whose target is a response token.
+    assert mb.targets[mb.response_mask].tolist() == [4, 5, 6, 7, 8]
+    assert mb.response_mask.tolist() == [[False, False, True, True, False], [True, True, True, False, False]]
+    assert mb.off_policy_mask[mb.response_mask].tolist() == [True, True, False, False, False]
+    assert mb.advantages[mb.response_mask].tolist() == [0.5, 0.5, -1.0, -1.0, -1.0]
+    assert mb.old_logprobs[0][mb.response_mask[0]].tolist() == [-1.0, -2.0]
+    assert mb.rollout_logprobs[1][mb.has_rollout_logprobs[1]].tolist() == pytest.approx([-0.1, -0.2, -0.3])
+    assert not mb.has_rollout_logprobs[0].any()
+
+
+def test_empty_micro_batch_is_fully_masked():
+    mb = make_micro_batch([], [], pad_id=0)
+    assert mb.tokens.shape == (1, 2) and not mb.response_mask.any()
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+@pytest.mark.parametrize("budget", [64, 200, 10_000])
+def test_packing_covers_every_sample_once_within_budget(ranks, budget):
+    rng = random.Random(budget * 10 + ranks)
+    lengths = [rng.randint(5, 60) for _ in range(37)]
+    plan = pack_micro_batches(lengths, budget, ranks)
+    assert len(plan) == ranks
+    assert len({len(p) for p in plan}) == 1, "every rank needs the same number of micro-batches"
+    flat = sorted(i for p in plan for mb in p for i in mb)
+    assert flat == list(range(len(lengths)))
+    for p in plan:
+        for mb in p:
+            if len(mb) > 1:
+                assert len(mb) * max(lengths[i] for i in mb) <= budget
+    loads = [sum(lengths[i] for mb in p for i in mb) for p in plan]
+    assert max(loads) - min(loads) <= max(lengths), "ranks get balanced token loads"
+
+
+def test_packing_pads_ranks_with_empty_micro_batches_when_samples_are_scarce():
+    plan = pack_micro_batches([10, 10, 10], max_tokens=10, num_ranks=2)
+    assert [len(p) for p in plan] == [2, 2]
+    assert sorted(i for p in plan for mb in p for i in mb) == [0, 1, 2]
+
+
+def test_packing_rejects_bad_budget():
+    with pytest.raises(ValueError, match="max_tokens"):
+        pack_micro_batches([3], 0, 1)
+
+
+def test_mini_batches_never_split_a_group():
+    samples = [Sample(0, g, [1], [2], off_policy=False) for g in range(6) for _ in range(3)]
+    parts = split_mini_batches(samples, 2)
+    assert len(parts) == 2
+    assert [sorted({s.group_id for s in p}) for p in parts] == [[0, 1, 2], [3, 4, 5]]
+    assert torch.tensor([len(p) for p in parts]).sum() == len(samples)
