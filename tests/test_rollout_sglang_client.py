@@ -361,6 +361,13 @@ def test_distributed_sync_http_protocol(servers, model) -> None:
     engine.close()
 
 
+def test_trainer_address() -> None:
+    from luffy_megatron.rollout.sglang.engine import _trainer_address
+
+    assert _trainer_address(["http://127.0.0.1:30000", "http://localhost:30010"]) == "127.0.0.1"
+    assert _trainer_address(["http://10.1.2.3:30000"]) not in ("", None)
+
+
 def test_iter_buckets() -> None:
     ts = [(f"t{i}", torch.zeros(n)) for i, n in enumerate([3, 3, 10, 1, 1])]
     buckets = list(iter_buckets(ts, bucket_bytes=24))

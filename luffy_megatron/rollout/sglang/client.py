@@ -10,6 +10,7 @@ unless every sample comes back exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -155,7 +156,10 @@ class SGLangClient:
         return self._session
 
     async def close(self) -> None:
-        """Close the HTTP session."""
+        """Cancel background aborts and close the HTTP session."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self._session is not None and not self._session.closed:
             await self._session.close()
         self._session = None
@@ -302,6 +306,15 @@ class SGLangClient:
             return False
 
 
+async def _cancel_other_tasks() -> None:
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.sleep(0.05)  # let closed transports run their connection_lost callbacks
+
+
 class LoopThread:
     """An event loop in a daemon thread, so synchronous trainer code can run the client's coroutines."""
 
@@ -315,8 +328,10 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
-        """Stop the loop and join the thread."""
+        """Cancel what still runs on the loop, stop it and join the thread."""
         if self.loop.is_running():
+            with contextlib.suppress(Exception):
+                self.run(_cancel_other_tasks(), timeout=10)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
         if not self.loop.is_running():

@@ -213,6 +213,7 @@ class SGLangEngine(RolloutEngine):
             colocate=cfg.colocate,
             eos_token_ids=eos_token_ids,
             processes=procs,
+            master_address=_trainer_address(server_urls),
         )
 
     def _run(self, coro: Any) -> Any:
@@ -421,6 +422,17 @@ class SGLangEngine(RolloutEngine):
 
                 dist.destroy_process_group(self._group)
                 self._group = None
+
+
+def _trainer_address(server_urls: Iterable[str]) -> str:
+    """The address servers use to reach this process's weight-update store: loopback when every server is local."""
+    import socket
+    from urllib.parse import urlparse
+
+    hosts = {urlparse(u).hostname for u in server_urls}
+    if hosts <= {"127.0.0.1", "localhost", "::1"}:
+        return "127.0.0.1"
+    return socket.gethostbyname(socket.gethostname())
 
 
 def _free_port() -> int:
