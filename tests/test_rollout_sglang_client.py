@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from luffy_megatron.config import SGLangConfig
-from luffy_megatron.rollout import RolloutError, SamplingParams, WeightSyncError, sample_seed
+from luffy_megatron.config import RolloutConfig, SGLangConfig
+from luffy_megatron.rollout import RolloutError, SamplingParams, WeightSyncError, build_rollout_engine, sample_seed
 from luffy_megatron.rollout.hf_engine import HFEngine
 from luffy_megatron.rollout.sglang.client import (
     SAMPLING_KEYS,
@@ -381,8 +381,10 @@ def test_engine_from_config_attach_and_bad_url(servers, tmp_path, monkeypatch) -
     monkeypatch.setenv("MY_SGLANG_KEY", "k-123")
     cfg = SGLangConfig(urls=[server.url], api_key_env="MY_SGLANG_KEY", weight_sync="disk",
                        weight_sync_dir=str(tmp_path), startup_timeout_s=5)  # fmt: skip
-    engine = SGLangEngine.from_config(cfg, hf_path=str(tmp_path), eos_token_ids=[1])
+    engine = build_rollout_engine(RolloutConfig(backend="sglang", sglang=cfg), str(tmp_path), eos_token_ids=[1])
+    assert isinstance(engine, SGLangEngine) and engine.client.server_urls == [server.url]
     assert engine.health()["ok"] and len(engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))) == 4
+    assert "k-123" not in repr(engine.client)
     engine.close()
     cfg = SGLangConfig(urls=["http://127.0.0.1:9"], startup_timeout_s=1.5)
     with pytest.raises(RolloutError, match=r"not healthy after .*http://127\.0\.0\.1:9"):
