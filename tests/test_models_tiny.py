@@ -1,0 +1,47 @@
+"""The tiny-model kit: offline HF checkpoints with a Qwen-style tokenizer, loadable by transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from luffy_megatron.models.tiny import make_tiny_model
+from tests.fixtures_models import tiny_checkpoint
+
+
+def test_tiny_checkpoint_loads_and_follows_qwen_conventions() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tiny_checkpoint("qwen2")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["vocab_size"] == 397 and config["vocab_size"] % 128 != 0
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert config["eos_token_id"] == tok.eos_token_id and config["pad_token_id"] == tok.pad_token_id
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 128 + 7?"}], tokenize=False,
+                                     add_generation_prompt=True)  # fmt: skip
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n")
+    ids = tok(prompt)["input_ids"]
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert pieces[pieces.index("1") : pieces.index("1") + 3] == ["1", "2", "8"]  # digits are single tokens
+    assert "<think>" in pieces and tok.decode(ids) == prompt
+    assert max(ids) < config["vocab_size"]
+    gen = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)
+    assert len(ids) < gen.shape[1] <= len(ids) + 4  # may stop early at a (random) eos
+    # every tensor is random: no norm weight is all ones and no bias all zeros
+    for name, p in model.named_parameters():
+        assert p.std() > 0, name
+
+
+def test_cli_options_shape_the_model(tmp_path: Path) -> None:
+    out = make_tiny_model(
+        tmp_path / "m", "llama", vocab_size=300, hidden_size=32, layers=3, heads=4, kv_heads=1,
+        intermediate_size=48, tie_embeddings=True, split_digits=False,
+    )  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert (config["vocab_size"], config["num_hidden_layers"], config["num_key_value_heads"]) == (300, 3, 1)
+    assert config["tie_word_embeddings"] is True and config["architectures"] == ["LlamaForCausalLM"]
+    assert (out / "generation_config.json").exists() and (out / "tokenizer.json").exists()
