@@ -323,9 +323,9 @@ def _as_weights(w: LossWeights | Tensor) -> LossWeights:
 
 
 def _check_finite(tensors: Iterable[tuple[str, Tensor]], mask: Tensor) -> None:
-    for name, t in tensors:
-        bad = ~torch.isfinite(t.detach()) & mask
-        nbad = int(bad.sum())
+    named = list(tensors)
+    bad = torch.stack([(~torch.isfinite(t.detach()) & mask).sum() for _, t in named]).tolist()  # one host sync
+    for (name, _), nbad in zip(named, bad):
         if nbad:
             raise ValueError(f"{name}: {nbad} non-finite value(s) (NaN/inf) on response tokens")
 
