@@ -84,6 +84,9 @@ class SGLangConfig:
     request_timeout_s: float = 3600.0
     startup_timeout_s: float = 900.0
     max_retries: int = 3
+    retry_backoff_s: float = 0.5
+    # Samples of one prompt sent per HTTP request (each is its own request id).
+    samples_per_request: int = 16
     # How trained weights reach the servers: disk | distributed | tensor.
     weight_sync: str = "distributed"
     weight_sync_dir: str | None = None
@@ -143,7 +146,7 @@ class AlgorithmConfig:
     # luffy_megatron.algo.aggregation).
     luffy_micro_batch_seqs: int = 64
     # Tokens per chunk of the fused log-prob/entropy function (bounds its temporary memory).
-    logprob_chunk_tokens: int = 4096
+    logprob_chunk_tokens: int = 1024
 
 
 @dataclass
@@ -362,6 +365,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _choice(s.weight_sync, "rollout.sglang.weight_sync", ("disk", "distributed", "tensor"))
     if r.backend == "sglang" and not s.launch and not s.urls:
         _fail("rollout.sglang.urls", "give server URLs or set rollout.sglang.launch=true")
+    if r.backend == "sglang" and s.weight_sync == "disk" and not s.weight_sync_dir:
+        _fail("rollout.sglang.weight_sync_dir", "required with rollout.sglang.weight_sync=disk (a shared filesystem)")
     _positive(s, "rollout.sglang", ("num_servers", "tp_size", "max_concurrency", "request_timeout_s"))
     if not 0 < s.mem_fraction_static < 1:
         _fail("rollout.sglang.mem_fraction_static", f"must be in (0, 1), got {s.mem_fraction_static}")

@@ -88,11 +88,14 @@ def rl_step(cfg: RunConfig, run: RunState, policy) -> dict[str, float]:
             samples = generate_groups(cfg, run, batch)
         with timers("reward"):
             rewards = score_samples(cfg, run, samples, batch)
+        off = torch.tensor([s.off_policy for s in samples])
         adv = compute_advantages(
             torch.tensor(rewards, dtype=torch.float64),
             torch.tensor([s.group_id for s in samples]),
             use_std=cfg.algorithm.adv_use_std,
             eps=cfg.algorithm.adv_eps,
+            # The "RL with SFT loss" ablation baselines on-policy samples only (the paper's grpo_split).
+            stat_mask=~off if cfg.algorithm.sft_loss else None,
         )
         for s, r, a in zip(samples, rewards, adv.tolist()):
             s.reward, s.advantage = r, a

@@ -198,6 +198,8 @@ class SGLangEngine(RolloutEngine):
             max_concurrency=cfg.max_concurrency,
             request_timeout_s=cfg.request_timeout_s,
             max_retries=cfg.max_retries,
+            backoff_s=cfg.retry_backoff_s,
+            samples_per_request=cfg.samples_per_request,
         )
         if eos_token_ids is None:
             from luffy_megatron.rollout.hf_engine import read_eos_token_ids

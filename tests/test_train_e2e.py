@@ -1,0 +1,192 @@
+"""The trainer end to end through ``luffy-train`` (real processes): exact resume after a checkpoint, after kill -9
+during training, from an HF folder vs a converted Megatron checkpoint, plus failed and interrupted saves."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+COMPARED = ("actor/loss", "actor/grad_norm", "actor/entropy", "reward/on_policy", "response/length_mean")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from luffy_megatron.data.synthetic import write_task
+    from luffy_megatron.models.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("e2e")
+    make_tiny_model(root / "model", family="qwen2", hidden_size=64, layers=2, heads=4, kv_heads=2)
+    write_task(root / "task", num_train=64, num_val=8, seed=0, system_prompt=None)
+    return root
+
+
+def overrides(assets: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        f"model.hf_path={assets / 'model'}",
+        "model.dtype=float32",
+        f"data.train_files=[{assets / 'task' / 'train.parquet'}]",
+        "data.val_files=[]",
+        "trainer.val_interval=0",
+        "data.train_batch_size=4",
+        "data.mini_batch_size=2",  # two optimiser steps per rollout step: old log-probs are computed
+        "data.max_response_length=12",
+        "data.max_prompt_length=32",
+        "rollout.n=4",
+        "rollout.hf_batch_size=16",
+        "reward.num_workers=1",
+        "optimizer.lr=1e-3",
+        "algorithm.entropy_coeff=0.001",
+        f"trainer.total_steps={steps}",
+        f"logging.out_dir={out}",
+        "logging.progress_bar=false",
+        *extra,
+    ]
+
+
+def train_cmd(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "luffy_megatron.train.cli", str(ROOT / "configs" / "tiny_cpu_luffy.yaml"), *args]
+
+
+def run_train(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(train_cmd(args), capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def metrics(out: Path) -> dict[int, dict]:
+    from luffy_megatron.metrics.logger import read_jsonl
+
+    return {r["step"]: r for r in read_jsonl(out / "metrics.jsonl")}
+
+
+def assert_same_step(a: dict, b: dict) -> None:
+    for key in COMPARED:
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.fixture(scope="module")
+def reference(assets):
+    """Three uninterrupted steps."""
+    out = assets / "ref"
+    run_train(overrides(assets, out, 3))
+    return metrics(out)
+
+
+def test_resume_from_checkpoint_continues_exactly(assets, reference):
+    out = assets / "resume"
+    ckpt = out / "ckpt"
+    run_train(overrides(assets, out, 2, f"checkpoint.save_dir={ckpt}", "checkpoint.save_interval=1"))
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_000001", "step_000002"]
+    run_train(overrides(assets, out, 3, f"checkpoint.save_dir={ckpt}", "checkpoint.save_interval=1"))
+    got = metrics(out)
+    assert sorted(got) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert_same_step(reference[step], got[step])
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_000002", "step_000003"], "keep_last=2"
+
+
+def test_kill_9_during_training_then_resume(assets, reference):
+    out = assets / "killed"
+    ckpt = out / "ckpt"
+    args = overrides(assets, out, 50, f"checkpoint.save_dir={ckpt}", "checkpoint.save_interval=2")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(train_cmd(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 600
+    while not (ckpt / "step_000002" / "trainer_state.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run_train(overrides(assets, out, 3, f"checkpoint.save_dir={ckpt}", "checkpoint.save_interval=2"))
+    assert_same_step(reference[3], metrics(out)[3])
+
+
+def test_megatron_checkpoint_start_matches_hf_start(assets, reference):
+    mcore = assets / "mcore"
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert_hf_to_megatron.py"), "--hf-dir", str(assets / "model"),
+         "--out", str(mcore), "--no-progress"],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    out = assets / "from_mcore"
+    run_train(overrides(assets, out, 1, f"model.megatron_checkpoint={mcore}"))
+    assert_same_step(reference[1], metrics(out)[1])
+
+
+def test_interrupted_save_is_never_loaded(assets):
+    """A half-written checkpoint (a save killed midway) is ignored; the newest complete one is used."""
+    from luffy_megatron.train.checkpoint import latest_checkpoint
+
+    root = assets / "partial"
+    complete = root / "step_000004"
+    complete.mkdir(parents=True)
+    (complete / "trainer_state.json").write_text(json.dumps({"step": 4}))
+    (root / "step_000006.incomplete" / "model_optim").mkdir(parents=True)
+    (root / "step_000008").mkdir()  # renamed but without its state file: not complete either
+    assert latest_checkpoint(root) == complete
+
+
+def test_config_errors_stop_before_any_model_is_built(assets, tmp_path):
+    bad = overrides(assets, tmp_path / "bad", 1, "parallel.tp=3")
+    proc = subprocess.run(train_cmd(bad), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "parallel.tp" in proc.stderr and "does not divide" in proc.stderr
+    assert "GPTModel" not in proc.stdout + proc.stderr
+
+
+def failing_saves(rank: int, world: int, hf_dir: str, save_dir: str) -> list[str]:
+    """Save once, then a save whose writer fails (a full disk) and a save into an unwritable place."""
+    from luffy_megatron.platform import init_model_parallel, setup_platform
+
+    setup_platform()  # before megatron is imported
+    import megatron.core.dist_checkpointing as dcp
+
+    from luffy_megatron.config import load_config, read_hf_config
+    from luffy_megatron.models.builder import model_spec
+    from luffy_megatron.train.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
+    from luffy_megatron.train.policy import MegatronPolicy
+
+    init_model_parallel(1, 1, None, seed=1)
+    cfg = load_config(None, [f"model.hf_path={hf_dir}", "model.dtype=float32"])
+    policy = MegatronPolicy(cfg, model_spec(read_hf_config(hf_dir), 1), pad_id=0)
+    first = save_checkpoint(save_dir, 1, policy, {}, keep_last=2)
+    errors = []
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    original, dcp.save = dcp.save, disk_full
+    try:
+        save_checkpoint(save_dir, 2, policy, {}, keep_last=1)
+    except CheckpointError as e:
+        errors.append(str(e))
+    finally:
+        dcp.save = original
+    assert latest_checkpoint(save_dir) == first, "the previous checkpoint stays the newest complete one"
+    assert (first / "trainer_state.json").is_file(), "keep_last pruning never ran"
+    blocker = Path(save_dir) / "not_a_dir"
+    blocker.write_text("")
+    try:
+        save_checkpoint(str(blocker), 3, policy, {}, keep_last=1)
+    except CheckpointError as e:
+        errors.append(str(e))
+    return errors
+
+
+def test_failed_saves_raise_clearly_and_keep_the_previous_checkpoint(assets, tmp_path):
+    from tests.dist_utils import run_distributed
+
+    [errors] = run_distributed(failing_saves, 1, str(assets / "model"), str(tmp_path / "ckpt"))
+    assert len(errors) == 2
+    assert "No space left on device" in errors[0] and "previous checkpoints are intact" in errors[0]
+    assert "not_a_dir" in errors[1]
