@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         run_stage(args.stage, args.src, args.dst)
         return 0
 
+    load_at_start = os.getloadavg()[0]  # the host may be shared: speeds scale with the CPU time actually obtained
     work = args.workdir
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.perf_counter()
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "imports, just before the conversion call; ratios divide by the checkpoint's tensor bytes",
         "speed_method": "model_bytes / wall seconds of the conversion call (imports excluded)",
         "host": f"{platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
+        "host_load_average_1min_at_start": round(load_at_start, 2),
         "roundtrip_tensors": n,
         "roundtrip_tensors_differing": differ,
         **results,
