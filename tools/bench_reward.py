@@ -3,8 +3,8 @@
 
 Each round scores groups of 8 responses for 64 problems (a LUFFY rollout step's shape) with real ground truths from the
 LUFFY eval set when it is present (synthetic answers otherwise): about half correct ``\\boxed{}`` answers in varied
-equivalent forms, a third wrong answers, the rest malformed (no ``</think>``, unbalanced braces, no box). Every round
-uses fresh problems so neither side profits from math-verify's parse caches more than the other. Writes a JSON report.
+equivalent forms, a third wrong answers, the rest malformed (no ``</think>``, unbalanced braces, no box). Both sides
+score the same rounds, each round's problems new to both, after one warm-up round. Writes a JSON report.
 
 Example: python tools/bench_reward.py --workers 2 --rounds 3 --out docs/results/bench_reward.json
 """
@@ -20,6 +20,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -88,31 +90,39 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     rng = random.Random(args.seed)
-    # one untimed warm-up round per side (sympy / math-verify caches fill up as they do in a long run), then the rounds
-    all_truths = ground_truths(args.problems, 2 * args.rounds + 2, args.seed)
-    rounds = [build_round(t, args.n, rng) for t in all_truths]
-    serial_rounds, pool_rounds = rounds[: args.rounds + 1], rounds[args.rounds + 1 :]
+    # Both sides score the same rounds, each for the first time in its process(es): one untimed warm-up round
+    # (sympy / math-verify caches fill up as in a long run), then the timed rounds of fresh problems.
+    rounds = [build_round(t, args.n, rng) for t in ground_truths(args.problems, args.rounds + 1, args.seed)]
     load_before = os.getloadavg()
 
     score_detailed("<think></think>\\boxed{1}", "1", False, None)  # imports, as a started worker has them
-    serial_s, serial_correct = [], 0
-    for i, (responses, gts, flags) in enumerate(serial_rounds):
-        start = time.perf_counter()
-        res = [score_detailed(r, g, f, args.timeout) for r, g, f in zip(responses, gts, flags)]
-        if i:
-            serial_s.append(time.perf_counter() - start)
-            serial_correct += sum(r.score for r in res)
-
     start = time.perf_counter()
     pool = RewardPool(RewardConfig(num_workers=args.workers, timeout_s=args.timeout))
     pool.score(["<think></think>\\boxed{1}"] * args.workers, ["1"] * args.workers, [False] * args.workers)
     startup_s = time.perf_counter() - start
-    pool_s, pool_correct = [], 0
-    for i, (responses, gts, flags) in enumerate(pool_rounds):
-        start = time.perf_counter()
+    # Serial and pool alternate round by round, so load from other jobs hits both alike.
+    serial_s, pool_s, serial_correct, pool_correct = [], [], 0.0, 0.0
+    serial_cpu, worker_cpu, parent_cpu = [], [], []  # CPU seconds: far less sensitive to other jobs than wall time
+    for i, (responses, gts, flags) in enumerate(rounds):
+        start, cpu0 = time.perf_counter(), time.process_time()
+        res = [score_detailed(r, g, f, args.timeout) for r, g, f in zip(responses, gts, flags)]
+        t_serial, c_serial = time.perf_counter() - start, time.process_time() - cpu0
+        workers = [psutil.Process(pid) for pid in pool.worker_pids]
+        w0 = [sum(w.cpu_times()[:2]) for w in workers]
+        start, cpu0 = time.perf_counter(), time.process_time()
         scores = pool.score(responses, gts, flags)
-        if i:
-            pool_s.append(time.perf_counter() - start)
+        t_pool, c_parent = time.perf_counter() - start, time.process_time() - cpu0
+        try:
+            c_workers = [sum(w.cpu_times()[:2]) - c for w, c in zip(workers, w0)]
+        except psutil.NoSuchProcess:  # a worker was replaced during the round
+            c_workers = [float("nan")] * len(workers)
+        if i:  # round 0 is the warm-up
+            serial_s.append(t_serial)
+            pool_s.append(t_pool)
+            serial_cpu.append(c_serial)
+            worker_cpu.append(c_workers)
+            parent_cpu.append(c_parent)
+            serial_correct += sum(r.score for r in res)
             pool_correct += sum(scores)
     stats = pool.stats.as_dict()
     pool.close()
@@ -132,6 +142,13 @@ def main(argv: list[str] | None = None) -> None:
         "serial_items_per_s": round(items / serial_med, 1),
         "pool_items_per_s": round(items / pool_med, 1),
         "speedup": round(serial_med / pool_med, 2),
+        "speedup_per_round": [round(a / b, 2) for a, b in zip(serial_s, pool_s)],
+        "serial_cpu_s": [round(x, 3) for x in serial_cpu],
+        "pool_worker_cpu_s": [[round(x, 3) for x in w] for w in worker_cpu],
+        "pool_parent_cpu_s": [round(x, 3) for x in parent_cpu],
+        # what the pool achieves on idle cores: serial CPU time over the busiest worker's CPU time (the critical path)
+        "cpu_speedup_bound": round(sum(serial_cpu) / sum(max(w) for w in worker_cpu), 2),
+        "pool_cpu_overhead": round(sum(sum(w) for w in worker_cpu) / sum(serial_cpu) - 1, 3),
         "pool_startup_s": round(startup_s, 2),
         "accuracy_serial": round(serial_correct / (items * args.rounds), 3),
         "accuracy_pool": round(pool_correct / (items * args.rounds), 3),
@@ -151,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(report, indent=2))
     print(
         f"serial {report['serial_items_per_s']} items/s, pool({args.workers}) {report['pool_items_per_s']} items/s: "
-        f"speedup {report['speedup']}x (load {load_before[0]:.1f} on {os.cpu_count()} CPUs)"
+        f"speedup {report['speedup']}x wall, {report['cpu_speedup_bound']}x by CPU time "
+        f"(load {load_before[0]:.1f} on {os.cpu_count()} CPUs)"
     )
 
 
