@@ -23,7 +23,7 @@ $(STAMP): setup.py
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/bash examples/run_tiny_cpu.sh
+	PYTHON=$(PY) bash examples/run_tiny_cpu.sh
 
 test: $(STAMP)
 	$(PY) -m ruff check luffy_megatron tools tests examples
