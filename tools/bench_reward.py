@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     pool.close()
 
     items = args.problems * args.n
+    clean = [(s, w) for s, w in zip(serial_cpu, worker_cpu) if all(x == x for x in w)]  # x != x: NaN
     serial_med, pool_med = statistics.median(serial_s), statistics.median(pool_s)
     report = {
         "what": "reward throughput, RewardPool vs serial score_detailed, paper-like long-CoT responses",
@@ -147,8 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         "pool_worker_cpu_s": [[round(x, 3) for x in w] for w in worker_cpu],
         "pool_parent_cpu_s": [round(x, 3) for x in parent_cpu],
         # what the pool achieves on idle cores: serial CPU time over the busiest worker's CPU time (the critical path)
-        "cpu_speedup_bound": round(sum(serial_cpu) / sum(max(w) for w in worker_cpu), 2),
-        "pool_cpu_overhead": round(sum(sum(w) for w in worker_cpu) / sum(serial_cpu) - 1, 3),
+        # (rounds in which a worker was replaced have no per-worker CPU time and are left out)
+        "cpu_speedup_bound": round(sum(s for s, w in clean) / sum(max(w) for s, w in clean), 2) if clean else None,
+        "pool_cpu_overhead": round(sum(sum(w) for s, w in clean) / sum(s for s, w in clean) - 1, 3) if clean else None,
         "pool_startup_s": round(startup_s, 2),
         "accuracy_serial": round(serial_correct / (items * args.rounds), 3),
         "accuracy_pool": round(pool_correct / (items * args.rounds), 3),

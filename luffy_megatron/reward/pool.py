@@ -110,8 +110,9 @@ class RewardPool:
         startup_timeout_s: float = 120.0,
     ) -> None:
         """``hard_margin_s``: grace after ``timeout_s`` before a worker is killed. ``chunk_size``: items per message
-        (None = a batch split into about 4 chunks per worker). ``start_method``: multiprocessing start method
-        (None = ``forkserver`` on Linux: safe from threaded/CUDA parents, fast respawns with math-verify preloaded).
+        (None = a batch split into about 16 chunks per worker, for balance). ``start_method``: multiprocessing start
+        method (None = ``forkserver`` on Linux: safe from threaded/CUDA parents, fast respawns with math-verify
+        preloaded).
         """
         if config.num_workers < 1:
             raise ValueError(f"reward.num_workers must be >= 1, got {config.num_workers}")
@@ -189,7 +190,7 @@ class RewardPool:
         results: list[RewardResult | None] = [None] * n
         if n:
             items = [(i, responses[i], ground_truths[i], bool(prompt_ends_with_think[i])) for i in range(n)]
-            size = self.chunk_size or max(1, -(-n // (4 * len(self._workers))))
+            size = self.chunk_size or max(1, -(-n // (16 * len(self._workers))))
             queue: deque[list[Item]] = deque(items[s : s + size] for s in range(0, n, size))
             self._batch_id += 1
             try:
