@@ -350,11 +350,6 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         _fail("model.hf_path", f"config.json in {m.hf_path} lacks num_attention_heads / num_hidden_layers")
     groups = hf.get("num_key_value_heads") or heads
     dp = validate_parallel(cfg.parallel, world_size, layers, heads, groups)
-    if cfg.parallel.vpp is not None:
-        # Models build and megatron's interleaved schedule runs at VPP > 1, but the policy update's gradient norm
-        # there does not match the other layouts yet, so the trainer refuses it rather than train wrongly.
-        _fail("parallel.vpp", "interleaved pipeline stages are not supported by the trainer yet; use null")
-
     _choice(r.backend, "rollout.backend", ("hf", "sglang"))
     _positive(r, "rollout", ("n", "temperature", "top_p", "hf_batch_size"))
     if r.n_off < 0:

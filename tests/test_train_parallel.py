@@ -1,9 +1,8 @@
 """One policy update at every parallel layout gives the same gradients, loss and updated weights.
 
 The same tiny HF checkpoint and the same global mini-batch are trained at (TP, PP, DP) = (1,1,1), (2,1,1), (1,2,1),
-(1,1,2), with interleaved virtual pipeline stages and with several micro-batch budgets; grad norm, loss and the
-log-probs after the optimiser step must agree (fp32). Interleaved (VPP) training is rejected by the config until
-its gradients match (see luffy_megatron.config.validate).
+(1,1,2), with interleaved virtual pipeline stages (PP=2 x VPP=2) and with several micro-batch budgets; grad norm,
+loss and the log-probs after the optimiser step must agree (fp32).
 """
 
 from __future__ import annotations
@@ -80,6 +79,7 @@ LAYOUTS = {
     "tp2": (2, 2, 1, None, 10_000),
     "pp2": (2, 1, 2, None, 60),
     "dp2": (2, 1, 1, None, 60),
+    "pp2_vpp2": (2, 1, 2, 2, 60),
 }
 
 

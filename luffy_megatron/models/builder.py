@@ -69,6 +69,11 @@ def build_transformer_config(
         # Mixed precision: keep softmax/residual in fp32 like HF does for bf16 checkpoints.
         attention_softmax_in_fp32=True,
     )
+    if not torch.cuda.is_available():
+        # gloo matches point-to-point messages between two ranks in posting order. With interleaved stages at PP=2
+        # the same pair of ranks exchanges activations and gradients in one direction, and batched ops would swap
+        # them silently; megatron's unbatched ops put the two streams on different process groups.
+        kwargs["batch_p2p_comm"] = False
     if recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     kwargs.update(overrides)
