@@ -13,6 +13,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"wrote {out}")
     return 0
 
 

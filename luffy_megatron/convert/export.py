@@ -72,6 +72,8 @@ def iter_hf_weights(
     A bucket holds consecutive tensors of one pipeline stage up to ``bucket_bytes`` (a single larger tensor forms
     its own bucket). ``dtype`` casts the output (default: the parameters' dtype). Collective over the model-parallel
     group; see the module docstring for where tensors materialise. Exact: no arithmetic touches the values.
+    Yielded tensors may be views of the parameters (TP=1 without a dtype cast): copy them if they must outlive the
+    next optimizer step, and never modify them in place.
     """
     tp_group, tp_size, pp_group, pp_size = _groups()
     plan = conversion_plan(spec)
