@@ -129,7 +129,11 @@ def worker(impl: str, dtype_name: str, tokens: int, vocab: int, chunk: int, temp
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="example:\n  python tools/bench_logprob.py --tokens 4096 --vocab 151936",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--tokens", type=int, default=4096, help="tokens (rows of the logits)")
     p.add_argument("--vocab", type=int, default=151936, help="vocabulary size (Qwen2.5: 151,936)")
     p.add_argument("--chunk", type=int, default=512, help="chunk_tokens of the fused function")

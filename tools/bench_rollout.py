@@ -136,7 +136,11 @@ def bench_generation(prompts: int, n: int, tokens: int, repeats: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="example:\n  python tools/bench_rollout.py --dtype bfloat16 --out docs/results/bench_rollout.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16", help="dtype of the 0.5B-shaped model")
     ap.add_argument("--layers", type=int, default=24, help="transformer layers of the 0.5B-shaped model (24 = real)")
     ap.add_argument("--repeats", type=int, default=2, help="repeats per measurement (best is reported)")
