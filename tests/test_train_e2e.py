@@ -111,6 +111,44 @@ def test_kill_9_during_training_then_resume(assets, reference):
     assert_same_step(reference[3], metrics(out)[3])
 
 
+def test_kill_9_during_a_save_then_resume(assets, reference):
+    """Kill the trainer while a checkpoint is being written: the half-written one is never loaded."""
+    out = assets / "killed_in_save"
+    ckpt = out / "ckpt"
+    args = overrides(assets, out, 50, f"checkpoint.save_dir={ckpt}", "checkpoint.save_interval=1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(train_cmd(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 600
+    # Wait for a save in progress after step 2 is complete (step 3's, or a later one's), then kill it there.
+    while not (any(ckpt.glob("*.incomplete")) and (ckpt / "step_000002" / "trainer_state.json").is_file()):
+        assert proc.poll() is None and time.time() < deadline, "no save in progress was caught"
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted = sorted(p.name for p in ckpt.glob("*.incomplete"))
+    assert interrupted, "the kill landed after the save finished"
+    from luffy_megatron.train.checkpoint import latest_checkpoint
+
+    resume_step = int(latest_checkpoint(ckpt).name.split("_")[1])
+    assert f"step_{resume_step + 1:06d}.incomplete" in interrupted
+    run_train(overrides(assets, out, resume_step + 1, f"checkpoint.save_dir={ckpt}", "checkpoint.save_interval=1"))
+    if resume_step + 1 in reference:
+        assert_same_step(reference[resume_step + 1], metrics(out)[resume_step + 1])
+    assert not list(ckpt.glob("*.incomplete")), "the next save removes the interrupted one"
+
+
+def test_export_hf_at_end_loads_in_transformers(assets):
+    from transformers import AutoModelForCausalLM
+
+    out = assets / "export"
+    run_train(overrides(assets, out, 1, f"checkpoint.save_dir={out / 'ckpt'}", "checkpoint.export_hf_at_end=true"))
+    exported = AutoModelForCausalLM.from_pretrained(out / "ckpt" / "hf_final")
+    original = AutoModelForCausalLM.from_pretrained(assets / "model")
+    new, old = exported.state_dict(), original.state_dict()
+    assert new.keys() == old.keys() and all(new[k].shape == old[k].shape for k in old)
+    assert any(not (new[k] == old[k]).all() for k in old), "the exported weights are the trained ones"
+
+
 def test_megatron_checkpoint_start_matches_hf_start(assets, reference):
     mcore = assets / "mcore"
     subprocess.run(

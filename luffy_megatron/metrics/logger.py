@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,8 @@ class MetricsLogger:
 
             self._wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=run_config)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], write: Callable[[str], None] = print) -> None:
+        """Append one record and print one line with ``write`` (e.g. a progress bar's ``write``)."""
         if not self.enabled:
             return
         record = {"step": step, "time": time.time(), **{k: _clean(v) for k, v in sorted(metrics.items())}}
@@ -75,7 +77,7 @@ class MetricsLogger:
             self._wandb.log(metrics, step=step)
         parts = [f"step {step}"]
         parts += [f"{short} {metrics[key]:.4g}" for key, short in _HEADLINE if key in metrics]
-        print(" | ".join(parts), flush=True)
+        write(" | ".join(parts))
 
     def close(self) -> None:
         if self._tb is not None:

@@ -54,8 +54,12 @@ def train(cfg: RunConfig) -> dict[str, float]:
 
     The config must already be validated (:func:`luffy_megatron.config.validate`). Returns the last step's metrics.
     """
+    from tqdm import tqdm
+
     run, policy = setup(cfg)
     metrics: dict[str, float] = {}
+    show = run.logger is not None and cfg.logging.progress_bar
+    bar = tqdm(total=cfg.trainer.total_steps, initial=run.step, desc="RL steps", unit="step", disable=not show)
     try:
         while run.step < cfg.trainer.total_steps:
             run.step += 1
@@ -63,12 +67,14 @@ def train(cfg: RunConfig) -> dict[str, float]:
             if cfg.trainer.val_interval and run.step % cfg.trainer.val_interval == 0:
                 metrics.update(validate_policy(cfg, run))
             if run.logger is not None:
-                run.logger.log(run.step, metrics)
+                run.logger.log(run.step, metrics, write=bar.write if show else print)
             if _should_save(cfg, run.step):
                 save(cfg, run, policy)
+            bar.update(1)
         if cfg.checkpoint.export_hf_at_end:
             export_hf(cfg, run, policy)
     finally:
+        bar.close()
         teardown(run)
     return metrics
 
@@ -337,13 +343,16 @@ def export_hf(cfg: RunConfig, run: RunState, policy) -> None:
     """Write the final policy as an HF folder next to the checkpoints (or in the output directory)."""
     from pathlib import Path
 
+    from luffy_megatron.convert.checkpoint import _finish, _prepare
     from luffy_megatron.convert.export import save_hf_checkpoint
     from luffy_megatron.models.family import torch_dtype
 
     out = Path(cfg.checkpoint.save_dir or cfg.logging.out_dir) / "hf_final"
+    tmp = _prepare(out, overwrite=True)  # written beside `out`, renamed when complete
     save_hf_checkpoint(
-        policy.modules, policy.spec, out, dtype=torch_dtype(cfg.model.dtype), hf_files_from=cfg.model.hf_path
+        policy.modules, policy.spec, tmp, dtype=torch_dtype(cfg.model.dtype), hf_files_from=cfg.model.hf_path
     )
+    _finish(tmp, out)
     if dist.get_rank() == 0:
         print(f"exported HF model to {out}", flush=True)
 
