@@ -45,6 +45,7 @@ def _render(tok, messages) -> str:
 
 
 @needs_eval
+@pytest.mark.slow
 def test_whole_eval_parquet_loads_without_targets(tok):
     cfg = DataConfig(max_prompt_length=100_000)
     ds = PromptDataset(cfg, [str(EVAL_PARQUET)], tok, progress=False)
