@@ -179,6 +179,8 @@ class RewardConfig:
 
     num_workers: int = 2
     timeout_s: float = 5.0
+    # A worker silent for timeout_s + hard_margin_s is killed and replaced (its item scores 0).
+    hard_margin_s: float = 0.5
     require_think_format: bool = True
     # Multiple-choice letters for OOD sets (GPQA, MMLU-Pro).
     allow_choice_letters: bool = True
@@ -411,7 +413,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"max_position_embeddings {hf['max_position_embeddings']}",
         )
 
-    _positive(cfg.reward, "reward", ("num_workers", "timeout_s"))
+    _positive(cfg.reward, "reward", ("num_workers", "timeout_s", "hard_margin_s"))
     o = cfg.optimizer
     _positive(o, "optimizer", ("lr",))
     _choice(o.lr_decay_style, "optimizer.lr_decay_style", ("constant", "linear", "cosine"))
@@ -427,7 +429,10 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
 
 
 def _exists_or_glob(path: str) -> bool:
-    """True for an existing path, a glob with matches, or a Hugging Face dataset name (``owner/name``)."""
+    """True for an existing path, a glob with matches, or a Hugging Face dataset name (``owner/name``); a
+    ``@split`` suffix names a split of a dataset folder or hub dataset."""
+    if "@" in path and not Path(path).exists():
+        path = path.rsplit("@", 1)[0]
     if Path(path).exists():
         return True
     if any(ch in path for ch in "*?["):

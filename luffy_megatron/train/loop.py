@@ -311,7 +311,7 @@ def setup(cfg: RunConfig) -> tuple[RunState, Any]:
         if cfg.data.val_files and cfg.trainer.val_interval:
             run.val_dataset = PromptDataset(cfg.data, cfg.data.val_files, tokenizer)
         run.engine = build_rollout_engine(cfg.rollout, cfg.model.hf_path)
-        run.rewards = RewardPool(cfg.reward)
+        run.rewards = RewardPool(cfg.reward, hard_margin_s=cfg.reward.hard_margin_s)
         run.logger = MetricsLogger(cfg.logging, to_dict(cfg))
         print(f"data: {run.dataset.summary()}", flush=True)
     # The engine starts from the HF folder; after a resume or a Megatron checkpoint it must get the policy's weights.
