@@ -168,11 +168,18 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["luffy", "token_mean"])
-@pytest.mark.parametrize("name,overrides", CASES, ids=[c[0] for c in CASES])
+# The released SFT variant normalises its PG term by on-policy tokens only, so its token_mean form has no literal
+# counterpart (documented in docs/algorithm.md); it is compared in the luffy mode.
+REFERENCE_CASES = [
+    (mode, name, overrides)
+    for mode in ("luffy", "token_mean")
+    for name, overrides in CASES
+    if not (overrides.get("sft_loss") and mode == "token_mean")
+]
+
+
+@pytest.mark.parametrize("mode,name,overrides", REFERENCE_CASES, ids=[f"{c[1]}-{c[0]}" for c in REFERENCE_CASES])
 def test_loss_matches_literal_reference(name, overrides, mode):
-    if overrides.get("sft_loss") and mode == "token_mean":
-        pytest.skip("the released SFT variant normalises its PG term by on-policy tokens only (documented)")
     cfg = replace(BASE, **overrides)
     lp, old, adv, resp, off, entropy, ref = make_batch(seed=len(name))
     lp_a = lp.clone().requires_grad_()
