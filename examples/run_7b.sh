@@ -11,8 +11,13 @@
 #SBATCH --time=72:00:00
 #SBATCH --output=logs/%x-%j.out
 set -euo pipefail
-CONFIG=${1:-configs/luffy_qwen2.5_math_7b.yaml}
-shift || true
-source "$(dirname "$0")/slurm_common.sh"
+CONFIG=configs/luffy_qwen2.5_math_7b.yaml
+if [[ $# -gt 0 && $1 != *=* ]]; then  # an optional CONFIG first; key=value arguments are overrides
+    CONFIG=$1
+    shift
+fi
+# sbatch runs a copy of this script from its spool directory: slurm_common.sh is next to the original.
+HERE=$(dirname "$(scontrol show job "${SLURM_JOB_ID:?submit with sbatch}" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")
+source "$HERE/slurm_common.sh"
 launch_rollout_servers 1 4 2          # node index, servers, TP per server
 run_trainer 0 8 "$CONFIG" "rollout.sglang.launch=false" "rollout.sglang.urls=[$SERVER_URLS]" "$@"

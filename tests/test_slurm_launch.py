@@ -1,0 +1,247 @@
+"""The sbatch scripts on a real Slurm cluster started on this machine (tests/slurm_cluster.py; installs Slurm when
+missing, needs root). The tiny CPU example trains two steps with TP 2 under ``sbatch --wait``; a configuration error
+fails the job with the key named in its output; run_7b.sh and run_32b.sh run for real (their own #SBATCH headers) on
+simulated 8-GPU nodes with a stub ``$PYTHON`` that records on which node, with which GPUs and arguments each SGLang
+server and trainer was started. All jobs are submitted at once and run side by side. Nothing here needs a GPU.
+Set LUFFY_SKIP_SLURM=1 to skip explicitly; otherwise a machine that cannot run Slurm fails these tests."""
+
+from __future__ import annotations
+
+import math
+import shlex
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.slurm_cluster import require_slurm
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+MODEL_PATH = "/models/stub-model"
+
+STUB = """#!/usr/bin/env bash
+# Stands in for $PYTHON: records how it was started (node, GPUs, arguments) and exits. Servers are recorded as
+# server.*, trainers (-m torch.distributed.run) as trainer.*; a trainer first waits for the expected servers.
+role=server
+[[ ${2:-} == torch.distributed.run ]] && role=trainer
+f="$STUB_LOG_DIR/$role.${SLURMD_NODENAME:-none}.$$"
+{ echo "node=${SLURMD_NODENAME:-}"; echo "cuda=${CUDA_VISIBLE_DEVICES-unset}"; printf 'arg=%s\\n' "$@"; } > "$f.tmp"
+mv "$f.tmp" "$f"
+if [[ $role == trainer ]]; then
+    for _ in $(seq 300); do
+        [[ $(find "$STUB_LOG_DIR" -name 'server.*' ! -name '*.tmp' | wc -l) -ge $STUB_SERVERS ]] && break
+        sleep 0.1
+    done
+fi
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with require_slurm(cpus=4, gpu_nodes=4) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from luffy_megatron.data.synthetic import write_task
+    from luffy_megatron.models.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("slurm_assets")
+    make_tiny_model(root / "model", family="qwen2", hidden_size=64, layers=2, heads=4, kv_heads=2)
+    write_task(root / "task", num_train=64, num_val=8, seed=0, system_prompt=None)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_overrides(assets: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"model.hf_path={assets / 'model'}",
+        "model.dtype=float32",
+        f"data.train_files=[{assets / 'task' / 'train.parquet'}]",
+        "data.val_files=[]",
+        "trainer.val_interval=0",
+        "data.train_batch_size=4",
+        "data.mini_batch_size=4",
+        "data.max_response_length=12",
+        "data.max_prompt_length=32",
+        "rollout.n=4",
+        "rollout.hf_batch_size=16",
+        "reward.num_workers=1",
+        f"logging.out_dir={out}",
+        *extra,
+    ]
+
+
+def job_env(cluster, **extra: str) -> dict[str, str]:
+    """The job's environment: sbatch exports it (SLURM_CONF included); PYTHON is this interpreter."""
+    return cluster.env(**{"PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), **extra})
+
+
+def job_output(info: dict[str, str]) -> str:
+    path = Path(info["StdOut"])
+    return path.read_text(errors="replace") if path.is_file() else f"(no output file {path})"
+
+
+def submit_gpu_script(cluster, root: Path, script: str, servers: int, *args: str):
+    """An examples/ GPU script, unchanged (its own #SBATCH header), on the simulated GPU partition with $PYTHON a
+    stub that records each SGLang server and trainer it stands in for."""
+    bin_dir, log_dir = write_stubs(root)
+    (root / "logs").mkdir()  # the scripts' --output=logs/%x-%j.out
+    env = job_env(
+        cluster,
+        MODEL_PATH=MODEL_PATH,
+        STUB_LOG_DIR=str(log_dir),
+        STUB_SERVERS=str(servers),
+        PYTHON=str(bin_dir / "python"),
+    )
+    return cluster.submit(EXAMPLES / script, *args, cwd=root, env=env, options=("--partition=gpu",)), log_dir
+
+
+@pytest.fixture(scope="module")
+def jobs(cluster, assets, tmp_path_factory):
+    """Every job, submitted at once so they run side by side: the tiny CPU example twice on the host node (4 CPUs,
+    2 each; a good run and one with ``parallel.tp=3``), then run_7b.sh and run_32b.sh on the GPU partition."""
+    root = tmp_path_factory.mktemp("jobs")
+    tiny = EXAMPLES / "run_tiny_cpu_slurm.sh"
+    tiny_options = (f"--output={root}/%x-%j.out",)
+    procs = {
+        "good": cluster.submit(
+            tiny, "configs/tiny_cpu_luffy.yaml", *tiny_overrides(assets, root / "good"),
+            cwd=ROOT, env=job_env(cluster), options=tiny_options,
+        ),
+        "bad": cluster.submit(  # no CONFIG argument: the default one
+            tiny, *tiny_overrides(assets, root / "bad", "parallel.tp=3"),
+            cwd=ROOT, env=job_env(cluster), options=tiny_options,
+        ),
+    }  # fmt: skip
+    calls = {}
+    (root / "7b").mkdir()
+    procs["7b"], calls["7b"] = submit_gpu_script(cluster, root / "7b", "run_7b.sh", 4, "trainer.total_steps=3")
+    (root / "32b").mkdir()
+    procs["32b"], calls["32b"] = submit_gpu_script(
+        cluster, root / "32b", "run_32b.sh", 4, "configs/luffy_qwen2.5_32b.yaml", "data.train_files=[/data/a b.parquet]"
+    )
+    results = {}
+    for name, proc in procs.items():
+        job_id, rc, info = cluster.finish(proc, timeout=420)
+        results[name] = {"rc": rc, "info": info, "log": job_output(info), "out": root / name}
+        if name in calls:
+            results[name]["servers"] = read_calls(calls[name], "server")
+            results[name]["trainers"] = read_calls(calls[name], "trainer")
+    return results
+
+
+def test_tiny_cpu_example_trains_two_steps_with_tp2(cluster, jobs):
+    from luffy_megatron.metrics.logger import read_jsonl
+
+    job = jobs["good"]
+    info, log = job["info"], job["log"]
+    assert job["rc"] == 0, f"sbatch --wait exit {job['rc']}\n{info}\n{log[-4000:]}\n{cluster.logs()}"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
+    assert info["NumTasks"] == "1" and info["NumCPUs"] == "2", info
+    assert f"on {cluster.host_node}, 2 processes" in log, log[-2000:]
+    rows = {r["step"]: r for r in read_jsonl(job["out"] / "metrics.jsonl")}
+    assert sorted(rows) == [1, 2], log[-3000:]
+    for row in rows.values():
+        assert math.isfinite(row["actor/loss"]) and math.isfinite(row["actor/entropy"]), row
+
+
+def test_config_error_fails_the_job_and_names_the_key(jobs):
+    job = jobs["bad"]
+    info, log = job["info"], job["log"]
+    assert job["rc"] != 0, f"a job with parallel.tp=3 succeeded\n{log[-3000:]}"
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", info
+    assert "configuration error" in log and "parallel.tp" in log and "does not divide" in log, log[-3000:]
+    assert not (job["out"] / "metrics.jsonl").exists()
+
+
+def write_stubs(tmp_path: Path) -> tuple[Path, Path]:
+    bin_dir, log_dir = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    log_dir.mkdir()
+    (bin_dir / "python").write_text(STUB)
+    (bin_dir / "python").chmod(0o755)
+    return bin_dir, log_dir
+
+
+def read_calls(log_dir: Path, program: str) -> list[dict]:
+    calls = []
+    for path in sorted(log_dir.glob(f"{program}.*")):
+        if path.suffix == ".tmp":
+            continue
+        lines = path.read_text().splitlines()
+        calls.append(
+            {
+                "node": lines[0].removeprefix("node="),
+                "cuda": lines[1].removeprefix("cuda="),
+                "args": [a.removeprefix("arg=") for a in lines[2:]],
+            }
+        )
+    return calls
+
+
+def arg_after(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+def gpu_job(cluster, jobs, name: str) -> tuple[dict, list, list]:
+    job = jobs[name]
+    info = job["info"]
+    assert job["rc"] == 0 and info["JobState"] == "COMPLETED", f"{info}\n{job['log']}\n{cluster.logs()}"
+    return info, job["servers"], job["trainers"]
+
+
+def test_run_7b_places_servers_and_trainer(cluster, jobs):
+    info, servers, trainers = gpu_job(cluster, jobs, "7b")
+    nodes = cluster.run("scontrol", "show", "hostnames", info["NodeList"]).stdout.split()
+    assert len(nodes) == 2 and info["NumCPUs"] == "128", info
+    train_node, rollout_node = nodes
+    assert len(servers) == 4, servers
+    urls = []
+    for s in sorted(servers, key=lambda s: int(arg_after(s["args"], "--port"))):
+        assert s["node"] == rollout_node and s["args"][:2] == ["-m", "sglang.launch_server"], s
+        assert arg_after(s["args"], "--tp-size") == "2" and arg_after(s["args"], "--model-path") == MODEL_PATH, s
+        assert arg_after(s["args"], "--host") == rollout_node, s
+        urls.append(f"http://{rollout_node}:{arg_after(s['args'], '--port')}")
+    assert sorted(s["cuda"] for s in servers) == ["0,1", "2,3", "4,5", "6,7"], "each server on its own 2 GPUs"
+    [trainer] = trainers
+    args = trainer["args"]
+    assert trainer["node"] == train_node and trainer["cuda"] == "0,1,2,3,4,5,6,7", trainer
+    assert arg_after(args, "--nproc-per-node") == "8" and arg_after(args, "--master-addr") == train_node, args
+    assert arg_after(args, "--nnodes") == "1", args
+    cli = args.index("luffy_megatron.train.cli")
+    assert args[cli - 1] == "-m" and args[cli + 1] == "configs/luffy_qwen2.5_math_7b.yaml", args
+    assert f"model.hf_path={MODEL_PATH}" in args and "rollout.sglang.launch=false" in args, args
+    assert f"rollout.sglang.urls=[{','.join(sorted(urls))}]" in args, args
+    assert args[-1] == "trainer.total_steps=3", args
+
+
+def test_run_32b_places_servers_and_two_trainer_nodes(cluster, jobs):
+    info, servers, trainers = gpu_job(cluster, jobs, "32b")
+    nodes = cluster.run("scontrol", "show", "hostnames", info["NodeList"]).stdout.split()
+    assert len(nodes) == 4, info
+    by_node: dict[str, list[str]] = {}
+    for s in servers:
+        assert arg_after(s["args"], "--tp-size") == "4", s
+        by_node.setdefault(s["node"], []).append(s["cuda"])
+    assert {n: sorted(c) for n, c in by_node.items()} == {n: ["0,1,2,3", "4,5,6,7"] for n in nodes[2:]}, by_node
+    assert sorted(t["node"] for t in trainers) == sorted(nodes[:2]), trainers
+    ranks = []
+    for t in trainers:
+        args = t["args"]
+        assert arg_after(args, "--nnodes") == "2" and arg_after(args, "--nproc-per-node") == "8", args
+        assert arg_after(args, "--master-addr") == nodes[0], args
+        ranks.append(arg_after(args, "--node-rank"))
+        urls = [a for a in args if a.startswith("rollout.sglang.urls=")]
+        assert len(urls) == 1 and urls[0].count("http://") == 4, args
+        assert args[-1] == "data.train_files=[/data/a b.parquet]", f"an override with a space: {shlex.join(args)}"
+    assert sorted(ranks) == ["0", "1"], trainers
