@@ -1,0 +1,91 @@
+"""tools/bench_throughput.py end to end on one tiny layout (one process, one step): the JSON report's schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "bench_throughput.py"
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+}
+
+
+def test_layout_parsing_and_peak_table():
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import bench_throughput as bt
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    assert bt.parse_layout("tp2pp1dp4") == {"name": "tp2pp1dp4", "tp": 2, "pp": 1, "vpp": None, "dp": 4, "world": 8}
+    assert bt.parse_layout("tp1pp2vpp2dp1")["vpp"] == 2
+    with pytest.raises(Exception, match="tpXppYdpZ"):
+        bt.parse_layout("tp2dp2")
+    assert bt.peak_flops("NVIDIA H200", "bfloat16") == 989e12
+    assert bt.peak_flops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312e12
+    assert bt.peak_flops("cpu", "bfloat16") is None
+
+
+@pytest.mark.slow  # starts the tool and its worker process
+def test_one_tiny_layout_writes_report(tmp_path):
+    # Only config.json is read (Megatron's random init gives the weights); writing it directly keeps transformers out.
+    hf_dir = tmp_path / "model"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps(TINY_LLAMA))
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    cmd = [
+        sys.executable,
+        str(TOOL),
+        f"--hf-dir={hf_dir}",
+        "--layouts=tp1pp1dp1",
+        "--prompts=1",
+        "--n=2",
+        "--prompt-len=4",
+        "--response-len=4",
+        "--steps=1",
+        "--warmup=0",
+        "--dtype=float32",
+        f"--out={out}",
+        f"--plot={png}",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert png.stat().st_size > 1000
+    for key in ("what", "date", "command", "model", "config", "method", "machine", "results", "peak_flops_table"):
+        assert key in report, key
+    assert report["model"]["hidden_size"] == 32 and report["config"]["n"] == 2
+    assert report["model"]["description"].startswith("model (LlamaForCausalLM)")
+    [res] = report["results"]
+    assert "error" not in res
+    assert (res["layout"], res["tp"], res["pp"], res["dp"], res["world_size"]) == ("tp1pp1dp1", 1, 1, 1, 1)
+    assert res["backend"] == "gloo" and res["samples_per_step"] == 2 and res["tokens_per_step"] == 16
+    for phase in ("train", "logprob"):
+        r = res[phase]
+        assert len(r["all_seconds"]) == 1 and r["seconds_per_step"] > 0
+        assert r["tokens_per_s"] == pytest.approx(16 / r["seconds_per_step"])
+        assert r["tokens_per_s_per_process"] == pytest.approx(r["tokens_per_s"])
+        assert r["mfu"] is None  # CPU: no peak FLOPs
+    assert res["train"]["model_tflops_per_step"] > 0
