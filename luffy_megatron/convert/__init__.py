@@ -7,7 +7,7 @@
 - :func:`convert_hf_to_megatron` / :func:`convert_megatron_to_hf`: what the tools in ``tools/`` run.
 """
 
-from luffy_megatron.convert.checkpoint import convert_hf_to_megatron, convert_megatron_to_hf
+from luffy_megatron.convert.checkpoint import convert_hf_to_megatron, convert_megatron_to_hf, write_hf_folder
 from luffy_megatron.convert.export import iter_hf_weights, save_hf_checkpoint
 from luffy_megatron.convert.load import (
     load_hf_weights,
@@ -27,4 +27,5 @@ __all__ = [
     "read_checkpoint_metadata",
     "save_hf_checkpoint",
     "save_megatron_checkpoint",
+    "write_hf_folder",
 ]

@@ -142,22 +142,48 @@ def convert_megatron_to_hf(
     out_dtype = dtype or meta["dtype"]
     check_output_dir(out, overwrite)
     setup_parallel(tp, pp)
+    chunks = build_model(spec, tp, pp, meta["dtype"])
+    load_megatron_checkpoint(chunks, megatron_dir)
+    write_hf_folder(
+        chunks,
+        spec,
+        out,
+        dtype=out_dtype,
+        hf_files_from=Path(megatron_dir) / HF_FILES_DIR,
+        overwrite=overwrite,
+        max_shard_bytes=max_shard_bytes,
+        progress=progress,
+    )
+    return out
+
+
+def write_hf_folder(
+    model_chunks: list[torch.nn.Module],
+    spec: ModelSpec,
+    out: str | Path,
+    *,
+    dtype: str,
+    hf_files_from: str | Path,
+    overwrite: bool = False,
+    max_shard_bytes: int = 4 * 1024**3,
+    progress: bool = False,
+) -> Path:
+    """A complete HF folder from a live (sharded) model, collectively; written beside ``out`` and renamed when
+    complete, so an interrupted write never leaves a folder that looks finished."""
+    from luffy_megatron.models.family import torch_dtype
+
+    out = Path(out)
     tmp = _prepare(out, overwrite)
     try:
-        chunks = build_model(spec, tp, pp, meta["dtype"])
-        load_megatron_checkpoint(chunks, megatron_dir)
-        from luffy_megatron.models.family import torch_dtype
-
         save_hf_checkpoint(
-            chunks,
+            model_chunks,
             spec,
             tmp,
-            dtype=torch_dtype(out_dtype),
-            hf_files_from=Path(megatron_dir) / HF_FILES_DIR,
+            dtype=torch_dtype(dtype),
+            hf_files_from=hf_files_from,
             max_shard_bytes=max_shard_bytes,
             progress=progress,
         )
-        del chunks
         _finish(tmp, out)
     except BaseException:
         _abort(tmp)

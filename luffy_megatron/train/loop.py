@@ -343,16 +343,12 @@ def export_hf(cfg: RunConfig, run: RunState, policy) -> None:
     """Write the final policy as an HF folder next to the checkpoints (or in the output directory)."""
     from pathlib import Path
 
-    from luffy_megatron.convert.checkpoint import _finish, _prepare
-    from luffy_megatron.convert.export import save_hf_checkpoint
-    from luffy_megatron.models.family import torch_dtype
+    from luffy_megatron.convert import write_hf_folder
 
     out = Path(cfg.checkpoint.save_dir or cfg.logging.out_dir) / "hf_final"
-    tmp = _prepare(out, overwrite=True)  # written beside `out`, renamed when complete
-    save_hf_checkpoint(
-        policy.modules, policy.spec, tmp, dtype=torch_dtype(cfg.model.dtype), hf_files_from=cfg.model.hf_path
+    write_hf_folder(
+        policy.modules, policy.spec, out, dtype=cfg.model.dtype, hf_files_from=cfg.model.hf_path, overwrite=True
     )
-    _finish(tmp, out)
     if dist.get_rank() == 0:
         print(f"exported HF model to {out}", flush=True)
 
