@@ -8,7 +8,7 @@ Arms: ``luffy`` (policy shaping p/(p+0.1)), ``grpo`` (n_off=0, PPO clip), ``luff
 shaping ablation; not run by default).
 
 example:
-  python tools/run_demo.py --out outputs/demo --steps 400 --arms luffy grpo
+  python tools/run_demo.py --out outputs/demo --steps 700 --arms luffy grpo
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def run_arms(arms: list[str], out: Path, model_dir: Path, task_dir: Path, steps:
             f"data.train_files=[{task_dir / 'train.parquet'}]",
             f"data.val_files=[{task_dir / 'val.parquet'}]",
             f"logging.out_dir={run_dir}",
+            "logging.progress_bar=false",  # this driver shows one bar per arm
             f"trainer.total_steps={steps}",
             f"trainer.seed={seed}",
             f"rollout.seed={seed}",
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", default="outputs/demo", help="output folder")
-    parser.add_argument("--steps", type=int, default=400, help="RL steps per arm (same budget for every arm)")
+    parser.add_argument("--steps", type=int, default=700, help="RL steps per arm (same budget for every arm)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--arms", nargs="+", default=["luffy", "grpo"], choices=sorted(ARMS))
     args = parser.parse_args(argv)
