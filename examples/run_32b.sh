@@ -2,6 +2,8 @@
 # LUFFY on Qwen2.5-32B: 4 nodes x 8 GPUs. Nodes 0-1 train (Megatron TP 8 x PP 2), nodes 2-3 serve rollouts
 # (4 SGLang servers of TP 4, two per node, behind sglang-router). Weights go to the servers over NCCL after every step.
 #   sbatch examples/run_32b.sh [CONFIG] [key=value ...]
+# From the repository root. Job output: luffy-32b-JOBID.out there (Slurm fails a job silently when the folder of
+# --output is missing); SGLang server logs: logs/.
 #SBATCH --job-name=luffy-32b
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1
@@ -9,7 +11,7 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --exclusive
 #SBATCH --time=120:00:00
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=%x-%j.out
 set -euo pipefail
 CONFIG=configs/luffy_qwen2.5_32b.yaml
 if [[ $# -gt 0 && $1 != *=* ]]; then  # an optional CONFIG first; key=value arguments are overrides

@@ -2,6 +2,8 @@
 # LUFFY on Qwen2.5-Math-7B, the paper's recipe: 2 nodes x 8 GPUs. Node 0 trains (Megatron, TP 4 x DP 2);
 # node 1 serves rollouts (4 SGLang servers of TP 2). Weights go to the servers over NCCL after every step.
 #   sbatch examples/run_7b.sh [CONFIG] [key=value ...]
+# From the repository root. Job output: luffy-7b-JOBID.out there (Slurm fails a job silently when the folder of
+# --output is missing); SGLang server logs: logs/.
 #SBATCH --job-name=luffy-7b
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -9,7 +11,7 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --exclusive
 #SBATCH --time=72:00:00
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=%x-%j.out
 set -euo pipefail
 CONFIG=configs/luffy_qwen2.5_math_7b.yaml
 if [[ $# -gt 0 && $1 != *=* ]]; then  # an optional CONFIG first; key=value arguments are overrides

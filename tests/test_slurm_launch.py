@@ -95,7 +95,6 @@ def submit_gpu_script(cluster, root: Path, script: str, servers: int, *args: str
     """An examples/ GPU script, unchanged (its own #SBATCH header), on the simulated GPU partition with $PYTHON a
     stub that records each SGLang server and trainer it stands in for."""
     bin_dir, log_dir = write_stubs(root)
-    (root / "logs").mkdir()  # the scripts' --output=logs/%x-%j.out
     env = job_env(
         cluster,
         MODEL_PATH=MODEL_PATH,
@@ -197,6 +196,7 @@ def gpu_job(cluster, jobs, name: str) -> tuple[dict, list, list]:
     job = jobs[name]
     info = job["info"]
     assert job["rc"] == 0 and info["JobState"] == "COMPLETED", f"{info}\n{job['log']}\n{cluster.logs()}"
+    assert Path(info["StdOut"]).is_file(), f"no job output {info['StdOut']}"
     return info, job["servers"], job["trainers"]
 
 
