@@ -25,9 +25,9 @@ MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
 
 if [[ " $* " != *" model.hf_path="* ]]; then
     [[ -f outputs/demo/tiny_model/config.json ]] || "$PYTHON" tools/make_tiny_model.py --out outputs/demo/tiny_model \
-        --hidden-size 128 --layers 2 --heads 4 --kv-heads 4 --intermediate-size 512
+        --hidden-size 128 --layers 2 --heads 4 --kv-heads 4 --intermediate-size 512 --seed 1
     [[ -f outputs/demo/task/train.parquet ]] || "$PYTHON" tools/make_synthetic_task.py --out outputs/demo/task \
-        --num-train 9000 --num-val 256 --no-system-prompt
+        --num-train 9000 --num-val 256 --no-system-prompt --seed 1
 fi
 
 echo "luffy-tiny-cpu: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, $NPROC processes, master $MASTER_ADDR:$MASTER_PORT"
