@@ -107,13 +107,16 @@ def test_update_matches_single_process(results, layout):
 
 def test_loss_falls_on_a_fixed_batch():
     hf_dir = str(tiny_checkpoint("llama"))
-    [res] = run_distributed(train_repeatedly, 1, hf_dir)
-    losses = res
-    assert losses[-1] < losses[0] - 0.05, losses
+    [history] = run_distributed(train_repeatedly, 1, hf_dir)
+    losses = [m["actor/pg_loss"] for m in history]
+    probs = [m["actor/off_policy_prob"] for m in history]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < losses[0] - 0.05 * abs(losses[0]), losses
+    assert probs[-1] > 1.5 * probs[0], probs  # the correct traces become more likely
 
 
-def train_repeatedly(rank: int, world: int, hf_dir: str):
-    """Five updates on one batch whose traces are correct: the mixed-policy loss must fall."""
+def train_repeatedly(rank: int, world: int, hf_dir: str) -> list[dict]:
+    """Eight updates on one batch whose traces are correct: the mixed-policy loss must fall."""
     from luffy_megatron.config import load_config, read_hf_config
     from luffy_megatron.convert.load import load_hf_weights
     from luffy_megatron.models.builder import model_spec
@@ -123,10 +126,20 @@ def train_repeatedly(rank: int, world: int, hf_dir: str):
     setup_platform()
     init_model_parallel(1, 1, None, seed=1)
     cfg = load_config(
-        None, [f"model.hf_path={hf_dir}", "model.dtype=float32", "optimizer.lr=1e-2", "data.max_response_length=16"]
+        None,
+        [
+            f"model.hf_path={hf_dir}",
+            "model.dtype=float32",
+            "optimizer.lr=1e-2",
+            "data.max_response_length=16",
+            "algorithm.loss_agg_mode=token_mean",
+        ],
     )
     spec = model_spec(read_hf_config(hf_dir), 1)
     policy = MegatronPolicy(cfg, spec, pad_id=0)
     load_hf_weights(policy.modules, spec, hf_dir)
     samples = make_samples(spec.vocab_size, seed=3)
-    return [policy.train_mini_batch(samples, use_old_logprobs=False)["actor/pg_loss"] for _ in range(5)]
+    # Old log-probs from the starting policy: the on-policy ratio moves too (PPO-style epochs on one batch).
+    for s, lp in zip(samples, policy.compute_logprobs(samples)):
+        s.old_logprobs = lp
+    return [policy.train_mini_batch(samples, use_old_logprobs=True) for _ in range(8)]
