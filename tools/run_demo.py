@@ -72,30 +72,36 @@ def run_arms(arms: list[str], out: Path, model_dir: Path, task_dir: Path, steps:
         log = (run_dir / "train.log").open("w")
         procs[arm] = (subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env), time.time(), log)
         print(f"started {arm}: log in {run_dir / 'train.log'}", flush=True)
+    finished = _progress(procs, out, steps)
     seconds = {}
-    _progress(procs, out, steps)
     for arm, (proc, start, log) in procs.items():
         code = proc.wait()
         log.close()
-        seconds[arm] = time.time() - start
+        seconds[arm] = finished.get(arm, time.time()) - start
         if code != 0:
             tail = (out / arm / "train.log").read_text().splitlines()[-20:]
             raise SystemExit(f"arm {arm} failed (exit {code}):\n" + "\n".join(tail))
     return seconds
 
 
-def _progress(procs: dict, out: Path, steps: int) -> None:
+def _progress(procs: dict, out: Path, steps: int) -> dict[str, float]:
+    """Progress bars until every arm exits; returns each arm's finishing time."""
     from tqdm import tqdm
 
     bars = {arm: tqdm(total=steps, desc=arm, position=i, leave=True) for i, arm in enumerate(procs)}
-    while any(p.poll() is None for p, _, _ in procs.values()):
+    finished: dict[str, float] = {}
+    while len(finished) < len(procs):
         time.sleep(2)
+        for arm, (proc, _, _) in procs.items():
+            if arm not in finished and proc.poll() is not None:
+                finished[arm] = time.time()
         for arm, bar in bars.items():
             path = out / arm / "metrics.jsonl"
             done = sum(1 for _ in path.open()) if path.is_file() else 0
             bar.update(done - bar.n)
     for bar in bars.values():
         bar.close()
+    return finished
 
 
 def summarise(arms: list[str], out: Path, seconds: dict[str, float], seed: int) -> dict:
