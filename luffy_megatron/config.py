@@ -354,6 +354,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     dp = validate_parallel(cfg.parallel, world_size, layers, heads, groups)
     _choice(r.backend, "rollout.backend", ("hf", "sglang"))
     _positive(r, "rollout", ("n", "temperature", "top_p", "hf_batch_size"))
+    if not 0 < r.top_p <= 1:
+        _fail("rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     if r.n_off < 0:
         _fail("rollout.n_off", f"must be >= 0, got {r.n_off}")
     if r.n_off >= r.n:

@@ -65,6 +65,7 @@ def test_valid_config_passes_and_derives_dp(model_dir, data_file):
         (["parallel.tp=2"], 3, "parallel", "world size 3"),
         (["rollout.n_off=8"], 1, "rollout.n_off", "smaller than rollout.n"),
         (["rollout.n_off=-1"], 1, "rollout.n_off", ">= 0"),
+        (["rollout.top_p=1.5"], 1, "rollout.top_p", "(0, 1]"),
         (["data.max_response_length=0"], 1, "data.max_response_length", "positive"),
         (["data.max_prompt_length=-5"], 1, "data.max_prompt_length", "positive"),
         (["data.mini_batch_size=48"], 1, "data.mini_batch_size", "does not divide"),

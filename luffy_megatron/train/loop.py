@@ -88,25 +88,33 @@ def rl_step(cfg: RunConfig, run: RunState, policy) -> dict[str, float]:
     rank0 = dist.get_rank() == 0
     samples: list[Sample] | None = None
     extra: dict[str, float] = {}
+    failure: BaseException | None = None
     if rank0:
-        batch = run.dataset.get_batch(next(run.sampler).indices)
-        with timers("rollout"):
-            samples = generate_groups(cfg, run, batch)
-        with timers("reward"):
-            rewards = score_samples(cfg, run, samples, batch)
-        off = torch.tensor([s.off_policy for s in samples])
-        adv = compute_advantages(
-            torch.tensor(rewards, dtype=torch.float64),
-            torch.tensor([s.group_id for s in samples]),
-            use_std=cfg.algorithm.adv_use_std,
-            eps=cfg.algorithm.adv_eps,
-            # The "RL with SFT loss" ablation baselines on-policy samples only (the paper's grpo_split).
-            stat_mask=~off if cfg.algorithm.sft_loss else None,
-        )
-        for s, r, a in zip(samples, rewards, adv.tolist()):
-            s.reward, s.advantage = r, a
-        extra = group_metrics(samples)
-    samples = _broadcast(samples)
+        try:
+            batch = run.dataset.get_batch(next(run.sampler).indices)
+            with timers("rollout"):
+                samples = generate_groups(cfg, run, batch)
+            with timers("reward"):
+                rewards = score_samples(cfg, run, samples, batch)
+            off = torch.tensor([s.off_policy for s in samples])
+            adv = compute_advantages(
+                torch.tensor(rewards, dtype=torch.float64),
+                torch.tensor([s.group_id for s in samples]),
+                use_std=cfg.algorithm.adv_use_std,
+                eps=cfg.algorithm.adv_eps,
+                # The "RL with SFT loss" ablation baselines on-policy samples only (the paper's grpo_split).
+                stat_mask=~off if cfg.algorithm.sft_loss else None,
+            )
+            for s, r, a in zip(samples, rewards, adv.tolist()):
+                s.reward, s.advantage = r, a
+            extra = group_metrics(samples)
+        except Exception as e:  # every rank must learn of it, or the others wait in the broadcast forever
+            failure = e
+    samples, cause = _broadcast((samples, None if failure is None else f"{type(failure).__name__}: {failure}"))
+    if failure is not None:
+        raise failure
+    if cause is not None:
+        raise RuntimeError(f"step {run.step}: rollout or reward failed on rank 0 ({cause}); nothing was trained")
 
     mini_batches = split_mini_batches(samples, cfg.data.train_batch_size // cfg.data.mini_batch_size)
     needs_old = len(mini_batches) > 1

@@ -1,0 +1,48 @@
+"""A rollout or reward failure on rank 0 fails the step loudly on every rank (none waits forever, nothing trains)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.dist_utils import run_distributed
+
+pytestmark = pytest.mark.slow
+
+
+class _Sampler:
+    def __next__(self):
+        return type("Batch", (), {"indices": [0]})()
+
+
+class _Dataset:
+    def get_batch(self, indices):
+        return [type("Item", (), {"prompt_ids": [1, 2], "trace_ids": [3], "index": 0})()]
+
+
+class _DeadEngine:
+    def generate(self, prompts, params):
+        raise ConnectionError("rollout server http://127.0.0.1:9 refused the connection")
+
+
+class _NoPolicy:
+    def __getattr__(self, name):
+        raise AssertionError(f"the policy was used ({name}) after a failed rollout")
+
+
+def failing_step(rank: int, world: int) -> str:
+    from luffy_megatron.config import RunConfig
+    from luffy_megatron.train.loop import RunState, rl_step
+
+    run = RunState(step=1, dataset=_Dataset(), sampler=_Sampler(), engine=_DeadEngine(), reward_cache={})
+    try:
+        rl_step(RunConfig(), run, _NoPolicy())
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def test_rollout_failure_on_rank0_fails_every_rank():
+    rank0, rank1 = run_distributed(failing_step, 2, timeout_s=120)
+    assert rank0.startswith("ConnectionError") and "127.0.0.1:9" in rank0
+    assert rank1.startswith("RuntimeError") and "rollout or reward failed on rank 0" in rank1
+    assert "ConnectionError" in rank1 and "nothing was trained" in rank1
