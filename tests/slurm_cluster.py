@@ -111,7 +111,7 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     # A zombie that is our child counts as gone.
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, IndexError):
         if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
             return False
     return True
@@ -134,7 +134,8 @@ class Daemon:
     def read_pid(self, timeout: float = 15.0) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError, ValueError):
+            # IndexError: the pid file exists but the daemon has not written its pid yet.
+            with contextlib.suppress(OSError, ValueError, IndexError):
                 pid = int(self.pid_file.read_text().split()[0])
                 if _pid_alive(pid) and self.binary in _cmdline(pid):
                     self.pid = pid
