@@ -215,3 +215,13 @@ def grads_as_hf(chunks, spec) -> dict[str, torch.Tensor]:
     finally:
         for p, data in zip(params, saved):
             p.data = data
+
+
+def write_train_assets(root: Path) -> Path:
+    """A tiny qwen2 checkpoint (``root/model``) and a 64-problem synthetic task (``root/task``) for end-to-end runs."""
+    from luffy_megatron.data.synthetic import write_task
+    from luffy_megatron.models.tiny import make_tiny_model
+
+    make_tiny_model(root / "model", family="qwen2", hidden_size=64, layers=2, heads=4, kv_heads=2)
+    write_task(root / "task", num_train=64, num_val=8, seed=0, system_prompt=None)
+    return root

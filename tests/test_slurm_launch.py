@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import shlex
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.dist_utils import free_port
+from tests.fixtures_models import write_train_assets
 from tests.slurm_cluster import require_slurm
 
 pytestmark = pytest.mark.slow
@@ -47,19 +48,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from luffy_megatron.data.synthetic import write_task
-    from luffy_megatron.models.tiny import make_tiny_model
-
-    root = tmp_path_factory.mktemp("slurm_assets")
-    make_tiny_model(root / "model", family="qwen2", hidden_size=64, layers=2, heads=4, kv_heads=2)
-    write_task(root / "task", num_train=64, num_val=8, seed=0, system_prompt=None)
-    return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return write_train_assets(tmp_path_factory.mktemp("slurm_assets"))
 
 
 def tiny_overrides(assets: Path, out: Path, *extra: str) -> list[str]:

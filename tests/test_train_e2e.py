@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures_models import write_train_assets
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 COMPARED = ("actor/loss", "actor/grad_norm", "actor/entropy", "reward/on_policy", "response/length_mean")
@@ -20,13 +22,7 @@ COMPARED = ("actor/loss", "actor/grad_norm", "actor/entropy", "reward/on_policy"
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from luffy_megatron.data.synthetic import write_task
-    from luffy_megatron.models.tiny import make_tiny_model
-
-    root = tmp_path_factory.mktemp("e2e")
-    make_tiny_model(root / "model", family="qwen2", hidden_size=64, layers=2, heads=4, kv_heads=2)
-    write_task(root / "task", num_train=64, num_val=8, seed=0, system_prompt=None)
-    return root
+    return write_train_assets(tmp_path_factory.mktemp("e2e"))
 
 
 def overrides(assets: Path, out: Path, steps: int, *extra: str) -> list[str]:
