@@ -1,8 +1,10 @@
 """A process pool that scores responses with :func:`score_detailed`, surviving hung and crashing workers.
 
 math-verify relies on ``signal`` timers, which only work in a process's main thread, so scoring runs in worker
-processes. The pool sends chunks of items (not one item per round trip); each worker reports every finished item at
-once, so the parent always knows which item a worker is on and since when. Per item the worker enforces the soft
+processes. The pool sends chunks of items (not one item per round trip), likely-slow items (long ground truths)
+first, and shrinks the chunks as the batch drains so that the last ones do not leave a worker idle while another
+finishes; each worker reports every finished item at once, so the parent always knows which item a worker is on and
+since when. Per item the worker enforces the soft
 budget ``timeout_s`` itself (score 0, ``stats.timeouts``); the parent enforces a hard deadline of
 ``timeout_s + hard_margin_s``: a worker past it, or one that died, is killed and replaced, its current item scores 0
 (``stats.hung`` / ``stats.crashes``) and the rest of its chunk goes back to the queue. A step therefore never stalls.
@@ -109,8 +111,9 @@ class RewardPool:
         start_method: str | None = None,
         startup_timeout_s: float = 120.0,
     ) -> None:
-        """``hard_margin_s``: grace after ``timeout_s`` before a worker is killed. ``chunk_size``: items per message
-        (None = a batch split into about 16 chunks per worker, for balance). ``start_method``: multiprocessing start
+        """``hard_margin_s``: grace after ``timeout_s`` before a worker is killed. ``chunk_size``: most items per
+        message (None = a batch split into about 16 chunks per worker); near the end of a batch chunks shrink to
+        ``ceil(unassigned / (2 * num_workers))`` items, for balance. ``start_method``: multiprocessing start
         method (None = ``forkserver`` on Linux: safe from threaded/CUDA parents, fast respawns with math-verify
         preloaded).
         """
@@ -189,12 +192,15 @@ class RewardPool:
                 raise TypeError(f"item {i}: response and ground truth must be str, got {type(r)} and {type(g)}")
         results: list[RewardResult | None] = [None] * n
         if n:
-            items = [(i, responses[i], ground_truths[i], bool(prompt_ends_with_think[i])) for i in range(n)]
-            size = self.chunk_size or max(1, -(-n // (16 * len(self._workers))))
-            queue: deque[list[Item]] = deque(items[s : s + size] for s in range(0, n, size))
+            # Longest-processing-time-first: symbolic comparison cost grows with the ground truth's size (a timeout
+            # is nearly always a long LaTeX expression), so long ground truths go out first and the cheap items fill
+            # the tail. Equal ground truths stay adjacent (the stable sort keeps a group together), as in a serial pass.
+            order = sorted(range(n), key=lambda i: (-len(ground_truths[i]), ground_truths[i]))
+            items = [(i, responses[i], ground_truths[i], bool(prompt_ends_with_think[i])) for i in order]
+            max_chunk = self.chunk_size or max(1, -(-n // (16 * len(self._workers))))
             self._batch_id += 1
             try:
-                self._run(queue, results)
+                self._run(deque(items), results, max_chunk)
             except BaseException:  # e.g. KeyboardInterrupt: busy workers would keep scoring a stale batch
                 for idx, w in enumerate(self._workers):
                     if w.chunk:
@@ -216,18 +222,19 @@ class RewardPool:
             s.crashes += r.status == CRASH
             s.errors += r.status == ERROR
 
-    def _run(self, queue: deque[list[Item]], results: list[RewardResult | None]) -> None:
+    def _run(self, queue: deque[Item], results: list[RewardResult | None], max_chunk: int) -> None:
         hard = self.config.timeout_s + self.hard_margin_s
-        remaining = sum(len(c) for c in queue)
+        remaining = len(queue)
         while remaining:
             now = time.monotonic()
             for w in self._workers:  # hand out work to idle ready workers
                 if w.ready and not w.chunk and queue:
-                    chunk = queue.popleft()
+                    size = min(max_chunk, -(-len(queue) // (2 * len(self._workers))))
+                    chunk = [queue.popleft() for _ in range(size)]
                     try:
                         w.conn.send((self._batch_id, chunk))
                     except (OSError, ValueError):
-                        queue.appendleft(chunk)
+                        queue.extendleft(reversed(chunk))
                         continue
                     w.chunk.extend(chunk)
                     w.item_started = now
@@ -275,7 +282,7 @@ class RewardPool:
         return done
 
     def _replace(
-        self, idx: int, w: _Worker, queue: deque[list[Item]], results: list[RewardResult | None], status: str
+        self, idx: int, w: _Worker, queue: deque[Item], results: list[RewardResult | None], status: str
     ) -> int:
         """Kill ``w``, score its current item 0 with ``status``, requeue the rest of its chunk, start a new worker."""
         finished = 0
@@ -284,8 +291,7 @@ class RewardPool:
             results[pos] = RewardResult(0.0, status)
             finished = 1
             logger.warning("reward worker pid %s %s on item %d; replacing it", w.proc.pid, status, pos)
-            if w.chunk:
-                queue.appendleft(list(w.chunk))
+            queue.extendleft(reversed(w.chunk))
         elif not w.ready:
             self._start_failures += 1
             logger.warning("reward worker pid %s failed to start; replacing it", w.proc.pid)
