@@ -164,6 +164,24 @@ class RewardPool:
         with contextlib.suppress(Exception):
             self.close()
 
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until every worker has imported math-verify and said so (default budget: ``startup_timeout_s``).
+
+        Scoring does not need this (it starts on whichever workers are ready); it lets a caller overlap the pool's
+        start-up with other work and then make sure it is done.
+        """
+        budget = self.startup_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + budget
+        for w in self._workers:
+            while not w.ready:
+                if not w.proc.is_alive():
+                    raise RuntimeError(f"reward worker pid {w.proc.pid} exited during start-up")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"reward workers not ready after {budget:.0f} s")
+                if w.conn.poll(min(left, 0.5)):
+                    self._drain(w, [], time.monotonic())
+
     @property
     def worker_pids(self) -> list[int]:
         """Process ids of the current workers (for monitoring and tests)."""
