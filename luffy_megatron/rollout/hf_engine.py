@@ -1,7 +1,8 @@
 """In-process rollout engine on ``transformers`` for CPU runs and tests.
 
-Own sampling loop: left-padded batches, one prefill and then one-token decode steps with the model's KV cache, finished
-rows dropped from the batch (and cache) as they stop. Each row draws its uniforms from its own ``random.Random`` seeded
+Own sampling loop: left-padded batches, one prefill (once per distinct prompt: the ``n`` samples of a prompt share its
+cache) and then one-token decode steps with the model's KV cache, finished rows dropped from the batch (and cache) as
+they stop. Each row draws its uniforms from its own ``random.Random`` seeded
 with :func:`~luffy_megatron.rollout.base.sample_seed`, and samples by inverse CDF over the (truncated, renormalised)
 distribution, so a seeded request gives the same tokens whatever the batch it shares.
 """
@@ -165,11 +166,14 @@ class HFEngine(RolloutEngine):
         b = len(prompts)
         rngs = [random.Random(self._rng.getrandbits(63) if s is None else s) for s in seeds]
         stop_ids = torch.tensor(sorted(set(self.eos_token_ids) | set(params.stop_token_ids)), dtype=torch.long)
-        lens = torch.tensor([len(p) for p in prompts])
-        width = int(lens.max())
-        input_ids = torch.full((b, width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((b, width), dtype=torch.long)
-        for r, p in enumerate(prompts):
+        # Prefix sharing: each distinct prompt is prefilled once; its cache row is then copied to every sample of it.
+        distinct: dict[tuple[int, ...], int] = {}
+        row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+        expand = torch.tensor(row_of, device=self.device) if len(distinct) < b else None
+        width = max(len(p) for p in distinct)
+        input_ids = torch.full((len(distinct), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(distinct), width), dtype=torch.long)
+        for r, p in enumerate(distinct):
             input_ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[r, width - len(p) :] = 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -189,6 +193,9 @@ class HFEngine(RolloutEngine):
             out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **kw)
             past = getattr(out, self._cache_kw)
             logits = out.logits[:, -1, :].float()
+            if expand is not None:  # after the prefill: one batch row per sample
+                past.batch_select_indices(expand)
+                logits, mask, next_pos, expand = logits[expand], mask[expand], next_pos[expand], None
             cdf, logp, order = next_token_distribution(logits, params.temperature, params.top_p, params.top_k)
             if params.temperature == 0:
                 tokens = logits.argmax(dim=-1)
