@@ -150,3 +150,15 @@ def test_timer_restores_an_outer_alarm():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+BOXED_INTEGERS = ["\\boxed{132}", "\n\\boxed{0132}\n", "\\boxed{-132}", "\\boxed{133}", "\\boxed{-0}"]
+
+
+@pytest.mark.parametrize("answer", BOXED_INTEGERS)
+@pytest.mark.parametrize("truth", ["132", "-132", " 0 ", "0132"])
+def test_boxed_integer_shortcut_agrees_with_math_verify(answer: str, truth: str) -> None:
+    from math_verify import parse, verify
+
+    expected = CORRECT if verify(parse("$" + truth + "$"), parse(answer)) else INCORRECT
+    assert score_detailed("</think>" + answer, truth, True).status == expected

@@ -8,7 +8,9 @@ listed in docs/data_and_rewards.md:
   (``prompt_ends_with_think``); otherwise the response must contain ``<think>`` before its first ``</think>``.
 * The answer is the text after the first ``</think>`` and before a second one (the paper's ``split('</think>')[1]``).
 * Prediction: ``parse(answer)`` with math-verify's defaults; gold: ``parse('$' + ground_truth + '$')``;
-  ``verify(gold, prediction)``. Score 1.0 when it holds, else 0.0.
+  ``verify(gold, prediction)``. Score 1.0 when it holds, else 0.0. An answer that is only ``\\boxed{<integer>}``
+  against an integer ground truth is compared as integers directly (what math-verify would conclude, without its
+  parse; a test checks the two agree).
 * Extra (switchable): a ground truth that is a single choice letter A-J also accepts the letter extracted from the
   answer with ``StringExtractionConfig`` (anchored forms like "answer: B") or from ``\\boxed{(B)}``.
 * Timeouts: one budget per item (parse + verify together), enforced with ``signal.setitimer`` in the calling thread,
@@ -43,6 +45,8 @@ ERROR = "error"  # an unexpected exception from math-verify
 
 _CHOICE_RE = re.compile(r"^\(?\s*([A-J])\s*\)?$")
 _TEXT_RE = re.compile(r"\\(?:text|mathrm|textbf|mathbf)\s*\{([^{}]*)\}")
+_INTEGER_RE = re.compile(r"-?[0-9]{1,100}")
+_BOXED_INTEGER_RE = re.compile(r"\s*\\boxed\{(-?[0-9]{1,100})\}\s*")
 
 
 class ItemTimeout(BaseException):
@@ -148,6 +152,11 @@ def _grade(response: str, ground_truth: str, prompt_ends_with_think: bool, requi
             return FORMAT_ERROR
     else:
         answer = response
+    boxed = _BOXED_INTEGER_RE.fullmatch(answer)
+    if boxed and _INTEGER_RE.fullmatch(ground_truth.strip()):
+        # An answer that is just a boxed integer against an integer ground truth: math-verify would extract that
+        # integer and compare it numerically; doing so directly saves its ~2 ms parse per sample.
+        return CORRECT if int(boxed.group(1)) == int(ground_truth) else INCORRECT
     parse, verify = _math_verify()[:2]
     gold = _parse_gold(ground_truth)
     pred = parse(answer, parsing_timeout=None)
