@@ -45,3 +45,23 @@ def test_cli_options_shape_the_model(tmp_path: Path) -> None:
     assert (config["vocab_size"], config["num_hidden_layers"], config["num_key_value_heads"]) == (300, 3, 1)
     assert config["tie_word_embeddings"] is True and config["architectures"] == ["LlamaForCausalLM"]
     assert (out / "generation_config.json").exists() and (out / "tokenizer.json").exists()
+
+
+def test_ascii_only_tokenizer_for_a_small_vocabulary(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from luffy_megatron.data.synthetic import expert_trace, problem_text, tokenizer_corpus
+
+    out = make_tiny_model(tmp_path / "m", vocab_size=128, hidden_size=32, ascii_only=True, corpus=tokenizer_corpus(200))
+    tok = AutoTokenizer.from_pretrained(out)  # Qwen2Tokenizer: byte-level BPE with Qwen's pattern, from the files
+    assert type(tok).__name__ == "Qwen2Tokenizer" and len(tok) <= 128
+    text = "Any printable ASCII: ~`!@#$%^&*()_+-={}[]|\\:;\"'<>,.?/ \t\n 0123456789 xyz"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    prompt = tok.apply_chat_template([{"role": "user", "content": problem_text(7, 85, 2)}], tokenize=False,
+                                     add_generation_prompt=True)  # fmt: skip
+    ids = tok(prompt)["input_ids"]
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert tok.decode(ids) == prompt and "assistant" in pieces  # the task's words are merged into single tokens
+    trace = tok.convert_ids_to_tokens(tok(expert_trace(7, 85, 2), add_special_tokens=False)["input_ids"])
+    assert trace[0] == "<think>" and "</think>" in trace and "\\boxed" in trace
+    assert trace[trace.index("{") + 1 : trace.index("}")] == ["9", "2"]  # digits stay single tokens

@@ -75,13 +75,24 @@ def default_corpus() -> str:
     return _CORPUS
 
 
-def train_tokenizer(vocab_size: int, corpus: str | None = None, split_digits: bool = True):
+def _byte_symbol(byte: int) -> str:
+    """The character that byte-level BPE uses for ``byte`` (printable Latin-1 stands for itself; the other bytes take
+    the code points from 256 up, in byte order: ``\\n`` is ``Ċ``, a space ``Ġ``)."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    if byte in printable:
+        return chr(byte)
+    return chr(256 + sum(1 for b in range(byte) if b not in printable))
+
+
+def train_tokenizer(vocab_size: int, corpus: str | None = None, split_digits: bool = True, ascii_only: bool = False):
     """A byte-level BPE ``PreTrainedTokenizerFast`` with at most ``vocab_size`` tokens (specials included).
 
     ``split_digits`` uses Qwen's pre-tokenizer pattern, so every digit is its own token; otherwise GPT-2's pattern.
+    ``ascii_only`` starts from the printable ASCII bytes, tab and newline (98 symbols) instead of all 256, for
+    vocabularies of about a hundred tokens; other bytes then have no token and are dropped, as ``Qwen2Tokenizer``
+    (which ``AutoTokenizer`` uses for these checkpoints) has no unknown token. Use it only for ASCII text.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     if split_digits:
@@ -94,17 +105,29 @@ def train_tokenizer(vocab_size: int, corpus: str | None = None, split_digits: bo
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    n_added = len(THINK_TOKENS)
+    if ascii_only:
+        alphabet = [_byte_symbol(b) for b in (0x09, 0x0A, *range(0x20, 0x7F))]
+    else:
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - n_added,
+        vocab_size=vocab_size - len(THINK_TOKENS),
         special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet),
         show_progress=False,
     )
     text = corpus if corpus is not None else default_corpus()
-    # Train on the text without its special markers so the BPE does not learn pieces of them.
-    lines = [line.replace("<|im_start|>", "").replace("<|im_end|>", "") for line in text.splitlines()]
-    tok.train_from_iterator(lines * 4, trainer=trainer)
+    # Train without the special and think markers (added whole) so the merges go to the text itself.
+    for marker in (*SPECIAL_TOKENS, *THINK_TOKENS):
+        text = text.replace(marker, "")
+    tok.train_from_iterator(text.splitlines() * 4, trainer=trainer)
+    return _wrap(tok, vocab_size)
+
+
+def _wrap(tok, vocab_size: int):
+    """The ``transformers`` tokenizer around a trained ``tokenizers`` BPE: Qwen's specials, think tokens, template."""
+    from transformers import PreTrainedTokenizerFast
+
     tok.add_tokens(list(THINK_TOKENS))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -200,6 +223,7 @@ def make_tiny_model(
     seed: int = 0,
     corpus: str | None = None,
     split_digits: bool = True,
+    ascii_only: bool = False,
     max_position_embeddings: int = 4096,
 ) -> Path:
     """Write a tiny random HF checkpoint with a trained tokenizer to ``out_dir`` (created if needed); return it.
@@ -212,7 +236,7 @@ def make_tiny_model(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(vocab_size, corpus, split_digits=split_digits)
+    tokenizer = train_tokenizer(vocab_size, corpus, split_digits=split_digits, ascii_only=ascii_only)
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = tiny_hf_config(
