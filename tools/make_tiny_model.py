@@ -38,6 +38,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="one token per digit, as Qwen's pre-tokenizer does (default on)",
     )
+    parser.add_argument(
+        "--ascii-only",
+        action="store_true",
+        help="byte-level BPE over printable ASCII only (vocabularies of ~100 tokens; other bytes are dropped)",
+    )
+    parser.add_argument("--rope-theta", type=float, default=None, help="default: the family's usual base")
+    parser.add_argument(
+        "--randomize-all",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="random norms and biases too, so conversion errors show (default on; off: transformers' init)",
+    )
     parser.add_argument("--max-position-embeddings", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus", type=Path, default=None, help="text file to train the tokenizer on instead")
@@ -60,6 +72,9 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         corpus=args.corpus.read_text(encoding="utf-8") if args.corpus else None,
         split_digits=args.split_digits,
+        ascii_only=args.ascii_only,
+        rope_theta=args.rope_theta,
+        randomize_all=args.randomize_all,
         max_position_embeddings=args.max_position_embeddings,
     )
     print(f"wrote {out}")

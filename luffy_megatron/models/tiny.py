@@ -154,11 +154,12 @@ def tiny_hf_config(
     intermediate_size: int,
     tie_embeddings: bool,
     head_dim: int | None = None,
+    rope_theta: float | None = None,
     max_position_embeddings: int = 4096,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
 ):
-    """A ``transformers`` config object for a tiny model of ``family``."""
+    """A ``transformers`` config object for a tiny model of ``family`` (``rope_theta``: None = the family's usual)."""
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     if family not in FAMILY_ARCHITECTURES:
@@ -186,11 +187,17 @@ def tiny_hf_config(
     )
     head_dim = head_dim or hidden_size // heads
     if family == "qwen2":
-        return Qwen2Config(**common, rope_theta=1000000.0, use_sliding_window=False)
+        return Qwen2Config(**common, rope_theta=rope_theta or 1000000.0, use_sliding_window=False)
     if family == "llama":
-        return LlamaConfig(**common, head_dim=head_dim, rope_theta=500000.0, attention_bias=False, mlp_bias=False)
+        return LlamaConfig(
+            **common, head_dim=head_dim, rope_theta=rope_theta or 500000.0, attention_bias=False, mlp_bias=False
+        )
     return Qwen3Config(
-        **common, head_dim=head_dim, rope_theta=1000000.0, attention_bias=False, use_sliding_window=False
+        **common,
+        head_dim=head_dim,
+        rope_theta=rope_theta or 1000000.0,
+        attention_bias=False,
+        use_sliding_window=False,
     )
 
 
@@ -224,13 +231,17 @@ def make_tiny_model(
     corpus: str | None = None,
     split_digits: bool = True,
     ascii_only: bool = False,
+    rope_theta: float | None = None,
+    randomize_all: bool = True,
     max_position_embeddings: int = 4096,
 ) -> Path:
     """Write a tiny random HF checkpoint with a trained tokenizer to ``out_dir`` (created if needed); return it.
 
     ``vocab_size`` is the model's vocabulary (embedding rows); the tokenizer has at most that many tokens, like real
     Qwen checkpoints whose embedding is larger than the tokenizer. The default 397 is not a multiple of 128, so
-    Megatron's vocabulary padding is exercised.
+    Megatron's vocabulary padding is exercised. ``randomize_all`` makes norms and biases random too (for conversion
+    tests); without it the model keeps ``transformers``' own initialisation (weights ~ N(0, 0.02), unit norms, zero
+    biases), the usual start for training from scratch.
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -249,13 +260,15 @@ def make_tiny_model(
         intermediate_size=intermediate_size,
         tie_embeddings=tie_embeddings,
         head_dim=head_dim,
+        rope_theta=rope_theta,
         max_position_embeddings=max_position_embeddings,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _randomize(model, seed)
+    if randomize_all:
+        _randomize(model, seed)
     model.generation_config = GenerationConfig(
         eos_token_id=[eos_id, pad_id], pad_token_id=pad_id, do_sample=True, temperature=1.0, top_p=1.0
     )
