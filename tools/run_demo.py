@@ -7,8 +7,10 @@ side by side, one CPU thread each), then writes curves (PNG) and a table of held
 Arms: ``luffy`` (policy shaping p/(p+0.1)), ``grpo`` (n_off=0, PPO clip), ``luffy_no_shaping`` (f(p)=p, the paper's
 shaping ablation; not run by default).
 
+Each seed gets its own model, task and runs under ``OUT/seed<S>/``; ``OUT/results.md`` has the table of all seeds.
+
 example:
-  python tools/run_demo.py --out outputs/demo --steps 700 --arms luffy grpo
+  python tools/run_demo.py --out outputs/demo --seeds 1 2 3 --arms luffy grpo
 """
 
 from __future__ import annotations
@@ -28,24 +30,29 @@ ARMS = {
 }
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu_luffy.yaml"
 VAL_KEY = "val/all/avg@1"
+STEPS = 700
+# ~0.56M parameters; the tokenizer is byte-level BPE over ASCII with merges from the task's text (under 128 tokens:
+# Megatron pads the vocabulary to 128 rows anyway).
+MODEL = dict(family="qwen2", vocab_size=128, ascii_only=True, hidden_size=128, layers=2, heads=4, kv_heads=4,
+             intermediate_size=512)  # fmt: skip
 
 
 def prepare(out: Path, seed: int) -> tuple[Path, Path]:
     """The tiny model and the task (made once; reused when present)."""
-    from luffy_megatron.data.synthetic import write_task
+    from luffy_megatron.data.synthetic import tokenizer_corpus, write_task
     from luffy_megatron.models.tiny import make_tiny_model
 
     model_dir, task_dir = out / "tiny_model", out / "task"
     if not (model_dir / "config.json").is_file():
-        make_tiny_model(
-            model_dir, family="qwen2", hidden_size=128, layers=2, heads=4, kv_heads=4, intermediate_size=512, seed=seed
-        )
+        make_tiny_model(model_dir, **MODEL, corpus=tokenizer_corpus(), seed=seed)
     if not (task_dir / "train.parquet").is_file():
         write_task(task_dir, num_train=9000, num_val=256, seed=seed, system_prompt=None)
     return model_dir, task_dir
 
 
-def run_arms(arms: list[str], out: Path, model_dir: Path, task_dir: Path, steps: int, seed: int) -> dict[str, float]:
+def run_arms(
+    arms: list[str], out: Path, model_dir: Path, task_dir: Path, steps: int, seed: int, val_interval: int
+) -> dict[str, float]:
     """Train the arms concurrently (one thread each); returns wall seconds per arm."""
     procs = {}
     for arm in arms:
@@ -63,6 +70,7 @@ def run_arms(arms: list[str], out: Path, model_dir: Path, task_dir: Path, steps:
             f"logging.out_dir={run_dir}",
             "logging.progress_bar=false",  # this driver shows one bar per arm
             f"trainer.total_steps={steps}",
+            f"trainer.val_interval={val_interval}",
             f"trainer.seed={seed}",
             f"rollout.seed={seed}",
             f"data.seed={seed}",
@@ -104,23 +112,63 @@ def _progress(procs: dict, out: Path, steps: int) -> dict[str, float]:
     return finished
 
 
-def summarise(arms: list[str], out: Path, seconds: dict[str, float], seed: int) -> dict:
+def summarise(arms: list[str], run_root: Path, seconds: dict[str, float]) -> dict:
+    """Per arm: held-out greedy accuracy (final, best), when it first passed 50% (step and seconds), train reward."""
     from luffy_megatron.metrics.logger import read_jsonl
 
     rows = {}
     for arm in arms:
-        records = read_jsonl(out / arm / "metrics.jsonl")
-        vals = [(r["step"], r[VAL_KEY]) for r in records if r.get(VAL_KEY) is not None]
-        first_half = next((s for s, v in vals if v > 0.5), None)
+        records = read_jsonl(run_root / arm / "metrics.jsonl")
+        vals = [r for r in records if r.get(VAL_KEY) is not None]
+        first = next((r for r in vals if r[VAL_KEY] > 0.5), None)
+        started = records[0]["time"] - records[0].get("perf/step_s", 0.0) if records else 0.0
         rows[arm] = {
-            "final_val_greedy": vals[-1][1] if vals else None,
-            "best_val_greedy": max((v for _, v in vals), default=None),
-            "first_step_above_50pct": first_half,
+            "final_val_greedy": vals[-1][VAL_KEY] if vals else None,
+            "best_val_greedy": max((r[VAL_KEY] for r in vals), default=None),
+            "first_step_above_50pct": first["step"] if first else None,
+            "train_seconds_to_50pct": round(first["time"] - started, 1) if first else None,
             "final_train_reward_on_policy": records[-1].get("reward/on_policy") if records else None,
             "steps": records[-1]["step"] if records else 0,
             "seconds": round(seconds[arm], 1),
         }
-    return {"seed": seed, "arms": rows}
+    return rows
+
+
+def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
+    """One seed: its own model, task and arm folders under ``out/seed<S>``; writes its summary and curves."""
+    run_root = out / f"seed{seed}"
+    model_dir, task_dir = prepare(run_root, seed)
+    seconds = run_arms(args.arms, run_root, model_dir, task_dir, args.steps, seed, args.val_interval)
+    summary = {"seed": seed, "arms": summarise(args.arms, run_root, seconds)}
+    (out / f"summary_seed{seed}.json").write_text(json.dumps(summary, indent=1))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from plot_metrics import plot
+
+    plot(
+        [str(run_root / a / "metrics.jsonl") for a in args.arms],
+        args.arms,
+        ["reward/on_policy", VAL_KEY, "actor/entropy", "response/length_mean"],
+        str(out / f"curves_seed{seed}.png"),
+        title=f"tiny CPU demo, seed {seed}",
+    )
+    return summary
+
+
+def table(summaries: list[dict]) -> str:
+    """Markdown table: one row per seed and arm."""
+    lines = [
+        "| seed | arm | held-out greedy accuracy (final) | best | first step > 50% | train s to 50% | "
+        "train reward (on-policy, last step) | s (whole run) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for summary in summaries:
+        for arm, r in summary["arms"].items():
+            cells = [r["final_val_greedy"], r["best_val_greedy"], r["first_step_above_50pct"]]
+            cells += [r["train_seconds_to_50pct"], r["final_train_reward_on_policy"], r["seconds"]]
+            lines.append(
+                f"| {summary['seed']} | {arm} | " + " | ".join("-" if c is None else f"{c:g}" for c in cells) + " |"
+            )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,35 +178,18 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", default="outputs/demo", help="output folder")
-    parser.add_argument("--steps", type=int, default=700, help="RL steps per arm (same budget for every arm)")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=STEPS, help=f"RL steps per arm, the same for every arm ({STEPS})")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="seeds, run one after another (default 1)")
     parser.add_argument("--arms", nargs="+", default=["luffy", "grpo"], choices=sorted(ARMS))
+    parser.add_argument("--val-interval", type=int, default=50, help="held-out evaluation every N steps")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    model_dir, task_dir = prepare(out, args.seed)
-    seconds = run_arms(args.arms, out, model_dir, task_dir, args.steps, args.seed)
-    summary = summarise(args.arms, out, seconds, args.seed)
-    (out / f"summary_seed{args.seed}.json").write_text(json.dumps(summary, indent=1))
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from plot_metrics import plot
-
-    png = plot(
-        [str(out / a / "metrics.jsonl") for a in args.arms],
-        args.arms,
-        ["reward/on_policy", VAL_KEY, "actor/entropy", "response/length_mean"],
-        str(out / f"curves_seed{args.seed}.png"),
-        title=f"tiny CPU demo, seed {args.seed}",
-    )
-    print("\n| arm | held-out greedy accuracy (final) | best | first step > 50% | train reward (on-policy) | s |")
-    print("|---|---|---|---|---|---|")
-    for arm, r in summary["arms"].items():
-        print(
-            f"| {arm} | {r['final_val_greedy']} | {r['best_val_greedy']} | {r['first_step_above_50pct']} | "
-            f"{r['final_train_reward_on_policy']} | {r['seconds']} |"
-        )
-    print(f"\ncurves: {png}\nsummary: {out / f'summary_seed{args.seed}.json'}")
+    summaries = [run_seed(args, seed, out) for seed in args.seeds]
+    report = table(summaries)
+    (out / "results.md").write_text(report + "\n")
+    print("\n" + report)
+    print(f"\ncurves: {out}/curves_seed<S>.png  summaries: {out}/summary_seed<S>.json  table: {out / 'results.md'}")
     return 0
 
 
