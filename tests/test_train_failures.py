@@ -46,3 +46,32 @@ def test_rollout_failure_on_rank0_fails_every_rank():
     assert rank0.startswith("ConnectionError") and "127.0.0.1:9" in rank0
     assert rank1.startswith("RuntimeError") and "rollout or reward failed on rank 0" in rank1
     assert "ConnectionError" in rank1 and "nothing was trained" in rank1
+
+
+def setup_with_unreadable_data(rank: int, world: int, assets: str) -> str:
+    from pathlib import Path
+
+    from luffy_megatron.config import load_config
+    from luffy_megatron.train.loop import setup
+
+    root = Path(assets)
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu_luffy.yaml",
+        [f"model.hf_path={root / 'model'}", f"data.train_files=[{root / 'broken.parquet'}]", "data.val_files=[]",
+         f"logging.out_dir={root / 'out'}", "parallel.tp=2"],
+    )  # fmt: skip
+    try:
+        setup(cfg)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def test_setup_failure_on_rank0_fails_every_rank(tmp_path):
+    from tests.fixtures_models import write_train_assets
+
+    root = write_train_assets(tmp_path)
+    (root / "broken.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    rank0, rank1 = run_distributed(setup_with_unreadable_data, 2, str(root), timeout_s=300)
+    assert "broken.parquet" in rank0, rank0
+    assert rank1.startswith("RuntimeError: setup failed on rank 0") and "broken.parquet" in rank1, rank1

@@ -307,25 +307,40 @@ def setup(cfg: RunConfig) -> tuple[RunState, Any]:
 
         load_hf_weights(policy.modules, spec, cfg.model.hf_path)
 
+    failure: BaseException | None = None
     if dist.get_rank() == 0:
-        from luffy_megatron.data import PromptDataset, PromptSampler
-        from luffy_megatron.reward import RewardPool
-        from luffy_megatron.rollout.base import build_rollout_engine
-
-        run.dataset = PromptDataset(cfg.data, cfg.data.train_files, tokenizer)
-        run.sampler = PromptSampler(len(run.dataset), cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle)
-        if "sampler" in trainer_state:
-            run.sampler.load_state_dict(trainer_state["sampler"])
-        if cfg.data.val_files and cfg.trainer.val_interval:
-            run.val_dataset = PromptDataset(cfg.data, cfg.data.val_files, tokenizer)
-        run.engine = build_rollout_engine(cfg.rollout, cfg.model.hf_path)
-        run.rewards = RewardPool(cfg.reward, hard_margin_s=cfg.reward.hard_margin_s)
-        run.logger = MetricsLogger(cfg.logging, to_dict(cfg))
-        print(f"data: {run.dataset.summary()}", flush=True)
+        try:
+            _setup_rank0(cfg, run, tokenizer, trainer_state)
+        except Exception as e:  # e.g. an unreadable data file or an unreachable rollout server
+            failure = e
+    cause = _broadcast(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        teardown(run)
+        raise failure
+    if cause is not None:  # the other ranks would otherwise wait in the first step's broadcast until the timeout
+        raise RuntimeError(f"setup failed on rank 0 ({cause})")
     # The engine starts from the HF folder; after a resume or a Megatron checkpoint it must get the policy's weights.
     if resume_from is not None or cfg.model.megatron_checkpoint:
         sync_weights(run, policy)
     return run, policy
+
+
+def _setup_rank0(cfg: RunConfig, run: RunState, tokenizer: Any, trainer_state: dict[str, Any]) -> None:
+    """What only global rank 0 holds: datasets and sampler, rollout engine, reward pool, metrics logger."""
+    from luffy_megatron.data import PromptDataset, PromptSampler
+    from luffy_megatron.reward import RewardPool
+    from luffy_megatron.rollout.base import build_rollout_engine
+
+    run.dataset = PromptDataset(cfg.data, cfg.data.train_files, tokenizer)
+    run.sampler = PromptSampler(len(run.dataset), cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle)
+    if "sampler" in trainer_state:
+        run.sampler.load_state_dict(trainer_state["sampler"])
+    if cfg.data.val_files and cfg.trainer.val_interval:
+        run.val_dataset = PromptDataset(cfg.data, cfg.data.val_files, tokenizer)
+    run.engine = build_rollout_engine(cfg.rollout, cfg.model.hf_path)
+    run.rewards = RewardPool(cfg.reward, hard_margin_s=cfg.reward.hard_margin_s)
+    run.logger = MetricsLogger(cfg.logging, to_dict(cfg))
+    print(f"data: {run.dataset.summary()}", flush=True)
 
 
 def _should_save(cfg: RunConfig, step: int) -> bool:
