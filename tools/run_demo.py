@@ -161,13 +161,21 @@ def table(summaries: list[dict]) -> str:
         "train reward (on-policy, last step) | s (whole run) |",
         "|---|---|---|---|---|---|---|---|",
     ]
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     for summary in summaries:
         for arm, r in summary["arms"].items():
-            cells = [r["final_val_greedy"], r["best_val_greedy"], r["first_step_above_50pct"]]
-            cells += [r["train_seconds_to_50pct"], r["final_train_reward_on_policy"], r["seconds"]]
-            lines.append(
-                f"| {summary['seed']} | {arm} | " + " | ".join("-" if c is None else f"{c:g}" for c in cells) + " |"
-            )
+            cells = [
+                fmt(r["final_val_greedy"], ".3f"),
+                fmt(r["best_val_greedy"], ".3f"),
+                fmt(r["first_step_above_50pct"], "d"),
+                fmt(r["train_seconds_to_50pct"], ".0f"),
+                fmt(r["final_train_reward_on_policy"], ".2f"),
+                fmt(r["seconds"], ".0f"),
+            ]
+            lines.append(f"| {summary['seed']} | {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
