@@ -65,7 +65,7 @@ def generate(
 
 
 def tokenizer_corpus(num: int = 500, seed: int = 0, digits: int = 2) -> str:
-    """Chat-formatted problems and traces: the text a small character-level demo tokenizer is trained on."""
+    """Chat-formatted problems and traces: the text the demo's small ASCII tokenizer is trained on."""
     rows, _ = generate(num, 0, seed, digits, system_prompt=None)
     return "\n".join(
         f"<|im_start|>user\n{r['prompt'][-1]['content']}<|im_end|>\n<|im_start|>assistant\n{r['target'][0]['content']}"

@@ -4,10 +4,10 @@ math-verify relies on ``signal`` timers, which only work in a process's main thr
 processes. The pool sends chunks of items (not one item per round trip), likely-slow items (long ground truths)
 first, and shrinks the chunks as the batch drains so that the last ones do not leave a worker idle while another
 finishes; each worker reports every finished item at once, so the parent always knows which item a worker is on and
-since when. Per item the worker enforces the soft
-budget ``timeout_s`` itself (score 0, ``stats.timeouts``); the parent enforces a hard deadline of
-``timeout_s + hard_margin_s``: a worker past it, or one that died, is killed and replaced, its current item scores 0
-(``stats.hung`` / ``stats.crashes``) and the rest of its chunk goes back to the queue. A step therefore never stalls.
+since when. Per item the worker enforces the soft budget ``timeout_s`` itself (score 0, ``stats.timeouts``); the
+parent enforces a hard deadline of ``timeout_s + hard_margin_s``: a worker past it, or one that died, is killed and
+replaced, its current item scores 0 (``stats.hung`` / ``stats.crashes``) and the rest of its chunk goes back to the
+queue. A step therefore never stalls.
 """
 
 from __future__ import annotations

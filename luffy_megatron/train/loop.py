@@ -110,11 +110,7 @@ def rl_step(cfg: RunConfig, run: RunState, policy) -> dict[str, float]:
             extra = group_metrics(samples)
         except Exception as e:  # every rank must learn of it, or the others wait in the broadcast forever
             failure = e
-    samples, cause = _broadcast((samples, None if failure is None else f"{type(failure).__name__}: {failure}"))
-    if failure is not None:
-        raise failure
-    if cause is not None:
-        raise RuntimeError(f"step {run.step}: rollout or reward failed on rank 0 ({cause}); nothing was trained")
+    samples = _share_or_fail(samples, failure, f"step {run.step}: rollout or reward", "; nothing was trained")
 
     mini_batches = split_mini_batches(samples, cfg.data.train_batch_size // cfg.data.mini_batch_size)
     needs_old = len(mini_batches) > 1
@@ -313,12 +309,9 @@ def setup(cfg: RunConfig) -> tuple[RunState, Any]:
             _setup_rank0(cfg, run, tokenizer, trainer_state)
         except Exception as e:  # e.g. an unreadable data file or an unreachable rollout server
             failure = e
-    cause = _broadcast(None if failure is None else f"{type(failure).__name__}: {failure}")
     if failure is not None:
         teardown(run)
-        raise failure
-    if cause is not None:  # the other ranks would otherwise wait in the first step's broadcast until the timeout
-        raise RuntimeError(f"setup failed on rank 0 ({cause})")
+    _share_or_fail(None, failure, "setup")
     # The engine starts from the HF folder; after a resume or a Megatron checkpoint it must get the policy's weights.
     if resume_from is not None or cfg.model.megatron_checkpoint:
         sync_weights(run, policy)
@@ -388,6 +381,16 @@ def _broadcast(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _share_or_fail(payload: Any, failure: BaseException | None, what: str, consequence: str = "") -> Any:
+    """Broadcast rank 0's ``payload``, or its ``failure`` so that every rank raises (none waits in a collective)."""
+    payload, cause = _broadcast((payload, None if failure is None else f"{type(failure).__name__}: {failure}"))
+    if failure is not None:
+        raise failure
+    if cause is not None:
+        raise RuntimeError(f"{what} failed on rank 0 ({cause}){consequence}")
+    return payload
 
 
 def _mean(values: list[float]) -> float:
