@@ -1,8 +1,8 @@
 """In-process rollout engine on ``transformers`` for CPU runs and tests.
 
 Own sampling loop: left-padded batches, one prefill (once per distinct prompt: the ``n`` samples of a prompt share its
-cache) and then one-token decode steps with the model's KV cache, finished rows dropped from the batch (and cache) as
-they stop. Each row draws its uniforms from its own ``random.Random`` seeded
+cache) and then one-token decode steps with a static KV cache; finished rows are dropped from the batch (and cache)
+once half of it has stopped. Each row draws its uniforms from its own ``random.Random`` seeded
 with :func:`~luffy_megatron.rollout.base.sample_seed`, and samples by inverse CDF over the (truncated, renormalised)
 distribution, so a seeded request gives the same tokens whatever the batch it shares.
 """
@@ -163,52 +163,62 @@ class HFEngine(RolloutEngine):
         seeds: Sequence[int | None],
         is_aborted: Callable[[int], bool] | None,
     ) -> list[RowResult]:
+        from transformers import StaticCache
+
         b = len(prompts)
         rngs = [random.Random(self._rng.getrandbits(63) if s is None else s) for s in seeds]
         stop_ids = torch.tensor(sorted(set(self.eos_token_ids) | set(params.stop_token_ids)), dtype=torch.long)
+        dev = self.device
         # Prefix sharing: each distinct prompt is prefilled once; its cache row is then copied to every sample of it.
         distinct: dict[tuple[int, ...], int] = {}
         row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
-        expand = torch.tensor(row_of, device=self.device) if len(distinct) < b else None
         width = max(len(p) for p in distinct)
+        total = width + params.max_new_tokens
         input_ids = torch.full((len(distinct), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(distinct), width), dtype=torch.long)
+        mask = torch.zeros((len(distinct), total), dtype=torch.long)  # spans the whole static cache
         for r, p in enumerate(distinct):
             input_ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[r, width - len(p) :] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        dev = self.device
+            mask[r, width - len(p) : width] = 1
+        position_ids = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
         input_ids, mask, position_ids = input_ids.to(dev), mask.to(dev), position_ids.to(dev)
+        # A static cache is written in place; a dynamic one would copy itself once per token and layer.
+        cache = StaticCache(config=self.model.config, max_cache_len=total)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            cache_position=torch.arange(width, device=dev),
+            use_cache=True,
+            **{self._cache_kw: cache},
+            **self._last_only,
+        )
+        expand = torch.tensor(row_of, device=dev)
+        _select_cache_rows(cache, expand)
+        logits, mask, next_pos = out.logits[:, -1, :].float()[expand], mask[expand], position_ids[expand, -1:] + 1
 
         out_ids: list[list[int]] = [[] for _ in range(b)]
         out_lp: list[list[float]] = [[] for _ in range(b)]
         reasons: list[FinishReason | None] = [None] * b
         matched: list[int | None] = [None] * b
-        alive = list(range(b))  # batch slot -> original row
-        next_pos = position_ids[:, -1:] + 1
-        past = None
-        step_ids, step_pos = input_ids, position_ids
+        # Batch slot -> original row, None once that row has finished. Finished rows stay in the batch (their tokens
+        # are ignored) until at most half the slots are alive: dropping them costs a copy of the whole cache.
+        slots: list[int | None] = list(range(b))
         for step in range(params.max_new_tokens):
-            kw = {self._cache_kw: past, **self._last_only} if past is not None else dict(self._last_only)
-            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **kw)
-            past = getattr(out, self._cache_kw)
-            logits = out.logits[:, -1, :].float()
-            if expand is not None:  # after the prefill: one batch row per sample
-                past.batch_select_indices(expand)
-                logits, mask, next_pos, expand = logits[expand], mask[expand], next_pos[expand], None
             cdf, logp, order = next_token_distribution(logits, params.temperature, params.top_p, params.top_k)
             if params.temperature == 0:
                 tokens = logits.argmax(dim=-1)
             else:
-                u = torch.tensor([rngs[r].random() for r in alive], dtype=cdf.dtype, device=cdf.device)
-                idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).clamp(max=cdf.shape[-1] - 1)
+                u = [0.0 if r is None else rngs[r].random() for r in slots]
+                u_t = torch.tensor(u, dtype=cdf.dtype, device=cdf.device)
+                idx = torch.searchsorted(cdf, (u_t * cdf[:, -1]).unsqueeze(-1), right=True).clamp(max=cdf.shape[-1] - 1)
                 tokens = (idx if order is None else order.gather(-1, idx)).squeeze(-1)
             tok_lp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
             tokens_l, lp_l = tokens.tolist(), tok_lp.tolist()
             is_stop = torch.isin(tokens.cpu(), stop_ids).tolist()
-            keep: list[int] = []
             last = step == params.max_new_tokens - 1
-            for slot, r in enumerate(alive):
+            for slot, r in enumerate(slots):
+                if r is None:
+                    continue
                 out_ids[r].append(tokens_l[slot])
                 out_lp[r].append(lp_l[slot])
                 if is_stop[slot]:
@@ -218,17 +228,26 @@ class HFEngine(RolloutEngine):
                 elif last:
                     reasons[r] = "length"
                 else:
-                    keep.append(slot)
-            if not keep:
+                    continue
+                slots[slot] = None
+            alive = [slot for slot, r in enumerate(slots) if r is not None]
+            if not alive:
                 break
-            if len(keep) < len(alive):
-                sel = torch.tensor(keep, device=dev)
-                past.batch_select_indices(sel)
+            if len(alive) <= len(slots) // 2:
+                sel = torch.tensor(alive, device=dev)
+                _select_cache_rows(cache, sel)
                 tokens, mask, next_pos = tokens[sel], mask[sel], next_pos[sel]
-                alive = [alive[s] for s in keep]
-            mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype, device=dev)], dim=-1)
-            step_ids, step_pos = tokens.unsqueeze(-1), next_pos
-            next_pos = next_pos + 1
+                slots = [slots[s] for s in alive]
+            mask[:, width + step] = 1
+            out = self.model(
+                input_ids=tokens.unsqueeze(-1),
+                attention_mask=mask,
+                position_ids=next_pos,
+                cache_position=torch.tensor([width + step], device=dev),
+                use_cache=True,
+                **{self._cache_kw: cache},
+            )
+            logits, next_pos = out.logits[:, -1, :].float(), next_pos + 1
         return [RowResult(out_ids[r], out_lp[r], reasons[r] or "length", matched[r]) for r in range(b)]
 
     # ------------------------------------------------------------------ weights
@@ -276,3 +295,10 @@ class HFEngine(RolloutEngine):
     def health(self) -> dict:
         """Always healthy unless a weight update failed."""
         return {"ok": not self._stale, "weight_version": self.weight_version, "backend": "hf"}
+
+
+def _select_cache_rows(cache, rows: torch.Tensor) -> None:
+    """Keep batch ``rows`` (in that order, repeats allowed) of every layer of a static KV cache."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+        layer.batch_size = len(rows)
