@@ -82,33 +82,34 @@ class MicroBatch:
 
 def make_micro_batch(samples: list[Sample], sample_ids: list[int], pad_id: int) -> MicroBatch:
     """Right-padded tensors of ``samples[i] for i in sample_ids``."""
+    rows = [samples[i] for i in sample_ids]
     # An empty micro-batch (a rank with fewer samples than micro-batches) is one fully masked row of padding.
-    length = max((samples[i].num_tokens for i in sample_ids), default=2)
-    b = max(len(sample_ids), 1)
-    tokens = torch.full((b, length), pad_id, dtype=torch.long)
-    targets = torch.full((b, length), pad_id, dtype=torch.long)
-    resp = torch.zeros((b, length), dtype=torch.bool)
-    off = torch.zeros((b, length), dtype=torch.bool)
-    adv = torch.zeros((b, length))
-    old = torch.zeros((b, length))
-    roll = torch.zeros((b, length))
-    has_roll = torch.zeros((b, length), dtype=torch.bool)
-    for row, i in enumerate(sample_ids):
-        s = samples[i]
-        ids = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long)
-        n, p, r = len(ids), len(s.prompt_ids), len(s.response_ids)
-        tokens[row, :n] = ids
-        targets[row, : n - 1] = ids[1:]
-        span = slice(p - 1, p - 1 + r)  # positions whose target is a response token
-        resp[row, span] = True
-        off[row, span] = s.off_policy
-        adv[row, span] = s.advantage
-        if s.old_logprobs is not None:
-            old[row, span] = torch.tensor(s.old_logprobs)
-        if s.rollout_logprobs is not None:
-            roll[row, span] = torch.tensor(s.rollout_logprobs)
-            has_roll[row, span] = True
+    length = max((s.num_tokens for s in rows), default=2)
+    b = max(len(rows), 1)
+
+    def padded(values: list, start: int, fill: float | int) -> list:
+        return [fill] * start + values + [fill] * (length - start - len(values))
+
+    tokens = torch.tensor([padded(s.prompt_ids + s.response_ids, 0, pad_id) for s in rows] or [[pad_id] * length])
+    targets = torch.full_like(tokens, pad_id)
+    targets[:, :-1] = tokens[:, 1:]
+    # Position t predicts token t + 1: the response's targets sit at positions [p - 1, p - 1 + r).
+    starts = torch.tensor([len(s.prompt_ids) - 1 for s in rows] or [0]).unsqueeze(1)
+    ends = starts + torch.tensor([len(s.response_ids) for s in rows] or [0]).unsqueeze(1)
     positions = torch.arange(length).unsqueeze(0).expand(b, length).contiguous()
+    resp = (positions >= starts) & (positions < ends)
+
+    def per_row(values: list) -> torch.Tensor:
+        return torch.tensor(values or [0], dtype=torch.float32).unsqueeze(1)
+
+    def spans(attr: str) -> torch.Tensor:
+        vals = [padded(getattr(s, attr) or [], len(s.prompt_ids) - 1, 0.0) for s in rows]
+        return torch.tensor(vals or [[0.0] * length], dtype=torch.float32)
+
+    off = resp & per_row([float(s.off_policy) for s in rows]).bool()
+    adv = resp * per_row([s.advantage for s in rows])
+    has_roll = resp & per_row([float(s.rollout_logprobs is not None) for s in rows]).bool()
+    old, roll = spans("old_logprobs"), spans("rollout_logprobs")
     return MicroBatch(sample_ids, tokens, positions, targets, resp, off, adv, old, roll, has_roll)
 
 
