@@ -43,6 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="byte-level BPE over printable ASCII only (vocabularies of ~100 tokens; other bytes are dropped)",
     )
+    parser.add_argument(
+        "--chat-template",
+        choices=("chatml", "compact"),
+        default="chatml",
+        help="chatml: Qwen's template; compact: message texts then <think>\\n (fewer tokens per prompt)",
+    )
     parser.add_argument("--rope-theta", type=float, default=None, help="default: the family's usual base")
     parser.add_argument(
         "--randomize-all",
@@ -73,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         corpus=args.corpus.read_text(encoding="utf-8") if args.corpus else None,
         split_digits=args.split_digits,
         ascii_only=args.ascii_only,
+        chat_template=args.chat_template,
         rope_theta=args.rope_theta,
         randomize_all=args.randomize_all,
         max_position_embeddings=args.max_position_embeddings,

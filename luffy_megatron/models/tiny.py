@@ -4,7 +4,8 @@
 ``config.json``, ``model.safetensors``, ``generation_config.json`` and a byte-level BPE tokenizer trained in-process on
 a small built-in corpus of math and chat text. The tokenizer follows the Qwen conventions the LUFFY models use:
 special tokens ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>`` (eos), added tokens ``<think>`` / ``</think>``,
-and a chat template whose generation prompt ends with ``<|im_start|>assistant\\n<think>\\n``.
+and Qwen's chat template, whose generation prompt ends with ``<|im_start|>assistant\\n<think>\\n`` (or a compact
+one that keeps only the message texts and the ``<think>\\n`` opening, for tiny CPU runs).
 
 Every tensor is random, including norm weights (1 + noise) and q/k/v biases, so that a wrong name or layout in a
 conversion changes the logits.
@@ -32,6 +33,12 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
 )
+# Each message's text on its own line, then the open think block: a few tokens per prompt, for tiny CPU runs.
+COMPACT_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- message['content'] + '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<think>\\n' }}{%- endif %}"
+)
+CHAT_TEMPLATES = {"chatml": CHAT_TEMPLATE, "compact": COMPACT_CHAT_TEMPLATE}
 
 _CORPUS = """\
 <|im_start|>system
@@ -84,14 +91,23 @@ def _byte_symbol(byte: int) -> str:
     return chr(256 + sum(1 for b in range(byte) if b not in printable))
 
 
-def train_tokenizer(vocab_size: int, corpus: str | None = None, split_digits: bool = True, ascii_only: bool = False):
+def train_tokenizer(
+    vocab_size: int,
+    corpus: str | None = None,
+    split_digits: bool = True,
+    ascii_only: bool = False,
+    chat_template: str = "chatml",
+):
     """A byte-level BPE ``PreTrainedTokenizerFast`` with at most ``vocab_size`` tokens (specials included).
 
     ``split_digits`` uses Qwen's pre-tokenizer pattern, so every digit is its own token; otherwise GPT-2's pattern.
     ``ascii_only`` starts from the printable ASCII bytes, tab and newline (98 symbols) instead of all 256, for
     vocabularies of about a hundred tokens; other bytes then have no token and are dropped, as ``Qwen2Tokenizer``
     (which ``AutoTokenizer`` uses for these checkpoints) has no unknown token. Use it only for ASCII text.
+    ``chat_template``: ``chatml`` (Qwen's) or ``compact`` (message texts, one per line, then ``<think>\\n``).
     """
+    if chat_template not in CHAT_TEMPLATES:
+        raise ValueError(f"unknown chat_template {chat_template!r}; choose one of {', '.join(CHAT_TEMPLATES)}")
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -121,10 +137,10 @@ def train_tokenizer(vocab_size: int, corpus: str | None = None, split_digits: bo
     for marker in (*SPECIAL_TOKENS, *THINK_TOKENS):
         text = text.replace(marker, "")
     tok.train_from_iterator(text.splitlines() * 4, trainer=trainer)
-    return _wrap(tok, vocab_size)
+    return _wrap(tok, vocab_size, CHAT_TEMPLATES[chat_template])
 
 
-def _wrap(tok, vocab_size: int):
+def _wrap(tok, vocab_size: int, chat_template: str):
     """The ``transformers`` tokenizer around a trained ``tokenizers`` BPE: Qwen's specials, think tokens, template."""
     from transformers import PreTrainedTokenizerFast
 
@@ -137,7 +153,7 @@ def _wrap(tok, vocab_size: int):
         clean_up_tokenization_spaces=False,
         model_max_length=32768,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     if len(fast) > vocab_size:
         raise ValueError(f"tokenizer has {len(fast)} tokens, more than vocab_size={vocab_size}")
     return fast
@@ -231,6 +247,7 @@ def make_tiny_model(
     corpus: str | None = None,
     split_digits: bool = True,
     ascii_only: bool = False,
+    chat_template: str = "chatml",
     rope_theta: float | None = None,
     randomize_all: bool = True,
     max_position_embeddings: int = 4096,
@@ -247,7 +264,9 @@ def make_tiny_model(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(vocab_size, corpus, split_digits=split_digits, ascii_only=ascii_only)
+    tokenizer = train_tokenizer(
+        vocab_size, corpus, split_digits=split_digits, ascii_only=ascii_only, chat_template=chat_template
+    )
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = tiny_hf_config(
