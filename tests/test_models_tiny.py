@@ -65,3 +65,26 @@ def test_ascii_only_tokenizer_for_a_small_vocabulary(tmp_path: Path) -> None:
     trace = tok.convert_ids_to_tokens(tok(expert_trace(7, 85, 2), add_special_tokens=False)["input_ids"])
     assert trace[0] == "<think>" and "</think>" in trace and "\\boxed" in trace
     assert trace[trace.index("{") + 1 : trace.index("}")] == ["9", "2"]  # digits stay single tokens
+
+
+def test_compact_chat_template(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from luffy_megatron.data.dataset import strip_think_prefix
+    from luffy_megatron.data.synthetic import expert_trace, problem_text, tokenizer_corpus
+
+    out = make_tiny_model(tmp_path / "m", vocab_size=128, hidden_size=32, ascii_only=True, chat_template="compact",
+                          corpus=tokenizer_corpus(200))  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "system", "content": "Add."}, {"role": "user", "content": problem_text(7, 85, 2)}]
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt == "Add.\n07+85=\n<think>\n"
+    assert tok.convert_ids_to_tokens(tok(prompt)["input_ids"])[-2:] == ["<think>", "Ċ"]  # byte-level "\n"
+    # The trace's own "<think>\n" is dropped after a prompt that opens the think block.
+    assert strip_think_prefix(expert_trace(7, 85, 2), prompt).startswith("7+5=12;")
+    try:
+        make_tiny_model(tmp_path / "bad", vocab_size=128, hidden_size=32, ascii_only=True, chat_template="plain")
+    except ValueError as e:
+        assert "plain" in str(e) and "compact" in str(e)
+    else:
+        raise AssertionError("an unknown chat template was accepted")
