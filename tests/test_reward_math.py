@@ -11,7 +11,7 @@ import time
 import pytest
 
 from luffy_megatron.reward import score_detailed, score_one, split_think
-from luffy_megatron.reward.math_reward import CORRECT, FORMAT_ERROR, INCORRECT, TIMEOUT, choice_letter
+from luffy_megatron.reward.math_reward import CORRECT, ERROR, FORMAT_ERROR, INCORRECT, TIMEOUT, choice_letter
 
 THINK = "<think>\nLet me work it out.\n</think>\n"
 
@@ -152,7 +152,15 @@ def test_timer_restores_an_outer_alarm():
         signal.signal(signal.SIGALRM, old)
 
 
-BOXED_INTEGERS = ["\\boxed{132}", "\n\\boxed{0132}\n", "\\boxed{-132}", "\\boxed{133}", "\\boxed{-0}"]
+BOXED_INTEGERS = [
+    "\\boxed{132}",
+    "\n\\boxed{0132}\n",
+    "\\boxed{-132}",
+    "\\boxed{133}",
+    "\\boxed{-0}",
+    "\n\\boxed{132}<|im_end|>",  # responses are decoded with their end-of-turn token
+    "\\boxed{133}\n<|endoftext|>",
+]
 
 
 @pytest.mark.parametrize("answer", BOXED_INTEGERS)
@@ -162,3 +170,15 @@ def test_boxed_integer_shortcut_agrees_with_math_verify(answer: str, truth: str)
 
     expected = CORRECT if verify(parse("$" + truth + "$"), parse(answer)) else INCORRECT
     assert score_detailed("</think>" + answer, truth, True).status == expected
+
+
+@pytest.mark.parametrize("answer", BOXED_INTEGERS)
+def test_boxed_integer_shortcut_skips_math_verify(answer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from luffy_megatron.reward import math_reward
+
+    def no_math_verify():
+        raise AssertionError("math-verify was called")
+
+    monkeypatch.setattr(math_reward, "_math_verify", no_math_verify)
+    assert score_detailed("</think>" + answer, "132", True).status in (CORRECT, INCORRECT)
+    assert score_detailed("</think>" + answer + " or 7", "132", True).status == ERROR  # no shortcut: math-verify

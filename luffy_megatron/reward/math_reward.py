@@ -9,8 +9,8 @@ listed in docs/data_and_rewards.md:
 * The answer is the text after the first ``</think>`` and before a second one (the paper's ``split('</think>')[1]``).
 * Prediction: ``parse(answer)`` with math-verify's defaults; gold: ``parse('$' + ground_truth + '$')``;
   ``verify(gold, prediction)``. Score 1.0 when it holds, else 0.0. An answer that is only ``\\boxed{<integer>}``
-  against an integer ground truth is compared as integers directly (what math-verify would conclude, without its
-  parse; a test checks the two agree).
+  (possibly followed by the end-of-turn marker) against an integer ground truth is compared as integers directly
+  (what math-verify would conclude, without its parse; a test checks the two agree).
 * Extra (switchable): a ground truth that is a single choice letter A-J also accepts the letter extracted from the
   answer with ``StringExtractionConfig`` (anchored forms like "answer: B") or from ``\\boxed{(B)}``.
 * Timeouts: one budget per item (parse + verify together), enforced with ``signal.setitimer`` in the calling thread,
@@ -46,7 +46,8 @@ ERROR = "error"  # an unexpected exception from math-verify
 _CHOICE_RE = re.compile(r"^\(?\s*([A-J])\s*\)?$")
 _TEXT_RE = re.compile(r"\\(?:text|mathrm|textbf|mathbf)\s*\{([^{}]*)\}")
 _INTEGER_RE = re.compile(r"-?[0-9]{1,100}")
-_BOXED_INTEGER_RE = re.compile(r"\s*\\boxed\{(-?[0-9]{1,100})\}\s*")
+# A boxed integer and nothing else but whitespace and the end-of-turn marker the decoded response may keep.
+_BOXED_INTEGER_RE = re.compile(r"\s*\\boxed\{(-?[0-9]{1,100})\}\s*(?:<\|(?:im_end|endoftext)\|>)?\s*")
 
 
 class ItemTimeout(BaseException):
