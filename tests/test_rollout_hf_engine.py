@@ -9,7 +9,7 @@ import torch
 
 from luffy_megatron.config import RolloutConfig
 from luffy_megatron.rollout import SamplingParams, WeightSyncError, build_rollout_engine
-from luffy_megatron.rollout.hf_engine import HFEngine, next_token_distribution
+from luffy_megatron.rollout.hf_engine import CPU_DECODE_ATTENTION, HFEngine, next_token_distribution
 from tests.sglang_test_server import save_tiny_model, tiny_model
 
 PROMPT = [5, 9, 3, 17]
@@ -87,8 +87,10 @@ def test_same_seed_same_samples_regardless_of_batching() -> None:
 
 
 def test_logprobs_equal_full_forward() -> None:
-    model = tiny_model(seed=3, scale=3.0)
+    model = tiny_model(seed=3, scale=3.0)  # grouped-query attention: 4 heads, 2 KV heads
     engine = HFEngine(model, eos_token_ids=[1])
+    # Decode steps use the engine's CPU attention; the reference full forward below goes through SDPA.
+    assert model.config._attn_implementation == CPU_DECODE_ATTENTION
     prompts = [[3, 4, 5, 6, 7, 8, 9], [7, 8], [11, 12, 13, 14]]  # different lengths -> left padding
     for temperature in (1.0, 0.6):
         out = engine.generate(prompts, SamplingParams(n=2, temperature=temperature, max_new_tokens=16, seed=7))

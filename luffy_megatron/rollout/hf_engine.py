@@ -76,8 +76,46 @@ def next_token_distribution(
     return sorted_p.cumsum(dim=-1), logp, order
 
 
+CPU_DECODE_ATTENTION = "luffy_cpu_decode"
+
+
+def _cpu_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA, except for one-token queries (decode steps): two small matmuls, about twice as fast as SDPA's CPU kernel
+    with a padding mask at these shapes."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or module.training:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale  # [B, H, 1, T]
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def register_cpu_decode_attention() -> str:
+    """Register :func:`_cpu_decode_attention` (with SDPA's masks) with ``transformers``; returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(CPU_DECODE_ATTENTION, _cpu_decode_attention)
+    AttentionMaskInterface.register(CPU_DECODE_ATTENTION, sdpa_mask)
+    return CPU_DECODE_ATTENTION
+
+
 class HFEngine(RolloutEngine):
-    """Batched sampling from a ``transformers`` causal LM held in this process."""
+    """Batched sampling from a ``transformers`` causal LM held in this process.
+
+    The engine owns ``model``: it loads weight updates into it and, on CPU, switches its SDPA attention to
+    :func:`_cpu_decode_attention`.
+    """
 
     def __init__(
         self,
@@ -88,6 +126,8 @@ class HFEngine(RolloutEngine):
         pad_token_id: int = 0,
     ) -> None:
         self.model = model.eval()
+        if next(model.parameters()).device.type == "cpu" and model.config._attn_implementation == "sdpa":
+            model.set_attn_implementation(register_cpu_decode_attention())
         self.eos_token_ids = tuple(int(e) for e in eos_token_ids)
         self.batch_size = batch_size
         self.pad_token_id = pad_token_id
