@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -50,6 +51,13 @@ def prepare(out: Path, seed: int) -> tuple[Path, Path]:
     return model_dir, task_dir
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (each arm's process group needs its own; fixed ones collide across runs)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_arms(
     arms: list[str], out: Path, model_dir: Path, task_dir: Path, steps: int, seed: int, val_interval: int
 ) -> dict[str, float]:
@@ -76,7 +84,7 @@ def run_arms(
             f"data.seed={seed}",
             *ARMS[arm],
         ]
-        env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + 17 * len(procs) + seed % 7))
+        env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
         log = (run_dir / "train.log").open("w")
         procs[arm] = (subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env), time.time(), log)
         print(f"started {arm}: log in {run_dir / 'train.log'}", flush=True)
