@@ -232,9 +232,11 @@ class HFEngine(RolloutEngine):
             **{self._cache_kw: cache},
             **self._last_only,
         )
-        expand = torch.tensor(row_of, device=dev)
-        _select_cache_rows(cache, expand)
-        logits, mask, next_pos = out.logits[:, -1, :].float()[expand], mask[expand], position_ids[expand, -1:] + 1
+        logits, next_pos = out.logits[:, -1, :].float(), position_ids[:, -1:] + 1
+        if len(distinct) < b:  # one batch row per sample from here on
+            expand = torch.tensor(row_of, device=dev)
+            _select_cache_rows(cache, expand)
+            logits, mask, next_pos = logits[expand], mask[expand], next_pos[expand]
 
         out_ids: list[list[int]] = [[] for _ in range(b)]
         out_lp: list[list[float]] = [[] for _ in range(b)]
