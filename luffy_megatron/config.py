@@ -147,6 +147,10 @@ class AlgorithmConfig:
     luffy_micro_batch_seqs: int = 64
     # Tokens per chunk of the fused log-prob/entropy function (bounds its temporary memory).
     logprob_chunk_tokens: int = 1024
+    # Leave samples with advantage exactly 0 out of the update when their loss is provably 0 (entropy_coeff = 0,
+    # kl_coeff = 0, and no SFT loss on traces): same gradient, less compute. Token metrics (entropy, probabilities,
+    # clip fraction) then cover the trained samples only; a step that trains none logs none of them.
+    skip_zero_advantage: bool = True
 
 
 @dataclass

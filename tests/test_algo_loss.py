@@ -307,6 +307,40 @@ def test_packed_equals_padded():
         torch.testing.assert_close(loss1, loss2, rtol=1e-6, atol=1e-8)
 
 
+def test_multiplicity_equals_repeated_rows():
+    """A row with multiplicity k gives the loss, gradient and metrics of k identical rows."""
+    cfg = replace(BASE, clip_ratio=True, kl_coeff=0.05, entropy_coeff=0.01)
+    lp, old, adv, resp, off, entropy, ref = make_batch(B=4, seed=12, n_off_rows=1)
+    repeats = torch.tensor([2, 1, 3, 1])
+    for mode in ("luffy", "token_mean", "seq_mean_token_mean"):
+        expanded = [x.repeat_interleave(repeats, dim=0) for x in (lp, old, adv, resp, off, entropy, ref)]
+        results = []
+        for (_, old_, adv_, resp_, off_, ent_, ref_), mult in (
+            (expanded, None),
+            ((lp, old, adv, resp, off, entropy, ref), repeats[:, None].expand_as(lp).double()),
+        ):
+            # Weights come from the global counts of all copies (as the trainer computes them before merging).
+            counts = GlobalCounts.from_masks(expanded[3], expanded[4])
+            w = aggregation_weights(
+                mode, resp_, counts, max_response_length=lp.shape[-1], off_policy_mask=off_, luffy_micro_batch_seqs=8
+            )
+            leaf = lp.clone().requires_grad_()
+            lp_in = leaf.repeat_interleave(repeats, dim=0) if mult is None else leaf
+            loss, sums = mixed_policy_loss(
+                lp_in, old_, adv_, resp_, off_, cfg, token_weights=w, entropy=ent_, ref_log_prob=ref_, multiplicity=mult
+            )
+            (grad,) = torch.autograd.grad(loss, leaf)
+            results.append((loss, grad, sums.compute()))
+        (loss_a, grad_a, m_a), (loss_b, grad_b, m_b) = results
+        # The loss runs in fp32: the two forms differ only by summation order.
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(grad_b, grad_a, rtol=1e-5, atol=1e-8)
+        assert m_a.keys() == m_b.keys()
+        for k in m_a:
+            assert m_b[k] == pytest.approx(m_a[k], rel=1e-5, abs=1e-8), (mode, k)
+        assert grad_a.abs().sum() > 0
+
+
 # --------------------------------------------------------------------------------------------------- edge cases
 
 

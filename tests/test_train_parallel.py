@@ -143,3 +143,102 @@ def train_repeatedly(rank: int, world: int, hf_dir: str) -> list[dict]:
     for s, lp in zip(samples, policy.compute_logprobs(samples)):
         s.old_logprobs = lp
     return [policy.train_mini_batch(samples, use_old_logprobs=True) for _ in range(8)]
+
+
+def make_redundant_samples(vocab: int):
+    """Four groups: solved by all (advantage 0), one with repeated wrong answers and a trace, one never solved and
+    without a trace (advantage 0), one with a repeated right answer."""
+    import torch
+
+    from luffy_megatron.algo import compute_advantages
+    from luffy_megatron.train.samples import Sample
+
+    rng = random.Random(7)
+
+    def seq(n: int) -> list[int]:
+        return [rng.randrange(vocab) for _ in range(n)]
+
+    samples = []
+    for g, (responses, rewards, has_trace) in enumerate(
+        [
+            ([seq(5), seq(6), seq(4)], [1, 1, 1], True),
+            ([(r := seq(7)), r, seq(3)], [0, 0, 0], True),
+            ([(r := seq(6)), r, seq(8), seq(2)], [0, 0, 0, 0], False),
+            ([(r := seq(5)), r, seq(9)], [1, 1, 0], True),
+        ]
+    ):
+        prompt = seq(4)
+        for resp, reward in zip(responses, rewards):
+            logprobs = [-0.5 - 0.1 * t for t in range(len(resp))]
+            samples.append(Sample(g, g, prompt, list(resp), False, reward=reward, rollout_logprobs=logprobs))
+        if has_trace:
+            samples.append(Sample(g, g, prompt, seq(6), True, reward=1.0))
+    adv = compute_advantages(torch.tensor([s.reward for s in samples]), torch.tensor([s.group_id for s in samples]))
+    for s, a in zip(samples, adv.tolist()):
+        s.advantage = a
+    return samples
+
+
+def train_redundant(rank: int, world: int, hf_dir: str, variant: str):
+    """One update on :func:`make_redundant_samples`: ``compact`` (the default), ``dedup_only`` (zero-advantage
+    samples kept) or ``reference`` (every copy trained, compaction disabled)."""
+    from luffy_megatron.config import load_config, read_hf_config
+    from luffy_megatron.convert.load import load_hf_weights
+    from luffy_megatron.models.builder import model_spec
+    from luffy_megatron.platform import init_model_parallel, setup_platform
+    from luffy_megatron.train import policy as policy_module
+
+    setup_platform()
+    init_model_parallel(1, 1, None, seed=1)
+    overrides = [
+        f"model.hf_path={hf_dir}",
+        "model.dtype=float32",
+        "algorithm.entropy_coeff=0.0",
+        "optimizer.lr=1e-2",
+        "data.max_response_length=16",
+        "parallel.max_tokens_per_micro_batch=40",
+        f"algorithm.skip_zero_advantage={variant == 'compact'}",
+    ]
+    if variant == "reference":
+        policy_module.compact_samples = lambda samples, drop_zero_advantage: samples
+    cfg = load_config(None, overrides)
+    spec = model_spec(read_hf_config(hf_dir), 1)
+    policy = policy_module.MegatronPolicy(cfg, spec, pad_id=0)
+    load_hf_weights(policy.modules, spec, hf_dir)
+    samples = make_redundant_samples(spec.vocab_size)
+    metrics = policy.train_mini_batch(samples, use_old_logprobs=False)
+    return {"metrics": metrics, "after": policy.compute_logprobs(samples)}
+
+
+@pytest.fixture(scope="module")
+def redundant_results():
+    hf_dir = str(tiny_checkpoint("llama"))
+    variants = {"reference": 1, "dedup_only": 1, "compact": 1, "compact_dp2": 2}
+    return {
+        name: run_distributed(train_redundant, world, hf_dir, name.removesuffix("_dp2"))[0]
+        for name, world in variants.items()
+    }
+
+
+def test_merging_and_skipping_samples_keeps_the_update(redundant_results):
+    ref = redundant_results["reference"]
+    assert ref["metrics"]["trained_samples"] == 16
+    assert redundant_results["dedup_only"]["metrics"]["trained_samples"] == 13  # three repeated responses merged
+    assert redundant_results["compact"]["metrics"]["trained_samples"] == 6  # and two zero-advantage groups left out
+    for name in ("dedup_only", "compact", "compact_dp2"):
+        got = redundant_results[name]
+        for key in ("grad_norm", "actor/loss", "actor/pg_loss"):
+            assert got["metrics"][key] == pytest.approx(ref["metrics"][key], rel=REL_TOL), (name, key)
+        for a, b in zip(ref["after"], got["after"]):
+            assert b == pytest.approx(a, abs=1e-5), name
+    # Merged copies count with their multiplicity in every token metric.
+    for key in (
+        "actor/entropy",
+        "actor/off_policy_prob",
+        "actor/on_pg_loss",
+        "actor/ppo_kl",
+        "actor/response_tokens",
+        "train_rollout_logprob_gap",
+    ):
+        assert redundant_results["dedup_only"]["metrics"][key] == pytest.approx(ref["metrics"][key], rel=REL_TOL), key
+    assert ref["metrics"]["grad_norm"] > 0

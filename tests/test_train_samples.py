@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from luffy_megatron.train.loop import split_mini_batches
-from luffy_megatron.train.samples import Sample, assemble_groups, make_micro_batch, pack_micro_batches
+from luffy_megatron.train.samples import (
+    Sample,
+    assemble_groups,
+    compact_samples,
+    make_micro_batch,
+    pack_micro_batches,
+)
 
 
 def test_assemble_groups_mixes_rollouts_and_trace_copies():
@@ -78,3 +84,38 @@ def test_mini_batches_never_split_a_group():
     assert len(parts) == 2
     assert [sorted({s.group_id for s in p}) for p in parts] == [[0, 1, 2], [3, 4, 5]]
     assert torch.tensor([len(p) for p in parts]).sum() == len(samples)
+
+
+def test_compact_samples_merges_identical_samples_and_drops_zero_advantages():
+    a = Sample(0, 0, [1, 2], [3, 4], off_policy=False, advantage=-0.25, rollout_logprobs=[-1.0, -2.0])
+    same = Sample(0, 0, [1, 2], [3, 4], off_policy=False, advantage=-0.25, rollout_logprobs=[-1.0, -2.0])
+    other_response = Sample(0, 0, [1, 2], [3, 5], off_policy=False, advantage=-0.25)
+    trace = Sample(0, 0, [1, 2], [3, 4], off_policy=True, advantage=0.75)  # same tokens, but a trace
+    other_group = Sample(1, 1, [1, 2], [3, 4], off_policy=False, advantage=0.5)  # same tokens, other advantage
+    solved = Sample(2, 2, [9], [8], off_policy=False, advantage=0.0)
+    samples = [a, same, other_response, trace, other_group, solved, replace_copy(solved)]
+
+    kept = compact_samples(samples, drop_zero_advantage=False)
+    assert [(s.response_ids, s.off_policy, s.advantage, s.multiplicity) for s in kept] == [
+        ([3, 4], False, -0.25, 2),
+        ([3, 5], False, -0.25, 1),
+        ([3, 4], True, 0.75, 1),
+        ([3, 4], False, 0.5, 1),
+        ([8], False, 0.0, 2),
+    ]
+    assert sum(s.multiplicity for s in kept) == len(samples)
+    assert all(s.multiplicity == 1 for s in samples)  # the inputs are left as they were
+    dropped = compact_samples(samples, drop_zero_advantage=True)
+    assert [s.multiplicity for s in dropped] == [2, 1, 1, 1]
+    # Different old log-probs (a later mini-batch epoch) are not merged.
+    x, y = replace_copy(a), replace_copy(a)
+    x.old_logprobs, y.old_logprobs = [-1.0, -2.0], [-1.0, -2.5]
+    assert len(compact_samples([x, y], drop_zero_advantage=False)) == 2
+    mb = make_micro_batch(kept, [0, 4], pad_id=0)
+    assert mb.multiplicity.tolist() == [[2.0] * 4, [2.0] * 4]
+
+
+def replace_copy(sample: Sample) -> Sample:
+    from dataclasses import replace
+
+    return replace(sample)

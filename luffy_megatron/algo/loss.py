@@ -178,6 +178,7 @@ def mixed_policy_loss(
     token_weights: LossWeights | Tensor,
     entropy: Tensor | None = None,
     ref_log_prob: Tensor | None = None,
+    multiplicity: Tensor | None = None,
     check_finite: bool = True,
 ) -> tuple[Tensor, MetricSums]:
     """LUFFY's mixed on/off-policy loss of one micro-batch (formulas in the module docstring).
@@ -193,6 +194,8 @@ def mixed_policy_loss(
         token_weights: :class:`LossWeights` from :func:`aggregation_weights` (a bare tensor is used for every term).
         entropy: same shape, per-token entropy (differentiable); required when ``config.entropy_coeff > 0``.
         ref_log_prob: same shape, reference-policy log-prob; required when ``config.kl_coeff > 0``.
+        multiplicity: same shape, how many identical samples each token's row stands for (duplicates merged before
+            the forward); scales the loss weights and every metric, so the result equals that of the copies. None: 1.
         check_finite: raise ValueError when a response token has a NaN/inf input (one host sync).
 
     Returns:
@@ -211,6 +214,7 @@ def mixed_policy_loss(
         ("token_weights.policy", weights.policy, True),
         ("token_weights.mean", weights.mean, True),
         ("token_weights.off_policy_mean", weights.off_policy_mean, True),
+        ("multiplicity", multiplicity, False),
     ]
     for name, t, required in named:
         if t is None and not required:
@@ -240,10 +244,12 @@ def mixed_policy_loss(
     lp = torch.where(mask, log_prob.float(), zero)
     old = torch.where(mask, old_log_prob.float(), zero).detach()
     adv = torch.where(mask, advantages.float(), zero).detach()
-    w_pg = torch.where(mask, weights.policy.float(), zero).detach()
-    w_mean = torch.where(mask, weights.mean.float(), zero).detach()
-    w_off = torch.where(off, weights.off_policy_mean.float(), zero).detach()
-    n_on, n_off, n_tok = on.sum(), off.sum(), mask.sum()
+    # Every sum below counts a token `count` times: 1, or the number of identical samples its row stands for.
+    count = mask.float() if multiplicity is None else torch.where(mask, multiplicity.float(), zero).detach()
+    w_pg = torch.where(mask, weights.policy.float(), zero).detach() * count
+    w_mean = torch.where(mask, weights.mean.float(), zero).detach() * count
+    w_off = torch.where(off, weights.off_policy_mean.float(), zero).detach() * count
+    n_on, n_off, n_tok = (on * count).sum(), (off * count).sum(), count.sum()
     metrics = MetricSums()
 
     # On-policy tokens.
@@ -266,17 +272,17 @@ def mixed_policy_loss(
     max_c, min_c = config.off_policy_max_clamp, config.off_policy_min_clamp
     if max_c is not None:
         f = torch.clamp(f, max=max_c)
-        metrics.add_mean("actor/off_ratio_max_clip_frac", ((f == max_c) & off).sum(), n_off)
+        metrics.add_mean("actor/off_ratio_max_clip_frac", (((f == max_c) & off) * count).sum(), n_off)
     if min_c is not None:
         f = torch.clamp(f, min=min_c)
-        metrics.add_mean("actor/off_ratio_min_clip_frac", ((f == min_c) & off).sum(), n_off)
+        metrics.add_mean("actor/off_ratio_min_clip_frac", (((f == min_c) & off) * count).sum(), n_off)
     pg_off = torch.where(off, -adv * f, zero)
 
     if config.sft_loss:
         per_token = pg_on
         nll = torch.where(off, -lp, zero)
         sft_loss = config.sft_loss_coeff * (nll * w_off).sum()
-        metrics.add_mean("actor/sft_nll", nll.sum(), n_off)
+        metrics.add_mean("actor/sft_nll", (nll * count).sum(), n_off)
         metrics.add_total("actor/sft_loss", sft_loss)
     else:
         per_token = pg_on + pg_off
@@ -287,7 +293,7 @@ def mixed_policy_loss(
 
     if entropy is not None:
         ent = torch.where(mask, entropy.float(), zero)
-        metrics.add_mean("actor/entropy", ent.sum(), n_tok)
+        metrics.add_mean("actor/entropy", (ent * count).sum(), n_tok)
         if config.entropy_coeff > 0:
             ent_loss = -config.entropy_coeff * (ent * w_mean).sum()
             loss = loss + ent_loss
@@ -295,7 +301,7 @@ def mixed_policy_loss(
     if ref_log_prob is not None:
         ref = torch.where(mask, ref_log_prob.float(), zero).detach()
         kld = torch.where(mask, _kl(lp, ref, config.kl_type), zero)
-        metrics.add_mean("actor/kl_ref", kld.sum(), n_tok)
+        metrics.add_mean("actor/kl_ref", (kld * count).sum(), n_tok)
         if config.kl_coeff > 0:
             kl_loss = config.kl_coeff * (kld * w_mean).sum()
             loss = loss + kl_loss
@@ -303,13 +309,13 @@ def mixed_policy_loss(
     metrics.add_total("actor/loss", loss)
 
     with torch.no_grad():
-        metrics.add_mean("actor/on_pg_loss", pg_on.sum(), n_on)
-        metrics.add_mean("actor/off_pg_loss", pg_off.sum(), n_off)
-        metrics.add_mean("actor/pg_clipfrac", clipped.sum(), n_on)
-        metrics.add_mean("actor/ppo_kl", torch.where(mask, old - lp, zero).sum(), n_tok)
-        metrics.add_mean("actor/on_policy_prob", torch.where(on, torch.exp(old_on), zero).sum(), n_on)
-        metrics.add_mean("actor/off_policy_prob", torch.where(off, torch.exp(lp_off), zero).sum(), n_off)
-        metrics.add_mean("actor/off_ratio_mean", torch.where(off, f, zero).sum(), n_off)
+        metrics.add_mean("actor/on_pg_loss", (pg_on * count).sum(), n_on)
+        metrics.add_mean("actor/off_pg_loss", (pg_off * count).sum(), n_off)
+        metrics.add_mean("actor/pg_clipfrac", (clipped * count).sum(), n_on)
+        metrics.add_mean("actor/ppo_kl", (torch.where(mask, old - lp, zero) * count).sum(), n_tok)
+        metrics.add_mean("actor/on_policy_prob", (torch.where(on, torch.exp(old_on), zero) * count).sum(), n_on)
+        metrics.add_mean("actor/off_policy_prob", (torch.where(off, torch.exp(lp_off), zero) * count).sum(), n_off)
+        metrics.add_mean("actor/off_ratio_mean", (torch.where(off, f, zero) * count).sum(), n_off)
         metrics.add_total("actor/response_tokens", n_tok)
     return loss, metrics
 

@@ -23,7 +23,14 @@ from luffy_megatron.algo import (
 )
 from luffy_megatron.config import RunConfig
 from luffy_megatron.models.builder import ModelSpec, build_gpt_model, build_transformer_config
-from luffy_megatron.train.samples import MicroBatch, Sample, make_micro_batch, pack_micro_batches, pad_micro_batch
+from luffy_megatron.train.samples import (
+    MicroBatch,
+    Sample,
+    compact_samples,
+    make_micro_batch,
+    pack_micro_batches,
+    pad_micro_batch,
+)
 
 
 class MegatronPolicy:
@@ -181,7 +188,6 @@ class MegatronPolicy:
             c.train()
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
-        mbs = self._micro_batches(samples)
         alg = self.cfg.algorithm
         lengths = [len(s.response_ids) for s in samples]
         counts = GlobalCounts(
@@ -189,6 +195,12 @@ class MegatronPolicy:
             num_seqs=sum(1 for n in lengths if n > 0),
             num_off_policy_tokens=sum(n for n, s in zip(lengths, samples) if s.off_policy),
         )
+        # A zero advantage zeroes every term of a sample's loss unless an entropy, KL or SFT term is on.
+        zero_adv_is_inert = alg.entropy_coeff == 0 and alg.kl_coeff == 0 and not alg.sft_loss
+        trained = compact_samples(samples, drop_zero_advantage=alg.skip_zero_advantage and zero_adv_is_inert)
+        if not trained:  # the gradient is exactly 0: step the optimizer (its moments decay) without a forward
+            return self._finish_step([], num_trained=0)
+        mbs = self._micro_batches(trained)
         # The schedule divides each micro-batch loss by their number and DDP averages over data-parallel ranks; the
         # aggregation weights already normalise over the whole mini-batch, so undo both.
         scale = len(mbs) * self.dp_size
@@ -208,15 +220,19 @@ class MegatronPolicy:
                 luffy_micro_batch_seqs=alg.luffy_micro_batch_seqs,
             )
             old = mb.old_logprobs.to(dev) if use_old_logprobs else logp.detach()
+            mult = mb.multiplicity.to(dev)
             loss, sums = mixed_policy_loss(
-                logp, old, mb.advantages.to(dev), resp, off, alg, token_weights=weights, entropy=ent
+                logp, old, mb.advantages.to(dev), resp, off, alg, token_weights=weights, entropy=ent, multiplicity=mult
             )
-            gap_mask = mb.has_rollout_logprobs.to(dev) & ~off
+            gap_mask = (mb.has_rollout_logprobs.to(dev) & ~off) * mult
             gap = (old.detach().float() - mb.rollout_logprobs.to(dev)).abs()
             sums.add_mean("train_rollout_logprob_gap", (gap * gap_mask).sum(), gap_mask.sum())
             return loss * scale, {"sums": sums}
 
-        stores = self._run(mbs, loss_fn, forward_only=False)
+        return self._finish_step(self._run(mbs, loss_fn, forward_only=False), num_trained=len(trained))
+
+    def _finish_step(self, stores: list[dict], num_trained: int) -> dict[str, float]:
+        """Optimizer and scheduler step after the backward passes; the step's metrics, reduced over ranks."""
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         local = MetricSums()
@@ -227,6 +243,7 @@ class MegatronPolicy:
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["update_skipped"] = float(not ok)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["trained_samples"] = float(num_trained)
         return metrics
 
 

@@ -7,7 +7,7 @@ Each prompt's samples form a *group* of ``n``: ``n - n_off`` on-policy samples a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,6 +26,7 @@ class Sample:
     reward: float = 0.0
     advantage: float = 0.0
     old_logprobs: list[float] | None = None  # from the policy before this update
+    multiplicity: int = 1  # identical samples this one stands for (see compact_samples)
 
     @property
     def num_tokens(self) -> int:
@@ -60,8 +61,8 @@ class MicroBatch:
 
     All [b, L] with L the longest sample of this micro-batch (never the max response length): ``tokens``,
     ``position_ids``, ``targets`` (token t + 1), ``response_mask`` (target is a response token), ``off_policy_mask``,
-    ``advantages``, ``old_logprobs`` (0 where unknown), ``rollout_logprobs`` (0 where unknown) and
-    ``has_rollout_logprobs``.
+    ``advantages``, ``old_logprobs`` (0 where unknown), ``rollout_logprobs`` (0 where unknown),
+    ``has_rollout_logprobs`` and ``multiplicity`` (the row's sample multiplicity, 0 on padding rows).
     """
 
     sample_ids: list[int]
@@ -74,10 +75,37 @@ class MicroBatch:
     old_logprobs: torch.Tensor
     rollout_logprobs: torch.Tensor
     has_rollout_logprobs: torch.Tensor
+    multiplicity: torch.Tensor
 
     @property
     def num_tokens(self) -> int:
         return int(self.tokens.numel())
+
+
+def compact_samples(samples: list[Sample], drop_zero_advantage: bool) -> list[Sample]:
+    """The samples the update needs, each once: identical ones merged into one with their count as ``multiplicity``.
+
+    Identical means the same prompt, response, kind (trace or not), advantage and old log-probs, so every loss term
+    and metric of the merged sample, weighted by its multiplicity, equals the sum over the copies (the train-vs-rollout
+    log-prob gap uses the first copy's engine log-probs). With ``drop_zero_advantage`` samples whose advantage is
+    exactly 0 are left out; the caller passes it only when their loss and gradient are provably 0.
+    """
+    merged: dict[tuple, Sample] = {}
+    for s in samples:
+        if drop_zero_advantage and s.advantage == 0.0:
+            continue
+        key = (
+            tuple(s.prompt_ids),
+            tuple(s.response_ids),
+            s.off_policy,
+            s.advantage,
+            None if s.old_logprobs is None else tuple(s.old_logprobs),
+        )
+        if key in merged:
+            merged[key].multiplicity += s.multiplicity
+        else:
+            merged[key] = replace(s)
+    return list(merged.values())
 
 
 def make_micro_batch(samples: list[Sample], sample_ids: list[int], pad_id: int) -> MicroBatch:
@@ -110,7 +138,8 @@ def make_micro_batch(samples: list[Sample], sample_ids: list[int], pad_id: int) 
     adv = resp * per_row([s.advantage for s in rows])
     has_roll = resp & per_row([float(s.rollout_logprobs is not None) for s in rows]).bool()
     old, roll = spans("old_logprobs"), spans("rollout_logprobs")
-    return MicroBatch(sample_ids, tokens, positions, targets, resp, off, adv, old, roll, has_roll)
+    mult = per_row([float(s.multiplicity) for s in rows]).expand(b, length).contiguous()
+    return MicroBatch(sample_ids, tokens, positions, targets, resp, off, adv, old, roll, has_roll, mult)
 
 
 def pad_micro_batch(mb: MicroBatch, shape: tuple[int, int], pad_id: int) -> MicroBatch:
@@ -135,6 +164,7 @@ def pad_micro_batch(mb: MicroBatch, shape: tuple[int, int], pad_id: int) -> Micr
         pad(mb.old_logprobs, 0.0),
         pad(mb.rollout_logprobs, 0.0),
         pad(mb.has_rollout_logprobs, False),
+        pad(mb.multiplicity, 0.0),
     )
 
 
