@@ -182,7 +182,8 @@ class MegatronPolicy:
         """One optimiser step on ``samples`` (a mini-batch). Returns reduced metrics (identical on every rank).
 
         Without ``use_old_logprobs`` the old policy is the current one (one optimiser step per rollout batch), so the
-        ratio is ``exp(logp - logp.detach())``: value 1, gradient of logp.
+        ratio is ``exp(logp - logp.detach())``: value 1, gradient of logp. Identical samples are trained once with their
+        count as weight, and zero-advantage ones not at all where that is exact (:func:`compact_samples`).
         """
         for c in self.chunks:
             c.train()
