@@ -31,3 +31,17 @@ def test_demo_runs_both_arms_and_writes_its_report(tmp_path: Path) -> None:
     assert (out / "results.md").read_text().count("\n") == 4  # header, rule, one row per arm
     config = json.loads((out / "seed1" / "tiny_model" / "config.json").read_text())
     assert config["vocab_size"] == 128 and config["intermediate_size"] > 0
+
+
+def test_prepare_only_makes_the_paths_the_demo_config_names(tmp_path: Path) -> None:
+    """``--prepare-only`` writes seed 1's model and task where ``configs/tiny_cpu_luffy.yaml`` looks for them."""
+    from luffy_megatron.config import load_config
+
+    cmd = [sys.executable, str(ROOT / "tools" / "run_demo.py"), "--out", "outputs/demo", "--prepare-only"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cfg = load_config(str(ROOT / "configs" / "tiny_cpu_luffy.yaml"), [])
+    assert (tmp_path / cfg.model.hf_path / "config.json").is_file()
+    for path in (*cfg.data.train_files, *cfg.data.val_files):
+        assert (tmp_path / path).is_file(), path
+    assert not (tmp_path / "outputs" / "demo" / "seed1" / "luffy").exists()  # nothing was trained

@@ -181,7 +181,8 @@ def make_redundant_samples(vocab: int):
 
 def train_redundant(rank: int, world: int, hf_dir: str, variant: str):
     """One update on :func:`make_redundant_samples`: ``compact`` (the default), ``dedup_only`` (zero-advantage
-    samples kept) or ``reference`` (every copy trained, compaction disabled)."""
+    samples kept), ``reference`` (every copy trained, compaction disabled); ``all_zero[_reference]``: every
+    advantage 0."""
     from luffy_megatron.config import load_config, read_hf_config
     from luffy_megatron.convert.load import load_hf_weights
     from luffy_megatron.models.builder import model_spec
@@ -197,23 +198,27 @@ def train_redundant(rank: int, world: int, hf_dir: str, variant: str):
         "optimizer.lr=1e-2",
         "data.max_response_length=16",
         "parallel.max_tokens_per_micro_batch=40",
-        f"algorithm.skip_zero_advantage={variant == 'compact'}",
+        f"algorithm.skip_zero_advantage={variant != 'dedup_only'}",
     ]
-    if variant == "reference":
+    if variant.endswith("reference"):
         policy_module.compact_samples = lambda samples, drop_zero_advantage: samples
     cfg = load_config(None, overrides)
     spec = model_spec(read_hf_config(hf_dir), 1)
     policy = policy_module.MegatronPolicy(cfg, spec, pad_id=0)
     load_hf_weights(policy.modules, spec, hf_dir)
     samples = make_redundant_samples(spec.vocab_size)
+    if variant.startswith("all_zero"):  # nothing carries gradient: no forward, the optimizer still steps
+        for s in samples:
+            s.advantage = 0.0
+    before = policy.compute_logprobs(samples)
     metrics = policy.train_mini_batch(samples, use_old_logprobs=False)
-    return {"metrics": metrics, "after": policy.compute_logprobs(samples)}
+    return {"metrics": metrics, "before": before, "after": policy.compute_logprobs(samples)}
 
 
 @pytest.fixture(scope="module")
 def redundant_results():
     hf_dir = str(tiny_checkpoint("llama"))
-    variants = {"reference": 1, "dedup_only": 1, "compact": 1, "compact_dp2": 2}
+    variants = {"reference": 1, "dedup_only": 1, "compact": 1, "compact_dp2": 2, "all_zero": 1, "all_zero_reference": 1}
     return {
         name: run_distributed(train_redundant, world, hf_dir, name.removesuffix("_dp2"))[0]
         for name, world in variants.items()
@@ -242,3 +247,14 @@ def test_merging_and_skipping_samples_keeps_the_update(redundant_results):
     ):
         assert redundant_results["dedup_only"]["metrics"][key] == pytest.approx(ref["metrics"][key], rel=REL_TOL), key
     assert ref["metrics"]["grad_norm"] > 0
+
+
+def test_a_step_without_gradient_runs_no_forward_and_keeps_the_weights(redundant_results):
+    got = redundant_results["all_zero"]
+    assert got["metrics"]["trained_samples"] == 0
+    assert got["metrics"]["grad_norm"] == 0.0 and got["metrics"]["actor/loss"] == 0.0
+    assert "actor/entropy" not in got["metrics"]  # no token was trained, so no token metric is logged
+    # The optimizer still steps (weight decay moves the weights) exactly as after a zero-gradient backward pass.
+    ref = redundant_results["all_zero_reference"]
+    assert ref["metrics"]["trained_samples"] == 16 and ref["metrics"]["grad_norm"] == 0.0
+    assert got["after"] == ref["after"] and got["after"] != got["before"]

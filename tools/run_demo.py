@@ -198,9 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="seeds, run one after another (default 1)")
     parser.add_argument("--arms", nargs="+", default=["luffy", "grpo"], choices=sorted(ARMS))
     parser.add_argument("--val-interval", type=int, default=50, help="held-out evaluation every N steps")
+    parser.add_argument(
+        "--prepare-only", action="store_true", help="only make each seed's model and task (OUT/seed<S>/), then stop"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.prepare_only:
+        for seed in args.seeds:
+            model_dir, task_dir = prepare(out / f"seed{seed}", seed)
+            print(f"seed {seed}: model {model_dir}, task {task_dir}")
+        return 0
     summaries = [run_seed(args, seed, out) for seed in args.seeds]
     report = table(summaries)
     (out / "results.md").write_text(report + "\n")

@@ -200,7 +200,7 @@ class MegatronPolicy:
         zero_adv_is_inert = alg.entropy_coeff == 0 and alg.kl_coeff == 0 and not alg.sft_loss
         trained = compact_samples(samples, drop_zero_advantage=alg.skip_zero_advantage and zero_adv_is_inert)
         if not trained:  # the gradient is exactly 0: step the optimizer (its moments decay) without a forward
-            return self._finish_step([], num_trained=0)
+            return {**self._finish_step([], num_trained=0), "actor/loss": 0.0, "actor/pg_loss": 0.0}
         mbs = self._micro_batches(trained)
         # The schedule divides each micro-batch loss by their number and DDP averages over data-parallel ranks; the
         # aggregation weights already normalise over the whole mini-batch, so undo both.
