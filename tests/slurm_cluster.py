@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from luffy_megatron.platform.distributed import free_port
+
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 SBIN = Path("/usr/sbin")
 GPUS_PER_NODE = 8
@@ -79,12 +81,6 @@ def ensure_installed(timeout: float = 300) -> None:
     missing = _missing_binaries()
     if missing:
         raise SlurmUnavailable(f"installed {' '.join(PACKAGES)} but {', '.join(missing)} still missing")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _host_node_name() -> str:
@@ -280,7 +276,7 @@ class SlurmCluster:
 
 
 def _write_conf(root: Path, host: str, cpus: int, gpu_nodes: list[str], munge_socket: Path) -> None:
-    ctld_port, ports = _free_port(), [_free_port() for _ in range(1 + len(gpu_nodes))]
+    ctld_port, ports = free_port(), [free_port() for _ in range(1 + len(gpu_nodes))]
     lines = [
         "ClusterName=luffytest",
         f"SlurmctldHost={host}(127.0.0.1)",

@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -216,12 +215,6 @@ def cpu_name() -> str:
     return f"CPU {platform.processor() or platform.machine()}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def make_model(args: argparse.Namespace, tmp: str) -> str:
     """An HF folder holding only ``config.json`` of the requested shape (``make_tiny_model``'s config).
 
@@ -248,6 +241,8 @@ def make_model(args: argparse.Namespace, tmp: str) -> str:
 
 
 def run_layout(args: argparse.Namespace, layout: dict, hf_dir: str, tmp: str) -> dict:
+    from luffy_megatron.platform.distributed import free_port
+
     out = Path(tmp) / f"{layout['name']}.json"
     # The worker's settings travel in a file: torchrun's own parser would take "--n" for one of its options.
     cfg_path = Path(tmp) / f"{layout['name']}.args.json"

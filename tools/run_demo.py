@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -51,17 +50,12 @@ def prepare(out: Path, seed: int) -> tuple[Path, Path]:
     return model_dir, task_dir
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (each arm's process group needs its own; fixed ones collide across runs)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_arms(
     arms: list[str], out: Path, model_dir: Path, task_dir: Path, steps: int, seed: int, val_interval: int
 ) -> dict[str, float]:
     """Train the arms concurrently (one thread each); returns wall seconds per arm."""
+    from luffy_megatron.platform.distributed import free_port  # each arm's process group needs its own port
+
     procs = {}
     for arm in arms:
         run_dir = out / arm

@@ -36,7 +36,8 @@ def read_dist_env() -> DistEnv:
     return DistEnv(rank, world, local, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback interface that nobody listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -69,7 +70,7 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> D
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     if env.world_size == 1 and "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
     dist.init_process_group(
         backend=backend,

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from luffy_megatron.config import SGLangConfig
+from luffy_megatron.platform.distributed import free_port
 from luffy_megatron.rollout.base import (
     RolloutEngine,
     RolloutError,
@@ -344,7 +345,7 @@ class SGLangEngine(RolloutEngine):
             return
         urls = self.client.server_urls
         world = 1 + len(urls) * self.tp_size
-        port = self.master_port or _free_port()
+        port = self.master_port or free_port()
         futures: list[Future] = []
         for i, url in enumerate(urls):
             body = {"master_address": self.master_address, "master_port": port, "rank_offset": 1 + i * self.tp_size,
@@ -435,11 +436,3 @@ def _trainer_address(server_urls: Iterable[str]) -> str:
     if hosts <= {"127.0.0.1", "localhost", "::1"}:
         return "127.0.0.1"
     return socket.gethostbyname(socket.gethostname())
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
