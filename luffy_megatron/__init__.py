@@ -1,3 +1,7 @@
 """LUFFY: mixed-policy GRPO on Megatron-core."""
 
+from luffy_megatron.platform.megatron_import import prepare_megatron_import
+
+prepare_megatron_import()  # before any module of the package imports megatron-core
+
 __version__ = "0.1.0"

@@ -306,15 +306,15 @@ def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
         _fail(key, f"{value!r} is not one of {list(allowed)}")
 
 
-def read_hf_config(hf_path: str) -> dict:
-    """The ``config.json`` of an HF folder, with a clear error when it is missing or malformed."""
+def read_hf_config(hf_path: str | Path, key: str = "model.hf_path") -> dict:
+    """The ``config.json`` of an HF folder, with a clear error naming ``key`` when it is missing or malformed."""
     path = Path(hf_path) / "config.json"
     if not path.is_file():
-        raise ConfigError(f"model.hf_path: no config.json in {hf_path}")
+        raise ConfigError(f"{key}: no config.json in {hf_path}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"model.hf_path: {path} is not valid JSON: {e}") from e
+        raise ConfigError(f"{key}: {path} is not valid JSON: {e}") from e
 
 
 def validate_parallel(

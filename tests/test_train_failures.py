@@ -44,7 +44,7 @@ def failing_step(rank: int, world: int) -> str:
 def test_rollout_failure_on_rank0_fails_every_rank():
     rank0, rank1 = run_distributed(failing_step, 2, timeout_s=120)
     assert rank0.startswith("ConnectionError") and "127.0.0.1:9" in rank0
-    assert rank1.startswith("RuntimeError") and "rollout or reward failed on rank 0" in rank1
+    assert rank1.startswith("RankFailure: step 1: rollout or reward failed on rank 0"), rank1
     assert "ConnectionError" in rank1 and "nothing was trained" in rank1
 
 
@@ -74,4 +74,4 @@ def test_setup_failure_on_rank0_fails_every_rank(tmp_path):
     (root / "broken.parquet").write_bytes(b"PAR1 this is not a parquet file")
     rank0, rank1 = run_distributed(setup_with_unreadable_data, 2, str(root), timeout_s=300)
     assert "broken.parquet" in rank0, rank0
-    assert rank1.startswith("RuntimeError: setup failed on rank 0") and "broken.parquet" in rank1, rank1
+    assert rank1.startswith("RankFailure: setup failed on rank 0") and "broken.parquet" in rank1, rank1

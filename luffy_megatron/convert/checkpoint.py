@@ -7,13 +7,13 @@ size each rank reads and writes only its own shards.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from luffy_megatron.config import read_hf_config
 from luffy_megatron.convert.export import save_hf_checkpoint
 from luffy_megatron.convert.hf_io import check_output_dir, commit_output_dir, prepare_output_dir, temp_dir_for
 from luffy_megatron.convert.load import (
@@ -26,13 +26,8 @@ from luffy_megatron.convert.load import (
 )
 from luffy_megatron.convert.mapping import ConversionError
 from luffy_megatron.models.builder import ModelSpec, build_gpt_model, build_transformer_config, model_spec
-
-
-def read_hf_config(hf_dir: str | Path) -> dict:
-    path = Path(hf_dir) / "config.json"
-    if not path.exists():
-        raise ConversionError(f"{hf_dir}: no config.json")
-    return json.loads(path.read_text())
+from luffy_megatron.models.family import torch_dtype
+from luffy_megatron.platform import init_distributed, init_model_parallel, rank0_call
 
 
 def hf_dtype_name(hf_config: dict) -> str:
@@ -43,8 +38,6 @@ def hf_dtype_name(hf_config: dict) -> str:
 
 def setup_parallel(tp: int, pp: int) -> None:
     """Initialise torch.distributed (torchrun env or a single process) and megatron's TP/PP groups."""
-    from luffy_megatron.platform import init_distributed, init_model_parallel
-
     init_distributed()
     world = dist.get_world_size()
     if world % (tp * pp):
@@ -64,17 +57,8 @@ def _rank0() -> bool:
 
 
 def _prepare(out: Path, overwrite: bool) -> Path:
-    """Rank 0 checks and creates the temp folder; every rank learns the outcome (errors raise everywhere)."""
-    err: list[str | None] = [None]
-    if _rank0():
-        try:
-            prepare_output_dir(out, overwrite)
-        except ConversionError as exc:
-            err[0] = str(exc)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(err, src=0)
-    if err[0]:
-        raise ConversionError(err[0])
+    """Rank 0 checks ``out`` and creates its temp folder; a failure there raises on every rank."""
+    rank0_call(lambda: prepare_output_dir(out, overwrite), f"preparing {out}")
     return temp_dir_for(out)
 
 
@@ -104,7 +88,7 @@ def convert_hf_to_megatron(
 ) -> Path:
     """HF folder -> Megatron distributed checkpoint in ``out`` (written to a temp folder, renamed at the end)."""
     out = Path(out)
-    hf_config = read_hf_config(hf_dir)
+    hf_config = read_hf_config(hf_dir, key="hf_dir")
     spec = model_spec(hf_config, tp=tp)
     check_parallel_layout(spec, tp)
     dtype = dtype or hf_dtype_name(hf_config)
@@ -170,8 +154,6 @@ def write_hf_folder(
 ) -> Path:
     """A complete HF folder from a live (sharded) model, collectively; written beside ``out`` and renamed when
     complete, so an interrupted write never leaves a folder that looks finished."""
-    from luffy_megatron.models.family import torch_dtype
-
     out = Path(out)
     tmp = _prepare(out, overwrite)
     try:

@@ -1,4 +1,4 @@
-"""Platform layer: device choice, distributed init (torchrun / Slurm), megatron-core on CPU.
+"""Platform layer: device choice, distributed init (torchrun / Slurm), megatron-core on CPU, rank-0 calls.
 
 Call :func:`setup_platform` first in every entry point that builds Megatron models; it is the one place where the
 CPU compatibility layer is applied.
@@ -15,15 +15,20 @@ from luffy_megatron.platform.distributed import (
     read_dist_env,
     setup_platform,
 )
+from luffy_megatron.platform.rank0 import RankFailure, describe, every_rank_call, rank0_call
 
 __all__ = [
     "DistEnv",
+    "RankFailure",
+    "describe",
     "destroy_model_parallel",
     "device",
+    "every_rank_call",
     "free_port",
     "init_distributed",
     "init_model_parallel",
     "is_rank0",
+    "rank0_call",
     "read_dist_env",
     "setup_platform",
 ]

@@ -9,8 +9,6 @@ no-op when CUDA is available. Each patch names the failure it fixes.
 from __future__ import annotations
 
 import contextlib
-import sys
-import types
 from typing import Any
 
 import torch
@@ -87,33 +85,6 @@ class _NullStream:
         return 0.0
 
 
-def _stub_paged_stash_ops() -> None:
-    """Fixes ``import megatron.core`` failing without triton.
-
-    ``megatron/core/transformer/moe/ops/paged_stash.py`` imports triton unguarded (MoE paged stashing kernels, CUDA
-    only) and is reached from ``gpt_model`` and the pipeline schedules. Without triton we register a module with the
-    same names whose kernels raise if ever launched.
-    """
-    name = "megatron.core.transformer.moe.ops.paged_stash"
-    try:
-        import triton  # noqa: F401
-
-        return
-    except ImportError:
-        pass
-    if name in sys.modules:
-        return
-
-    def _unavailable(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("MoE paged stash kernels need triton and CUDA")
-
-    stub = types.ModuleType(name)
-    stub.GLOBAL_BLOCK_SIZE = 1024
-    stub.paged_stash_copy_kernel = _unavailable
-    stub.paged_stash_pop_kernel = _unavailable
-    sys.modules[name] = stub
-
-
 def _patch_rng_tracker() -> None:
     """Fixes the CUDA RNG tracker (``model_parallel_cuda_manual_seed``, dropout under ``get_cuda_rng_tracker().fork()``)
     calling ``torch.cuda.get_rng_state`` / ``default_generators``: its states become CPU generator states, so
@@ -139,7 +110,6 @@ def apply_cpu_patches() -> None:
     global _APPLIED
     if _APPLIED or torch.cuda.is_available():
         return
-    _stub_paged_stash_ops()
     # Fixes torch.cuda.current_device() raising "Torch not compiled with CUDA": callers pass the ordinal on as a
     # device, which _CudaToCpuMode maps to the CPU.
     torch.cuda.current_device = lambda: 0

@@ -25,6 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+from luffy_megatron.platform.rank0 import describe, every_rank_call, rank0_call
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -43,21 +47,6 @@ def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _rank0_then_broadcast(fn) -> Any:
-    """Run ``fn`` on global rank 0 and give every rank its result; an exception there is raised on every rank."""
-    result: list[Any] = [None]
-    if dist.get_rank() == 0:
-        try:
-            result[0] = ("ok", fn())
-        except Exception as e:  # re-raised below, on every rank
-            result[0] = ("error", f"{type(e).__name__}: {e}")
-    dist.broadcast_object_list(result, src=0)
-    status, value = result[0]
-    if status == "error":
-        raise CheckpointError(value)
-    return value
-
-
 def _sharded_state(policy, is_loading: bool) -> dict:
     model_sd: dict[str, Any] = {}
     for i, chunk in enumerate(policy.modules):
@@ -68,8 +57,6 @@ def _sharded_state(policy, is_loading: bool) -> dict:
 
 
 def _rng_state() -> dict:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -82,8 +69,6 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -94,8 +79,6 @@ def _set_rng_state(state: dict) -> None:
 
 def save_checkpoint(save_dir: str, step: int, policy, trainer_state: dict, keep_last: int) -> Path:
     """Save collectively (every rank calls it); returns the final directory. Raises :class:`CheckpointError`."""
-    from megatron.core import dist_checkpointing
-
     root = Path(save_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.incomplete"
@@ -108,20 +91,20 @@ def save_checkpoint(save_dir: str, step: int, policy, trainer_state: dict, keep_
         (tmp / "rng").mkdir()
 
     try:
-        _rank0_then_broadcast(prepare)
-    except CheckpointError as e:
-        raise CheckpointError(f"cannot create checkpoint directory {tmp}: {e}") from None
-    failure: str | None = None
-    try:
+        rank0_call(prepare, "creating the checkpoint directory")
+    except Exception as e:  # every rank raises (see rank0_call)
+        raise CheckpointError(f"cannot create checkpoint directory {tmp}: {describe(e)}") from None
+
+    def write_shards() -> None:
         dist_checkpointing.save(_sharded_state(policy, is_loading=False), str(tmp / "model_optim"))
         torch.save(_rng_state(), tmp / "rng" / f"rank_{dist.get_rank():05d}.pt")
-    except Exception as e:  # reported collectively below so that no rank hangs in a barrier
-        failure = f"rank {dist.get_rank()}: {type(e).__name__}: {e}"
-    failures: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, failure)
-    errors = [f for f in failures if f]
-    if errors:
-        raise CheckpointError(f"saving checkpoint {final} failed (previous checkpoints are intact): {errors[0]}")
+
+    try:
+        every_rank_call(write_shards, "writing checkpoint shards")
+    except Exception as e:
+        raise CheckpointError(
+            f"saving checkpoint {final} failed (previous checkpoints are intact): {describe(e)}"
+        ) from None
 
     def finish() -> Path:
         state = dict(trainer_state, step=step, scheduler=policy.scheduler.state_dict())
@@ -135,9 +118,11 @@ def save_checkpoint(save_dir: str, step: int, policy, trainer_state: dict, keep_
         return final
 
     try:
-        return _rank0_then_broadcast(finish)
-    except CheckpointError as e:
-        raise CheckpointError(f"finishing checkpoint {final} failed (previous checkpoints are intact): {e}") from None
+        return rank0_call(finish, "finishing the checkpoint")
+    except Exception as e:
+        raise CheckpointError(
+            f"finishing checkpoint {final} failed (previous checkpoints are intact): {describe(e)}"
+        ) from None
 
 
 def load_checkpoint(path: str | os.PathLike, policy) -> dict:
@@ -145,8 +130,6 @@ def load_checkpoint(path: str | os.PathLike, policy) -> dict:
 
     Model and optimizer reshard to the current TP/PP layout.
     """
-    from megatron.core import dist_checkpointing
-
     path = Path(path)
     state_file = path / "trainer_state.json"
     if not state_file.is_file():
