@@ -39,18 +39,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-LAYOUT_RE = re.compile(r"^tp(\d+)pp(\d+)(?:vpp(\d+))?dp(\d+)$")
+from luffy_megatron.metrics.perf import PEAK_FLOPS, model_flops, peak_flops  # noqa: E402
 
-# Dense peak FLOP/s per GPU by dtype (tensor cores; fp32 = TF32 peak). Matched by substring of the device name.
-PEAK_FLOPS = {
-    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},
-    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},
-    "H20": {"bfloat16": 148e12, "float16": 148e12, "float32": 74e12},
-    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},
-    "A800": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},
-    "L40S": {"bfloat16": 362e12, "float16": 362e12, "float32": 183e12},
-    "A10": {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12},
-}
+LAYOUT_RE = re.compile(r"^tp(\d+)pp(\d+)(?:vpp(\d+))?dp(\d+)$")
 
 
 def parse_layout(text: str) -> dict[str, int | None]:
@@ -59,13 +50,6 @@ def parse_layout(text: str) -> dict[str, int | None]:
         raise argparse.ArgumentTypeError(f"layout {text!r} is not of the form tpXppYdpZ (or tpXppYvppVdpZ)")
     tp, pp, vpp, dp = (int(g) if g else None for g in m.groups())
     return {"name": text.strip(), "tp": tp, "pp": pp, "vpp": vpp, "dp": dp, "world": tp * pp * dp}
-
-
-def peak_flops(device_name: str, dtype: str) -> float | None:
-    for key, table in PEAK_FLOPS.items():
-        if key in device_name:
-            return table.get(dtype)
-    return None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -104,7 +88,6 @@ def worker(args: argparse.Namespace) -> None:
     from luffy_megatron.config import load_config, read_hf_config
     from luffy_megatron.models.builder import model_spec
     from luffy_megatron.platform import destroy_model_parallel, init_distributed, init_model_parallel
-    from luffy_megatron.train.loop import model_flops
     from luffy_megatron.train.policy import MegatronPolicy
 
     cuda = torch.cuda.is_available()
@@ -447,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             "prompt_len+response_len; warmup+steps iterations of train_mini_batch (one optimiser step on the whole "
             "batch, no old log-probs) then compute_logprobs, each fenced by barriers (+cuda synchronize): time of the "
             "slowest rank; median over the timed steps; tokens = prompt+response tokens per step; MFU = "
-            "luffy_megatron.train.loop.model_flops (3x forward for the update, 1x for log-probs) / s / world size / "
+            "luffy_megatron.metrics.perf.model_flops (3x forward for the update, 1x for log-probs) / s / world size / "
             "dense peak of the GPU for the dtype (PEAK_FLOPS table; null on CPU)"
         ),
         "peak_flops_table": PEAK_FLOPS,
