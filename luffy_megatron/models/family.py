@@ -78,8 +78,15 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
     return ((vocab_size + step - 1) // step) * step
 
 
+# The dtype names of configs and command lines (config.DTYPES lists the same names) and their torch dtypes.
+TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    """The torch dtype of a dtype name ("float32", "bfloat16", "float16")."""
+    if name not in TORCH_DTYPES:
+        raise ConfigError(f"dtype {name!r} is not one of {list(TORCH_DTYPES)}")
+    return TORCH_DTYPES[name]
 
 
 def transformer_config_kwargs(family: ModelFamily, hf: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,6 @@ distribution, so a seeded request gives the same tokens whatever the batch it sh
 from __future__ import annotations
 
 import inspect
-import json
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from luffy_megatron.models.family import torch_dtype
+from luffy_megatron.models.tokenizer import read_eos_token_ids
 from luffy_megatron.rollout.base import (
     FinishReason,
     RolloutEngine,
@@ -27,8 +28,6 @@ from luffy_megatron.rollout.base import (
     WeightSyncError,
     sample_seed,
 )
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -39,17 +38,6 @@ class RowResult:
     logprobs: list[float]
     finish_reason: FinishReason
     matched_stop: int | None = None
-
-
-def read_eos_token_ids(hf_path: str | Path) -> list[int]:
-    """EOS ids of an HF folder: ``generation_config.json`` first, then ``config.json``; ``[]`` when none."""
-    for name in ("generation_config.json", "config.json"):
-        path = Path(hf_path) / name
-        if path.is_file():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            if eos is not None:
-                return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
-    return []
 
 
 def next_token_distribution(
@@ -155,7 +143,7 @@ class HFEngine(RolloutEngine):
         """Load an HF folder (fp32 on CPU by default)."""
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(hf_path), dtype=_DTYPES[dtype]).to(device)
+        model = AutoModelForCausalLM.from_pretrained(str(hf_path), dtype=torch_dtype(dtype)).to(device)
         eos = read_eos_token_ids(hf_path) if eos_token_ids is None else list(eos_token_ids)
         pad = getattr(model.config, "pad_token_id", None)
         return cls(model, eos_token_ids=eos, batch_size=batch_size, pad_token_id=int(pad) if pad is not None else 0)

@@ -1,8 +1,8 @@
 """The LUFFY training loop. One RL step, in the order data flows:
 
     batch    = next prompts (+ expert traces)
-    rollouts = engine.generate(prompts, n - n_off per prompt with a trace)
-    samples  = mixed groups: rollouts + trace copies
+    rollouts = engine.generate(prompts, n per prompt); the first n - n_off kept where the prompt has a trace
+    samples  = mixed groups: rollouts + n_off trace copies
     rewards  = verifier(samples)
     adv      = r - mean(group)                        (optionally / std)
     old_logp = policy.compute_logprobs(samples)      (skipped with one optimiser step per rollout batch)
@@ -20,14 +20,27 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from luffy_megatron.algo import compute_advantages
 from luffy_megatron.config import RunConfig, read_hf_config, to_dict
+from luffy_megatron.convert import load_hf_weights, load_megatron_checkpoint, write_hf_folder
+from luffy_megatron.convert.export import iter_hf_weights
+from luffy_megatron.data import PromptDataset, PromptSampler
 from luffy_megatron.metrics.logger import MetricsLogger, Timers
+from luffy_megatron.metrics.perf import mfu, model_flops, peak_flops
+from luffy_megatron.models.builder import model_spec
+from luffy_megatron.models.tokenizer import load_tokenizer, pad_token_id
+from luffy_megatron.platform import init_distributed, init_model_parallel, rank0_call
+from luffy_megatron.reward import RewardPool
+from luffy_megatron.rollout.base import SamplingParams, build_rollout_engine
+from luffy_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from luffy_megatron.train.policy import MegatronPolicy
 from luffy_megatron.train.samples import Sample, assemble_groups
 
 _REWARD_CACHE_SIZE = 200_000
@@ -54,8 +67,6 @@ def train(cfg: RunConfig) -> dict[str, float]:
 
     The config must already be validated (:func:`luffy_megatron.config.validate`). Returns the last step's metrics.
     """
-    from tqdm import tqdm
-
     run, policy = setup(cfg)
     metrics: dict[str, float] = {}
     show = run.logger is not None and cfg.logging.progress_bar
@@ -85,33 +96,9 @@ def train(cfg: RunConfig) -> dict[str, float]:
 def rl_step(cfg: RunConfig, run: RunState, policy) -> dict[str, float]:
     timers = Timers()
     start = time.perf_counter()
-    rank0 = dist.get_rank() == 0
-    samples: list[Sample] | None = None
-    extra: dict[str, float] = {}
-    failure: BaseException | None = None
-    if rank0:
-        try:
-            batch = run.dataset.get_batch(next(run.sampler).indices)
-            with timers("rollout"):
-                samples = generate_groups(cfg, run, batch)
-            with timers("reward"):
-                rewards = score_samples(cfg, run, samples, batch)
-            off = torch.tensor([s.off_policy for s in samples])
-            adv = compute_advantages(
-                torch.tensor(rewards, dtype=torch.float64),
-                torch.tensor([s.group_id for s in samples]),
-                use_std=cfg.algorithm.adv_use_std,
-                eps=cfg.algorithm.adv_eps,
-                # The "RL with SFT loss" ablation baselines on-policy samples only (the paper's grpo_split).
-                stat_mask=~off if cfg.algorithm.sft_loss else None,
-            )
-            for s, r, a in zip(samples, rewards, adv.tolist()):
-                s.reward, s.advantage = r, a
-            extra = group_metrics(samples)
-        except Exception as e:  # every rank must learn of it, or the others wait in the broadcast forever
-            failure = e
-    samples = _share_or_fail(samples, failure, f"step {run.step}: rollout or reward", "; nothing was trained")
-
+    samples, extra = rank0_call(
+        lambda: rollout_and_score(cfg, run, timers), f"step {run.step}: rollout or reward", "nothing was trained"
+    )
     mini_batches = split_mini_batches(samples, cfg.data.train_batch_size // cfg.data.mini_batch_size)
     needs_old = len(mini_batches) > 1
     if needs_old:
@@ -133,16 +120,38 @@ def rl_step(cfg: RunConfig, run: RunState, policy) -> dict[str, float]:
     metrics.update({f"time/{k}_s": v for k, v in timers.seconds.items()})
     metrics.update({"perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s, "perf/tokens": float(tokens)})
     if torch.cuda.is_available():
-        metrics["perf/mfu"] = (
-            model_flops(policy.spec, samples) / timers.seconds["train"] / _peak_flops() / (dist.get_world_size())
-        )
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        peak = peak_flops(torch.cuda.get_device_name(), cfg.model.dtype, tf32=tf32)
+        if peak is not None:  # None: a GPU without an entry in metrics.perf.PEAK_FLOPS
+            flops = model_flops(policy.spec, samples)
+            metrics["perf/mfu"] = mfu(flops, timers.seconds["train"], dist.get_world_size(), peak)
     return metrics
 
 
-def generate_groups(cfg: RunConfig, run: RunState, batch: list) -> list[Sample]:
-    """Rollouts for every prompt (``n - n_off`` where the prompt has a trace, else ``n``) assembled into groups."""
-    from luffy_megatron.rollout.base import SamplingParams
+def rollout_and_score(cfg: RunConfig, run: RunState, timers: Timers) -> tuple[list[Sample], dict[str, float]]:
+    """Global rank 0's part of a step: next batch, rollouts, rewards, advantages, group metrics."""
+    batch = run.dataset.get_batch(next(run.sampler).indices)
+    with timers("rollout"):
+        samples = generate_groups(cfg, run, batch)
+    with timers("reward"):
+        rewards = score_samples(cfg, run, samples, batch)
+    off = torch.tensor([s.off_policy for s in samples])
+    adv = compute_advantages(
+        torch.tensor(rewards, dtype=torch.float64),
+        torch.tensor([s.group_id for s in samples]),
+        use_std=cfg.algorithm.adv_use_std,
+        eps=cfg.algorithm.adv_eps,
+        # The "RL with SFT loss" ablation baselines on-policy samples only (the paper's grpo_split).
+        stat_mask=~off if cfg.algorithm.sft_loss else None,
+    )
+    for s, r, a in zip(samples, rewards, adv.tolist()):
+        s.reward, s.advantage = r, a
+    return samples, group_metrics(samples)
 
+
+def generate_groups(cfg: RunConfig, run: RunState, batch: list) -> list[Sample]:
+    """``n`` rollouts per prompt, of which the first ``n - n_off`` are kept where the prompt has a trace; assembled
+    into groups with the trace copies."""
     r = cfg.rollout
     params = SamplingParams(
         n=r.n,
@@ -219,8 +228,6 @@ def group_metrics(samples: list[Sample]) -> dict[str, float]:
 
 def sync_weights(run: RunState, policy) -> None:
     """Stream the policy's weights (HF names, full tensors) into the rollout engine; every rank takes part."""
-    from luffy_megatron.convert.export import iter_hf_weights
-
     run.weight_version += 1
     stream = (pair for bucket in iter_hf_weights(policy.modules, policy.spec) for pair in bucket)
     if run.engine is not None:
@@ -241,8 +248,7 @@ def validate_policy(cfg: RunConfig, run: RunState) -> dict[str, float]:
 
 
 def evaluate(cfg: RunConfig, engine, rewards, tokenizer, dataset) -> dict[str, float]:
-    from luffy_megatron.rollout.base import SamplingParams
-
+    """avg@k accuracy per data source of ``dataset`` (plus ``all``), ``val_n`` samples per prompt."""
     t = cfg.trainer
     count = len(dataset) if t.val_max_prompts is None else min(len(dataset), t.val_max_prompts)
     items = dataset.get_batch(list(range(count)))
@@ -270,20 +276,12 @@ def evaluate(cfg: RunConfig, engine, rewards, tokenizer, dataset) -> dict[str, f
 # ----------------------------------------------------------------------------------------------------------------
 def setup(cfg: RunConfig) -> tuple[RunState, Any]:
     """Distributed groups, policy (weights from checkpoint / Megatron checkpoint / HF), data, engine, rewards."""
-    from transformers import AutoTokenizer
-
-    from luffy_megatron.models.builder import model_spec
-    from luffy_megatron.platform import init_distributed, init_model_parallel
-    from luffy_megatron.train.checkpoint import latest_checkpoint, load_checkpoint
-    from luffy_megatron.train.policy import MegatronPolicy
-
     init_distributed(cfg.parallel.backend)
     p = cfg.parallel
     init_model_parallel(p.tp, p.pp, p.vpp, seed=cfg.trainer.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+    tokenizer = load_tokenizer(cfg.model.hf_path)
     spec = model_spec(read_hf_config(cfg.model.hf_path), p.tp)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    policy = MegatronPolicy(cfg, spec, pad_id)
+    policy = MegatronPolicy(cfg, spec, pad_token_id(tokenizer))
     run = RunState(step=0, tokenizer=tokenizer, reward_cache={})
 
     resume_from = (
@@ -295,23 +293,11 @@ def setup(cfg: RunConfig) -> tuple[RunState, Any]:
         run.step = int(trainer_state["step"])
         run.weight_version = int(trainer_state.get("weight_version", run.step))
     elif cfg.model.megatron_checkpoint:
-        from luffy_megatron.convert.load import load_megatron_checkpoint
-
         load_megatron_checkpoint(policy.modules, cfg.model.megatron_checkpoint)
     else:
-        from luffy_megatron.convert.load import load_hf_weights
-
         load_hf_weights(policy.modules, spec, cfg.model.hf_path)
 
-    failure: BaseException | None = None
-    if dist.get_rank() == 0:
-        try:
-            _setup_rank0(cfg, run, tokenizer, trainer_state)
-        except Exception as e:  # e.g. an unreadable data file or an unreachable rollout server
-            failure = e
-    if failure is not None:
-        teardown(run)
-    _share_or_fail(None, failure, "setup")
+    rank0_call(lambda: _setup_rank0(cfg, run, tokenizer, trainer_state), "setup")
     # The engine starts from the HF folder; after a resume or a Megatron checkpoint it must get the policy's weights.
     if resume_from is not None or cfg.model.megatron_checkpoint:
         sync_weights(run, policy)
@@ -319,11 +305,17 @@ def setup(cfg: RunConfig) -> tuple[RunState, Any]:
 
 
 def _setup_rank0(cfg: RunConfig, run: RunState, tokenizer: Any, trainer_state: dict[str, Any]) -> None:
-    """What only global rank 0 holds: datasets and sampler, rollout engine, reward pool, metrics logger."""
-    from luffy_megatron.data import PromptDataset, PromptSampler
-    from luffy_megatron.reward import RewardPool
-    from luffy_megatron.rollout.base import build_rollout_engine
+    """What only global rank 0 holds: datasets and sampler, rollout engine, reward pool, metrics logger. On a failure
+    (an unreadable data file, an unreachable rollout server) what was started is closed again."""
+    try:
+        _open_rank0_resources(cfg, run, tokenizer, trainer_state)
+    except BaseException:
+        teardown(run)
+        raise
+    print(f"data: {run.dataset.summary()}", flush=True)
 
+
+def _open_rank0_resources(cfg: RunConfig, run: RunState, tokenizer: Any, trainer_state: dict[str, Any]) -> None:
     run.dataset = PromptDataset(cfg.data, cfg.data.train_files, tokenizer)
     run.sampler = PromptSampler(len(run.dataset), cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle)
     if "sampler" in trainer_state:
@@ -333,7 +325,6 @@ def _setup_rank0(cfg: RunConfig, run: RunState, tokenizer: Any, trainer_state: d
     run.engine = build_rollout_engine(cfg.rollout, cfg.model.hf_path)
     run.rewards = RewardPool(cfg.reward, hard_margin_s=cfg.reward.hard_margin_s)
     run.logger = MetricsLogger(cfg.logging, to_dict(cfg))
-    print(f"data: {run.dataset.summary()}", flush=True)
 
 
 def _should_save(cfg: RunConfig, step: int) -> bool:
@@ -344,12 +335,12 @@ def _should_save(cfg: RunConfig, step: int) -> bool:
 
 
 def save(cfg: RunConfig, run: RunState, policy) -> None:
-    from luffy_megatron.train.checkpoint import save_checkpoint
+    """A training checkpoint of every rank's shards plus rank 0's trainer state (weight version, sampler)."""
 
-    state: dict[str, Any] = {"weight_version": run.weight_version}
-    if run.sampler is not None:
-        state["sampler"] = run.sampler.state_dict()
-    state = _broadcast(state)
+    def trainer_state() -> dict[str, Any]:
+        return {"weight_version": run.weight_version, "sampler": run.sampler.state_dict()}
+
+    state = rank0_call(trainer_state, "collecting the trainer state")
     path = save_checkpoint(cfg.checkpoint.save_dir, run.step, policy, state, cfg.checkpoint.keep_last)
     if dist.get_rank() == 0:
         print(f"saved checkpoint {path}", flush=True)
@@ -357,10 +348,6 @@ def save(cfg: RunConfig, run: RunState, policy) -> None:
 
 def export_hf(cfg: RunConfig, run: RunState, policy) -> None:
     """Write the final policy as an HF folder next to the checkpoints (or in the output directory)."""
-    from pathlib import Path
-
-    from luffy_megatron.convert import write_hf_folder
-
     out = Path(cfg.checkpoint.save_dir or cfg.logging.out_dir) / "hf_final"
     write_hf_folder(
         policy.modules, policy.spec, out, dtype=cfg.model.dtype, hf_files_from=cfg.model.hf_path, overwrite=True
@@ -375,46 +362,5 @@ def teardown(run: RunState) -> None:
             resource.close()
 
 
-def _broadcast(obj: Any) -> Any:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _share_or_fail(payload: Any, failure: BaseException | None, what: str, consequence: str = "") -> Any:
-    """Broadcast rank 0's ``payload``, or its ``failure`` so that every rank raises (none waits in a collective)."""
-    payload, cause = _broadcast((payload, None if failure is None else f"{type(failure).__name__}: {failure}"))
-    if failure is not None:
-        raise failure
-    if cause is not None:
-        raise RuntimeError(f"{what} failed on rank 0 ({cause}){consequence}")
-    return payload
-
-
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
-
-
-def model_flops(spec, samples: list[Sample]) -> float:
-    """Training FLOPs of one step: 3 x forward, forward = 2 * (weights) * tokens + causal attention scores."""
-    hf = spec.hf_config
-    h, layers, ffn = hf["hidden_size"], hf["num_hidden_layers"], hf["intermediate_size"]
-    heads = hf["num_attention_heads"]
-    kv = hf.get("num_key_value_heads") or heads
-    head_dim = hf.get("head_dim") or h // heads
-    per_layer = h * head_dim * (2 * heads + 2 * kv) + 3 * h * ffn
-    weights = layers * per_layer + h * spec.vocab_size
-    tokens = sum(s.num_tokens for s in samples)
-    # QK^T and attention x V, each 2 * d * s^2 / 2 under the causal mask.
-    attention = sum(2 * layers * heads * head_dim * s.num_tokens**2 for s in samples)
-    return 3 * (2 * weights * tokens + attention)
-
-
-def _peak_flops() -> float:
-    """Dense bf16 peak of this GPU (H100/H200 SXM: 989 TFLOP/s; A100: 312)."""
-    name = torch.cuda.get_device_name()
-    if "H100" in name or "H200" in name or "H20" in name:
-        return 989e12
-    return 312e12

@@ -203,7 +203,7 @@ class SGLangEngine(RolloutEngine):
             samples_per_request=cfg.samples_per_request,
         )
         if eos_token_ids is None:
-            from luffy_megatron.rollout.hf_engine import read_eos_token_ids
+            from luffy_megatron.models.tokenizer import read_eos_token_ids
 
             eos_token_ids = read_eos_token_ids(hf_path)
         return cls(
