@@ -1,6 +1,9 @@
-"""Shared pytest setup: tests run offline, single-threaded per process, with the `slow` marker registered."""
+"""Shared pytest setup: tests run offline, single-threaded per process, with the `slow` marker registered; the run
+ends with one line per test tier that did not run here, with the reason (see tests/tiers.py)."""
 
 import os
+
+from tests.tiers import REQUIRE_ENV, TIER_PREFIX
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -9,3 +12,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-process or end-to-end tests (skipped by `make test-fast`)")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """One line per skipped tier: its name, how many tests it holds, why it did not run."""
+    skipped: dict[str, list[str]] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        if reason.startswith(TIER_PREFIX):
+            tier, _, why = reason[len(TIER_PREFIX) :].partition("] ")
+            skipped.setdefault(tier, []).append(why)
+    if not skipped:
+        return
+    terminalreporter.section("test tiers not run here")
+    for tier, reasons in sorted(skipped.items()):
+        terminalreporter.write_line(f"{tier}: {len(reasons)} tests skipped: {reasons[0]}")
+    terminalreporter.write_line(f"({REQUIRE_ENV}=1 turns these skips into failures, as CI does.)")

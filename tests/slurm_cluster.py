@@ -13,7 +13,7 @@ Tear-down cancels every job, waits for the queue to drain and stops only the dae
 pid files, checking each pid's command line first), then removes the directory.
 
 If Slurm cannot be installed or started here, :class:`SlurmUnavailable` explains why; :func:`require_slurm` turns that
-into a test failure, or a skip when ``LUFFY_SKIP_SLURM=1`` is set explicitly.
+into a skip of the ``slurm`` test tier (a failure under ``LUFFY_REQUIRE_ALL_TIERS=1``, see tests/tiers.py).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from luffy_megatron.platform.distributed import free_port
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 SBIN = Path("/usr/sbin")
 GPUS_PER_NODE = 8
-SKIP_ENV = "LUFFY_SKIP_SLURM"
 ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING")
 
 
@@ -406,16 +405,14 @@ def slurm_cluster(cpus: int = 4, gpu_nodes: int = 0, timeout: float = 60) -> Ite
 
 
 def require_slurm(**kwargs) -> contextlib.AbstractContextManager[SlurmCluster]:
-    """:func:`slurm_cluster` for pytest: a machine that cannot run it fails the test (with the reason), unless
-    ``LUFFY_SKIP_SLURM=1`` asks to skip."""
-    import pytest
+    """:func:`slurm_cluster` for pytest: on a machine that cannot run it, the ``slurm`` tier is skipped with the
+    reason (or fails, when every tier is required)."""
+    from tests.tiers import skip_tier
 
-    if os.environ.get(SKIP_ENV) == "1":
-        pytest.skip(f"{SKIP_ENV}=1: Slurm launch tests skipped on request")
     try:
         cluster = start_cluster(**kwargs)
     except SlurmUnavailable as e:
-        pytest.fail(f"cannot run a local Slurm cluster: {e}\n(set {SKIP_ENV}=1 to skip these tests explicitly)")
+        skip_tier("slurm", f"cannot run a local Slurm cluster: {' '.join(str(e).split())[:300]}")
 
     @contextlib.contextmanager
     def managed() -> Iterator[SlurmCluster]:

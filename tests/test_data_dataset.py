@@ -1,4 +1,6 @@
-"""PromptDataset: the paper's tokenisation rules on real eval rows and on synthetic rows with traces, bad inputs."""
+"""PromptDataset: the paper's tokenisation rules on real eval rows (tests/fixtures/eval_small.parquet: 3 rows per data
+source of the LUFFY eval set; the whole set when present, tier ``eval-data``) and on synthetic rows with traces, bad
+inputs."""
 
 from __future__ import annotations
 
@@ -15,9 +17,8 @@ from luffy_megatron.data import DataError, PromptDataset, PromptSampler
 from luffy_megatron.data.dataset import apply_system_prompt, get_path, strip_think_prefix
 from luffy_megatron.data.synthetic import generate, write_parquet, write_task
 from luffy_megatron.reward import score_one
-from tests.test_data_fixtures import EVAL_PARQUET, toy_tokenizer
-
-needs_eval = pytest.mark.skipif(not EVAL_PARQUET.is_file(), reason=f"eval parquet not found at {EVAL_PARQUET}")
+from tests.test_data_fixtures import toy_tokenizer
+from tests.tiers import EVAL_SMALL, require_eval_parquet
 
 
 @pytest.fixture(scope="module")
@@ -27,28 +28,23 @@ def tok():
 
 @pytest.fixture(scope="module")
 def eval_rows() -> list[dict]:
-    return pq.read_table(EVAL_PARQUET).slice(0, 200).to_pylist() if EVAL_PARQUET.is_file() else []
+    return pq.read_table(EVAL_SMALL).to_pylist()
 
 
 @pytest.fixture(scope="module")
-def eval_head(tmp_path_factory, eval_rows) -> Path:
-    """The first 200 real eval rows (math, minerva...) as a small parquet file."""
-    if not eval_rows:
-        pytest.skip(f"eval parquet not found at {EVAL_PARQUET}")
-    path = tmp_path_factory.mktemp("eval") / "head.parquet"
-    pq.write_table(pq.read_table(EVAL_PARQUET).slice(0, 200), path)
-    return path
+def eval_head() -> Path:
+    """Real eval rows: 3 per data source (aime, aime25, amc, math, minerva, olympiad_bench)."""
+    return EVAL_SMALL
 
 
 def _render(tok, messages) -> str:
     return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-@needs_eval
 @pytest.mark.slow
 def test_whole_eval_parquet_loads_without_targets(tok):
     cfg = DataConfig(max_prompt_length=100_000)
-    ds = PromptDataset(cfg, [str(EVAL_PARQUET)], tok, progress=False)
+    ds = PromptDataset(cfg, [str(require_eval_parquet())], tok, progress=False)
     assert len(ds) == ds.counts.rows_read == 6023
     assert ds.counts.with_trace == 0 and all(it.trace_ids is None for it in ds.items)
     assert {it.data_source for it in ds.items} == {"aime", "aime25", "amc", "math", "minerva", "olympiad_bench"}
@@ -56,7 +52,6 @@ def test_whole_eval_parquet_loads_without_targets(tok):
     assert [it.index for it in ds.items] == list(range(6023))
 
 
-@needs_eval
 def test_eval_rows_follow_the_paper_prompt_rules(tok, eval_head, eval_rows):
     ds = PromptDataset(DataConfig(max_prompt_length=100_000), [str(eval_head)], tok, progress=False)
     assert len(ds) == len(eval_rows)
@@ -70,7 +65,6 @@ def test_eval_rows_follow_the_paper_prompt_rules(tok, eval_head, eval_rows):
         assert (item.source, item.row) == (str(eval_head), ds.items.index(item))
 
 
-@needs_eval
 def test_long_prompts_are_dropped_and_counted(tok, eval_head, eval_rows):
     lengths = [len(tok.encode(_render(tok, r["prompt"]), add_special_tokens=False)) for r in eval_rows]
     limit = sorted(lengths)[len(lengths) // 2]
@@ -80,7 +74,6 @@ def test_long_prompts_are_dropped_and_counted(tok, eval_head, eval_rows):
     assert max(len(it.prompt_ids) for it in ds.items) <= limit
 
 
-@needs_eval
 def test_system_prompt_keep_replace_remove(tok, eval_head, eval_rows):
     row = eval_rows[0]
     user = [m for m in row["prompt"] if m["role"] == "user"]

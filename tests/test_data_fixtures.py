@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-EVAL_PARQUET = Path(__file__).resolve().parents[2] / "shared/data/luffy_eval/valid.all.parquet"
-
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"

@@ -3,7 +3,7 @@ missing, needs root). The tiny CPU example trains two steps with TP 2 under ``sb
 fails the job with the key named in its output; run_7b.sh and run_32b.sh run for real (their own #SBATCH headers) on
 simulated 8-GPU nodes with a stub ``$PYTHON`` that records on which node, with which GPUs and arguments each SGLang
 server and trainer was started. All jobs are submitted at once and run side by side. Nothing here needs a GPU.
-Set LUFFY_SKIP_SLURM=1 to skip explicitly; otherwise a machine that cannot run Slurm fails these tests."""
+A machine that cannot run Slurm skips these tests as the ``slurm`` tier (tests/tiers.py); CI requires them."""
 
 from __future__ import annotations
 
