@@ -34,9 +34,8 @@ def test_rank0_call_shares_result_and_failure():
     rank0, rank1 = run_distributed(rank0_cases, 2, timeout_s=120)
     assert rank0[0] == rank1[0] == "ok {'from': 0}"
     assert rank0[1] == "FileNotFoundError: data/train.parquet: no such file\n(second line)"
-    assert rank1[1] == (
-        "RankFailure: setup failed on rank 0 (FileNotFoundError: data/train.parquet: no such file (second line)); stopped"
-    )
+    cause = "FileNotFoundError: data/train.parquet: no such file (second line)"
+    assert rank1[1] == f"RankFailure: setup failed on rank 0 ({cause}); stopped"
     assert rank0[2] == rank1[2] == "ok 'after'"
 
 

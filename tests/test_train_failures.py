@@ -75,3 +75,29 @@ def test_setup_failure_on_rank0_fails_every_rank(tmp_path):
     rank0, rank1 = run_distributed(setup_with_unreadable_data, 2, str(root), timeout_s=300)
     assert "broken.parquet" in rank0, rank0
     assert rank1.startswith("RankFailure: setup failed on rank 0") and "broken.parquet" in rank1, rank1
+
+
+def test_bad_parquet_under_torchrun_is_one_error_line_without_rank_tracebacks(tmp_path):
+    """What a user sees: one line naming the file, no traceback from any rank, no TE/Apex warnings."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.dist_utils import free_port
+    from tests.fixtures_models import write_train_assets
+
+    root = write_train_assets(tmp_path)
+    (root / "broken.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu_luffy.yaml"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "luffy_megatron.train.cli", str(config), f"model.hf_path={root / 'model'}",
+           f"data.train_files=[{root / 'broken.parquet'}]", "data.val_files=[]", f"logging.out_dir={root / 'out'}",
+           "parallel.tp=2"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "luffy-train: error:" in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("luffy-train: error: DataError: ") and "broken.parquet" in errors[0]
+    assert "luffy_megatron/" not in proc.stderr, "a traceback from a rank"
+    assert "Apex" not in proc.stderr

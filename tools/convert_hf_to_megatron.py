@@ -41,8 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Imported after parsing so that --help answers without loading torch and megatron-core.
     from luffy_megatron.config import ConfigError
     from luffy_megatron.convert import ConversionError, convert_hf_to_megatron
+    from luffy_megatron.platform import RankFailure, report_error, settle
 
     try:
         out = convert_hf_to_megatron(
@@ -54,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except (ConversionError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConversionError, ConfigError, RankFailure) as exc:
+        report_error("convert_hf_to_megatron", exc)  # one line, from the rank where it happened
+        settle()
         return 2
     if os.environ.get("RANK", "0") == "0":
         print(f"wrote {out}")

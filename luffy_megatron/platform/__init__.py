@@ -15,7 +15,15 @@ from luffy_megatron.platform.distributed import (
     read_dist_env,
     setup_platform,
 )
-from luffy_megatron.platform.rank0 import RankFailure, describe, every_rank_call, rank0_call
+from luffy_megatron.platform.rank0 import (
+    RankFailure,
+    describe,
+    every_rank_call,
+    failed_elsewhere,
+    rank0_call,
+    report_error,
+    settle,
+)
 
 __all__ = [
     "DistEnv",
@@ -24,11 +32,14 @@ __all__ = [
     "destroy_model_parallel",
     "device",
     "every_rank_call",
+    "failed_elsewhere",
     "free_port",
     "init_distributed",
     "init_model_parallel",
     "is_rank0",
     "rank0_call",
     "read_dist_env",
+    "report_error",
+    "settle",
     "setup_platform",
 ]

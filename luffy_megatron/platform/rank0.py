@@ -8,6 +8,8 @@ Without an initialised process group (or with one process) both functions are pl
 
 from __future__ import annotations
 
+import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -83,3 +85,29 @@ def every_rank_call(fn: Callable[[], T], what: str, note: str = "") -> T:
         if cause is not None:
             raise RankFailure(what, rank, cause, note)
     return result  # type: ignore[return-value]
+
+
+def failed_elsewhere(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised from, a :class:`RankFailure`: the rank where it happened reports the cause."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, RankFailure):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def report_error(prog: str, exc: BaseException) -> None:
+    """``prog: error: Type: message`` as one line on stderr, except on ranks where :func:`failed_elsewhere`."""
+    if not failed_elsewhere(exc):
+        print(f"{prog}: error: {describe(exc)}", file=sys.stderr, flush=True)
+
+
+def settle(timeout_s: float = 30.0) -> None:
+    """Wait (at most ``timeout_s``) until every rank gets here, so that the rank that reports a failure is not killed
+    by the launcher (torchrun stops all ranks when the first one exits) before it has printed."""
+    if _single():
+        return
+    waiter = threading.Thread(target=dist.barrier, daemon=True)
+    waiter.start()
+    waiter.join(timeout_s)

@@ -93,7 +93,7 @@ def save_checkpoint(save_dir: str, step: int, policy, trainer_state: dict, keep_
     try:
         rank0_call(prepare, "creating the checkpoint directory")
     except Exception as e:  # every rank raises (see rank0_call)
-        raise CheckpointError(f"cannot create checkpoint directory {tmp}: {describe(e)}") from None
+        raise CheckpointError(f"cannot create checkpoint directory {tmp}: {describe(e)}") from e
 
     def write_shards() -> None:
         dist_checkpointing.save(_sharded_state(policy, is_loading=False), str(tmp / "model_optim"))
@@ -104,7 +104,7 @@ def save_checkpoint(save_dir: str, step: int, policy, trainer_state: dict, keep_
     except Exception as e:
         raise CheckpointError(
             f"saving checkpoint {final} failed (previous checkpoints are intact): {describe(e)}"
-        ) from None
+        ) from e
 
     def finish() -> Path:
         state = dict(trainer_state, step=step, scheduler=policy.scheduler.state_dict())
@@ -122,7 +122,7 @@ def save_checkpoint(save_dir: str, step: int, policy, trainer_state: dict, keep_
     except Exception as e:
         raise CheckpointError(
             f"finishing checkpoint {final} failed (previous checkpoints are intact): {describe(e)}"
-        ) from None
+        ) from e
 
 
 def load_checkpoint(path: str | os.PathLike, policy) -> dict:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from luffy_megatron.config import ConfigError, load_config, validate
+from omegaconf import OmegaConf
 
+from luffy_megatron.config import ConfigError, RunConfig, load_config, validate
+
+PROG = "luffy-train"
 EPILOG = """examples:
   luffy-train configs/tiny_cpu_luffy.yaml trainer.total_steps=50
   torchrun --nproc-per-node 2 -m luffy_megatron.train.cli configs/tiny_cpu_luffy.yaml parallel.tp=2
@@ -16,7 +19,7 @@ Every key of the config tree can be overridden; `--print-config` shows them all.
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="luffy-train",
+        prog=PROG,
         description="Train a policy with LUFFY (mixed-policy GRPO) on Megatron-core.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -28,22 +31,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 2 for a configuration error (one line, from rank 0 only: every rank finds the same error before
+    any process group exists), 1 for a failed run (one line from the rank where it happened), 0 otherwise."""
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
-            from omegaconf import OmegaConf
-
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             return 0
         # Everything that can be checked is checked before any process group or model exists.
         validate(cfg)
     except ConfigError as e:
-        print(f"luffy-train: configuration error: {e}", file=sys.stderr)
+        from luffy_megatron.platform import read_dist_env  # torch: imported only on this path, see run()
+
+        if read_dist_env().rank == 0:
+            print(f"{PROG}: configuration error: {e}", file=sys.stderr)
         return 2
+    return run(cfg)
+
+
+def run(cfg: RunConfig) -> int:
+    """Train; a failure of the run's inputs or services is one line on stderr and exit status 1 (a traceback would
+    only repeat it), anything else is a bug and keeps its traceback."""
+    # Imported only once the configuration is valid, so that --help and configuration errors answer at once: the
+    # trainer imports torch, megatron-core and transformers (about 6 s).
+    from luffy_megatron.convert import ConversionError
+    from luffy_megatron.data import DataError
+    from luffy_megatron.platform import RankFailure, report_error, settle
+    from luffy_megatron.rollout.base import RolloutError, WeightSyncError
+    from luffy_megatron.train.checkpoint import CheckpointError
     from luffy_megatron.train.loop import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except (ConfigError, DataError, ConversionError, CheckpointError, RolloutError, WeightSyncError, RankFailure) as e:
+        report_error(PROG, e)  # on the rank where it happened
+        settle()
+        return 1
     return 0
 
 

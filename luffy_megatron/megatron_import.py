@@ -1,6 +1,8 @@
 """What must happen before the first ``import megatron.core``; run by ``luffy_megatron/__init__.py``.
 
 Because the package's ``__init__`` runs before any of its modules, every module may import megatron-core at its top.
+Part of the platform layer, kept outside ``luffy_megatron.platform`` so that importing the package stays free of torch
+(``luffy-train --help`` and configuration errors answer at once).
 """
 
 from __future__ import annotations
