@@ -7,7 +7,7 @@ logits. :func:`vocab_parallel_logprob_entropy` computes, for every token ``i`` w
     logp_i   = z_i[y_i] - logsumexp(z_i)
     H_i      = -sum_v p_iv log p_iv = logsumexp(z_i) - sum_v p_iv z_iv,     p_i = softmax(z_i)
 
-with three all-reduces over the TP group per chunk of tokens (max, then one fused sum of [sum exp, sum p*z, z[y]]).
+with two all-reduces over the TP group per chunk of tokens (max, then one fused sum of [sum exp, sum p*z, z[y]]).
 The full vocabulary is never gathered. Backward is analytic and recomputes ``p`` chunk by chunk from the logits and
 the saved per-token ``logsumexp``; nothing of size [N, V] is saved::
 

@@ -2,8 +2,10 @@
 
 Epoch ``e`` visits the items in the order ``numpy.random.default_rng(seed + e).permutation(n)`` (or ``0..n-1`` without
 shuffling) in consecutive batches of ``batch_size``; a last partial batch is dropped, so every step sees a full batch.
-Every rank builds the same sampler and takes its contiguous share of each global batch. ``state_dict()`` is just
-(epoch, batches consumed in it), so resuming continues with exactly the next batch.
+The trainer builds it on global rank 0 only (which owns the data, the rollouts and the rewards) and uses the global
+batch; ``local_indices`` is data-parallel rank ``dp_rank``'s contiguous share, for a reader that builds the same sampler
+on every rank. ``state_dict()`` is just (epoch, batches consumed in it), so resuming continues with exactly the next
+batch.
 """
 
 from __future__ import annotations

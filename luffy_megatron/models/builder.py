@@ -66,7 +66,8 @@ def build_transformer_config(
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(),
         perform_initialization=True,
-        # Mixed precision: keep softmax/residual in fp32 like HF does for bf16 checkpoints.
+        # Mixed precision: the attention softmax runs in fp32 (as HF attention does); the residual stream stays in
+        # params_dtype (megatron's fp32_residual_connection is off).
         attention_softmax_in_fp32=True,
     )
     if not torch.cuda.is_available():

@@ -177,7 +177,8 @@ def score_detailed(
     require_think_format: bool = True,
     allow_choice_letters: bool = True,
 ) -> RewardResult:
-    """Score one response in this process; never raises for bad inputs (they score 0 with a status)."""
+    """Score one response in this process. Malformed or unparsable answers, grader errors and timeouts score 0 with a
+    status; a response or ground truth that is not a ``str`` raises TypeError (a caller's bug, not a bad answer)."""
     if not isinstance(response, str) or not isinstance(ground_truth, str):
         raise TypeError(f"response and ground_truth must be str, got {type(response)} and {type(ground_truth)}")
     try:
