@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AttentionInterface, AutoModelForCausalLM, StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from luffy_megatron.models.family import torch_dtype
 from luffy_megatron.models.tokenizer import read_eos_token_ids
@@ -70,8 +73,6 @@ CPU_DECODE_ATTENTION = "luffy_cpu_decode"
 def _cpu_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """SDPA, except for one-token queries (decode steps): two small matmuls, about twice as fast as SDPA's CPU kernel
     with a padding mask at these shapes."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if query.shape[2] != 1 or module.training:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     groups = query.shape[1] // key.shape[1]
@@ -90,9 +91,6 @@ def _cpu_decode_attention(module, query, key, value, attention_mask, scaling=Non
 
 def register_cpu_decode_attention() -> str:
     """Register :func:`_cpu_decode_attention` (with SDPA's masks) with ``transformers``; returns its name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     AttentionInterface.register(CPU_DECODE_ATTENTION, _cpu_decode_attention)
     AttentionMaskInterface.register(CPU_DECODE_ATTENTION, sdpa_mask)
     return CPU_DECODE_ATTENTION
@@ -141,8 +139,6 @@ class HFEngine(RolloutEngine):
         eos_token_ids: Sequence[int] | None = None,
     ) -> HFEngine:
         """Load an HF folder (fp32 on CPU by default)."""
-        from transformers import AutoModelForCausalLM
-
         model = AutoModelForCausalLM.from_pretrained(str(hf_path), dtype=torch_dtype(dtype)).to(device)
         eos = read_eos_token_ids(hf_path) if eos_token_ids is None else list(eos_token_ids)
         pad = getattr(model.config, "pad_token_id", None)
@@ -184,24 +180,18 @@ class HFEngine(RolloutEngine):
         return results
 
     @torch.no_grad()
-    def _generate_batch(
-        self,
-        prompts: Sequence[Sequence[int]],
-        params: SamplingParams,
-        seeds: Sequence[int | None],
-        is_aborted: Callable[[int], bool] | None,
-    ) -> list[RowResult]:
-        from transformers import StaticCache
+    def _prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int):
+        """Prefill every prompt into a static cache sized for ``max_new_tokens`` more; one batch row per prompt.
 
-        b = len(prompts)
-        rngs = [random.Random(self._rng.getrandbits(63) if s is None else s) for s in seeds]
-        stop_ids = torch.tensor(sorted(set(self.eos_token_ids) | set(params.stop_token_ids)), dtype=torch.long)
+        Returns ``(cache, last logits [B, V] fp32, attention mask [B, width + max_new_tokens], next positions [B, 1],
+        width)``, prompts left-padded to ``width``.
+        """
         dev = self.device
         # Prefix sharing: each distinct prompt is prefilled once; its cache row is then copied to every sample of it.
         distinct: dict[tuple[int, ...], int] = {}
         row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
         width = max(len(p) for p in distinct)
-        total = width + params.max_new_tokens
+        total = width + max_new_tokens
         input_ids = torch.full((len(distinct), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(distinct), total), dtype=torch.long)  # spans the whole static cache
         for r, p in enumerate(distinct):
@@ -221,11 +211,39 @@ class HFEngine(RolloutEngine):
             **self._last_only,
         )
         logits, next_pos = out.logits[:, -1, :].float(), position_ids[:, -1:] + 1
-        if len(distinct) < b:  # one batch row per sample from here on
+        if len(distinct) < len(prompts):  # one batch row per sample from here on
             expand = torch.tensor(row_of, device=dev)
             _select_cache_rows(cache, expand)
             logits, mask, next_pos = logits[expand], mask[expand], next_pos[expand]
+        return cache, logits, mask, next_pos, width
 
+    @staticmethod
+    def _sample(
+        logits: torch.Tensor, params: SamplingParams, rngs: list[random.Random], slots: list[int | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per batch slot (from the slot's row's own generator) and its reported log-prob."""
+        cdf, logp, order = next_token_distribution(logits, params.temperature, params.top_p, params.top_k)
+        if params.temperature == 0:
+            tokens = logits.argmax(dim=-1)
+        else:
+            u = [0.0 if r is None else rngs[r].random() for r in slots]
+            u_t = torch.tensor(u, dtype=cdf.dtype, device=cdf.device)
+            idx = torch.searchsorted(cdf, (u_t * cdf[:, -1]).unsqueeze(-1), right=True).clamp(max=cdf.shape[-1] - 1)
+            tokens = (idx if order is None else order.gather(-1, idx)).squeeze(-1)
+        return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+    def _generate_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        seeds: Sequence[int | None],
+        is_aborted: Callable[[int], bool] | None,
+    ) -> list[RowResult]:
+        b = len(prompts)
+        rngs = [random.Random(self._rng.getrandbits(63) if s is None else s) for s in seeds]
+        stop_ids = torch.tensor(sorted(set(self.eos_token_ids) | set(params.stop_token_ids)), dtype=torch.long)
+        dev = self.device
+        cache, logits, mask, next_pos, width = self._prefill(prompts, params.max_new_tokens)
         out_ids: list[list[int]] = [[] for _ in range(b)]
         out_lp: list[list[float]] = [[] for _ in range(b)]
         reasons: list[FinishReason | None] = [None] * b
@@ -234,15 +252,7 @@ class HFEngine(RolloutEngine):
         # are ignored) until at most half the slots are alive: dropping them costs a copy of the whole cache.
         slots: list[int | None] = list(range(b))
         for step in range(params.max_new_tokens):
-            cdf, logp, order = next_token_distribution(logits, params.temperature, params.top_p, params.top_k)
-            if params.temperature == 0:
-                tokens = logits.argmax(dim=-1)
-            else:
-                u = [0.0 if r is None else rngs[r].random() for r in slots]
-                u_t = torch.tensor(u, dtype=cdf.dtype, device=cdf.device)
-                idx = torch.searchsorted(cdf, (u_t * cdf[:, -1]).unsqueeze(-1), right=True).clamp(max=cdf.shape[-1] - 1)
-                tokens = (idx if order is None else order.gather(-1, idx)).squeeze(-1)
-            tok_lp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            tokens, tok_lp = self._sample(logits, params, rngs, slots)
             tokens_l, lp_l = tokens.tolist(), tok_lp.tolist()
             is_stop = torch.isin(tokens.cpu(), stop_ids).tolist()
             last = step == params.max_new_tokens - 1
