@@ -3,7 +3,8 @@
 megatron-core has no CPU mode. These patches let its real code paths (GPTModel, tensor/pipeline parallel mappings,
 pipeline schedules, DDP, optimizers, dist_checkpointing) run on CPU with the gloo backend. They are applied by
 :func:`apply_cpu_patches`, called from exactly one place (:func:`luffy_megatron.platform.setup_platform`), and are a
-no-op when CUDA is available. Each patch names the failure it fixes.
+no-op when CUDA is available. Each patch names the failure it fixes. (Making ``import megatron.core`` work without
+triton is done earlier, for every process, by ``luffy_megatron/megatron_import.py``.)
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def _patch_rng_tracker() -> None:
     """Fixes the CUDA RNG tracker (``model_parallel_cuda_manual_seed``, dropout under ``get_cuda_rng_tracker().fork()``)
     calling ``torch.cuda.get_rng_state`` / ``default_generators``: its states become CPU generator states, so
     per-TP-rank dropout streams still work."""
+    # Lazy, like every megatron-core import of the platform layer (see distributed.init_model_parallel).
     from megatron.core.tensor_parallel import random as mrandom
 
     def get_state(device: Any = None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:

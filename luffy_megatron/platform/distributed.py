@@ -10,6 +10,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from luffy_megatron.platform.cpu_compat import apply_cpu_patches
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -47,8 +49,6 @@ def setup_platform() -> torch.device:
     """Choose the device and, without CUDA, make megatron-core run on the CPU. Idempotent."""
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
-    from luffy_megatron.platform.cpu_compat import apply_cpu_patches
-
     apply_cpu_patches()
     return torch.device("cpu")
 
@@ -83,6 +83,8 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> D
 
 def init_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1) -> None:
     """Create megatron-core's TP/PP/DP groups and seed the model-parallel RNG tracker."""
+    # megatron-core is imported here, not at the top: this module is also used by light tools (free_port,
+    # read_dist_env) that should not pay its ~3 s of imports.
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
