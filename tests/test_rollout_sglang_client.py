@@ -476,3 +476,30 @@ def test_no_thread_leak_after_close(servers) -> None:
     engine.close()
     time.sleep(0.1)
     assert threading.active_count() <= before + 1  # executor threads of the server may linger
+
+
+def test_colocated_servers_release_memory_between_generation_and_weight_sync(servers, model, monkeypatch) -> None:
+    """The loop's own functions: generation, release; (training); resume, then the session-framed update."""
+    from types import SimpleNamespace
+
+    import luffy_megatron.convert.export as export
+    from luffy_megatron.config import RunConfig
+    from luffy_megatron.train.loop import generate_groups, sync_weights
+
+    (server,) = servers(1)
+    engine = _engine([server], colocate=True)
+    cfg = RunConfig()
+    cfg.rollout.n, cfg.rollout.n_off, cfg.data.max_response_length = 2, 0, 4
+    run = SimpleNamespace(engine=engine, step=1, weight_version=0)
+    batch = [SimpleNamespace(index=i, prompt_ids=p, trace_ids=None) for i, p in enumerate(PROMPTS)]
+    samples = generate_groups(cfg, run, batch)
+    assert len(samples) == 8 and server.released == {"kv_cache", "weights", "cuda_graph"}
+    new = tiny_model(seed=6, scale=4.0)
+    monkeypatch.setattr(export, "iter_hf_weights", lambda modules, spec: iter([list(new.state_dict().items())]))
+    sync_weights(run, SimpleNamespace(modules=None, spec=None))
+    assert not server.released and server.weight_version == "1"
+    paths = [r.path for r in server.requests if r.path != "/generate"]
+    assert paths[:5] == ["/release_memory_occupation", "/resume_memory_occupation", "/pause_generation",
+                         "/flush_cache", "/begin_weight_update"]  # fmt: skip
+    assert paths[-2:] == ["/end_weight_update", "/continue_generation"]
+    engine.close()
