@@ -501,7 +501,10 @@ def _short(v: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="example: make gpu-check, or python tools/gpu_check.py --stages roundtrip fused_logprob --out /tmp/gc",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "gpu_check", help="work folder and JSON report")
     ap.add_argument("--budget-s", type=float, default=600.0, help="total time budget (stages past it are skipped)")
     ap.add_argument("--steps", type=int, default=20, help="LUFFY steps of the training stage")
