@@ -6,6 +6,7 @@ installed). A version bump in ``setup.py``'s ``[gpu]`` extra re-checks everythin
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
 import io
 import pickle
@@ -37,11 +38,11 @@ SGLANG_PKG = "sglang/srt/"
 # ---------------------------------------------------------------------------------------------------------------------
 # Command lines
 # ---------------------------------------------------------------------------------------------------------------------
-def sglang_server_flags() -> dict[str, bool]:
-    """``{flag: takes_no_value}`` of ``python -m sglang.launch_server``: the ``A[T, ...]`` fields of the config
-    namespaces (``arg_groups/fields``, named ``--field-name`` unless ``Arg(cli_name=...)``, plus aliases, minus
+def sglang_server_flags() -> dict[str, tuple[bool, list | None]]:
+    """``{flag: (takes_no_value, choices)}`` of ``python -m sglang.launch_server``: the ``A[T, ...]`` fields of the
+    config namespaces (``arg_groups/fields``, named ``--field-name`` unless ``Arg(cli_name=...)``, plus aliases, minus
     ``no_cli``) and the flags ``server_args.py`` registers by hand."""
-    flags: dict[str, bool] = {}
+    flags: dict[str, tuple[bool, list | None]] = {}
     for src in upstream.sources_under("sglang", SGLANG_PKG + "arg_groups/fields/").values():
         for cls in (n for n in ast.parse(src).body if isinstance(n, ast.ClassDef)):
             for stmt in cls.body:
@@ -61,20 +62,24 @@ def sglang_server_flags() -> dict[str, bool]:
                 aliases = ast.literal_eval(kw["aliases"]) if "aliases" in kw else []
                 type_src = ast.unparse(parts[0])
                 is_bool = type_src in ("bool", "Optional[bool]") and "action" not in kw
+                choices = None  # literal choices only (a few are computed from other modules)
+                if "choices" in kw and isinstance(kw["choices"], (ast.List, ast.Tuple)):
+                    with contextlib.suppress(ValueError):
+                        choices = ast.literal_eval(kw["choices"])
                 for flag in [name, *aliases]:
-                    flags[flag] = is_bool
+                    flags[flag] = (is_bool, choices)
     server_args = upstream.source("sglang", SGLANG_PKG + "server_args.py")
     for node in ast.walk(ast.parse(server_args)):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
             for a in node.args:
                 if isinstance(a, ast.Constant) and str(a.value).startswith("--"):
-                    flags.setdefault(a.value, False)
+                    flags.setdefault(a.value, (False, None))
     return flags
 
 
 def test_server_command_flags_exist_in_sglang_arguments() -> None:
     flags = sglang_server_flags()
-    assert len(flags) > 300 and flags["--skip-tokenizer-init"] and not flags["--tp-size"]  # the parse found them
+    assert len(flags) > 300 and flags["--skip-tokenizer-init"][0] and not flags["--tp-size"][0]  # the parse found them
     cfg = SGLangConfig(context_length=8192, colocate=True, tp_size=2)
     cmd = launcher.server_command(cfg, "/models/qwen", 1, api_key="secret")
     assert cmd[1:3] == ["-m", "sglang.launch_server"]
@@ -86,8 +91,11 @@ def test_server_command_flags_exist_in_sglang_arguments() -> None:
         seen.append(arg)
         assert arg in flags, f"{arg} is not an argument of sglang {upstream.pinned_version('sglang')}"
         has_value = i + 1 < len(args) and not args[i + 1].startswith("--")
-        assert has_value != flags[arg], f"{arg}: {'a switch' if flags[arg] else 'takes a value'} in SGLang"
-    assert {"--enable-memory-saver", "--context-length", "--api-key", "--base-gpu-id"} <= set(seen)
+        switch, choices = flags[arg]
+        assert has_value != switch, f"{arg}: {'a switch' if switch else 'takes a value'} in SGLang"
+        assert choices is None or args[i + 1] in choices, f"{arg} {args[i + 1]}: SGLang accepts {choices}"
+    assert {"--enable-memory-saver", "--context-length", "--api-key", "--base-gpu-id", "--dtype"} <= set(seen)
+    assert flags["--dtype"][1] and "bfloat16" in flags["--dtype"][1]
 
 
 def test_router_command_parses_with_sglang_router_args(monkeypatch) -> None:
