@@ -39,6 +39,7 @@ setup(
             "sglang==0.5.23",
             "sglang-router==0.3.2",
             "transformer-engine[core_cu13,pytorch]==2.20.2",
+            "megatron-core==0.19.2",  # needs Python >= 3.12
         ],
         "tensorboard": ["tensorboard>=2.14"],
         "wandb": ["wandb>=0.17"],

@@ -9,6 +9,7 @@ import ast
 import contextlib
 import inspect
 import io
+import os
 import pickle
 import subprocess
 import sys
@@ -230,9 +231,7 @@ print("RECEIVED", t.tolist(), flush=True)
 
 def _server_side(port: int, timeout: float) -> subprocess.Popen:
     code = textwrap.dedent(SERVER_SIDE).format(port=port, timeout=timeout)
-    env = {"PYTHONPATH": str(upstream.REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    env.update({k: v for k, v in __import__("os").environ.items() if k in ("LUFFY_WHEEL_CACHE", "XDG_CACHE_HOME",
-                                                                             "HOME")})  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(upstream.REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=upstream.REPO, env=env)  # fmt: skip
 
@@ -401,3 +400,15 @@ def test_gpu_extra_resolves_for_python312_with_the_torch_sglang_pins(tmp_path) -
                 for v in exact:
                     assert Version(v) in ours[dn].specifier, f"sglang pins {dep}, setup.py requires {ours[dn]}"
     assert "torch==" + pins["torch"] in [str(Requirement(d)).replace(" ", "") for d in got["sglang"]["requires_dist"]]
+
+
+def test_distributed_bucket_metadata_is_what_sglang_receives() -> None:
+    """SGLang's receiver allocates ``torch.empty(shape, dtype=getattr(torch, dtype))`` for each name in order and
+    receives it by ``broadcast(src=0)``: our dtype strings must name torch dtypes, and rank 0 must send."""
+    src = upstream.source("sglang", SGLANG_PKG + "model_executor/model_runner_components/weight_updater.py")
+    fn = next(n for n in ast.walk(ast.parse(src))
+              if isinstance(n, ast.FunctionDef) and n.name == "receive_weights_from_distributed")  # fmt: skip
+    body = ast.unparse(fn)
+    assert "zip(names, dtypes, shapes)" in body and "getattr(torch, dtype)" in body and "src=0" in body
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        assert getattr(torch, str(dtype).removeprefix("torch.")) is dtype  # the engine's dtype strings
