@@ -328,6 +328,33 @@ def test_te_spec_kwargs_bind_to_megatron_core_signature() -> None:
         te_sig.bind(qk_layernorm=False, normalization="RMSNorm")
 
 
+def test_builder_calls_the_te_spec_with_arguments_it_accepts(monkeypatch) -> None:
+    """The builder's own call site, with the TE spec function replaced by one that first binds the arguments to the
+    real signature (TE itself is not installed here) and then returns the local spec so the model still builds."""
+    from luffy_megatron.convert.checkpoint import setup_parallel
+
+    setup_parallel(1, 1)
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from luffy_megatron.models.builder import build_gpt_model, build_transformer_config, model_spec
+
+    real = inspect.signature(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec)
+    calls: list[dict] = []
+
+    def checked(**kwargs):
+        real.bind(**kwargs)  # TypeError here is what every GPU run hit before the fix
+        calls.append(kwargs)
+        local = gpt_layer_specs.get_gpt_layer_local_spec
+        return local(qk_layernorm=kwargs.get("qk_layernorm"), normalization="RMSNorm")
+
+    monkeypatch.setattr(gpt_layer_specs, "get_gpt_layer_with_transformer_engine_spec", checked)
+    hf = {"architectures": ["Qwen3ForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}  # fmt: skip
+    spec = model_spec(hf)
+    chunks = build_gpt_model(spec, build_transformer_config(spec), use_transformer_engine=True)
+    assert calls == [{"qk_layernorm": True}] and len(chunks) == 1
+
+
 def test_fused_layer_norm_names_match_megatron_and_transformer_engine() -> None:
     """The local spec maps its norms to the fused TE names; TE's LayerNormLinear registers ``layer_norm_weight``."""
     from luffy_megatron.platform import setup_platform
