@@ -83,7 +83,7 @@ def test_server_command_flags_exist_in_sglang_arguments() -> None:
     assert len(flags) > 300 and flags["--skip-tokenizer-init"][0] and not flags["--tp-size"][0]  # the parse found them
     cfg = SGLangConfig(context_length=8192, colocate=True, tp_size=2)
     cmd = launcher.server_command(cfg, "/models/qwen", 1, api_key="secret")
-    assert cmd[1:3] == ["-m", "sglang.launch_server"]
+    assert cmd[1:3] == ["-m", "sglang.launch_server"] and "def " in upstream.source("sglang", "sglang/launch_server.py")
     args = cmd[3:]
     seen = []
     for i, arg in enumerate(args):
@@ -116,6 +116,7 @@ def test_router_command_parses_with_sglang_router_args(monkeypatch) -> None:
     urls = ["http://10.0.0.1:30000", "http://10.0.0.2:30010"]
     cmd = launcher.router_command(SGLangConfig(router_port=29123, host="0.0.0.0"), urls)
     assert cmd[1:3] == ["-m", "sglang_router.launch_router"]
+    assert "parse_router_args" in upstream.source("sglang-router", "sglang_router/launch_router.py")
     parsed = mod.RouterArgs.from_cli_args(parser.parse_args(cmd[3:]), use_router_prefix=False)
     assert parsed.worker_urls == urls and parsed.port == 29123 and parsed.host == "0.0.0.0"
     with pytest.raises((SystemExit, argparse.ArgumentError)):
