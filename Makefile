@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 MEGATRON_VERSION ?= 0.19.2
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv demo test test-fast lint clean
+.PHONY: venv demo test test-fast lint clean gpu-check
 
 venv: $(STAMP)
 
@@ -33,6 +33,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -q -m "not slow"
+
+# The GPU path in one command (tools/gpu_check.py): pass/fail/skip table and outputs/gpu_check/gpu_check.json. Uses
+# the environment of docs/rollout.md "GPU install" (.venv when present, else $(PYTHON)); it never installs the CPU set.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PY) tools/gpu_check.py --out outputs/gpu_check
 
 lint: $(STAMP)
 	$(PY) -m ruff check luffy_megatron tools tests examples

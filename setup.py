@@ -32,7 +32,15 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]>=2.0", "sglang>=0.5", "sglang-router>=0.2"],
+        # One tested set for CUDA 13 on Python 3.12 (docs/rollout.md "GPU install"): sglang pins its torch, and
+        # transformer-engine's torch extension is a source package built with --no-build-isolation against it.
+        "gpu": [
+            "torch==2.14.1",
+            "sglang==0.5.23",
+            "sglang-router==0.3.2",
+            "transformer-engine[core_cu13,pytorch]==2.20.2",
+            "megatron-core==0.19.2",  # needs Python >= 3.12
+        ],
         "tensorboard": ["tensorboard>=2.14"],
         "wandb": ["wandb>=0.17"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],

@@ -1,9 +1,13 @@
 """A local stand-in for an SGLang server, backed by the in-process HF engine.
 
-It speaks the subset of SGLang's HTTP API documented in ``docs/rollout.md`` (request fields, ``sampling_params``
-validation that rejects unknown keys with 400, response shapes) and injects faults on demand: 5xx answers, malformed
-JSON, slow answers, a wrong number of answers, and dying mid-batch (all connections cut, port closed). Every request
-body is recorded for field-by-field checks of what the client sends.
+It speaks the subset of SGLang's HTTP API documented in ``docs/rollout.md`` and takes its truth from the pinned SGLang
+wheel (``tests/upstream.py``): the ``/generate`` and weight request fields (``io_struct``), the ``sampling_params``
+keys (``SamplingParams``), the weight-update session with upstream's rejection message, exact ``rid`` matching of
+``/abort_request``, tensor payloads read with SGLang's own ``SafeUnpickler`` (one distinct payload per TP rank), and
+weight-update groups joined with SGLang's own ``init_custom_process_group``. It is stricter than SGLang in one way:
+unknown fields of weight requests are answered with 400 (SGLang ignores them silently). It injects faults on demand:
+5xx answers, malformed JSON, slow answers, a wrong number of answers, and dying mid-batch (all connections cut, port
+closed). Every request body is recorded for field-by-field checks of what the client sends.
 
 In tests: ``server = SGLangTestServer(engine, api_key=...); url = server.start()``. As a process (for launcher tests):
 ``python tests/sglang_test_server.py --model-path DIR --host 127.0.0.1 --port P`` accepts SGLang's launch flags.
@@ -14,12 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import io
 import json
-import pickle
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -29,36 +35,29 @@ from aiohttp import web
 from luffy_megatron.rollout.base import SamplingParams
 from luffy_megatron.rollout.hf_engine import HFEngine
 
-
-def _words(text: str) -> set[str]:
-    return set(text.split())
-
-
-# GenerateReqInput fields of SGLang 0.5 (a subset; anything else is rejected like SGLang's dataclass constructor does).
-GENERATE_KEYS = _words(
-    "text input_ids input_embeds sampling_params return_logprob logprob_start_len top_logprobs_num token_ids_logprob "
-    "return_text_in_logprobs stream rid return_prompt_token_ids return_entropy priority log_metrics image_data "
-    "lora_path custom_logit_processor return_hidden_states bootstrap_host"
+UNSUPPORTED_HERE = frozenset(
+    ["stop", "stop_regex", "json_schema", "regex", "ebnf", "structural_tag", "logit_bias", "custom_params"]
 )
-# SamplingParams fields of SGLang 0.5.
-SAMPLING_KEYS = _words(
-    "max_new_tokens stop stop_token_ids stop_regex temperature top_p top_k min_p frequency_penalty presence_penalty "
-    "repetition_penalty min_new_tokens n json_schema regex ebnf structural_tag ignore_eos skip_special_tokens "
-    "spaces_between_special_tokens no_stop_trim custom_params stream_interval logit_bias sampling_seed"
-)
-UNSUPPORTED_HERE = _words("stop stop_regex json_schema regex ebnf structural_tag logit_bias custom_params")
-# Request fields of the weight endpoints, as documented in reference/sglang-api.md (SGLang 0.5.23).
-WEIGHT_KEYS = {
-    "/update_weights_from_disk": _words("model_path load_format abort_all_requests weight_version flush_cache"),
-    "/update_weights_from_tensor": _words(
-        "serialized_named_tensors load_format flush_cache abort_all_requests weight_version"
-    ),
-    "/init_weights_update_group": _words("master_address master_port rank_offset world_size group_name backend"),
-    "/update_weights_from_distributed": _words(
-        "names dtypes shapes group_name flush_cache abort_all_requests weight_version load_format"
-    ),
-    "/destroy_weights_update_group": {"group_name"},
-}
+#: Routes of the weight-update protocol whose request bodies are checked field by field.
+WEIGHT_ROUTES = (
+    "/update_weights_from_disk", "/update_weights_from_tensor", "/init_weights_update_group",
+    "/update_weights_from_distributed", "/destroy_weights_update_group", "/begin_weight_update",
+    "/end_weight_update",
+)  # fmt: skip
+
+
+@cache
+def schema() -> dict[str, Any]:
+    """Request fields, sampling keys and session messages, read from the pinned SGLang wheel."""
+    from tests import upstream
+
+    return {
+        "generate": set(upstream.route_fields("/generate")),
+        "sampling": set(upstream.sampling_api_keys()),
+        "weights": {p: upstream.route_fields(p) for p in WEIGHT_ROUTES},
+        "session": upstream.session_messages(),
+        "common": upstream.upstream_common(),
+    }
 
 
 BODY = web.RequestKey("body", object)
@@ -101,6 +100,7 @@ class SGLangTestServer:
     paused: bool = False
     released: set[str] = field(default_factory=set)
     groups: dict[str, dict] = field(default_factory=dict)
+    session_open: bool = False
     generate_count: int = 0
     dead: bool = False
     join_groups: bool = False  # join weight-update process groups for real (gloo on CPU) instead of recording them
@@ -134,6 +134,7 @@ class SGLangTestServer:
         self._loop.run_forever()
 
     async def _start_site(self) -> None:
+        schema()  # read the upstream wheel before serving
         self._continue = asyncio.Event()
         self._continue.set()
         app = web.Application(middlewares=[self._middleware], client_max_size=1 << 30)
@@ -145,6 +146,8 @@ class SGLangTestServer:
             "/init_weights_update_group": self._weight_group,
             "/update_weights_from_distributed": self._weight_group,
             "/destroy_weights_update_group": self._weight_group,
+            "/begin_weight_update": self._session,
+            "/end_weight_update": self._session,
             "/abort_request": self._abort_request,
             "/pause_generation": self._pause,
             "/continue_generation": self._continue_generation,
@@ -282,7 +285,7 @@ class SGLangTestServer:
             if delay and r == 0:
                 time.sleep(delay)
             rid = rids[r]
-            return self._abort_all or self.dead or any(rid.startswith(p) for p in self._aborted)
+            return self._abort_all or self.dead or rid in self._aborted  # SGLang matches the rid exactly
 
         with self._lock:
             return self.engine.generate_rows(rows, params, seeds, is_aborted)
@@ -339,10 +342,16 @@ class SGLangTestServer:
         body = request[BODY]
         if not isinstance(body, dict):
             return {}, web.json_response({"success": False, "message": "JSON object required"}, status=400)
-        unknown = set(body) - WEIGHT_KEYS[request.path]
-        if unknown:
-            return body, web.json_response({"success": False, "message": f"unknown keys {sorted(unknown)}"}, status=400)
-        if self.faults.fail_weight_update:
+        fields = schema()["weights"][request.path]
+        unknown = set(body) - set(fields)
+        missing = {k for k, has_default in fields.items() if not has_default} - set(body)
+        if unknown or missing:
+            msg = f"unknown keys {sorted(unknown)}, missing required keys {sorted(missing)}"
+            return body, web.json_response({"success": False, "message": msg}, status=400)
+        if request.path in schema()["session"] and not self.session_open:
+            return body, web.json_response({"success": False, "message": schema()["session"][request.path]},
+                                           status=400)  # fmt: skip
+        if self.faults.fail_weight_update and request.path not in ("/begin_weight_update", "/end_weight_update"):
             return body, web.json_response({"success": False, "message": "injected load failure"}, status=400)
         return body, None
 
@@ -390,8 +399,28 @@ class SGLangTestServer:
         blobs = body.get("serialized_named_tensors")
         if not isinstance(blobs, list) or not blobs:
             return web.json_response({"success": False, "message": "serialized_named_tensors: list"}, status=400)
-        named = pickle.load(io.BytesIO(base64.b64decode(blobs[0])))  # noqa: S301 - test server, local trusted client
+        if len(set(blobs)) != len(blobs):
+            msg = "serialized_named_tensors: each TP rank needs its own serialization"
+            return web.json_response({"success": False, "message": msg}, status=400)
+        unpickler = schema()["common"]["SafeUnpickler"]
+        try:  # every TP rank reads its own payload, with SGLang's allow-list
+            per_rank = [unpickler(io.BytesIO(base64.b64decode(b, validate=True))).load() for b in blobs]
+        except Exception as e:
+            return web.json_response({"success": False, "message": f"{type(e).__name__}: {e}"}, status=400)
+        named = per_rank[0]
         return await self._load(body, lambda: iter(named), strict=False)
+
+    async def _session(self, request: web.Request) -> web.Response:
+        body, err = self._check_weight_body(request)
+        if err is not None:
+            return err
+        opening = request.path == "/begin_weight_update"
+        if opening == self.session_open:
+            msg = ("a weight-update session is already open; call end_weight_update() first" if opening
+                   else "no weight-update session is open; call begin_weight_update() first")  # fmt: skip
+            return web.json_response({"success": False, "message": msg}, status=400)
+        self.session_open = opening
+        return web.json_response({"success": True, "message": "Success"})
 
     async def _weight_group(self, request: web.Request) -> web.Response:
         body, err = self._check_weight_body(request)
@@ -401,12 +430,17 @@ class SGLangTestServer:
         run = asyncio.get_running_loop().run_in_executor
         if request.path == "/init_weights_update_group":
             self.groups[name] = body
-            if self.join_groups:  # really join: this server is rank ``rank_offset`` (one GPU per server here)
-                from luffy_megatron.rollout.sglang.engine import init_weights_update_group
-
-                args = (body["master_address"], body["master_port"], body["rank_offset"], body["world_size"], name,
-                        body.get("backend", "nccl"))  # fmt: skip
-                self._pgs[name] = await run(None, init_weights_update_group, *args)
+            if self.join_groups:  # really join, with SGLang's own function: rank ``rank_offset`` (one GPU per server)
+                join = functools.partial(
+                    schema()["common"]["init_custom_process_group"],
+                    backend=body.get("backend", "nccl"),
+                    init_method=f"tcp://{body['master_address']}:{body['master_port']}",
+                    world_size=body["world_size"],
+                    rank=body["rank_offset"],
+                    group_name=name,
+                    timeout=timedelta(seconds=120),
+                )
+                self._pgs[name] = await run(None, join)
         elif name not in self.groups:
             return web.json_response({"success": False, "message": f"no weight update group {name!r}"}, status=400)
         elif request.path == "/destroy_weights_update_group":
@@ -437,7 +471,7 @@ def _parse_generate(body: Any) -> tuple[list[list[int]], list[int | None], Sampl
     """Validate a /generate body like SGLang does; expands ``n`` into rows."""
     if not isinstance(body, dict):
         raise ValueError("body must be a JSON object")
-    unknown = set(body) - GENERATE_KEYS
+    unknown = set(body) - schema()["generate"]
     if unknown:
         raise ValueError(f"unexpected keyword arguments {sorted(unknown)}")
     ids = body.get("input_ids")
@@ -454,7 +488,7 @@ def _parse_generate(body: Any) -> tuple[list[list[int]], list[int | None], Sampl
     for prompt, p, r in zip(batch, sps, rids):
         if not isinstance(p, dict):
             raise ValueError("sampling_params must be an object")
-        bad = set(p) - SAMPLING_KEYS
+        bad = set(p) - schema()["sampling"]
         if bad:
             raise ValueError(f"SamplingParams got unexpected keyword arguments {sorted(bad)}")
         if set(p) & UNSUPPORTED_HERE:

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 ENTRY_POINTS = {"luffy-train": "luffy_megatron.train.cli"}  # setup.py's console_scripts
 START = re.compile(
-    r"^(?:[A-Z_]+=\S+\s+)*(?:srun\s+)?(python\s+(?:-m\s+luffy_megatron|tools/)|luffy-train\b|torchrun\s)"
+    r"^(?:[A-Z_]+=\S+\s+)*(?:srun\s+)?(python\s+(?:-m\s+luffy_megatron|tools/)|luffy-train(?=\s|$)|torchrun\s)"
 )
 
 

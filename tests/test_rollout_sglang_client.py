@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -21,8 +22,9 @@ from luffy_megatron.rollout.sglang.client import (
     SGLangClient,
     parse_sample,
 )
-from luffy_megatron.rollout.sglang.engine import SGLangEngine, iter_buckets
-from tests.sglang_test_server import GENERATE_KEYS, SGLangTestServer, tiny_model
+from luffy_megatron.rollout.sglang.engine import SGLangEngine
+from luffy_megatron.rollout.sglang.weights import iter_buckets
+from tests.sglang_test_server import SGLangTestServer, schema, tiny_model
 
 PROMPTS = [[3, 4, 5], [7, 8], [9, 10, 11, 12], [13]]
 
@@ -83,15 +85,15 @@ def test_generate_matches_in_process_engine_and_request_bodies(servers, model) -
     assert len(bodies) == 3  # 12 samples, 5 per request
     rids = []
     for body in bodies:
-        # Field by field against sglang-api.md (GenerateReqInput / SamplingParams).
+        # Field by field against the pinned SGLang's GenerateReqInput / SamplingParams.
         assert set(body) == {"input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len", "stream"}
-        assert set(body) <= GENERATE_KEYS
+        assert set(body) <= schema()["generate"]
         assert body["return_logprob"] is True and body["logprob_start_len"] == -1 and body["stream"] is False
         assert isinstance(body["input_ids"], list) and all(isinstance(p, list) for p in body["input_ids"])
         assert all(isinstance(t, int) for p in body["input_ids"] for t in p)
         assert len(body["sampling_params"]) == len(body["input_ids"]) == len(body["rid"])
         for sp in body["sampling_params"]:
-            assert set(sp) <= SAMPLING_KEYS
+            assert set(sp) <= SAMPLING_KEYS <= schema()["sampling"]
             assert sp["max_new_tokens"] == 10 and sp["temperature"] == 0.8 and sp["top_p"] == 0.9
             assert sp["top_k"] == 20 and sp["stop_token_ids"] == [1] and isinstance(sp["sampling_seed"], int)
             assert "n" not in sp  # samples are expanded client-side, one rid each
@@ -217,24 +219,28 @@ def test_server_killed_mid_batch_no_prompt_lost_or_duplicated(servers, tmp_path)
     engine.close()
 
 
-def test_abort_request(model) -> None:
+def test_abort_request_matches_the_rid_exactly(model) -> None:
+    """SGLang looks the rid up exactly (``rid_to_state.get(rid)``): a prefix aborts nothing."""
     server = SGLangTestServer(HFEngine(model, eos_token_ids=[]))  # never stops by itself
     server.start()
     server.faults.step_delay_s = 0.02
     client = SGLangClient([server.url])
 
     async def go() -> None:
-        req = SampleRequest("job-1", [2, 3], {"max_new_tokens": 200})
-        task = asyncio.ensure_future(client.generate([req]))
+        reqs = [SampleRequest("job-1", [2, 3], {"max_new_tokens": 40}),
+                SampleRequest("job-2", [2, 4], {"max_new_tokens": 40})]  # fmt: skip
+        task = asyncio.ensure_future(client.generate(reqs))
         await asyncio.sleep(0.3)
-        await client.abort(rid="job-")
-        res = await asyncio.wait_for(task, 10)
-        assert res["job-1"].finish_reason == "abort" and 0 < len(res["job-1"].output_ids) < 200
+        await client.abort(rid="job-")  # a prefix: not a rid, nothing happens
+        await client.abort(rid="job-1")
+        res = await asyncio.wait_for(task, 30)
+        assert res["job-1"].finish_reason == "abort" and 0 < len(res["job-1"].output_ids) < 40
+        assert res["job-2"].finish_reason == "length" and len(res["job-2"].output_ids) == 40
         await client.close()
 
     asyncio.run(go())
-    body = next(r.body for r in server.requests if r.path == "/abort_request")
-    assert body == {"rid": "job-", "abort_all": False}
+    bodies = [r.body for r in server.requests if r.path == "/abort_request"]
+    assert bodies == [{"rid": "job-", "abort_all": False}, {"rid": "job-1", "abort_all": False}]
     server.stop()
 
 
@@ -319,8 +325,50 @@ def test_weight_update_from_tensor_and_memory_release(servers) -> None:
     assert len(bodies[-1]["serialized_named_tensors"]) == 2 and bodies[-1]["weight_version"] == "3"
     assert all("weight_version" not in b and b["flush_cache"] is False for b in bodies[:-1])
     assert bodies[-1]["flush_cache"] is True and server.weight_version == "3"
+    assert all(len(set(b["serialized_named_tensors"])) == 2 for b in bodies)  # one serialization per TP rank
     assert [r.body for r in server.requests if r.path == "/release_memory_occupation"] == [{"tags": None}]
+    paths = [r.path for r in server.requests if r.path != "/generate"]
+    n = len(bodies)
+    assert paths == ["/release_memory_occupation", "/resume_memory_occupation", "/pause_generation", "/flush_cache",
+                     "/begin_weight_update", *["/update_weights_from_tensor"] * n, "/end_weight_update",
+                     "/continue_generation"]  # fmt: skip
+    engine.resume_memory()  # nothing released: no request
+    assert [r.path for r in server.requests].count("/resume_memory_occupation") == 1
     engine.close()
+
+
+def test_failed_tensor_update_closes_the_session_and_the_next_one_works(servers, model) -> None:
+    a, b = servers(2)
+    engine = _engine([a, b])
+    b.faults.fail_weight_update = True
+    with pytest.raises(WeightSyncError, match=f"{b.url}.*injected load failure"):
+        engine.update_weights(model.state_dict().items(), version=1)
+    assert not a.session_open and not b.session_open
+    b.faults.fail_weight_update = False
+    engine.update_weights(model.state_dict().items(), version=2)
+    assert a.weight_version == "2" == b.weight_version
+    engine.close()
+
+
+@pytest.mark.parametrize("path", ["/update_weights_from_tensor", "/update_weights_from_distributed"])
+def test_test_server_rejects_loads_outside_a_session_like_sglang(servers, path) -> None:
+    import urllib.error
+    import urllib.request
+
+    from tests import upstream
+
+    (server,) = servers(1)
+    body = {"serialized_named_tensors": ["x"]} if "tensor" in path else {"names": [], "dtypes": [], "shapes": []}
+    if "distributed" in path:
+        server.groups["weight_update_group"] = {}
+    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    answer = json.loads(err.value.read())
+    assert err.value.code == 400 and answer["success"] is False
+    assert answer["message"] == upstream.session_messages()[path]
+    assert "must run between begin_weight_update() and end_weight_update()" in answer["message"]
 
 
 def test_distributed_sync_http_protocol(servers, model) -> None:
@@ -357,15 +405,41 @@ def test_distributed_sync_http_protocol(servers, model) -> None:
         assert set(u["dtypes"]) == {"float32"} and u["group_name"] == "weight_update_group"
     assert updates[-1]["weight_version"] == "4" and all("weight_version" not in u for u in updates[:-1])
     assert a.weight_version == "4" == b.weight_version
+    for s in (a, b):
+        paths = [r.path for r in s.requests if r.path != "/init_weights_update_group"]
+        assert paths == ["/pause_generation", "/flush_cache", "/begin_weight_update",
+                         *["/update_weights_from_distributed"] * len(updates), "/end_weight_update",
+                         "/continue_generation"]  # fmt: skip
     engine._group = None  # the fake group is not a real process group
     engine.close()
 
 
-def test_trainer_address() -> None:
-    from luffy_megatron.rollout.sglang.engine import _trainer_address
+def test_trainer_address_routes_to_remote_servers(monkeypatch) -> None:
+    """Debian-style hosts resolve their own name to 127.0.1.1; remote servers need the address of the route."""
+    import shutil
+    import socket
+    import subprocess
 
-    assert _trainer_address(["http://127.0.0.1:30000", "http://localhost:30010"]) == "127.0.0.1"
-    assert _trainer_address(["http://10.1.2.3:30000"]) not in ("", None)
+    import psutil
+
+    from luffy_megatron.rollout.sglang.weights import trainer_address
+
+    monkeypatch.delenv("LUFFY_WEIGHT_SYNC_ADDR", raising=False)
+    assert trainer_address(["http://127.0.0.1:30000", "http://localhost:30010"]) == "127.0.0.1"
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
+    remote = "192.0.2.10"  # TEST-NET-1: routed by the default route, never answers (nothing is sent anyway)
+    try:
+        addr = trainer_address([f"http://{remote}:30000"])
+    except RolloutError as e:  # a host without any route: the error says what to set
+        assert "LUFFY_WEIGHT_SYNC_ADDR" in str(e)
+        return
+    local = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET}
+    assert addr in local and not addr.startswith("127.")
+    if shutil.which("ip"):  # the kernel's own answer, independently
+        out = subprocess.run(["ip", "-4", "route", "get", remote], capture_output=True, text=True).stdout.split()
+        assert addr == out[out.index("src") + 1]
+    monkeypatch.setenv("LUFFY_WEIGHT_SYNC_ADDR", "10.9.8.7")
+    assert trainer_address([f"http://{remote}:30000"]) == "10.9.8.7"
 
 
 def test_iter_buckets() -> None:
@@ -402,3 +476,30 @@ def test_no_thread_leak_after_close(servers) -> None:
     engine.close()
     time.sleep(0.1)
     assert threading.active_count() <= before + 1  # executor threads of the server may linger
+
+
+def test_colocated_servers_release_memory_between_generation_and_weight_sync(servers, model, monkeypatch) -> None:
+    """The loop's own functions: generation, release; (training); resume, then the session-framed update."""
+    from types import SimpleNamespace
+
+    import luffy_megatron.convert.export as export
+    from luffy_megatron.config import RunConfig
+    from luffy_megatron.train.loop import generate_groups, sync_weights
+
+    (server,) = servers(1)
+    engine = _engine([server], colocate=True)
+    cfg = RunConfig()
+    cfg.rollout.n, cfg.rollout.n_off, cfg.data.max_response_length = 2, 0, 4
+    run = SimpleNamespace(engine=engine, step=1, weight_version=0)
+    batch = [SimpleNamespace(index=i, prompt_ids=p, trace_ids=None) for i, p in enumerate(PROMPTS)]
+    samples = generate_groups(cfg, run, batch)
+    assert len(samples) == 8 and server.released == {"kv_cache", "weights", "cuda_graph"}
+    new = tiny_model(seed=6, scale=4.0)
+    monkeypatch.setattr(export, "iter_hf_weights", lambda modules, spec: iter([list(new.state_dict().items())]))
+    sync_weights(run, SimpleNamespace(modules=None, spec=None))
+    assert not server.released and server.weight_version == "1"
+    paths = [r.path for r in server.requests if r.path != "/generate"]
+    assert paths[:5] == ["/release_memory_occupation", "/resume_memory_occupation", "/pause_generation",
+                         "/flush_cache", "/begin_weight_update"]  # fmt: skip
+    assert paths[-2:] == ["/end_weight_update", "/continue_generation"]
+    engine.close()

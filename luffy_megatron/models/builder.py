@@ -41,6 +41,18 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+def layer_spec_kwargs(spec: ModelSpec, use_transformer_engine: bool) -> dict[str, Any]:
+    """Keyword arguments of megatron-core's layer-spec function.
+
+    The local spec takes ``normalization`` (its norm class depends on it); the TE spec has no such parameter in
+    megatron-core 0.16-0.19 (TE's fused norms read ``config.normalization``, which the family sets to RMSNorm).
+    """
+    kwargs: dict[str, Any] = {"qk_layernorm": spec.family.qk_layernorm}
+    if not use_transformer_engine:
+        kwargs["normalization"] = "RMSNorm"
+    return kwargs
+
+
 def build_transformer_config(
     spec: ModelSpec,
     *,
@@ -103,7 +115,7 @@ def build_gpt_model(
 
     use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
     layer_spec_fn = get_gpt_layer_with_transformer_engine_spec if use_te else get_gpt_layer_local_spec
-    layer_spec = layer_spec_fn(qk_layernorm=spec.family.qk_layernorm, normalization="RMSNorm")
+    layer_spec = layer_spec_fn(**layer_spec_kwargs(spec, use_te))
     vpp = config.virtual_pipeline_model_parallel_size
     chunks: list[torch.nn.Module] = []
     for vp_stage in range(vpp or 1):

@@ -162,6 +162,7 @@ def generate_groups(cfg: RunConfig, run: RunState, batch: list) -> list[Sample]:
         seed=r.seed * 1_000_003 + run.step,
     )
     outputs = run.engine.generate([item.prompt_ids for item in batch], params)
+    run.engine.release_memory()  # colocated servers give the GPUs to Megatron until the weight sync
     n_off = r.n_off
     rollouts = []
     for item, outs in zip(batch, outputs):
@@ -231,6 +232,7 @@ def sync_weights(run: RunState, policy) -> None:
     run.weight_version += 1
     stream = (pair for bucket in iter_hf_weights(policy.modules, policy.spec) for pair in bucket)
     if run.engine is not None:
+        run.engine.resume_memory()
         run.engine.update_weights(stream, version=run.weight_version)
     else:
         for _ in stream:  # the collectives of the gather need every rank

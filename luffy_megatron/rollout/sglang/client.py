@@ -274,9 +274,13 @@ class SGLangClient:
         self, path: str, body: dict | None = None, *, timeout_s: float | None = None, urls: Sequence[str] | None = None
     ) -> list[Any]:
         """POST to every server concurrently; raises naming each server that failed or answered ``success: false``."""
-        targets = list(urls or self.server_urls)
+        return await self.post_each(path, dict.fromkeys(urls or self.server_urls, body), timeout_s=timeout_s)
+
+    async def post_each(self, path: str, bodies: dict[str, dict | None], *, timeout_s: float | None = None) -> list:
+        """POST ``bodies[url]`` to each ``url`` concurrently; errors as in :meth:`post_all`."""
+        targets = list(bodies)
         answers = await asyncio.gather(
-            *(self.request(u, path, body, timeout_s=timeout_s) for u in targets), return_exceptions=True
+            *(self.request(u, path, bodies[u], timeout_s=timeout_s) for u in targets), return_exceptions=True
         )
         failed = []
         for url, ans in zip(targets, answers):
@@ -289,7 +293,8 @@ class SGLangClient:
         return list(answers)
 
     async def abort(self, rid: str | None = None, abort_all: bool = False) -> None:
-        """``/abort_request`` on every server (``rid`` matches as a prefix)."""
+        """``/abort_request`` on every server: the request whose rid equals ``rid`` (SGLang matches exactly, a
+        prefix aborts nothing), or every request with ``abort_all``."""
         body: dict[str, Any] = {"abort_all": abort_all}
         if rid is not None:
             body["rid"] = rid

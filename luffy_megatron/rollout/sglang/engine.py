@@ -1,31 +1,35 @@
 """SGLang rollout engine: the :class:`~luffy_megatron.rollout.base.RolloutEngine` interface over HTTP servers.
 
 Weight sync (``SGLangConfig.weight_sync``), always framed as pause -> flush -> load -> continue, with the new
-``weight_version`` set by the load requests; a failure on any server raises :class:`WeightSyncError` and leaves the
-engine refusing to generate until a later update succeeds:
+``weight_version`` set by the load requests; ``distributed`` and ``tensor`` loads run inside a weight-update session
+(``/begin_weight_update`` before the first bucket, ``/end_weight_update`` after the last), which SGLang >= 0.5.21
+requires. A failure on any server raises :class:`WeightSyncError` and leaves the engine refusing to generate until a
+later update succeeds:
 
 - ``disk``: the stream is written as HF safetensors shards (``weight_bucket_mb`` each, plus the model's config files)
   into ``weight_sync_dir/v{version}``; every server loads it with ``/update_weights_from_disk``. Needs a filesystem
   shared by trainer and servers.
 - ``distributed``: once, ``/init_weights_update_group`` puts the trainer (rank 0) and every server GPU
   (rank ``1 + i * tp_size + tp_rank``) into one NCCL group; per bucket, ``/update_weights_from_distributed`` carries
-  names/dtypes/shapes by HTTP while the trainer broadcasts the tensors from rank 0.
+  names/dtypes/shapes by HTTP while the trainer broadcasts the tensors from rank 0. The trainer joins the group the
+  way SGLang's servers do (``init_custom_process_group``: the rendezvous store wrapped in ``PrefixStore(group_name)``).
 - ``tensor``: colocated servers; each bucket is pickled with torch's ``ForkingPickler`` (CUDA-IPC handles for GPU
-  tensors), base64-encoded, and posted to ``/update_weights_from_tensor`` (one copy per TP rank).
+  tensors, after SGLang's ``monkey_patch_torch_reductions``), base64-encoded, and posted to
+  ``/update_weights_from_tensor``, serialized once per server and TP rank (each consumes its own CUDA-IPC references).
+
+With ``colocate``, :meth:`SGLangEngine.release_memory` frees the servers' weights, KV cache and CUDA graphs after
+generation and :meth:`SGLangEngine.resume_memory` takes them back before the next weight update.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import Future
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -50,32 +54,16 @@ from luffy_megatron.rollout.sglang.launcher import (
     stop_processes,
     wait_healthy,
 )
+from luffy_megatron.rollout.sglang.weights import (
+    GROUP_NAME,
+    init_weights_update_group,
+    iter_buckets,
+    serialize_named_tensors,
+    trainer_address,
+)
 
 logger = logging.getLogger(__name__)
-GROUP_NAME = "weight_update_group"
 _CONFIG_FILES = ("config.json", "generation_config.json")
-
-
-def iter_buckets(
-    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
-) -> Iterator[tuple[list[tuple[str, torch.Tensor]], bool]]:
-    """Group a stream into buckets of at most ``bucket_bytes`` (a larger tensor is a bucket alone); yields (bucket,
-    is_last)."""
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    pending: list[tuple[str, torch.Tensor]] | None = None
-    for name, t in named_tensors:
-        nbytes = t.numel() * t.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            if pending is not None:
-                yield pending, False
-            pending, bucket, size = bucket, [], 0
-        bucket.append((name, t))
-        size += nbytes
-    if pending is not None:
-        yield pending, not bucket
-    if bucket:
-        yield bucket, True
 
 
 def sampling_params_body(params: SamplingParams, seed: int | None, stop_token_ids: Iterable[int]) -> dict:
@@ -92,36 +80,6 @@ def sampling_params_body(params: SamplingParams, seed: int | None, stop_token_id
     if seed is not None:
         body["sampling_seed"] = seed
     return body
-
-
-def serialize_named_tensors(named: list[tuple[str, torch.Tensor]]) -> str:
-    """SGLang's ``MultiprocessingSerializer`` format: ForkingPickler bytes (shared memory / CUDA IPC), base64."""
-    from multiprocessing.reduction import ForkingPickler
-
-    import torch.multiprocessing  # noqa: F401 - registers torch's shared-memory / CUDA-IPC reducers
-
-    buf = io.BytesIO()
-    ForkingPickler(buf).dump(named)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def init_weights_update_group(
-    master_address: str, master_port: int, rank: int, world_size: int, group_name: str, backend: str = "nccl",
-    timeout_s: float = 600.0,
-) -> Any:  # fmt: skip
-    """A process group outside the default one (trainer rank 0 + server GPUs), as SGLang's servers build theirs."""
-    from torch.distributed import distributed_c10d as c10d
-
-    timeout = timedelta(seconds=timeout_s)
-    store, rank, world_size = next(
-        c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
-    )
-    store.set_timeout(timeout)
-    pg, _ = c10d._new_process_group_helper(
-        world_size, rank, [], c10d.Backend(backend), store, group_name=group_name, timeout=timeout
-    )
-    c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
-    return pg
 
 
 class SGLangEngine(RolloutEngine):
@@ -163,6 +121,7 @@ class SGLangEngine(RolloutEngine):
         self.flush_retries = flush_retries
         self.weight_version: int | None = None
         self._stale = False
+        self._released = False
         self._group: Any = None
         self._loop = LoopThread()
         self._last_dir: Path | None = None
@@ -216,7 +175,7 @@ class SGLangEngine(RolloutEngine):
             colocate=cfg.colocate,
             eos_token_ids=eos_token_ids,
             processes=procs,
-            master_address=_trainer_address(server_urls),
+            master_address=trainer_address(server_urls),
         )
 
     def _run(self, coro: Any) -> Any:
@@ -263,9 +222,10 @@ class SGLangEngine(RolloutEngine):
         try:
             self.pause()
             self._flush()
-            nbytes = {"disk": self._sync_disk, "distributed": self._sync_distributed, "tensor": self._sync_tensor}[
-                self.weight_sync
-            ](named_tensors, version)
+            if self.weight_sync == "disk":
+                nbytes = self._sync_disk(named_tensors, version)
+            else:
+                nbytes = self._in_session(named_tensors, version)
             self._run(self.client.post_all("/continue_generation", {}))
         except WeightSyncError:
             raise
@@ -276,6 +236,22 @@ class SGLangEngine(RolloutEngine):
         dt = time.perf_counter() - t0
         self.last_sync = {"seconds": dt, "bytes": float(nbytes), "gb_per_s": nbytes / dt / 1e9 if dt > 0 else 0.0}
         self.last_sync.update(self._phases)
+
+    def _in_session(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """Distributed or tensor buckets between ``/begin_weight_update`` and ``/end_weight_update``; a session left
+        open by a failure is closed (best effort) so that the next update can begin one."""
+        sync = self._sync_distributed if self.weight_sync == "distributed" else self._sync_tensor
+        try:
+            self._run(self.client.post_all("/begin_weight_update", {}))
+            nbytes = sync(named_tensors, version)
+        except BaseException:
+            try:
+                self._run(self.client.post_all("/end_weight_update", {}))
+            except Exception as e:  # the first error is the one to report
+                logger.warning("closing the weight-update session after a failure also failed: %s", e)
+            raise
+        self._run(self.client.post_all("/end_weight_update", {}))
+        return nbytes
 
     def _flush(self) -> None:
         """``/flush_cache`` on every server, retried while a server still has requests to finish (it answers 400)."""
@@ -330,12 +306,14 @@ class SGLangEngine(RolloutEngine):
     def _sync_tensor(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         nbytes = 0
         for bucket, last in iter_buckets(named_tensors, self.bucket_bytes):
-            payload = serialize_named_tensors([(n, t.detach().contiguous()) for n, t in bucket])
-            body: dict[str, Any] = {"serialized_named_tensors": [payload] * self.tp_size, "flush_cache": last,
-                                    "abort_all_requests": False}  # fmt: skip
-            if last:
-                body["weight_version"] = str(version)
-            self._run(self.client.post_all("/update_weights_from_tensor", body))
+            named = [(n, t.detach().contiguous()) for n, t in bucket]
+            bodies: dict[str, dict | None] = {}
+            for url in self.client.server_urls:  # each server and TP rank consumes its own CUDA-IPC references
+                payloads = [serialize_named_tensors(named) for _ in range(self.tp_size)]
+                bodies[url] = {"serialized_named_tensors": payloads, "flush_cache": last, "abort_all_requests": False}
+                if last:
+                    bodies[url]["weight_version"] = str(version)  # type: ignore[index]
+            self._run(self.client.post_each("/update_weights_from_tensor", bodies))
             nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
         return nbytes
 
@@ -397,15 +375,17 @@ class SGLangEngine(RolloutEngine):
         """``/continue_generation`` on every server."""
         self._run(self.client.post_all("/continue_generation", {}))
 
-    def release_memory(self, tags: list[str] | None = None) -> None:
-        """Colocated servers free weights/KV cache/CUDA graphs (``tags=None``: all); no-op unless colocated."""
-        if self.colocate:
-            self._run(self.client.post_all("/release_memory_occupation", {"tags": tags}))
+    def release_memory(self) -> None:
+        """Colocated servers free weights, KV cache and CUDA graphs (they must be idle); no-op unless colocated."""
+        if self.colocate and not self._released:
+            self._run(self.client.post_all("/release_memory_occupation", {"tags": None}))
+            self._released = True
 
-    def resume_memory(self, tags: list[str] | None = None) -> None:
-        """Undo :meth:`release_memory`."""
-        if self.colocate:
-            self._run(self.client.post_all("/resume_memory_occupation", {"tags": tags}))
+    def resume_memory(self) -> None:
+        """Undo :meth:`release_memory` (no-op when nothing is released)."""
+        if self.colocate and self._released:
+            self._run(self.client.post_all("/resume_memory_occupation", {"tags": None}))
+            self._released = False
 
     def health(self) -> dict:
         """Per-server ``/health`` results."""
@@ -425,14 +405,3 @@ class SGLangEngine(RolloutEngine):
 
                 dist.destroy_process_group(self._group)
                 self._group = None
-
-
-def _trainer_address(server_urls: Iterable[str]) -> str:
-    """The address servers use to reach this process's weight-update store: loopback when every server is local."""
-    import socket
-    from urllib.parse import urlparse
-
-    hosts = {urlparse(u).hostname for u in server_urls}
-    if hosts <= {"127.0.0.1", "localhost", "::1"}:
-        return "127.0.0.1"
-    return socket.gethostbyname(socket.gethostname())

@@ -1,0 +1,442 @@
+"""Contract tests: every call into SGLang, sglang-router and megatron-core's TE spec, checked against the real
+upstream code of the pinned versions (``tests/upstream.py``: wheels downloaded once, read as zip files, never
+installed). A version bump in ``setup.py``'s ``[gpu]`` extra re-checks everything here.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import inspect
+import io
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import types
+from datetime import timedelta
+
+import pytest
+import torch
+
+from luffy_megatron.config import SGLangConfig
+from luffy_megatron.platform.distributed import free_port
+from luffy_megatron.rollout.base import SamplingParams
+from luffy_megatron.rollout.hf_engine import HFEngine
+from luffy_megatron.rollout.sglang import client as client_mod
+from luffy_megatron.rollout.sglang import engine as engine_mod
+from luffy_megatron.rollout.sglang import launcher
+from luffy_megatron.rollout.sglang.client import SGLangClient
+from luffy_megatron.rollout.sglang.engine import SGLangEngine, sampling_params_body
+from luffy_megatron.rollout.sglang.weights import init_weights_update_group, serialize_named_tensors
+from tests import upstream
+from tests.sglang_test_server import SGLangTestServer, tiny_model
+
+SGLANG_PKG = "sglang/srt/"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command lines
+# ---------------------------------------------------------------------------------------------------------------------
+def sglang_server_flags() -> dict[str, tuple[bool, list | None]]:
+    """``{flag: (takes_no_value, choices)}`` of ``python -m sglang.launch_server``: the ``A[T, ...]`` fields of the
+    config namespaces (``arg_groups/fields``, named ``--field-name`` unless ``Arg(cli_name=...)``, plus aliases, minus
+    ``no_cli``) and the flags ``server_args.py`` registers by hand."""
+    flags: dict[str, tuple[bool, list | None]] = {}
+    for src in upstream.sources_under("sglang", SGLANG_PKG + "arg_groups/fields/").values():
+        for cls in (n for n in ast.parse(src).body if isinstance(n, ast.ClassDef)):
+            for stmt in cls.body:
+                if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+                    continue
+                ann = stmt.annotation
+                if not (isinstance(ann, ast.Subscript) and isinstance(ann.value, ast.Name) and ann.value.id == "A"):
+                    continue
+                parts = ann.slice.elts if isinstance(ann.slice, ast.Tuple) else [ann.slice]
+                meta = next((p for p in parts[1:] if isinstance(p, ast.Call)), None)
+                kw = {k.arg: k.value for k in meta.keywords} if meta is not None else {}
+                if meta is not None and getattr(meta.func, "id", "") == "Derived":
+                    continue
+                if "no_cli" in kw and ast.literal_eval(kw["no_cli"]):
+                    continue
+                name = ast.literal_eval(kw["cli_name"]) if "cli_name" in kw else "--" + stmt.target.id.replace("_", "-")
+                aliases = ast.literal_eval(kw["aliases"]) if "aliases" in kw else []
+                type_src = ast.unparse(parts[0])
+                is_bool = type_src in ("bool", "Optional[bool]") and "action" not in kw
+                choices = None  # literal choices only (a few are computed from other modules)
+                if "choices" in kw and isinstance(kw["choices"], (ast.List, ast.Tuple)):
+                    with contextlib.suppress(ValueError):
+                        choices = ast.literal_eval(kw["choices"])
+                for flag in [name, *aliases]:
+                    flags[flag] = (is_bool, choices)
+    server_args = upstream.source("sglang", SGLANG_PKG + "server_args.py")
+    for node in ast.walk(ast.parse(server_args)):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+            for a in node.args:
+                if isinstance(a, ast.Constant) and str(a.value).startswith("--"):
+                    flags.setdefault(a.value, (False, None))
+    return flags
+
+
+def test_server_command_flags_exist_in_sglang_arguments() -> None:
+    flags = sglang_server_flags()
+    assert len(flags) > 300 and flags["--skip-tokenizer-init"][0] and not flags["--tp-size"][0]  # the parse found them
+    cfg = SGLangConfig(context_length=8192, colocate=True, tp_size=2)
+    cmd = launcher.server_command(cfg, "/models/qwen", 1, api_key="secret")
+    assert cmd[1:3] == ["-m", "sglang.launch_server"] and "def " in upstream.source("sglang", "sglang/launch_server.py")
+    args = cmd[3:]
+    seen = []
+    for i, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        seen.append(arg)
+        assert arg in flags, f"{arg} is not an argument of sglang {upstream.pinned_version('sglang')}"
+        has_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+        switch, choices = flags[arg]
+        assert has_value != switch, f"{arg}: {'a switch' if switch else 'takes a value'} in SGLang"
+        assert choices is None or args[i + 1] in choices, f"{arg} {args[i + 1]}: SGLang accepts {choices}"
+    assert {"--enable-memory-saver", "--context-length", "--api-key", "--base-gpu-id", "--dtype"} <= set(seen)
+    assert flags["--dtype"][1] and "bfloat16" in flags["--dtype"][1]
+
+
+def test_router_command_parses_with_sglang_router_args(monkeypatch) -> None:
+    """``sglang_router.launch_router``'s own parser (``RouterArgs.add_cli_args``), run on our command line."""
+    import argparse
+
+    src = upstream.source("sglang-router", "sglang_router/router_args.py")
+    rs = types.ModuleType("sglang_router.sglang_router_rs")  # the compiled extension, only asked for parser names
+    rs.get_available_tool_call_parsers = lambda: []  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "sglang_router", types.ModuleType("sglang_router"))
+    monkeypatch.setitem(sys.modules, "sglang_router.sglang_router_rs", rs)
+    mod = types.ModuleType("upstream_router_args")
+    monkeypatch.setitem(sys.modules, "upstream_router_args", mod)
+    exec(compile(src, "router_args.py", "exec"), mod.__dict__)  # noqa: S102
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    mod.RouterArgs.add_cli_args(parser, use_router_prefix=False)
+    urls = ["http://10.0.0.1:30000", "http://10.0.0.2:30010"]
+    cmd = launcher.router_command(SGLangConfig(router_port=29123, host="0.0.0.0"), urls)
+    assert cmd[1:3] == ["-m", "sglang_router.launch_router"]
+    assert "parse_router_args" in upstream.source("sglang-router", "sglang_router/launch_router.py")
+    parsed = mod.RouterArgs.from_cli_args(parser.parse_args(cmd[3:]), use_router_prefix=False)
+    assert parsed.worker_urls == urls and parsed.port == 29123 and parsed.host == "0.0.0.0"
+    with pytest.raises((SystemExit, argparse.ArgumentError)):
+        parser.parse_args(["--workers-url", urls[0]])  # the parser is strict: a misspelt flag fails
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Routes and request bodies
+# ---------------------------------------------------------------------------------------------------------------------
+def called_routes() -> set[tuple[str, str]]:
+    """``(method, path)`` of every HTTP call in the rollout client and engine source."""
+    calls: set[tuple[str, str]] = set()
+    for mod in (client_mod, engine_mod):
+        for node in ast.walk(ast.parse(inspect.getsource(mod))):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("post_all", "post_each",
+                                                                                       "request")):  # fmt: skip
+                continue
+            method = next((ast.literal_eval(k.value) for k in node.keywords if k.arg == "method"), "POST")
+            for a in node.args[:2]:
+                if isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value.startswith("/"):
+                    calls.add((method if isinstance(method, str) else "POST", a.value))
+    return calls
+
+
+def test_every_route_the_client_calls_exists_with_that_method() -> None:
+    calls = called_routes()
+    assert {("POST", "/begin_weight_update"), ("POST", "/update_weights_from_tensor"), ("GET", "/health"),
+            ("POST", "/generate"), ("POST", "/abort_request")} <= calls  # fmt: skip
+    routes = upstream.routes()
+    for method, path in sorted(calls):
+        assert path in routes, f"{path} is not a route of sglang {upstream.pinned_version('sglang')}"
+        assert method in routes[path][0], f"{path} accepts {sorted(routes[path][0])}, not {method}"
+
+
+@pytest.fixture
+def recorded(tmp_path):
+    """Every request body the engine sends in each weight-sync mode and for control calls."""
+    model = tiny_model(seed=3, scale=4.0)
+    server = SGLangTestServer(HFEngine(model, eos_token_ids=[1]))
+    server.start()
+    client = SGLangClient([server.url], backoff_s=0.01)
+    eng = SGLangEngine(client, weight_sync="disk", weight_sync_dir=str(tmp_path), colocate=True, tp_size=2,
+                       eos_token_ids=[1])  # fmt: skip
+    eng.generate([[3, 4]], SamplingParams(n=2, max_new_tokens=3, temperature=0.7, top_p=0.9, top_k=5, seed=1))
+    eng.release_memory()
+    eng.resume_memory()
+    eng.update_weights(model.state_dict().items(), version=1)
+    eng.weight_sync = "tensor"
+    eng.update_weights(model.state_dict().items(), version=2)
+    eng.weight_sync, eng.group_backend = "distributed", "gloo"
+    eng.master_address = "127.0.0.1"
+    import luffy_megatron.rollout.sglang.engine as em
+
+    orig = em.init_weights_update_group
+    em.init_weights_update_group = lambda *a, **k: None
+    bcast = torch.distributed.broadcast
+    torch.distributed.broadcast = lambda *a, **k: None
+    try:
+        eng.update_weights(model.state_dict().items(), version=3)
+    finally:
+        em.init_weights_update_group, torch.distributed.broadcast = orig, bcast
+    eng._group = None
+    eng._run(client.abort(rid="x-1"))
+    eng.close()
+    server.stop()
+    return server.requests
+
+
+def test_request_bodies_are_fields_of_the_io_struct_classes(recorded) -> None:
+    """Unknown fields are silently ignored by SGLang, so a misspelt key would be invisible there."""
+    paths = {r.path for r in recorded}
+    assert {"/update_weights_from_disk", "/update_weights_from_tensor", "/update_weights_from_distributed",
+            "/init_weights_update_group", "/begin_weight_update", "/end_weight_update", "/pause_generation",
+            "/continue_generation", "/release_memory_occupation", "/resume_memory_occupation",
+            "/abort_request", "/generate"} <= paths  # fmt: skip
+    for r in recorded:
+        if r.body is None:
+            assert r.path in ("/flush_cache",), f"{r.path} sent without a body"
+            continue
+        fields = upstream.route_fields(r.path)
+        unknown = set(r.body) - set(fields)
+        missing = {k for k, has_default in fields.items() if not has_default} - set(r.body)
+        assert not unknown, f"{r.path}: {sorted(unknown)} are not fields of {upstream.routes()[r.path][1]}"
+        assert not missing, f"{r.path}: required fields {sorted(missing)} missing"
+
+
+def test_generate_body_and_sampling_keys_are_sglang_schema(recorded) -> None:
+    api = upstream.sampling_api_keys()
+    assert {"max_new_tokens", "temperature", "sampling_seed", "stop_token_ids"} <= api and "stop_strs" not in api
+    assert api >= client_mod.SAMPLING_KEYS, sorted(client_mod.SAMPLING_KEYS - api)
+    body = sampling_params_body(SamplingParams(top_k=3, stop_token_ids=(7,)), seed=5, stop_token_ids=[1])
+    assert set(body) <= api
+    for r in (r for r in recorded if r.path == "/generate"):
+        for sp in r.body["sampling_params"]:
+            assert set(sp) <= api
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Weight-update group: our trainer side against SGLang's own init_custom_process_group, two processes over gloo
+# ---------------------------------------------------------------------------------------------------------------------
+SERVER_SIDE = """
+import sys, torch
+from datetime import timedelta
+from tests import upstream
+join = upstream.upstream_common()["init_custom_process_group"]
+pg = join(backend="gloo", init_method="tcp://127.0.0.1:{port}", world_size=2, rank=1,
+          group_name="weight_update_group", timeout=timedelta(seconds={timeout}))
+t = torch.zeros(5)
+torch.distributed.broadcast(t, src=0, group=pg)
+print("RECEIVED", t.tolist(), flush=True)
+"""
+
+
+def _server_side(port: int, timeout: float) -> subprocess.Popen:
+    code = textwrap.dedent(SERVER_SIDE).format(port=port, timeout=timeout)
+    env = {**os.environ, "PYTHONPATH": str(upstream.REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=upstream.REPO, env=env)  # fmt: skip
+
+
+def test_trainer_group_meets_sglang_init_custom_process_group_and_a_broadcast_arrives() -> None:
+    upstream.upstream_common()  # the wheel is in the cache before the child starts
+    port = free_port()
+    child = _server_side(port, timeout=60)
+    try:
+        pg = init_weights_update_group("127.0.0.1", port, 0, 2, "weight_update_group", "gloo", timeout_s=60)
+        torch.distributed.broadcast(torch.arange(5, dtype=torch.float32) * 1.5, src=0, group=pg)
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err[-2000:]
+    assert "RECEIVED [0.0, 1.5, 3.0, 4.5, 6.0]" in out
+    torch.distributed.destroy_process_group(pg)
+
+
+def test_a_trainer_side_without_prefix_store_never_meets_sglang() -> None:
+    """The negative control: the rendezvous the trainer used before (no ``PrefixStore``) waits on other keys."""
+    from torch.distributed import distributed_c10d as c10d
+
+    upstream.upstream_common()
+    port = free_port()
+    child = _server_side(port, timeout=8)
+    try:
+        store, rank, world = next(c10d.rendezvous(f"tcp://127.0.0.1:{port}", 0, 2, timeout=timedelta(seconds=8)))
+        store.set_timeout(timedelta(seconds=8))
+        with pytest.raises(RuntimeError):
+            pg, _ = c10d._new_process_group_helper(2, 0, [], c10d.Backend("gloo"), store,
+                                                   group_name="weight_update_group",
+                                                   timeout=timedelta(seconds=8))  # fmt: skip
+            c10d._world.pg_group_ranks[pg] = {0: 0, 1: 1}
+            torch.distributed.broadcast(torch.ones(5), src=0, group=pg)
+        child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode != 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Weight-update session and tensor payloads
+# ---------------------------------------------------------------------------------------------------------------------
+def test_session_routes_and_messages_exist_upstream() -> None:
+    routes = upstream.routes()
+    for path in ("/begin_weight_update", "/end_weight_update"):
+        assert "POST" in routes[path][0] and routes[path][1] is not None
+    messages = upstream.session_messages()
+    assert set(messages) == {"/update_weights_from_distributed", "/update_weights_from_tensor"}
+    assert all("begin_weight_update() and end_weight_update()" in m for m in messages.values())
+
+
+def test_tensor_payloads_one_per_rank_accepted_by_sglang_safe_unpickler() -> None:
+    unpickler = upstream.upstream_common()["SafeUnpickler"]
+    named = [("model.embed_tokens.weight", torch.randn(8, 4)), ("lm_head.weight", torch.randn(8, 4).bfloat16())]
+    payloads = [serialize_named_tensors(named) for _ in range(2)]
+    assert payloads[0] != payloads[1]  # each rank gets its own references
+    import base64
+
+    for p in payloads:
+        got = unpickler(io.BytesIO(base64.b64decode(p))).load()
+        assert [n for n, _ in got] == [n for n, _ in named]
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for (_, a), (_, b) in zip(got, named))
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with pytest.raises(RuntimeError, match="Blocked unsafe global"):  # the allow-list is real
+        unpickler(io.BytesIO(pickle.dumps(Evil()))).load()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transformer-engine layer spec of megatron-core
+# ---------------------------------------------------------------------------------------------------------------------
+def test_te_spec_kwargs_bind_to_megatron_core_signature() -> None:
+    from luffy_megatron.platform import setup_platform
+
+    setup_platform()
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from luffy_megatron.models.builder import layer_spec_kwargs, model_spec
+
+    for arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM"):
+        hf = {"architectures": [arch], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+        spec = model_spec(hf)
+        te_sig = inspect.signature(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec)
+        te_sig.bind(**layer_spec_kwargs(spec, True))
+        local_sig = inspect.signature(gpt_layer_specs.get_gpt_layer_local_spec)
+        local_sig.bind(**layer_spec_kwargs(spec, False))
+    with pytest.raises(TypeError):  # the call before the fix
+        te_sig.bind(qk_layernorm=False, normalization="RMSNorm")
+
+
+def test_builder_calls_the_te_spec_with_arguments_it_accepts(monkeypatch) -> None:
+    """The builder's own call site, with the TE spec function replaced by one that first binds the arguments to the
+    real signature (TE itself is not installed here) and then returns the local spec so the model still builds."""
+    from luffy_megatron.convert.checkpoint import setup_parallel
+
+    setup_parallel(1, 1)
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from luffy_megatron.models.builder import build_gpt_model, build_transformer_config, model_spec
+
+    real = inspect.signature(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec)
+    calls: list[dict] = []
+
+    def checked(**kwargs):
+        real.bind(**kwargs)  # TypeError here is what every GPU run hit before the fix
+        calls.append(kwargs)
+        local = gpt_layer_specs.get_gpt_layer_local_spec
+        return local(qk_layernorm=kwargs.get("qk_layernorm"), normalization="RMSNorm")
+
+    monkeypatch.setattr(gpt_layer_specs, "get_gpt_layer_with_transformer_engine_spec", checked)
+    hf = {"architectures": ["Qwen3ForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}  # fmt: skip
+    spec = model_spec(hf)
+    chunks = build_gpt_model(spec, build_transformer_config(spec), use_transformer_engine=True)
+    assert calls == [{"qk_layernorm": True}] and len(chunks) == 1
+
+
+def test_fused_layer_norm_names_match_megatron_and_transformer_engine() -> None:
+    """The local spec maps its norms to the fused TE names; TE's LayerNormLinear registers ``layer_norm_weight``."""
+    from luffy_megatron.platform import setup_platform
+
+    setup_platform()
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from luffy_megatron.models.family import TE_FUSED_NORM_NAMES
+
+    keys_map = get_gpt_layer_local_spec(normalization="RMSNorm").submodules.sharded_state_dict_keys_map
+    assert {k + "weight": v + "weight" for k, v in keys_map.items()} == TE_FUSED_NORM_NAMES
+    te_src = upstream.source("transformer-engine", "transformer_engine/pytorch/module/layernorm_linear.py")
+    registered = {
+        n.args[0].value
+        for n in ast.walk(ast.parse(te_src))
+        if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "register_parameter"
+        and n.args and isinstance(n.args[0], ast.Constant)
+    }  # fmt: skip
+    for te_name in TE_FUSED_NORM_NAMES.values():
+        assert te_name.rsplit(".", 1)[1] in registered, (te_name, sorted(registered))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The [gpu] extra resolves for Python 3.12 manylinux
+# ---------------------------------------------------------------------------------------------------------------------
+def test_gpu_extra_resolves_for_python312_with_the_torch_sglang_pins(tmp_path) -> None:
+    """``pip install --dry-run --no-deps`` of the pinned names for CPython 3.12 manylinux x86-64: each exists as a
+    wheel there, accepts Python 3.12, and their requirements on each other (torch, transformer-engine parts) and on
+    this package's own requirements agree."""
+    import json
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    reqs = upstream.gpu_requirements()
+    pins = {canonicalize_name(r.name): upstream.pinned_version(r.name) for r in reqs}
+    names = [f"{r.name}{'[' + ','.join(sorted(r.extras)) + ']' if r.extras else ''}=={pins[canonicalize_name(r.name)]}"
+             for r in reqs]  # fmt: skip
+    te = pins[canonicalize_name("transformer-engine")]
+    names.append(f"transformer-engine-cu13=={te}")  # the core_cu13 extra's wheel
+    report = tmp_path / "report.json"
+    upstream.pip_run(["install", "--dry-run", "--no-deps", "--ignore-installed", "--quiet", "--report", str(report),
+                      "--target", str(tmp_path / "t"), *upstream.PLATFORM_ARGS, *names],
+                     "resolving the [gpu] extra for Python 3.12")  # fmt: skip
+    got = {canonicalize_name(i["metadata"]["name"]): i["metadata"] for i in json.loads(report.read_text())["install"]}
+    for name, version in pins.items():
+        assert name in got and got[name]["version"] == version, (name, version)
+    env = {**default_environment(), "python_version": "3.12", "python_full_version": "3.12.0",
+           "sys_platform": "linux", "platform_machine": "x86_64", "platform_system": "Linux"}  # fmt: skip
+    for meta in got.values():
+        rp = meta.get("requires_python")
+        assert not rp or Version("3.12.0") in __import__("packaging.specifiers").specifiers.SpecifierSet(rp)
+    ours = {canonicalize_name(r.name): r for r in upstream.install_requirements()}
+    torch_pin = Version(pins["torch"])
+    for name, meta in got.items():
+        for dep in map(Requirement, meta.get("requires_dist") or []):
+            extras = ("core_cu13", "core-cu13", "pytorch")  # the extras the [gpu] extra asks for
+            active = dep.marker is None or any(dep.marker.evaluate({**env, "extra": e}) for e in ("", *extras))
+            if not active:
+                continue
+            dn = canonicalize_name(dep.name)
+            if dn == "torch":
+                assert torch_pin in dep.specifier, f"{name} requires {dep}, the [gpu] extra pins torch=={torch_pin}"
+            if dn.startswith("transformer-engine"):
+                assert dep.specifier.contains(te), f"{name} requires {dep}, the [gpu] extra pins {te}"
+            if dn in ours and name == "sglang":
+                exact = [s.version for s in dep.specifier if s.operator == "=="]
+                for v in exact:
+                    assert Version(v) in ours[dn].specifier, f"sglang pins {dep}, setup.py requires {ours[dn]}"
+    assert "torch==" + pins["torch"] in [str(Requirement(d)).replace(" ", "") for d in got["sglang"]["requires_dist"]]
+
+
+def test_distributed_bucket_metadata_is_what_sglang_receives() -> None:
+    """SGLang's receiver allocates ``torch.empty(shape, dtype=getattr(torch, dtype))`` for each name in order and
+    receives it by ``broadcast(src=0)``: our dtype strings must name torch dtypes, and rank 0 must send."""
+    src = upstream.source("sglang", SGLANG_PKG + "model_executor/model_runner_components/weight_updater.py")
+    fn = next(n for n in ast.walk(ast.parse(src))
+              if isinstance(n, ast.FunctionDef) and n.name == "receive_weights_from_distributed")  # fmt: skip
+    body = ast.unparse(fn)
+    assert "zip(names, dtypes, shapes)" in body and "getattr(torch, dtype)" in body and "src=0" in body
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        assert getattr(torch, str(dtype).removeprefix("torch.")) is dtype  # the engine's dtype strings
