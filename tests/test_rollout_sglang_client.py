@@ -482,7 +482,7 @@ def test_colocated_servers_release_memory_between_generation_and_weight_sync(ser
     """The loop's own functions: generation, release; (training); resume, then the session-framed update."""
     from types import SimpleNamespace
 
-    import luffy_megatron.convert.export as export
+    import luffy_megatron.train.loop as loop
     from luffy_megatron.config import RunConfig
     from luffy_megatron.train.loop import generate_groups, sync_weights
 
@@ -495,7 +495,7 @@ def test_colocated_servers_release_memory_between_generation_and_weight_sync(ser
     samples = generate_groups(cfg, run, batch)
     assert len(samples) == 8 and server.released == {"kv_cache", "weights", "cuda_graph"}
     new = tiny_model(seed=6, scale=4.0)
-    monkeypatch.setattr(export, "iter_hf_weights", lambda modules, spec: iter([list(new.state_dict().items())]))
+    monkeypatch.setattr(loop, "iter_hf_weights", lambda modules, spec: iter([list(new.state_dict().items())]))
     sync_weights(run, SimpleNamespace(modules=None, spec=None))
     assert not server.released and server.weight_version == "1"
     paths = [r.path for r in server.requests if r.path != "/generate"]
