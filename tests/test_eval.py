@@ -231,3 +231,22 @@ def test_rerun_with_other_settings_is_refused(model_dir, tmp_path, capsys, monke
     err = _error([*argv, "--max-new-tokens", "8"], capsys)
     assert "other settings" in err and "use a new --out" in err
     assert os.listdir(out) == ["run.json"]
+
+
+@pytest.mark.slow
+def test_sglang_backend_gives_the_in_process_samples(model_dir, tmp_path):
+    """``--backend sglang --sglang-url`` against the protocol-faithful test server (backed by the in-process engine):
+    the seeded samples, scores and tables equal the in-process backend's."""
+    from luffy_megatron.rollout.hf_engine import HFEngine
+    from tests.sglang_test_server import SGLangTestServer
+
+    server = SGLangTestServer(HFEngine.from_pretrained(model_dir))
+    url = server.start()
+    try:
+        args = ["--model", str(model_dir), "--data", str(FIXTURE), "--sources", "aime", "gpqa", *EVAL_ARGS]
+        assert cli.main([*args, "--out", str(tmp_path / "hf")]) == 0
+        assert cli.main([*args, "--out", str(tmp_path / "sg"), "--backend", "sglang", "--sglang-url", url]) == 0
+    finally:
+        server.stop()
+    assert (tmp_path / "sg" / "samples.jsonl").read_text() == (tmp_path / "hf" / "samples.jsonl").read_text()
+    assert len(server.requests) > 0
