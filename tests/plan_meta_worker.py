@@ -1,14 +1,16 @@
 """Build one rank of a model at full size on the meta device and report what Megatron allocates (JSON on stdout).
 
-``python tests/plan_meta_worker.py HF_CONFIG_JSON TP PP VPP|0 WORLD RANK DIST_OPT(0/1) DTYPE``. The process joins a
-fake process group of WORLD ranks as RANK (collectives are no-ops), so megatron-core's real model, DDP and optimizer
-code run for that rank while every tensor they create lives on the meta device (no memory is used).
+``python tests/plan_meta_worker.py HF_CONFIG_JSON TP PP VPP|0 WORLD RANK[,RANK...] DIST_OPT(0/1) DTYPE``. For each
+RANK the process joins a fake process group of WORLD ranks as RANK (collectives are no-ops), so megatron-core's real
+model, DDP and optimizer code run for that rank while every tensor they create lives on the meta device (no memory is
+used). One ``RESULT {json}`` line per rank.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -37,18 +39,10 @@ class MetaMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def main(argv: list[str]) -> dict:
+def measure(hf_path: str, tp: int, pp: int, vpp_n: int | None, world: int, rank: int, use: bool, dtype: str) -> dict:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from luffy_megatron.platform import setup_platform
-
-    hf_path, tp, pp, vpp, world, rank, dist_opt, dtype = argv
-    tp, pp, world, rank = int(tp), int(pp), int(world), int(rank)
-    vpp_n = int(vpp) or None
-    setup_platform()
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-    new_group = dist.new_group
-    dist.new_group = lambda *a, **k: new_group(*a, **{x: y for x, y in k.items() if x != "backend"})  # no gloo
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -56,9 +50,8 @@ def main(argv: list[str]) -> dict:
     from luffy_megatron.models.builder import build_gpt_model, build_transformer_config, model_spec
 
     ps.initialize_model_parallel(tp, pp, virtual_pipeline_model_parallel_size=vpp_n)
-    hf = json.loads(open(hf_path).read())
+    hf = json.loads(Path(hf_path).read_text())
     spec = model_spec(hf, tp=tp)
-    use = dist_opt == "1"
     half = dtype != "float32"
     with torch.device("meta"), MetaMode():
         cfg = build_transformer_config(spec, tp=tp, pp=pp, vpp=vpp_n, dtype=dtype, perform_initialization=False)
@@ -89,8 +82,22 @@ def main(argv: list[str]) -> dict:
             groups = o.shard_fp32_from_float16_groups if use else o.fp32_from_float16_groups
             out["master_weights"] += sum(p.numel() * p.element_size() for g in groups for p in g)
     out["pp_rank"], out["dp_rank"] = ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank()
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
     return out
 
 
+def main(argv: list[str]) -> None:
+    from luffy_megatron.platform import setup_platform
+
+    hf_path, tp, pp, vpp, world, ranks, dist_opt, dtype = argv
+    setup_platform()
+    new_group = dist.new_group
+    dist.new_group = lambda *a, **k: new_group(*a, **{x: y for x, y in k.items() if x != "backend"})  # no gloo
+    for rank in ranks.split(","):
+        res = measure(hf_path, int(tp), int(pp), int(vpp) or None, int(world), int(rank), dist_opt == "1", dtype)
+        print("RESULT " + json.dumps(res), flush=True)
+
+
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(main(sys.argv[1:])))
+    main(sys.argv[1:])
