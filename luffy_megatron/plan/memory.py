@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from luffy_megatron.models.family import padded_vocab_size
 from luffy_megatron.plan.shapes import ModelShape, chunk_params
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -111,3 +112,72 @@ def static_bytes(
             master += owned * 4
         adam += owned * 8
     return {"weights": weights, "grads": grads, "master_weights": master, "adam": adam}
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """The largest micro-batch of a step: ``rows`` sequences padded to ``length`` tokens (rows x length <= budget)."""
+
+    rows: int
+    length: int
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.length
+
+
+def layer_activation_bytes(m: ModelShape, tp: int, mb: MicroBatch, act_bytes: int, flash: bool) -> int:
+    """Bytes autograd keeps for backward of one transformer layer and micro-batch (no sequence parallelism).
+
+    Per token: each RMSNorm keeps its input, the normalised values and its output (the next linear's input): 6 x
+    hidden for the two norms. Attention keeps the context (the output projection's input) and, unfused (megatron's
+    local spec on CPU), the query and the key and value expanded to every query head, the softmax output
+    (heads x length per token) and the causal mask (length^2 bytes); flash attention (transformer-engine) keeps
+    query, key and value unexpanded and no score matrix. The SwiGLU MLP keeps the fc1 output (2 x ffn), the GLU's two
+    intermediate results (2 x ffn) and the fc2 input (ffn). Measured breakdown: docs/plan.md.
+    """
+    h, q, kv, f = m.hidden, m.heads * m.head_dim // tp, m.kv_heads * m.head_dim // tp, m.ffn // tp
+    per_token = 6 * h + q + 5 * f
+    extra = 0
+    if flash:
+        per_token += q + 2 * kv
+    else:
+        per_token += 3 * q
+        extra = mb.rows * (m.heads // tp) * mb.length**2 * act_bytes + mb.length**2
+    return mb.tokens * per_token * act_bytes + extra
+
+
+def head_activation_bytes(m: ModelShape, tp: int, mb: MicroBatch, act_bytes: int) -> int:
+    """The last stage's final norm (input, normalised, output) and the logits the fused log-prob keeps."""
+    vocab = padded_vocab_size(m.vocab, tp) // tp
+    return mb.tokens * (3 * m.hidden + vocab) * act_bytes
+
+
+def logprob_chunk_bytes(m: ModelShape, tp: int, chunk_tokens: int) -> int:
+    """Temporary fp32 memory of the fused log-prob / entropy: two [chunk, V/tp] blocks (algo/logprob.py)."""
+    return 2 * chunk_tokens * (padded_vocab_size(m.vocab, tp) // tp) * 4
+
+
+def in_flight(lay: Layout, pp_rank: int, num_micro_batches: int) -> int:
+    """Micro-batch chunks whose activations a pipeline rank holds at once under 1F1B (interleaved with VPP)."""
+    if lay.vpp:
+        warmup = (lay.pp - pp_rank - 1) * 2 + (lay.vpp - 1) * lay.pp
+        return min(warmup + 1, num_micro_batches * lay.vpp)
+    return min(lay.pp - pp_rank, num_micro_batches)
+
+
+def activation_bytes(
+    m: ModelShape, lay: Layout, pp_rank: int, mb: MicroBatch, num_micro_batches: int, act_bytes: int,
+    recompute: bool, flash: bool,
+) -> int:  # fmt: skip
+    """Peak activation bytes of a pipeline rank over a step (what autograd holds, as measured in the tests)."""
+    chunk_layers = m.layers // (lay.pp * (lay.vpp or 1))
+    layer = layer_activation_bytes(m, lay.tp, mb, act_bytes, flash)
+    held = in_flight(lay, pp_rank, num_micro_batches)
+    if recompute:  # each layer keeps its input; backward rebuilds one layer at a time
+        total = held * chunk_layers * mb.tokens * m.hidden * act_bytes + layer
+    else:
+        total = held * chunk_layers * layer
+    if pp_rank == lay.pp - 1:
+        total += head_activation_bytes(m, lay.tp, mb, act_bytes)
+    return total
