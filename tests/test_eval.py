@@ -250,3 +250,8 @@ def test_sglang_backend_gives_the_in_process_samples(model_dir, tmp_path):
         server.stop()
     assert (tmp_path / "sg" / "samples.jsonl").read_text() == (tmp_path / "hf" / "samples.jsonl").read_text()
     assert len(server.requests) > 0
+
+
+def test_help_shows_examples():
+    proc = subprocess.run([sys.executable, "-m", "luffy_megatron.eval.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: luffy-eval") and "examples:" in proc.stdout

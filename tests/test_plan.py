@@ -97,3 +97,11 @@ def test_bad_input_gives_one_error_line(tmp_path, capsys):
     assert "not one of" in error(["--model", str(recipe)])
     assert "leaves no GPU" in error(["--model", str(ROOT / "configs" / "luffy_qwen2.5_math_7b.yaml"),
                                      "--rollout-gpus", "8"])  # fmt: skip
+
+
+def test_help_shows_examples():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "luffy_megatron.plan.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: luffy-plan") and "examples:" in proc.stdout
