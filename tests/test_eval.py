@@ -167,7 +167,8 @@ def test_in_process_engine_end_to_end_kill_and_resume(model_dir, tmp_path, capsy
     capsys.readouterr()
     assert cli.main(["--compare", str(full), str(resumed)]) == 0
     table = capsys.readouterr().out
-    assert table.count("| tiny |") == 8  # 4 tables (math/OOD x avg/pass), 2 runs each
+    # 4 tables (math/OOD x avg/pass), one row per run; both runs are of one model folder
+    assert table.count("| tiny (full) |") == 4 and table.count("| tiny (resumed) |") == 4
 
 
 @pytest.mark.slow

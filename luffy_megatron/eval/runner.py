@@ -188,4 +188,7 @@ def compare(dirs: list[str]) -> str:
             raise EvalError(f"--compare {d}: no {RESULTS_JSON} (not a finished luffy-eval output folder)")
         res = json.loads(path.read_text())
         runs.append((res["name"], res["sources"]))
+    names = [name for name, _ in runs]
+    if len(set(names)) < len(names):  # runs of one model folder: tell them apart by their output folders
+        runs = [(f"{name} ({Path(d).name})", res) for (name, res), d in zip(runs, dirs)]
     return render_tables(runs)
