@@ -55,13 +55,14 @@ class _Held:
         self.tracker.release(self.key)
 
 
-def _samples(num: int, length: int, vocab: int, seed: int) -> list:
+def _samples(lengths: list[int], vocab: int, seed: int) -> list:
+    """One sample per length (a quarter prompt, the rest response); every eighth is an off-policy trace."""
     from luffy_megatron.train.samples import Sample
 
     rng = random.Random(seed)
     out = []
-    for i in range(num):
-        prompt = [rng.randrange(vocab) for _ in range(length // 4)]
+    for i, length in enumerate(lengths):
+        prompt = [rng.randrange(vocab) for _ in range(max(1, length // 4))]
         resp = [rng.randrange(vocab) for _ in range(length - len(prompt))]
         off = i % 8 == 0
         lp = None if off else [-1.0] * len(resp)
@@ -81,7 +82,7 @@ def static_bytes(policy) -> dict[str, int]:
 
 
 def measure_step(
-    rank: int, world: int, hf_dir: str, tp: int, pp: int, vpp: int | None, recompute: bool, num: int, length: int,
+    rank: int, world: int, hf_dir: str, tp: int, pp: int, vpp: int | None, recompute: bool, lengths: list[int],
     max_tokens: int,
 ) -> dict:  # fmt: skip
     """One rank: build the policy, train one warm-up mini-batch, then measure the next one."""
@@ -101,12 +102,12 @@ def measure_step(
     from luffy_megatron.train.policy import MegatronPolicy
 
     policy = MegatronPolicy(cfg, model_spec(hf, tp), pad_id=0)
-    policy.train_mini_batch(_samples(num, length, hf["vocab_size"], seed=0), use_old_logprobs=False)
+    policy.train_mini_batch(_samples(lengths, hf["vocab_size"], seed=0), use_old_logprobs=False)
     static = static_bytes(policy)
     exclude = {p.untyped_storage().data_ptr() for c in policy.chunks for p in c.parameters()}
     tracker = SavedTensorTracker(exclude)
     with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
-        policy.train_mini_batch(_samples(num, length, hf["vocab_size"], seed=1), use_old_logprobs=False)
+        policy.train_mini_batch(_samples(lengths, hf["vocab_size"], seed=1), use_old_logprobs=False)
     from megatron.core import parallel_state as ps
 
     return {**static, "activations": tracker.peak, "pp_rank": ps.get_pipeline_model_parallel_rank(),

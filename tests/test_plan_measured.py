@@ -10,6 +10,8 @@ change activations.
 from __future__ import annotations
 
 import json
+import math
+import random
 
 import pytest
 
@@ -51,7 +53,7 @@ def test_measured_peak_memory_matches_the_plan(layout, models):
     name, tp, pp, vpp, dp, recompute = layout
     hf_dir = models[name]
     results = run_distributed(
-        measure_step, tp * pp * dp, str(hf_dir), tp, pp, vpp, recompute, SAMPLES, LENGTH, BUDGET, timeout_s=900
+        measure_step, tp * pp * dp, str(hf_dir), tp, pp, vpp, recompute, [LENGTH] * SAMPLES, BUDGET, timeout_s=900
     )
     shape = ModelShape.from_hf(json.loads((hf_dir / "config.json").read_text()))
     lay = Layout(tp, pp, dp, vpp, dist_opt=False)
@@ -60,7 +62,7 @@ def test_measured_peak_memory_matches_the_plan(layout, models):
         planned = static_bytes(shape, lay, r["pp_rank"], r["dp_rank"], "float32", fp32_norms=True)
         assert (r["weights"], r["grads"], r["optimizer"]) == (planned["weights"], planned["grads"], planned["adam"])
         num_mb = SAMPLES // dp * LENGTH // BUDGET
-        mb = MicroBatch(BUDGET // LENGTH, LENGTH)
+        mb = MicroBatch(BUDGET, LENGTH)
         act = activation_bytes(shape, lay, r["pp_rank"], mb, num_mb, 4, recompute, flash=False)
         static = r["weights"] + r["grads"] + r["optimizer"]
         measured, predicted = static + r["activations"], static + act
@@ -71,3 +73,18 @@ def test_measured_peak_memory_matches_the_plan(layout, models):
         print(
             "|", " | ".join(map(str, (*layout, *row))), f"| {row[5] / row[4] - 1:+.1%} | {row[7] / row[6] - 1:+.1%} |"
         )
+
+
+def test_the_plan_bounds_a_realistic_length_mix(models):
+    """Sequences of 60..1536 tokens (log-uniform, as responses of 50 tokens to the length limit), packed by the
+    policy: the planner prices the worst micro-batch, padded to the budget with the longest sequence."""
+    rng = random.Random(3)
+    lengths = [int(math.exp(rng.uniform(math.log(60), math.log(1536)))) for _ in range(40)] + [1536]
+    budget = 3072
+    hf_dir = models["qwen2"]
+    (r,) = run_distributed(measure_step, 1, str(hf_dir), 1, 1, None, False, lengths, budget, timeout_s=900)
+    shape = ModelShape.from_hf(json.loads((hf_dir / "config.json").read_text()))
+    lay = Layout(1, 1, 1, None, dist_opt=False)
+    act = activation_bytes(shape, lay, 0, MicroBatch(budget, max(lengths)), 8, 4, False, flash=False)
+    print(f"length mix: measured {r['activations']} predicted {act} ({act / r['activations'] - 1:+.1%})")
+    assert abs(act / r["activations"] - 1) < 0.15

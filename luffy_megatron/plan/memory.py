@@ -116,14 +116,10 @@ def static_bytes(
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """The largest micro-batch of a step: ``rows`` sequences padded to ``length`` tokens (rows x length <= budget)."""
+    """The largest micro-batch of a step: ``tokens`` (padded rows x length) with sequences of up to ``length``."""
 
-    rows: int
+    tokens: int
     length: int
-
-    @property
-    def tokens(self) -> int:
-        return self.rows * self.length
 
 
 def layer_activation_bytes(m: ModelShape, tp: int, mb: MicroBatch, act_bytes: int, flash: bool) -> int:
@@ -138,19 +134,23 @@ def layer_activation_bytes(m: ModelShape, tp: int, mb: MicroBatch, act_bytes: in
     """
     h, q, kv, f = m.hidden, m.heads * m.head_dim // tp, m.kv_heads * m.head_dim // tp, m.ffn // tp
     per_token = 6 * h + q + 5 * f
-    extra = 0
+    # the norms' fp32 reciprocal RMS (2 per token) and RoPE's cos / sin tables for query and key
+    extra = mb.tokens * 2 * 4 + 4 * mb.length * m.head_dim * act_bytes
     if flash:
         per_token += q + 2 * kv
     else:
         per_token += 3 * q
-        extra = mb.rows * (m.heads // tp) * mb.length**2 * act_bytes + mb.length**2
+        # rows x heads x length^2 scores, at most tokens x heads x length for any packing
+        extra += mb.tokens * (m.heads // tp) * mb.length * act_bytes + mb.length**2
     return mb.tokens * per_token * act_bytes + extra
 
 
 def head_activation_bytes(m: ModelShape, tp: int, mb: MicroBatch, act_bytes: int) -> int:
-    """The last stage's final norm (input, normalised, output) and the logits the fused log-prob keeps."""
+    """The last stage's final norm (input, normalised, output), the logits the fused log-prob keeps, and 55 bytes per
+    token of bookkeeping: the norm's fp32 reciprocal RMS, the log-prob's targets (int64) and log-sum-exp (fp32), and
+    the loss's seven fp32 and three bool per-token tensors and the int64 token ids."""
     vocab = padded_vocab_size(m.vocab, tp) // tp
-    return mb.tokens * (3 * m.hidden + vocab) * act_bytes
+    return mb.tokens * ((3 * m.hidden + vocab) * act_bytes + 55)
 
 
 def logprob_chunk_bytes(m: ModelShape, tp: int, chunk_tokens: int) -> int:

@@ -47,9 +47,9 @@ class PlanInputs:
         return self.nodes * self.gpus_per_node - self.rollout_gpus
 
     def micro_batch(self) -> MicroBatch:
-        """The worst micro-batch: as many longest sequences as the token budget takes (at least one)."""
+        """The worst micro-batch: padded to the whole token budget (or one longest sequence when that is longer)."""
         length = self.prompt_len + self.response_len
-        return MicroBatch(max(1, self.micro_batch_tokens // length), length)
+        return MicroBatch(max(self.micro_batch_tokens, length), length)
 
 
 def _divisors(n: int) -> list[int]:
