@@ -127,7 +127,8 @@ def layer_activation_bytes(m: ModelShape, tp: int, mb: MicroBatch, act_bytes: in
 
     Per token: each RMSNorm keeps its input, the normalised values and its output (the next linear's input): 6 x
     hidden for the two norms. Attention keeps the context (the output projection's input) and, unfused (megatron's
-    local spec on CPU), the query and the key and value expanded to every query head, the softmax output
+    local spec on CPU), the query and the key and value expanded to every query head (without grouped queries the
+    value stays a view of the whole fused QKV output), the softmax output
     (heads x length per token) and the causal mask (length^2 bytes); flash attention (transformer-engine) keeps
     query, key and value unexpanded and no score matrix. The SwiGLU MLP keeps the fc1 output (2 x ffn), the GLU's two
     intermediate results (2 x ffn) and the fc2 input (ffn). Measured breakdown: docs/plan.md.
@@ -139,7 +140,8 @@ def layer_activation_bytes(m: ModelShape, tp: int, mb: MicroBatch, act_bytes: in
     if flash:
         per_token += q + 2 * kv
     else:
-        per_token += 3 * q
+        # without grouped queries the value is not expanded: it stays a view of the fused QKV output, which is kept
+        per_token += 2 * q + (q + 2 * kv if m.kv_heads == m.heads else q)
         # rows x heads x length^2 scores, at most tokens x heads x length for any packing
         extra += mb.tokens * (m.heads // tp) * mb.length * act_bytes + mb.length**2
     return mb.tokens * per_token * act_bytes + extra
