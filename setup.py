@@ -48,6 +48,8 @@ setup(
     entry_points={
         "console_scripts": [
             "luffy-train=luffy_megatron.train.cli:main",
+            "luffy-eval=luffy_megatron.eval.cli:main",
+            "luffy-plan=luffy_megatron.plan.cli:main",
         ]
     },
 )

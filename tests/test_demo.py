@@ -29,6 +29,9 @@ def test_demo_runs_both_arms_and_writes_its_report(tmp_path: Path) -> None:
     assert (out / "curves_seed1.png").stat().st_size > 10_000
     assert "| 1 | luffy |" in proc.stdout and "| 1 | grpo |" in proc.stdout
     assert (out / "results.md").read_text().count("\n") == 4  # header, rule, one row per arm
+    held_out = (out / "eval_seed1.md").read_text()  # luffy-eval of both arms' final models
+    assert held_out in proc.stdout and "| synthetic_add (avg@4) | Avg. |" in held_out
+    assert "| luffy |" in held_out and "| grpo |" in held_out
     config = json.loads((out / "seed1" / "tiny_model" / "config.json").read_text())
     assert config["vocab_size"] == 128 and config["intermediate_size"] > 0
 

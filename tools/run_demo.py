@@ -76,6 +76,7 @@ def run_arms(
             f"trainer.seed={seed}",
             f"rollout.seed={seed}",
             f"data.seed={seed}",
+            "checkpoint.export_hf_at_end=true",  # OUT/<arm>/hf_final, for luffy-eval
             *ARMS[arm],
         ]
         env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
@@ -136,6 +137,19 @@ def summarise(arms: list[str], run_root: Path, seconds: dict[str, float]) -> dic
     return rows
 
 
+def evaluate_arms(arms: list[str], run_root: Path, task_dir: Path) -> str:
+    """luffy-eval on each arm's final model over the held-out problems (the paper's temperature 0.6 and top-p 1.0,
+    4 samples each, the demo's 28-token response limit); the arms' tables side by side."""
+    from luffy_megatron.eval import EvalOptions, compare, run_eval
+
+    dirs = [run_root / arm / "eval" for arm in arms]
+    for arm, out in zip(arms, dirs):
+        data = [str(task_dir / "val.parquet")]
+        opts = EvalOptions(str(run_root / arm / "hf_final"), data, str(out), name=arm, n=4, max_new_tokens=28)
+        run_eval(opts, progress=False)
+    return compare([str(d) for d in dirs])
+
+
 def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     """One seed: its own model, task and arm folders under ``out/seed<S>``; writes its summary and curves."""
     run_root = out / f"seed{seed}"
@@ -143,6 +157,9 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     seconds = run_arms(args.arms, run_root, model_dir, task_dir, args.steps, seed, args.val_interval)
     summary = {"seed": seed, "arms": summarise(args.arms, run_root, seconds)}
     (out / f"summary_seed{seed}.json").write_text(json.dumps(summary, indent=1))
+    held_out = evaluate_arms(args.arms, run_root, task_dir)
+    (out / f"eval_seed{seed}.md").write_text(held_out)
+    print(f"\nseed {seed}, held-out problems, luffy-eval of the final models:\n\n{held_out}")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from plot_metrics import plot
 

@@ -1,0 +1,194 @@
+"""One evaluation run: resolve the model, load the rows, generate what the output folder lacks, score, summarise.
+
+Rows are generated in fixed chunks of ``chunk_size`` rows; chunk ``c`` samples with seed
+``sample_seed(seed, c, 0)``, so sample ``j`` of a row is the same whether the chunk runs in the first attempt or in
+a rerun after a kill. A rerun generates only the chunks whose samples are not all on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from luffy_megatron.config import RolloutConfig, SGLangConfig
+from luffy_megatron.eval.data import EvalRow, load_rows
+from luffy_megatron.eval.metrics import render_tables, summarise
+from luffy_megatron.eval.score import score_sample
+from luffy_megatron.eval.store import EvalError, SampleStore
+from luffy_megatron.rollout.base import RolloutEngine, SamplingParams, build_rollout_engine, sample_seed
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+HF_FROM_MEGATRON = "hf_model"
+
+
+@dataclass
+class EvalOptions:
+    """Everything ``luffy-eval`` takes; the defaults are the paper's evaluation settings (docs/eval.md)."""
+
+    model: str
+    data: list[str]
+    out: str
+    name: str | None = None
+    sources: list[str] = field(default_factory=list)
+    n: int = 1
+    unique: bool = False
+    temperature: float = 0.6
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 8192
+    seed: int = 0
+    keep_system_prompt: bool = False
+    think_format: str = "paper"
+    limit_per_source: int | None = None
+    chunk_size: int = 64
+    reward_timeout_s: float = 5.0
+    backend: str = "hf"
+    batch_size: int = 64
+    dtype: str = "float32"
+    device: str = "cpu"
+    sglang_urls: list[str] = field(default_factory=list)
+    sglang_launch: bool = False
+    sglang_servers: int = 1
+    sglang_tp: int = 1
+    sglang_router: bool = False
+
+    def settings(self) -> dict:
+        """What fixes the samples: a rerun into the same folder must match these."""
+        keys = ("data", "sources", "n", "unique", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
+                "keep_system_prompt", "think_format", "limit_per_source", "chunk_size")  # fmt: skip
+        d = asdict(self)
+        return {"model": str(Path(self.model).resolve()), **{k: d[k] for k in keys}}
+
+
+def resolve_model(model: str, out: Path) -> Path:
+    """An HF folder as is; a luffy-megatron (Megatron) checkpoint converted to ``OUT/hf_model`` once."""
+    from luffy_megatron.convert.load import METADATA_NAME
+
+    path = Path(model)
+    if not path.is_dir():
+        raise EvalError(f"--model {model}: no such folder")
+    if (path / METADATA_NAME).is_file():
+        hf = out / HF_FROM_MEGATRON
+        if not (hf / "config.json").is_file():
+            from luffy_megatron.convert import convert_megatron_to_hf
+
+            convert_megatron_to_hf(path, hf, overwrite=True)
+        return hf
+    if not (path / "config.json").is_file():
+        raise EvalError(f"--model {model}: neither an HF model folder (no config.json) nor a Megatron checkpoint")
+    return path
+
+
+def load_tokenizer(path: Path):
+    """The folder's tokenizer, or one clear error."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises OSError, ValueError, JSON errors ... for broken folders
+        raise EvalError(f"--model {path}: cannot load the tokenizer: {str(e).splitlines()[0]}") from e
+    if tok.chat_template is None:
+        raise EvalError(f"--model {path}: the tokenizer has no chat template")
+    return tok
+
+
+def build_engine(opts: EvalOptions, hf_path: Path) -> RolloutEngine:
+    """The in-process HF engine or SGLang servers (launched here or given as URLs, optionally behind the router)."""
+    sglang = SGLangConfig(
+        urls=list(opts.sglang_urls),
+        launch=opts.sglang_launch,
+        num_servers=opts.sglang_servers,
+        tp_size=opts.sglang_tp,
+        use_router=opts.sglang_router,
+    )
+    cfg = RolloutConfig(backend=opts.backend, hf_batch_size=opts.batch_size, sglang=sglang)
+    try:
+        return build_rollout_engine(cfg, str(hf_path), dtype=opts.dtype, device=opts.device)
+    except (OSError, ValueError) as e:
+        raise EvalError(f"--model {hf_path}: cannot load the model: {str(e).splitlines()[0]}") from e
+
+
+def _records(rows: list[EvalRow], outputs, tokenizer, opts: EvalOptions) -> list[dict]:
+    texts = tokenizer.batch_decode([o.output_ids for outs in outputs for o in outs], skip_special_tokens=True)
+    it = iter(texts)
+    recs = []
+    for row, outs in zip(rows, outputs):
+        for o in outs:
+            text = next(it)
+            score, status, extracted = score_sample(
+                text, row.ground_truth, row.prompt_ends_with_think, opts.think_format, opts.reward_timeout_s
+            )
+            recs.append({
+                "row_id": row.row_id, "sample": o.sample_index, "problem_id": row.problem_id,
+                "data_source": row.data_source, "response": text, "extracted": extracted,
+                "ground_truth": row.ground_truth, "score": score, "status": status,
+                "finish_reason": o.finish_reason, "response_tokens": len(o.output_ids),
+            })  # fmt: skip
+    return recs
+
+
+def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
+    """Evaluate (resuming from ``opts.out``); writes ``results.json`` and ``results.md`` and returns the results."""
+    from tqdm.auto import tqdm
+
+    out = Path(opts.out)
+    hf_path = resolve_model(opts.model, out)
+    tokenizer = load_tokenizer(hf_path)
+    rows = load_rows(
+        opts.data,
+        tokenizer,
+        sources=opts.sources or None,
+        unique=opts.unique,
+        keep_system_prompt=opts.keep_system_prompt,
+        limit_per_source=opts.limit_per_source,
+    )
+    store = SampleStore(out, opts.settings())
+    chunks = [rows[i : i + opts.chunk_size] for i in range(0, len(rows), opts.chunk_size)]
+    todo = [c for c, ch in enumerate(chunks) if not all(store.has(r.row_id, j) for r in ch for j in range(opts.n))]
+    total = len(rows) * opts.n
+    generated = 0
+    if todo:
+        engine = build_engine(opts, hf_path)
+        done = sum(len(chunks[c]) for c in range(len(chunks)) if c not in set(todo)) * opts.n
+        bar = tqdm(total=total, initial=done, desc="luffy-eval", unit="sample", disable=not progress)
+        try:
+            for c in todo:
+                params = SamplingParams(
+                    n=opts.n, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,
+                    max_new_tokens=opts.max_new_tokens, seed=sample_seed(opts.seed, c, 0),
+                )  # fmt: skip
+                outputs = engine.generate([r.prompt_ids for r in chunks[c]], params)
+                store.append(_records(chunks[c], outputs, tokenizer, opts))
+                generated += len(chunks[c]) * opts.n
+                bar.update(len(chunks[c]) * opts.n)
+        finally:
+            bar.close()
+            engine.close()
+    samples = [store.records[(r.row_id, j)] for r in rows for j in range(opts.n)]
+    results = {
+        "name": opts.name or Path(opts.model).name,
+        "settings": opts.settings(),
+        "sources": summarise(samples),
+        "samples": total,
+        "generated_this_run": generated,
+    }
+    (out / RESULTS_JSON).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (out / RESULTS_MD).write_text(render_tables([(results["name"], results["sources"])]))
+    return results
+
+
+def compare(dirs: list[str]) -> str:
+    """The tables of several output folders side by side (one row per run)."""
+    runs = []
+    for d in dirs:
+        path = Path(d) / RESULTS_JSON
+        if not path.is_file():
+            raise EvalError(f"--compare {d}: no {RESULTS_JSON} (not a finished luffy-eval output folder)")
+        res = json.loads(path.read_text())
+        runs.append((res["name"], res["sources"]))
+    names = [name for name, _ in runs]
+    if len(set(names)) < len(names):  # runs of one model folder: tell them apart by their output folders
+        runs = [(f"{name} ({Path(d).name})", res) for (name, res), d in zip(runs, dirs)]
+    return render_tables(runs)

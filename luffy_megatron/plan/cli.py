@@ -1,0 +1,128 @@
+"""``luffy-plan``: per-GPU memory of every TP / PP / VPP / DP layout of a training job, and which ones fit.
+
+examples:
+  luffy-plan --model configs/luffy_qwen2.5_math_7b.yaml --nodes 2 --rollout-gpus 8        # the 7B recipe
+  luffy-plan --model configs/luffy_qwen2.5_32b.yaml --nodes 4 --rollout-gpus 16 --vpp 0 2
+  luffy-plan --model /models/Qwen2.5-7B/config.json --nodes 1 --gpu-mem-gb 141 --json plan.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from luffy_megatron.config import ConfigError
+from luffy_megatron.plan.search import GB, PlanInputs, plan
+from luffy_megatron.plan.shapes import load_shape
+
+COLUMNS = ("weights", "grads", "master_weights", "adam", "activations", "logprob_chunk", "comm_buffers", "reserve")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="luffy-plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--model", required=True, help="HF config.json / model folder, or a recipe YAML (its settings too)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="GiB per GPU (default 80)")
+    p.add_argument("--rollout-gpus", type=int, default=0, help="GPUs of the job that serve rollouts, not training")
+    p.add_argument("--rollout-tp", type=int, nargs="+", default=None, help="SGLang server TP sizes to price")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--prompt-len", type=int)
+    p.add_argument("--response-len", type=int)
+    p.add_argument("--micro-batch-tokens", type=int, help="token budget of one packed micro-batch")
+    p.add_argument("--samples-per-step", type=int, help="samples per optimiser step (mini-batch prompts x n)")
+    p.add_argument("--no-dist-opt", action="store_true", help="without the distributed optimizer")
+    p.add_argument("--recompute", choices=("on", "off"), help="full activation recomputation")
+    p.add_argument("--attention", choices=("flash", "unfused"), default="flash",
+                   help="flash: transformer-engine (GPU); unfused: megatron's local spec (CPU)")  # fmt: skip
+    p.add_argument("--vpp", type=int, nargs="+", default=[0], help="virtual stages to try (0 = not interleaved)")
+    p.add_argument("--reserve-gb", type=float, default=3.0, help="per GPU for CUDA context, NCCL, fragmentation")
+    p.add_argument("--json", help="write the whole plan here")
+    p.add_argument("--all", action="store_true", help="list every infeasible layout (default: the first 12)")
+    return p
+
+
+def inputs(args: argparse.Namespace, recipe) -> PlanInputs:
+    """Command line over recipe over defaults."""
+    inp = PlanInputs(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_mem_gb=args.gpu_mem_gb,
+                     rollout_gpus=args.rollout_gpus, reserve_gb=args.reserve_gb,
+                     vpp=[v or None for v in args.vpp], flash_attention=args.attention == "flash",
+                     fp32_norms=args.attention == "unfused")  # fmt: skip
+    if recipe is not None:
+        r = recipe
+        inp.dtype, inp.recompute = r.model.dtype, r.model.recompute_activations
+        inp.prompt_len, inp.response_len = r.data.max_prompt_length, r.data.max_response_length
+        inp.micro_batch_tokens = r.parallel.max_tokens_per_micro_batch
+        inp.samples_per_optimizer_step = r.data.mini_batch_size * r.rollout.n
+        inp.dist_opt = r.parallel.use_distributed_optimizer
+        inp.logprob_chunk_tokens = r.algorithm.logprob_chunk_tokens
+        inp.rollout_tp = [r.rollout.sglang.tp_size]
+        inp.rollout_mem_fraction = r.rollout.sglang.mem_fraction_static
+    given = {"dtype": args.dtype, "prompt_len": args.prompt_len, "response_len": args.response_len,
+             "micro_batch_tokens": args.micro_batch_tokens, "samples_per_optimizer_step": args.samples_per_step,
+             "rollout_tp": args.rollout_tp}  # fmt: skip
+    for key, value in given.items():
+        if value is not None:
+            setattr(inp, key, value)
+    if args.no_dist_opt:
+        inp.dist_opt = False
+    if args.recompute:
+        inp.recompute = args.recompute == "on"
+    for f in fields(inp):
+        value = getattr(inp, f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"--{f.name.replace('_', '-')}: must be >= 0, got {value}")
+    if inp.train_gpus < 1:
+        raise ConfigError(f"--rollout-gpus {inp.rollout_gpus} leaves no GPU for training")
+    return inp
+
+
+def render(result: dict, show_all: bool) -> str:
+    """The feasible layouts (best first) with the per-GPU breakdown in GiB, then the infeasible ones with reasons."""
+    inp = result["inputs"]
+    head = (f"{result['model']['name']}: {result['params'] / 1e9:.2f}B parameters; "
+            f"{inp['nodes']} x {inp['gpus_per_node']} GPUs of {inp['gpu_mem_gb']:g} GiB, {inp['rollout_gpus']} for "
+            f"rollouts; {inp['dtype']}, micro-batch {inp['micro_batch_tokens']} tokens, sequences up to "
+            f"{inp['prompt_len'] + inp['response_len']}, recompute {'on' if inp['recompute'] else 'off'}, "
+            f"distributed optimizer {'on' if inp['dist_opt'] else 'off'}")  # fmt: skip
+    lines = [head, "", "| rank | TP | PP | VPP | DP | " + " | ".join(COLUMNS) + " | total GiB | step time |",
+             "|---" * (len(COLUMNS) + 7) + "|"]  # fmt: skip
+    for r in result["feasible"]:
+        mem = r["memory"]
+        cells = [f"{mem[c] / GB:.2f}" for c in COLUMNS]
+        lines.append(f"| {r['rank']} | {r['tp']} | {r['pp']} | {r['vpp'] or '-'} | {r['dp']} | " + " | ".join(cells)
+                     + f" | {mem['total'] / GB:.2f} | {r['step_time_factor']:.2f} |")  # fmt: skip
+    if not result["feasible"]:
+        lines.append("| - | no layout fits |" + " |" * (len(COLUMNS) + 6))
+    bad = result["infeasible"] if show_all else result["infeasible"][:12]
+    lines += ["", "Infeasible:"] + [f"- TP {r['tp']} PP {r['pp']} VPP {r['vpp'] or '-'} DP {r['dp']}: "
+                                    + "; ".join(r["reasons"]) for r in bad]  # fmt: skip
+    if len(bad) < len(result["infeasible"]):
+        lines.append(f"- ... {len(result['infeasible']) - len(bad)} more (--all)")
+    for r in result["rollout"]:
+        lines.append(f"Rollout server TP {r['tp']}: weights {r['weights_per_gpu'] / GB:.1f} GiB per GPU, KV cache "
+                     f"{r['kv_bytes_per_token'] / 1024:.0f} KiB per token, {r['kv_tokens']:,} tokens in the static "
+                     f"fraction" + (f" ({r['reason']})" if "reason" in r else ""))  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        shape, recipe = load_shape(args.model)
+        result = plan(shape, inputs(args, recipe))
+    except ConfigError as e:
+        print(f"luffy-plan: error: {e}", file=sys.stderr)
+        return 2
+    print(render(result, args.all), end="")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

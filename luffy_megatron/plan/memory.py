@@ -1,0 +1,185 @@
+"""Per-GPU memory of one rank of a training layout: the static part exactly as megatron-core allocates it, and the
+activations of the policy update as a model of what autograd keeps.
+
+Static part (bytes Megatron allocates, reproduced rule by rule from megatron-core 0.19's DDP and optimizers):
+
+* Parameters are grouped per model chunk into buffers by dtype (the local layer spec keeps norm weights in fp32;
+  transformer-engine's in the training dtype). Gradients live in one fp32 buffer per group
+  (``grad_reduce_in_fp32``).
+* With the distributed optimizer each parameter starts at a multiple of 64 elements, a tied embedding / output
+  weight under PP gets its own bucket, and each bucket ends at a multiple of lcm(DP, 128). The parameters are
+  re-mapped into a param buffer of the same size. Each DP rank owns 1/DP of every bucket; the optimizer holds, for the
+  parameter elements in its range, fp32 master copies (for bf16/fp16 parameters) and Adam's two moments.
+* Without it, buffers are unpadded and every rank keeps master copies and moments of all its parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from luffy_megatron.models.family import padded_vocab_size
+from luffy_megatron.plan.shapes import ModelShape, chunk_params
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    vpp: int | None = None
+    dist_opt: bool = True
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """One DDP buffer: its dtype, padded numel, and per bucket (start, end, [(param start, param end)])."""
+
+    dtype: str
+    numel: int
+    buckets: list[tuple[int, int, list[tuple[int, int]]]]
+
+
+def _pad(value: int, divisor: int) -> int:
+    return math.ceil(value / divisor) * divisor
+
+
+def layout_buffer(numels: list[int], shared: list[bool], dp: int, dist_opt: bool, dtype: str) -> Buffer:
+    """Megatron's buffer layout of parameters given in registration order (laid out in reverse)."""
+    buckets: list[tuple[int, int, list[tuple[int, int]]]] = []
+    start = bucket_start = 0
+    current: list[tuple[int, int]] = []
+    divisor = math.lcm(dp, 128)
+    for numel, is_shared in zip(numels[::-1], shared[::-1]):
+        if dist_opt:
+            start = _pad(start, 64)
+            if is_shared and current:
+                end = _pad(start, divisor)
+                buckets.append((bucket_start, end, current))
+                bucket_start = start = end
+                current = []
+        current.append((start, start + numel))
+        start += numel
+        if dist_opt and is_shared:
+            end = _pad(start, divisor)
+            buckets.append((bucket_start, end, current))
+            bucket_start = start = end
+            current = []
+    if current:
+        buckets.append((bucket_start, _pad(start, divisor) if dist_opt else start, current))
+    return Buffer(dtype, buckets[-1][1] if buckets else 0, buckets)
+
+
+def owned_numel(buf: Buffer, dp: int, dp_rank: int) -> int:
+    """Parameter elements of ``buf`` in the distributed optimizer's range of ``dp_rank``."""
+    total = 0
+    for b_start, b_end, params in buf.buckets:
+        size = (b_end - b_start) // dp
+        lo, hi = b_start + dp_rank * size, b_start + min(b_end - b_start, (dp_rank + 1) * size)
+        total += sum(max(0, min(hi, e) - max(lo, s)) for s, e in params)
+    return total
+
+
+def rank_buffers(m: ModelShape, lay: Layout, pp_rank: int, dtype: str, fp32_norms: bool) -> list[Buffer]:
+    """The DDP buffers of pipeline rank ``pp_rank`` (all its model chunks)."""
+    out = []
+    for chunk in range(lay.vpp or 1):
+        params = chunk_params(m, lay.tp, lay.pp, lay.vpp, pp_rank, chunk)
+        tied_pp = m.tied and lay.pp * (lay.vpp or 1) > 1
+        groups: dict[str, list[tuple[int, bool]]] = {}
+        for name, numel, norm in params:
+            key = "float32" if norm and fp32_norms else dtype
+            shared = tied_pp and name in ("embedding.word_embeddings.weight", "output_layer.weight")
+            groups.setdefault(key, []).append((numel, shared))
+        for key, items in groups.items():
+            out.append(layout_buffer([n for n, _ in items], [s for _, s in items], lay.dp, lay.dist_opt, key))
+    return out
+
+
+def static_bytes(
+    m: ModelShape, lay: Layout, pp_rank: int, dp_rank: int, dtype: str, fp32_norms: bool
+) -> dict[str, int]:
+    """Weights, gradient buffer, fp32 master weights and Adam moments of one rank, in bytes."""
+    weights = grads = master = adam = 0
+    for buf in rank_buffers(m, lay, pp_rank, dtype, fp32_norms):
+        unpadded = sum(e - s for _, _, ps in buf.buckets for s, e in ps)
+        weights += (buf.numel if lay.dist_opt else unpadded) * DTYPE_BYTES[buf.dtype]
+        grads += buf.numel * 4
+        owned = owned_numel(buf, lay.dp, dp_rank) if lay.dist_opt else unpadded
+        if buf.dtype != "float32":
+            master += owned * 4
+        adam += owned * 8
+    return {"weights": weights, "grads": grads, "master_weights": master, "adam": adam}
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """The largest micro-batch of a step: ``tokens`` (padded rows x length) with sequences of up to ``length``."""
+
+    tokens: int
+    length: int
+
+
+def layer_activation_bytes(m: ModelShape, tp: int, mb: MicroBatch, act_bytes: int, flash: bool) -> int:
+    """Bytes autograd keeps for backward of one transformer layer and micro-batch (no sequence parallelism).
+
+    Per token: each RMSNorm keeps its input, the normalised values and its output (the next linear's input): 6 x
+    hidden for the two norms. Attention keeps the context (the output projection's input) and, unfused (megatron's
+    local spec on CPU), the query and the key and value expanded to every query head (without grouped queries the
+    value stays a view of the whole fused QKV output), the softmax output
+    (heads x length per token) and the causal mask (length^2 bytes); flash attention (transformer-engine) keeps
+    query, key and value unexpanded and no score matrix. The SwiGLU MLP keeps the fc1 output (2 x ffn), the GLU's two
+    intermediate results (2 x ffn) and the fc2 input (ffn). Measured breakdown: docs/plan.md.
+    """
+    h, q, kv, f = m.hidden, m.heads * m.head_dim // tp, m.kv_heads * m.head_dim // tp, m.ffn // tp
+    per_token = 6 * h + q + 5 * f
+    # the norms' fp32 reciprocal RMS (2 per token) and RoPE's cos / sin tables for query and key
+    extra = mb.tokens * 2 * 4 + 4 * mb.length * m.head_dim * act_bytes
+    if flash:
+        per_token += q + 2 * kv
+    else:
+        # without grouped queries the value is not expanded: it stays a view of the fused QKV output, which is kept
+        per_token += 2 * q + (q + 2 * kv if m.kv_heads == m.heads else q)
+        # rows x heads x length^2 scores, at most tokens x heads x length for any packing
+        extra += mb.tokens * (m.heads // tp) * mb.length * act_bytes + mb.length**2
+    return mb.tokens * per_token * act_bytes + extra
+
+
+def head_activation_bytes(m: ModelShape, tp: int, mb: MicroBatch, act_bytes: int) -> int:
+    """The last stage's final norm (input, normalised, output), the logits the fused log-prob keeps, and 55 bytes per
+    token of bookkeeping: the norm's fp32 reciprocal RMS, the log-prob's targets (int64) and log-sum-exp (fp32), and
+    the loss's seven fp32 and three bool per-token tensors and the int64 token ids."""
+    vocab = padded_vocab_size(m.vocab, tp) // tp
+    return mb.tokens * ((3 * m.hidden + vocab) * act_bytes + 55)
+
+
+def logprob_chunk_bytes(m: ModelShape, tp: int, chunk_tokens: int) -> int:
+    """Temporary fp32 memory of the fused log-prob / entropy: two [chunk, V/tp] blocks (algo/logprob.py)."""
+    return 2 * chunk_tokens * (padded_vocab_size(m.vocab, tp) // tp) * 4
+
+
+def in_flight(lay: Layout, pp_rank: int, num_micro_batches: int) -> int:
+    """Micro-batch chunks whose activations a pipeline rank holds at once under 1F1B (interleaved with VPP)."""
+    if lay.vpp:
+        warmup = (lay.pp - pp_rank - 1) * 2 + (lay.vpp - 1) * lay.pp
+        return min(warmup + 1, num_micro_batches * lay.vpp)
+    return min(lay.pp - pp_rank, num_micro_batches)
+
+
+def activation_bytes(
+    m: ModelShape, lay: Layout, pp_rank: int, mb: MicroBatch, num_micro_batches: int, act_bytes: int,
+    recompute: bool, flash: bool,
+) -> int:  # fmt: skip
+    """Peak activation bytes of a pipeline rank over a step (what autograd holds, as measured in the tests)."""
+    chunk_layers = m.layers // (lay.pp * (lay.vpp or 1))
+    layer = layer_activation_bytes(m, lay.tp, mb, act_bytes, flash)
+    held = in_flight(lay, pp_rank, num_micro_batches)
+    if recompute:  # each layer keeps its input; backward rebuilds one layer at a time
+        total = held * chunk_layers * mb.tokens * m.hidden * act_bytes + layer
+    else:
+        total = held * chunk_layers * layer
+    if pp_rank == lay.pp - 1:
+        total += head_activation_bytes(m, lay.tp, mb, act_bytes)
+    return total

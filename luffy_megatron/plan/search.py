@@ -1,0 +1,162 @@
+"""Enumerate TP / PP / VPP / DP layouts for a cluster, price each one's worst rank, and rank the feasible ones."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from luffy_megatron.models.family import padded_vocab_size
+from luffy_megatron.plan.memory import (
+    DTYPE_BYTES,
+    Layout,
+    MicroBatch,
+    activation_bytes,
+    logprob_chunk_bytes,
+    static_bytes,
+)
+from luffy_megatron.plan.shapes import ModelShape
+
+GB = 1024**3
+
+
+@dataclass
+class PlanInputs:
+    """What the planner is asked; the defaults are the 7B recipe's."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_mem_gb: float = 80.0
+    rollout_gpus: int = 0  # GPUs serving rollouts (the rest train)
+    dtype: str = "bfloat16"
+    prompt_len: int = 1024
+    response_len: int = 8192
+    micro_batch_tokens: int = 32768
+    samples_per_optimizer_step: int = 512  # mini-batch prompts x n
+    dist_opt: bool = True
+    recompute: bool = True
+    flash_attention: bool = True  # transformer-engine on GPU; False = megatron's local spec (CPU)
+    fp32_norms: bool = False  # the local spec keeps norm weights in fp32
+    logprob_chunk_tokens: int = 1024
+    reserve_gb: float = 3.0  # CUDA context, NCCL workspaces, allocator fragmentation
+    vpp: list[int | None] = field(default_factory=lambda: [None])
+    rollout_tp: list[int] = field(default_factory=list)
+    rollout_mem_fraction: float = 0.8
+
+    @property
+    def train_gpus(self) -> int:
+        return self.nodes * self.gpus_per_node - self.rollout_gpus
+
+    def micro_batch(self) -> MicroBatch:
+        """The worst micro-batch: padded to the whole token budget (or one longest sequence when that is longer)."""
+        length = self.prompt_len + self.response_len
+        return MicroBatch(max(self.micro_batch_tokens, length), length)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layout_problems(m: ModelShape, lay: Layout, inp: PlanInputs) -> list[str]:
+    """Why a layout cannot run (empty when it can, memory aside)."""
+    out = []
+    if m.heads % lay.tp or m.kv_heads % lay.tp:
+        out.append(f"TP {lay.tp} does not divide {m.heads} heads / {m.kv_heads} query groups")
+    if lay.tp > inp.gpus_per_node:
+        out.append(f"TP {lay.tp} spans nodes ({inp.gpus_per_node} GPUs per node)")
+    stages = lay.pp * (lay.vpp or 1)
+    if m.layers % stages:
+        out.append(f"PP x VPP = {stages} does not divide {m.layers} layers")
+    if lay.vpp and lay.pp < 2:
+        out.append("VPP needs PP >= 2")
+    return out
+
+
+def price(m: ModelShape, lay: Layout, inp: PlanInputs) -> dict:
+    """Per-GPU bytes of the worst rank (max over pipeline and data-parallel ranks) with the breakdown."""
+    mb = inp.micro_batch()
+    act_bytes = DTYPE_BYTES[inp.dtype]
+    per_rank_samples = math.ceil(inp.samples_per_optimizer_step / lay.dp)
+    num_mb = max(1, math.ceil(per_rank_samples * mb.length / max(mb.tokens, 1)))
+    worst: dict | None = None
+    for pp_rank in range(lay.pp):
+        statics = [static_bytes(m, lay, pp_rank, r, inp.dtype, inp.fp32_norms) for r in _dp_ranks(lay)]
+        static = max(statics, key=lambda s: sum(s.values()))
+        last = pp_rank == lay.pp - 1
+        parts = {
+            **static,
+            "activations": activation_bytes(
+                m, lay, pp_rank, mb, num_mb, act_bytes, inp.recompute, inp.flash_attention
+            ),
+            # fp32 chunk blocks of the fused log-prob plus the logits' gradient, on the last stage
+            "logprob_chunk": (logprob_chunk_bytes(m, lay.tp, inp.logprob_chunk_tokens)
+                              + mb.tokens * (padded_vocab_size(m.vocab, lay.tp) // lay.tp) * act_bytes) if last else 0,
+            # pipeline send/receive buffers (activations and their gradients)
+            "comm_buffers": 2 * mb.tokens * m.hidden * act_bytes if lay.pp > 1 else 0,
+            "reserve": int(inp.reserve_gb * GB),
+        }  # fmt: skip
+        parts["total"] = sum(parts.values())
+        parts["pp_rank"] = pp_rank
+        if worst is None or parts["total"] > worst["total"]:
+            worst = parts
+    assert worst is not None
+    worst["micro_batches_per_rank"] = num_mb
+    worst["micro_batch"] = asdict(mb)
+    return worst
+
+
+def _dp_ranks(lay: Layout) -> range:
+    """Every DP rank when the optimizer is sharded (alignment gaps and bucket padding make shards differ)."""
+    return range(lay.dp if lay.dist_opt else 1)
+
+
+def step_time_factor(lay: Layout, num_mb: int, recompute: bool) -> float:
+    """Relative time of a step on the same GPUs (lower is faster): the 1F1B bubble (PP - 1) / (m x VPP), ~10% per
+    doubling of TP for its all-reduces, 4/3 for recomputation. A rough order, not a prediction."""
+    bubble = (lay.pp - 1) / (num_mb * (lay.vpp or 1))
+    return (1 + bubble) * (1 + 0.1 * math.log2(lay.tp)) * (4 / 3 if recompute else 1.0)
+
+
+def plan(m: ModelShape, inp: PlanInputs) -> dict:
+    """Every layout of the training GPUs: feasible ones ranked by :func:`step_time_factor`, the rest with reasons."""
+    feasible, infeasible = [], []
+    for tp in [d for d in _divisors(inp.train_gpus) if d <= max(inp.gpus_per_node, 1) * 2]:
+        for pp in _divisors(inp.train_gpus // tp):
+            for vpp in inp.vpp:
+                lay = Layout(tp, pp, inp.train_gpus // (tp * pp), vpp, inp.dist_opt)
+                row = {"tp": tp, "pp": pp, "vpp": vpp, "dp": lay.dp}
+                problems = layout_problems(m, lay, inp)
+                if problems:
+                    infeasible.append({**row, "reasons": problems})
+                    continue
+                mem = price(m, lay, inp)
+                row.update(memory=mem, step_time_factor=step_time_factor(lay, mem["micro_batches_per_rank"],
+                                                                         inp.recompute))  # fmt: skip
+                if mem["total"] > inp.gpu_mem_gb * GB:
+                    gib = mem["total"] / GB
+                    infeasible.append({**row, "reasons": [f"needs {gib:.1f} GiB > {inp.gpu_mem_gb:g} GiB"]})
+                else:
+                    feasible.append(row)
+    feasible.sort(key=lambda r: (r["step_time_factor"], r["memory"]["total"]))
+    for i, row in enumerate(feasible, 1):
+        row["rank"] = i
+    return {"model": asdict(m), "inputs": asdict(inp), "params": m.num_params(), "feasible": feasible,
+            "infeasible": infeasible, "rollout": rollout_plan(m, inp)}  # fmt: skip
+
+
+def rollout_plan(m: ModelShape, inp: PlanInputs) -> list[dict]:
+    """Per rollout server TP: bf16 weights per GPU, KV-cache bytes per token, and tokens the KV budget holds."""
+    out = []
+    for tp in inp.rollout_tp:
+        weights = m.num_params() * 2 / tp
+        kv_heads = max(1, m.kv_heads // tp)  # heads are replicated when TP exceeds them
+        kv_per_token = 2 * m.layers * kv_heads * m.head_dim * 2
+        budget = inp.gpu_mem_gb * GB * inp.rollout_mem_fraction - weights
+        row = {"tp": tp, "weights_per_gpu": int(weights), "kv_bytes_per_token": kv_per_token,
+               "kv_tokens": int(budget // kv_per_token) if budget > 0 else 0,
+               "servers": inp.rollout_gpus // tp if inp.rollout_gpus else None}  # fmt: skip
+        if m.heads % tp:
+            row["reason"] = f"TP {tp} does not divide {m.heads} heads"
+        elif budget <= 0:
+            row["reason"] = "weights exceed the static memory fraction"
+        out.append(row)
+    return out

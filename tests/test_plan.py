@@ -1,0 +1,107 @@
+"""luffy-plan: layout rules, the recipes rated feasible on 80 GB GPUs, the table and JSON, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from luffy_megatron.plan import cli
+from luffy_megatron.plan.memory import layout_buffer, owned_numel
+from luffy_megatron.plan.search import GB, PlanInputs, plan
+from luffy_megatron.plan.shapes import KNOWN_MODELS, ModelShape
+
+ROOT = Path(__file__).resolve().parents[1]
+QWEN7B = ModelShape.from_hf(KNOWN_MODELS["Qwen2.5-Math-7B"], "Qwen2.5-Math-7B")
+
+
+def test_buffer_layout_padding_and_shards_by_hand():
+    # reverse order: 100 at [0, 100), 70 starts at 128 -> [128, 198); end padded to lcm(3, 128) = 384
+    buf = layout_buffer([70, 100], [False, False], dp=3, dist_opt=True, dtype="bfloat16")
+    assert buf.numel == 384 and buf.buckets == [(0, 384, [(0, 100), (128, 198)])]
+    # each rank owns 128 elements: rank 0 [0, 128) holds 100, rank 1 [128, 256) holds 70, rank 2 nothing
+    assert [owned_numel(buf, 3, r) for r in range(3)] == [100, 70, 0]
+    plain = layout_buffer([70, 100], [False, False], dp=3, dist_opt=False, dtype="bfloat16")
+    assert plain.numel == 170 and owned_numel(plain, 1, 0) == 170
+    # a shared (tied) embedding gets its own bucket
+    shared = layout_buffer([50, 10], [True, False], dp=2, dist_opt=True, dtype="bfloat16")
+    assert shared.buckets == [(0, 128, [(0, 10)]), (128, 256, [(128, 178)])]
+
+
+def test_param_count_of_the_recipes_models():
+    # Qwen2.5-Math-7B has 7.62B parameters and Qwen2.5-32B 32.76B (their model cards: 7.61B / 32.5B non-embedding
+    # + embeddings); the count here is derived from the config alone.
+    assert QWEN7B.num_params() == 7_615_616_512
+    assert ModelShape.from_hf(KNOWN_MODELS["Qwen2.5-32B"]).num_params() == 32_763_876_352
+
+
+def test_infeasible_layouts_come_with_reasons():
+    inp = PlanInputs(nodes=1, gpus_per_node=8, gpu_mem_gb=80, vpp=[None, 2])
+    result = plan(QWEN7B, inp)
+    reasons = {(r["tp"], r["pp"], r["vpp"]): r["reasons"] for r in result["infeasible"]}
+    assert reasons[(8, 1, None)] == ["TP 8 does not divide 28 heads / 4 query groups"]
+    assert "PP x VPP = 8 does not divide 28 layers" in reasons[(1, 8, None)]
+    assert reasons[(1, 1, 2)] == ["VPP needs PP >= 2"]
+    assert reasons[(1, 1, None)][0].startswith("needs ") and "> 80 GiB" in reasons[(1, 1, None)][0]
+    totals = [r["memory"]["total"] for r in result["feasible"]]
+    assert all(t <= 80 * GB for t in totals) and [r["rank"] for r in result["feasible"]] == list(
+        range(1, len(totals) + 1)
+    )
+    # less memory per GPU: fewer layouts fit, and every one that fits at 40 also fits at 80
+    small = plan(QWEN7B, PlanInputs(nodes=1, gpus_per_node=8, gpu_mem_gb=40, vpp=[None, 2]))
+    fits = lambda res: {(r["tp"], r["pp"], r["vpp"]) for r in res["feasible"]}  # noqa: E731
+    assert fits(small) < fits(result)
+
+
+def test_distributed_optimizer_and_recompute_save_what_they_should():
+    base = dict(nodes=1, gpus_per_node=8, gpu_mem_gb=1000)
+    on = plan(QWEN7B, PlanInputs(**base))["feasible"]
+    off = plan(QWEN7B, PlanInputs(**base, dist_opt=False))["feasible"]
+    by = lambda rows: {(r["tp"], r["pp"]): r["memory"] for r in rows}  # noqa: E731
+    a, b = by(on)[(2, 1)], by(off)[(2, 1)]  # DP 4
+    assert b["adam"] == pytest.approx(4 * a["adam"], rel=1e-3) and b["master_weights"] > 3.9 * a["master_weights"]
+    no_rec = by(plan(QWEN7B, PlanInputs(**base, recompute=False))["feasible"])[(2, 1)]
+    assert no_rec["activations"] > 5 * a["activations"]
+
+
+@pytest.mark.parametrize(("recipe", "nodes", "rollout"), [("luffy_qwen2.5_math_7b.yaml", 2, 8),
+                                                         ("luffy_qwen2.5_32b.yaml", 4, 16)])  # fmt: skip
+def test_recipes_layouts_are_rated_feasible_on_80gb(recipe, nodes, rollout, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    argv = ["--model", str(ROOT / "configs" / recipe), "--nodes", str(nodes), "--rollout-gpus", str(rollout),
+            "--gpu-mem-gb", "80", "--json", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    result = json.loads(out.read_text())
+    from luffy_megatron.config import load_config
+
+    p = load_config(str(ROOT / "configs" / recipe), []).parallel
+    row = next(r for r in result["feasible"] if (r["tp"], r["pp"], r["vpp"]) == (p.tp, p.pp, p.vpp))
+    assert row["memory"]["total"] < 80 * GB
+    table = capsys.readouterr().out
+    assert f"| {row['rank']} | {p.tp} | {p.pp} | - |" in table and "Infeasible:" in table
+
+
+def test_bad_input_gives_one_error_line(tmp_path, capsys):
+    def error(argv):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return err
+
+    assert "no such config.json" in error(["--model", str(tmp_path / "nope")])
+    (tmp_path / "config.json").write_text("{broken")
+    assert "not valid JSON" in error(["--model", str(tmp_path)])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  hf_path: /nowhere/SomeModel\n")
+    assert "not one of" in error(["--model", str(recipe)])
+    assert "leaves no GPU" in error(["--model", str(ROOT / "configs" / "luffy_qwen2.5_math_7b.yaml"),
+                                     "--rollout-gpus", "8"])  # fmt: skip
+
+
+def test_help_shows_examples():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "luffy_megatron.plan.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: luffy-plan") and "examples:" in proc.stdout

@@ -1,0 +1,90 @@
+"""The planner against real Megatron policy updates on CPU (fp32, gloo), at 7 layouts of two small model shapes.
+
+Per rank: the static bytes (weights, gradient buffers, Adam moments) must equal the planner's exactly, and the peak of
+activations autograd holds (saved-tensor hooks; see tests/plan_measure_worker.py) and the peak in total must be
+within 15% of its prediction. The distributed optimizer cannot step on CPU (gloo has no reduce-scatter; the policy
+turns it off there), so its static bytes are checked at full size on the meta device (test_plan_meta.py); it does not
+change activations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from luffy_megatron.plan.memory import Layout, MicroBatch, activation_bytes, static_bytes
+from luffy_megatron.plan.shapes import ModelShape
+from tests.dist_utils import run_distributed
+from tests.plan_measure_worker import measure_step
+
+pytestmark = pytest.mark.slow
+SHAPES = {
+    "qwen2": dict(family="qwen2", vocab_size=397, hidden_size=128, layers=4, heads=8, kv_heads=2,
+                  intermediate_size=320),
+    "llama": dict(family="llama", vocab_size=300, hidden_size=96, layers=4, heads=4, kv_heads=4,
+                  intermediate_size=256, tie_embeddings=True),
+}  # fmt: skip
+SAMPLES, LENGTH, BUDGET = 16, 256, 1024  # 4 rows of 256 tokens per micro-batch
+# (shape, tp, pp, vpp, dp, recompute). Recomputation does not run on CPU (megatron's checkpointing asks for CUDA).
+LAYOUTS = [
+    ("qwen2", 1, 1, None, 1, False),
+    ("qwen2", 2, 1, None, 1, False),
+    ("qwen2", 1, 2, None, 1, False),
+    ("qwen2", 1, 1, None, 2, False),
+    ("qwen2", 2, 2, None, 1, False),
+    ("llama", 1, 2, 2, 1, False),
+    ("llama", 2, 1, None, 1, False),
+]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from luffy_megatron.models.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("plan")
+    return {name: make_tiny_model(root / name, seed=0, **kw) for name, kw in SHAPES.items()}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: "{}-tp{}-pp{}-vpp{}-dp{}-rec{}".format(*x))
+def test_measured_peak_memory_matches_the_plan(layout, models):
+    name, tp, pp, vpp, dp, recompute = layout
+    hf_dir = models[name]
+    results = run_distributed(
+        measure_step, tp * pp * dp, str(hf_dir), tp, pp, vpp, recompute, [LENGTH] * SAMPLES, BUDGET, timeout_s=900
+    )
+    shape = ModelShape.from_hf(json.loads((hf_dir / "config.json").read_text()))
+    lay = Layout(tp, pp, dp, vpp, dist_opt=False)
+    rows = []
+    for r in results:
+        planned = static_bytes(shape, lay, r["pp_rank"], r["dp_rank"], "float32", fp32_norms=True)
+        assert (r["weights"], r["grads"], r["optimizer"]) == (planned["weights"], planned["grads"], planned["adam"])
+        num_mb = SAMPLES // dp * LENGTH // BUDGET
+        mb = MicroBatch(BUDGET, LENGTH)
+        act = activation_bytes(shape, lay, r["pp_rank"], mb, num_mb, 4, recompute, flash=False)
+        static = r["weights"] + r["grads"] + r["optimizer"]
+        measured, predicted = static + r["activations"], static + act
+        rows.append((r["tp_rank"], r["pp_rank"], r["dp_rank"], static, r["activations"], act, measured, predicted))
+        assert abs(act / r["activations"] - 1) < 0.15, rows[-1]
+        assert abs(predicted / measured - 1) < 0.15, rows[-1]
+    for row in rows:  # the table in docs/plan.md (pytest -s)
+        print(
+            "|", " | ".join(map(str, (*layout, *row))), f"| {row[5] / row[4] - 1:+.1%} | {row[7] / row[6] - 1:+.1%} |"
+        )
+
+
+def test_the_plan_bounds_a_realistic_length_mix(models):
+    """Sequences of 60..1536 tokens (log-uniform, as responses of 50 tokens to the length limit), packed by the
+    policy: the planner prices the worst micro-batch, padded to the budget with the longest sequence."""
+    rng = random.Random(3)
+    lengths = [int(math.exp(rng.uniform(math.log(60), math.log(1536)))) for _ in range(40)] + [1536]
+    budget = 3072
+    hf_dir = models["qwen2"]
+    (r,) = run_distributed(measure_step, 1, str(hf_dir), 1, 1, None, False, lengths, budget, timeout_s=900)
+    shape = ModelShape.from_hf(json.loads((hf_dir / "config.json").read_text()))
+    lay = Layout(1, 1, 1, None, dist_opt=False)
+    act = activation_bytes(shape, lay, 0, MicroBatch(budget, max(lengths)), 8, 4, False, flash=False)
+    print(f"length mix: measured {r['activations']} predicted {act} ({act / r['activations'] - 1:+.1%})")
+    assert abs(act / r["activations"] - 1) < 0.15
