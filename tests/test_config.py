@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from luffy_megatron.config import ConfigError, RunConfig, load_config, validate
+from luffy_megatron.algo.aggregation import AGG_MODES, POLICY_WEIGHTS
+from luffy_megatron.algo.loss import KL_PENALTIES, OFF_POLICY_RESHAPES, ON_POLICY_RESHAPES, RESHAPES
+from luffy_megatron.config import ConfigError, RunConfig, load_config
+from luffy_megatron.config_checks import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,3 +150,16 @@ def test_cli_rejects_bad_config_before_building(model_dir, data_file, capsys):
     code = main([str(ROOT / "configs" / "tiny_cpu_luffy.yaml"), f"model.hf_path={model_dir}", "rollout.n_off=9"])
     assert code == 2
     assert "rollout.n_off" in capsys.readouterr().err
+
+
+def test_option_names_come_from_the_dispatch_tables(model_dir, data_file):
+    """Every name a dispatch table holds is a valid config value, and the on/off reshape tables hold the same names."""
+    assert list(ON_POLICY_RESHAPES) == list(OFF_POLICY_RESHAPES) == list(RESHAPES)
+    assert tuple(POLICY_WEIGHTS) == AGG_MODES
+    options = [f"algorithm.on_policy_reshape={n}" for n in RESHAPES]
+    options += [f"algorithm.off_policy_reshape={n}" for n in RESHAPES]
+    options += [f"algorithm.loss_agg_mode={n}" for n in AGG_MODES] + [f"algorithm.kl_type={n}" for n in KL_PENALTIES]
+    for option in options:
+        validate(valid(model_dir, data_file, option), world_size=1)
+    with pytest.raises(ConfigError, match=r"^algorithm.kl_type: 'k2' is not one of \['k1', 'k3'\]"):
+        validate(valid(model_dir, data_file, "algorithm.kl_type=k2"), world_size=1)

@@ -38,7 +38,7 @@ differences (only in how the sum is normalised, which is made invariant to micro
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -51,10 +51,15 @@ from .aggregation import LossWeights
 if TYPE_CHECKING:
     from luffy_megatron.config import AlgorithmConfig
 
-__all__ = ["RESHAPES", "MetricSums", "mixed_policy_loss", "validate_algorithm_config"]
-
-RESHAPES = ("no_reshape", "p_div_p", "logp", "p_logp", "square_root", "pow")
-KL_TYPES = ("k1", "k3")
+__all__ = [
+    "KL_PENALTIES",
+    "OFF_POLICY_RESHAPES",
+    "ON_POLICY_RESHAPES",
+    "RESHAPES",
+    "MetricSums",
+    "mixed_policy_loss",
+    "validate_algorithm_config",
+]
 
 
 @dataclass
@@ -114,8 +119,8 @@ def validate_algorithm_config(config: AlgorithmConfig) -> None:
     for name in ("off_policy_reshape", "on_policy_reshape"):
         if getattr(config, name) not in RESHAPES:
             raise ValueError(f"config.{name}: {getattr(config, name)!r} is not one of {list(RESHAPES)}")
-    if config.kl_type not in KL_TYPES:
-        raise ValueError(f"config.kl_type: {config.kl_type!r} is not one of {list(KL_TYPES)}")
+    if config.kl_type not in KL_PENALTIES:
+        raise ValueError(f"config.kl_type: {config.kl_type!r} is not one of {list(KL_PENALTIES)}")
     for name in ("off_policy_reshape_gamma", "on_policy_reshape_gamma"):
         if not getattr(config, name) > 0:
             raise ValueError(f"config.{name}: must be positive, got {getattr(config, name)}")
@@ -126,45 +131,91 @@ def validate_algorithm_config(config: AlgorithmConfig) -> None:
             raise ValueError(f"config.{name}: must be >= 0, got {getattr(config, name)}")
 
 
-def _on_policy_ratio(logp: Tensor, old_logp: Tensor, c: AlgorithmConfig) -> Tensor:
+def _on_no_reshape(logp: Tensor, old_logp: Tensor, c: AlgorithmConfig) -> Tensor:
+    return torch.exp(logp - old_logp)
+
+
+def _on_logp(logp: Tensor, old_logp: Tensor, c: AlgorithmConfig) -> Tensor:
+    return logp - old_logp
+
+
+def _on_p_logp(logp: Tensor, old_logp: Tensor, c: AlgorithmConfig) -> Tensor:
     d = logp - old_logp
-    mode = c.on_policy_reshape
-    if mode == "no_reshape":
-        return torch.exp(d)
-    if mode == "logp":
-        return d
-    if mode == "p_logp":
-        return torch.exp(d) + c.on_policy_reshape_gamma * d
-    if mode == "square_root":
-        return torch.sqrt(torch.exp(d))
-    if mode == "pow":
-        return torch.pow(torch.exp(d), c.on_policy_reshape_pow_exp)
-    g = c.on_policy_reshape_gamma  # p_div_p
+    return torch.exp(d) + c.on_policy_reshape_gamma * d
+
+
+def _on_square_root(logp: Tensor, old_logp: Tensor, c: AlgorithmConfig) -> Tensor:
+    return torch.sqrt(torch.exp(logp - old_logp))
+
+
+def _on_pow(logp: Tensor, old_logp: Tensor, c: AlgorithmConfig) -> Tensor:
+    return torch.pow(torch.exp(logp - old_logp), c.on_policy_reshape_pow_exp)
+
+
+def _on_p_div_p(logp: Tensor, old_logp: Tensor, c: AlgorithmConfig) -> Tensor:
+    g = c.on_policy_reshape_gamma
     p, p_old = torch.exp(logp), torch.exp(old_logp)
     return (p / (p + g)) / (p_old / (p_old + g))
 
 
-def _off_policy_ratio(logp: Tensor, c: AlgorithmConfig) -> Tensor:
+def _off_no_reshape(logp: Tensor, c: AlgorithmConfig) -> Tensor:
+    return torch.exp(logp)
+
+
+def _off_logp(logp: Tensor, c: AlgorithmConfig) -> Tensor:
+    return logp * c.off_policy_reshape_gamma
+
+
+def _off_p_logp(logp: Tensor, c: AlgorithmConfig) -> Tensor:
+    return logp * c.off_policy_reshape_gamma + torch.exp(logp)
+
+
+def _off_square_root(logp: Tensor, c: AlgorithmConfig) -> Tensor:
+    return torch.sqrt(torch.exp(logp))
+
+
+def _off_pow(logp: Tensor, c: AlgorithmConfig) -> Tensor:
+    return torch.pow(torch.exp(logp), c.off_policy_reshape_pow_exp)
+
+
+def _off_p_div_p(logp: Tensor, c: AlgorithmConfig) -> Tensor:
     p = torch.exp(logp)
-    mode = c.off_policy_reshape
-    if mode == "no_reshape":
-        return p
-    if mode == "logp":
-        return logp * c.off_policy_reshape_gamma
-    if mode == "p_logp":
-        return logp * c.off_policy_reshape_gamma + p
-    if mode == "square_root":
-        return torch.sqrt(p)
-    if mode == "pow":
-        return torch.pow(p, c.off_policy_reshape_pow_exp)
-    return p / (p + c.off_policy_reshape_gamma)  # p_div_p
+    return p / (p + c.off_policy_reshape_gamma)
 
 
-def _kl(logp: Tensor, ref: Tensor, kl_type: str) -> Tensor:
-    if kl_type == "k1":
-        return logp - ref
-    d = ref - logp  # k3 (verl's low_var_kl)
+#: ``algorithm.on_policy_reshape`` -> r(logp, old_logp, config), the on-policy ratio (formulas in the module docstring).
+ON_POLICY_RESHAPES: dict[str, Callable[[Tensor, Tensor, AlgorithmConfig], Tensor]] = {
+    "no_reshape": _on_no_reshape,
+    "p_div_p": _on_p_div_p,
+    "logp": _on_logp,
+    "p_logp": _on_p_logp,
+    "square_root": _on_square_root,
+    "pow": _on_pow,
+}
+#: ``algorithm.off_policy_reshape`` -> f(logp, config), the shaped off-policy probability (same names).
+OFF_POLICY_RESHAPES: dict[str, Callable[[Tensor, AlgorithmConfig], Tensor]] = {
+    "no_reshape": _off_no_reshape,
+    "p_div_p": _off_p_div_p,
+    "logp": _off_logp,
+    "p_logp": _off_p_logp,
+    "square_root": _off_square_root,
+    "pow": _off_pow,
+}
+#: The reshape names both sides accept (the config validates against this).
+RESHAPES: tuple[str, ...] = tuple(ON_POLICY_RESHAPES)
+
+
+def _kl_k1(logp: Tensor, ref: Tensor) -> Tensor:
+    return logp - ref
+
+
+def _kl_k3(logp: Tensor, ref: Tensor) -> Tensor:
+    d = ref - logp  # verl's low_var_kl
     return torch.clamp(torch.exp(d) - d - 1, min=-10.0, max=10.0)
+
+
+#: ``algorithm.kl_type`` -> per-token KL estimate kl(logp, ref_logp).
+KL_PENALTIES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": _kl_k1, "k3": _kl_k3}
 
 
 def mixed_policy_loss(
@@ -255,7 +306,7 @@ def mixed_policy_loss(
     # On-policy tokens.
     lp_on = torch.where(on, lp, zero)
     old_on = torch.where(on, old, zero)
-    ratio = _on_policy_ratio(lp_on, old_on, config)
+    ratio = ON_POLICY_RESHAPES[config.on_policy_reshape](lp_on, old_on, config)
     pg_on = -adv * ratio
     if config.clip_ratio:
         upper = max(config.clip_upper, 1.0 + config.clip_eps)
@@ -268,7 +319,7 @@ def mixed_policy_loss(
 
     # Off-policy tokens.
     lp_off = torch.where(off, lp, zero)
-    f = _off_policy_ratio(lp_off, config)
+    f = OFF_POLICY_RESHAPES[config.off_policy_reshape](lp_off, config)
     max_c, min_c = config.off_policy_max_clamp, config.off_policy_min_clamp
     if max_c is not None:
         f = torch.clamp(f, max=max_c)
@@ -300,7 +351,7 @@ def mixed_policy_loss(
             metrics.add_total("actor/entropy_loss", ent_loss)
     if ref_log_prob is not None:
         ref = torch.where(mask, ref_log_prob.float(), zero).detach()
-        kld = torch.where(mask, _kl(lp, ref, config.kl_type), zero)
+        kld = torch.where(mask, KL_PENALTIES[config.kl_type](lp, ref), zero)
         metrics.add_mean("actor/kl_ref", (kld * count).sum(), n_tok)
         if config.kl_coeff > 0:
             kl_loss = config.kl_coeff * (kld * w_mean).sum()

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 THINK_PREFIX = "<think>\n"
 EXTRA_INFO_KEY = "extra_info"
 _ROLES = ("system", "user", "assistant", "tool")
+#: ``data.system_prompt``: what :func:`apply_system_prompt` does with each prompt's system message.
+SYSTEM_PROMPT_MODES = ("keep", "replace", "remove")
 _ENCODE_CHUNK = 1024  # rows per batched tokenizer call
 
 
@@ -140,7 +142,7 @@ def apply_system_prompt(messages: list[dict[str, str]], mode: str, text: str | N
         if not text:
             raise ValueError("data.system_prompt=replace needs data.system_prompt_text")
         return [{"role": "system", "content": text}, *rest]
-    raise ValueError(f"data.system_prompt must be keep, replace or remove, got {mode!r}")
+    raise ValueError(f"data.system_prompt: {mode!r} is not one of {list(SYSTEM_PROMPT_MODES)}")
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:

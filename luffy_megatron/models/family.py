@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from luffy_megatron.config import ConfigError
+from luffy_megatron.config import DTYPES, ConfigError
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,8 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
     return ((vocab_size + step - 1) // step) * step
 
 
-# The dtype names of configs and command lines (config.DTYPES lists the same names) and their torch dtypes.
-TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The dtype names of configs and command lines and their torch dtypes.
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES}
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -142,6 +142,10 @@ class RolloutEngine(ABC):
         self.close()
 
 
+#: ``rollout.backend``: in-process transformers or SGLang servers (:func:`build_rollout_engine`).
+ROLLOUT_BACKENDS = ("hf", "sglang")
+
+
 def build_rollout_engine(
     cfg: RolloutConfig,
     hf_path: str,
@@ -165,4 +169,4 @@ def build_rollout_engine(
         from luffy_megatron.rollout.sglang.engine import SGLangEngine
 
         return SGLangEngine.from_config(cfg.sglang, hf_path, eos_token_ids=eos_token_ids)
-    raise ValueError(f"rollout.backend: unknown backend {cfg.backend!r} (expected 'hf' or 'sglang')")
+    raise ValueError(f"rollout.backend: {cfg.backend!r} is not one of {list(ROLLOUT_BACKENDS)}")

@@ -65,7 +65,8 @@ class RunState:
 def train(cfg: RunConfig) -> dict[str, float]:
     """Run ``cfg.trainer.total_steps`` RL steps (resuming from the newest checkpoint when configured).
 
-    The config must already be validated (:func:`luffy_megatron.config.validate`). Returns the last step's metrics.
+    The config must already be validated (:func:`luffy_megatron.config_checks.validate`). Returns the last step's
+    metrics.
     """
     run, policy = setup(cfg)
     metrics: dict[str, float] = {}

@@ -56,6 +56,7 @@ from luffy_megatron.rollout.sglang.launcher import (
 )
 from luffy_megatron.rollout.sglang.weights import (
     GROUP_NAME,
+    WEIGHT_SYNC_MODES,
     init_weights_update_group,
     iter_buckets,
     serialize_named_tensors,
@@ -102,8 +103,8 @@ class SGLangEngine(RolloutEngine):
         group_backend: str = "nccl",
         flush_retries: int = 20,
     ) -> None:
-        if weight_sync not in ("disk", "distributed", "tensor"):
-            raise ValueError(f"rollout.sglang.weight_sync: unknown mode {weight_sync!r}")
+        if weight_sync not in WEIGHT_SYNC_MODES:
+            raise ValueError(f"rollout.sglang.weight_sync: {weight_sync!r} is not one of {list(WEIGHT_SYNC_MODES)}")
         if weight_sync == "disk" and not weight_sync_dir:
             raise ValueError("rollout.sglang.weight_sync_dir is required for weight_sync=disk")
         self.client = client
