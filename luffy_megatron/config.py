@@ -151,6 +151,10 @@ class AlgorithmConfig:
     # kl_coeff = 0, and no SFT loss on traces): same gradient, less compute. Token metrics (entropy, probabilities,
     # clip fraction) then cover the trained samples only; a step that trains none logs none of them.
     skip_zero_advantage: bool = True
+    # Checks that wait for the GPU inside the update (NaN/inf inputs of the loss and log-probs, token ids inside the
+    # vocabulary, aggregation counts): a clear error at the first bad micro-batch instead of a skipped update.
+    # Off by default, so that the update's hot path never syncs with the host; the tests turn it on.
+    debug_checks: bool = False
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from luffy_megatron.algo.aggregation import AGG_MODES
-from luffy_megatron.algo.loss import KL_PENALTIES, RESHAPES
+from luffy_megatron.algo.options import KL_PENALTIES, RESHAPES
 from luffy_megatron.config import (
     DTYPES,
     AlgorithmConfig,

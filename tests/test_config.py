@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from luffy_megatron.algo.aggregation import AGG_MODES, POLICY_WEIGHTS
-from luffy_megatron.algo.loss import KL_PENALTIES, OFF_POLICY_RESHAPES, ON_POLICY_RESHAPES, RESHAPES
+from luffy_megatron.algo.options import KL_PENALTIES, OFF_POLICY_RESHAPES, ON_POLICY_RESHAPES, RESHAPES
 from luffy_megatron.config import ConfigError, RunConfig, load_config
 from luffy_megatron.config_checks import validate
 

@@ -57,6 +57,7 @@ def train_once(rank: int, world: int, hf_dir: str, tp: int, pp: int, vpp: int | 
         f"parallel.max_tokens_per_micro_batch={budget}",
         f"algorithm.loss_agg_mode={mode}",
         "algorithm.entropy_coeff=0.01",
+        "algorithm.debug_checks=true",
         "optimizer.lr=1e-2",
         "data.max_response_length=16",
     ]

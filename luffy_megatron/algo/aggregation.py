@@ -101,6 +101,7 @@ def aggregation_weights(
     seq_lengths: Tensor | None = None,
     off_policy_mask: Tensor | None = None,
     luffy_micro_batch_seqs: int = 64,
+    check_counts: bool = True,
 ) -> LossWeights:
     """Per-token loss weights of one micro-batch such that micro-batch losses sum to the global-batch loss.
 
@@ -115,6 +116,8 @@ def aggregation_weights(
             correct when no sequence is split across micro-batches).
         off_policy_mask: same shape bool, True on off-policy (trace) tokens (for the SFT term's weights).
         luffy_micro_batch_seqs: ``K`` of the ``luffy`` mode.
+        check_counts: raise ValueError when this micro-batch has more response tokens than ``counts`` (one host
+            sync; the trainer passes ``algorithm.debug_checks``).
 
     Returns:
         :class:`LossWeights` of fp32 tensors shaped like ``response_mask``.
@@ -136,9 +139,10 @@ def aggregation_weights(
     for name in ("num_tokens", "num_seqs", "num_off_policy_tokens"):
         if getattr(counts, name) < 0:
             raise ValueError(f"counts.{name}: must be >= 0, got {getattr(counts, name)}")
-    local_tokens = int(response_mask.sum())
-    if local_tokens > counts.num_tokens:
-        raise ValueError(f"counts.num_tokens: {counts.num_tokens} is less than this micro-batch's {local_tokens}")
+    if check_counts:
+        local_tokens = int(response_mask.sum())
+        if local_tokens > counts.num_tokens:
+            raise ValueError(f"counts.num_tokens: {counts.num_tokens} is less than this micro-batch's {local_tokens}")
 
     mask = response_mask.float()
     zero = torch.zeros_like(mask)
@@ -188,17 +192,17 @@ def _luffy(x: _PolicyWeightInputs) -> Tensor:
 
 def _seq_mean_token_mean(x: _PolicyWeightInputs) -> Tensor:
     response_mask, seq_index, seq_lengths = x.response_mask, x.seq_index, x.seq_lengths
-    if seq_index is None:
+    if seq_index is None:  # rows of a [B, T] mask: each row's length, broadcast along it (no host sync)
         if response_mask.dim() == 1:
             raise ValueError("seq_index: required for a flattened [N] response_mask in mode seq_mean_token_mean")
-        seq_index = torch.arange(response_mask.reshape(-1, response_mask.shape[-1]).shape[0])
-        seq_index = seq_index.to(response_mask.device).unsqueeze(-1).expand(-1, response_mask.shape[-1])
-        seq_index = seq_index.reshape(response_mask.shape)
+        rows = response_mask.reshape(-1, response_mask.shape[-1])
+        row_lengths = rows.sum(-1) if seq_lengths is None else seq_lengths
+        lengths = row_lengths.to(torch.float64)[:, None].expand(rows.shape).reshape(response_mask.shape)
     else:
         _check_seq_index(seq_index, response_mask)
-    if seq_lengths is None:
-        seq_lengths = sequence_lengths(response_mask.reshape(-1), seq_index.reshape(-1))
-    lengths = seq_lengths.to(torch.float64)[seq_index]
+        if seq_lengths is None:
+            seq_lengths = sequence_lengths(response_mask.reshape(-1), seq_index.reshape(-1))
+        lengths = seq_lengths.to(torch.float64)[seq_index]
     per_tok = torch.where(lengths > 0, 1.0 / lengths.clamp_min(1), torch.zeros_like(lengths))
     return x.mask * (per_tok * _inv(x.counts.num_seqs)).float()
 

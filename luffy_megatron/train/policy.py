@@ -119,7 +119,8 @@ class MegatronPolicy:
             mbs = [pad_micro_batch(mb, shape, self.pad_id) for mb in mbs]
         return mbs
 
-    def _token_logprobs(self, mb: MicroBatch, logits: torch.Tensor, with_entropy: bool):
+    def _token_logprobs(self, mb: MicroBatch, logits: torch.Tensor, with_entropy: bool, checks: bool):
+        """Log-probs (and entropies) of ``mb``'s targets; ``checks``: the host-syncing target and finite checks."""
         b, length, vocab_shard = logits.shape
         return vocab_parallel_logprob_entropy(
             logits.reshape(b * length, vocab_shard),
@@ -130,6 +131,8 @@ class MegatronPolicy:
             true_vocab_size=self.spec.vocab_size,
             chunk_tokens=self.cfg.algorithm.logprob_chunk_tokens,
             compute_entropy=with_entropy,
+            check_targets=checks,
+            check_finite=checks,
         )
 
     def _run(self, mbs: list[MicroBatch], loss_fn, forward_only: bool) -> list[Any]:
@@ -161,7 +164,8 @@ class MegatronPolicy:
         mbs = self._micro_batches(samples)
 
         def loss_fn(mb: MicroBatch, logits: torch.Tensor):
-            logp, _ = self._token_logprobs(mb, logits, with_entropy=False)
+            # Not the update's hot path, and the values are copied to the host anyway: always checked.
+            logp, _ = self._token_logprobs(mb, logits, with_entropy=False, checks=True)
             logp = logp.view(mb.tokens.shape).float().cpu()
             out = {i: logp[row][mb.response_mask[row]].tolist() for row, i in enumerate(mb.sample_ids)}
             return torch.zeros(()), {"logprobs": out}
@@ -208,7 +212,7 @@ class MegatronPolicy:
 
         def loss_fn(mb: MicroBatch, logits: torch.Tensor):
             dev = logits.device
-            logp, ent = self._token_logprobs(mb, logits, with_entropy=True)
+            logp, ent = self._token_logprobs(mb, logits, with_entropy=True, checks=alg.debug_checks)
             shape = mb.tokens.shape
             logp, ent = logp.view(shape), ent.view(shape)
             resp, off = mb.response_mask.to(dev), mb.off_policy_mask.to(dev)
@@ -219,11 +223,21 @@ class MegatronPolicy:
                 max_response_length=self.cfg.data.max_response_length,
                 off_policy_mask=off,
                 luffy_micro_batch_seqs=alg.luffy_micro_batch_seqs,
+                check_counts=alg.debug_checks,
             )
             old = mb.old_logprobs.to(dev) if use_old_logprobs else logp.detach()
             mult = mb.multiplicity.to(dev)
             loss, sums = mixed_policy_loss(
-                logp, old, mb.advantages.to(dev), resp, off, alg, token_weights=weights, entropy=ent, multiplicity=mult
+                logp,
+                old,
+                mb.advantages.to(dev),
+                resp,
+                off,
+                alg,
+                token_weights=weights,
+                entropy=ent,
+                multiplicity=mult,
+                check_finite=alg.debug_checks,
             )
             gap_mask = (mb.has_rollout_logprobs.to(dev) & ~off) * mult
             gap = (old.detach().float() - mb.rollout_logprobs.to(dev)).abs()
