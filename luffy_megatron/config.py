@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,64 @@ class ConfigError(ValueError):
 
 #: Parameter/compute dtype names of configs and command lines (``models.family.TORCH_DTYPES`` maps them to torch).
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+# The names of each option family, defined once: the config checks accept exactly these values, and the code that
+# dispatches on an option keys its table by these members (a test checks that every table covers its enumeration).
+class Reshape(str, Enum):
+    """``algorithm.on_policy_reshape`` / ``off_policy_reshape`` (formulas in :mod:`luffy_megatron.algo.loss`)."""
+
+    NO_RESHAPE = "no_reshape"
+    P_DIV_P = "p_div_p"
+    LOGP = "logp"
+    P_LOGP = "p_logp"
+    SQUARE_ROOT = "square_root"
+    POW = "pow"
+
+
+class AggMode(str, Enum):
+    """``algorithm.loss_agg_mode`` (formulas in :mod:`luffy_megatron.algo.aggregation`)."""
+
+    LUFFY = "luffy"
+    TOKEN_MEAN = "token_mean"
+    SEQ_MEAN_TOKEN_MEAN = "seq_mean_token_mean"
+    SEQ_MEAN_TOKEN_SUM = "seq_mean_token_sum"
+
+
+class KLType(str, Enum):
+    """``algorithm.kl_type``: ``k1 = logp - ref`` or verl's ``low_var_kl`` (``k3``)."""
+
+    K1 = "k1"
+    K3 = "k3"
+
+
+class WeightSync(str, Enum):
+    """``rollout.sglang.weight_sync``: a safetensors folder on a shared filesystem, a NCCL broadcast group, or
+    tensors in the request body (colocated servers)."""
+
+    DISK = "disk"
+    DISTRIBUTED = "distributed"
+    TENSOR = "tensor"
+
+
+class SystemPrompt(str, Enum):
+    """``data.system_prompt``: what happens to each prompt's system message."""
+
+    KEEP = "keep"
+    REPLACE = "replace"
+    REMOVE = "remove"
+
+
+class RolloutBackend(str, Enum):
+    """``rollout.backend``: in-process transformers or SGLang servers."""
+
+    HF = "hf"
+    SGLANG = "sglang"
+
+
+def choices(options: type[Enum]) -> tuple[str, ...]:
+    """The config values an option family accepts, in declaration order."""
+    return tuple(m.value for m in options)
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 :func:`validate` runs once, before any model is built, and raises :class:`~luffy_megatron.config.ConfigError` whose
 message starts with the offending key. The names an option accepts come from the table of the code that dispatches
-on it (reshapes, aggregation modes, KL types, weight-sync modes, system-prompt modes, rollout backends), so a new
-entry there is a valid config value without a second list to update.
+on it: the enumerations of :mod:`luffy_megatron.config` (reshapes, aggregation modes, KL types, weight-sync modes,
+system-prompt modes, rollout backends). Nothing here imports torch, so a configuration error answers at once.
 """
 
 from __future__ import annotations
@@ -13,24 +13,26 @@ import os
 from pathlib import Path
 from typing import Any
 
-from luffy_megatron.algo.aggregation import AGG_MODES
-from luffy_megatron.algo.options import KL_PENALTIES, RESHAPES
 from luffy_megatron.config import (
     DTYPES,
+    AggMode,
     AlgorithmConfig,
     CheckpointConfig,
     ConfigError,
     DataConfig,
+    KLType,
     ModelConfig,
     OptimizerConfig,
     ParallelConfig,
+    Reshape,
+    RolloutBackend,
     RolloutConfig,
     RunConfig,
+    SystemPrompt,
+    WeightSync,
+    choices,
     read_hf_config,
 )
-from luffy_megatron.data.dataset import SYSTEM_PROMPT_MODES
-from luffy_megatron.rollout.base import ROLLOUT_BACKENDS
-from luffy_megatron.rollout.sglang.weights import WEIGHT_SYNC_MODES
 
 __all__ = ["validate", "validate_parallel"]
 
@@ -92,7 +94,7 @@ def validate_parallel(
 
 def check_rollout(r: RolloutConfig) -> None:
     """Sampling, the group size and the SGLang servers."""
-    _choice(r.backend, "rollout.backend", ROLLOUT_BACKENDS)
+    _choice(r.backend, "rollout.backend", choices(RolloutBackend))
     _positive(r, "rollout", ("n", "temperature", "top_p", "hf_batch_size"))
     if not 0 < r.top_p <= 1:
         _fail("rollout.top_p", f"must be in (0, 1], got {r.top_p}")
@@ -101,10 +103,10 @@ def check_rollout(r: RolloutConfig) -> None:
     if r.n_off >= r.n:
         _fail("rollout.n_off", f"{r.n_off} must be smaller than rollout.n = {r.n} (at least one on-policy sample)")
     s = r.sglang
-    _choice(s.weight_sync, "rollout.sglang.weight_sync", WEIGHT_SYNC_MODES)
-    if r.backend == "sglang" and not s.launch and not s.urls:
+    _choice(s.weight_sync, "rollout.sglang.weight_sync", choices(WeightSync))
+    if r.backend == RolloutBackend.SGLANG and not s.launch and not s.urls:
         _fail("rollout.sglang.urls", "give server URLs or set rollout.sglang.launch=true")
-    if r.backend == "sglang" and s.weight_sync == "disk" and not s.weight_sync_dir:
+    if r.backend == RolloutBackend.SGLANG and s.weight_sync == WeightSync.DISK and not s.weight_sync_dir:
         _fail("rollout.sglang.weight_sync_dir", "required with rollout.sglang.weight_sync=disk (a shared filesystem)")
     _positive(s, "rollout.sglang", ("num_servers", "tp_size", "max_concurrency", "request_timeout_s"))
     if not 0 < s.mem_fraction_static < 1:
@@ -113,10 +115,10 @@ def check_rollout(r: RolloutConfig) -> None:
 
 def check_algorithm(a: AlgorithmConfig) -> None:
     """Everything the loss, the advantages and the aggregation read."""
-    _choice(a.off_policy_reshape, "algorithm.off_policy_reshape", RESHAPES)
-    _choice(a.on_policy_reshape, "algorithm.on_policy_reshape", RESHAPES)
-    _choice(a.loss_agg_mode, "algorithm.loss_agg_mode", AGG_MODES)
-    _choice(a.kl_type, "algorithm.kl_type", tuple(KL_PENALTIES))
+    _choice(a.off_policy_reshape, "algorithm.off_policy_reshape", choices(Reshape))
+    _choice(a.on_policy_reshape, "algorithm.on_policy_reshape", choices(Reshape))
+    _choice(a.loss_agg_mode, "algorithm.loss_agg_mode", choices(AggMode))
+    _choice(a.kl_type, "algorithm.kl_type", choices(KLType))
     positive = ("off_policy_reshape_gamma", "on_policy_reshape_gamma", "adv_eps", "logprob_chunk_tokens")
     _positive(a, "algorithm", (*positive, "luffy_micro_batch_seqs"))
     if a.clip_eps <= 0 or a.clip_eps >= 1:
@@ -134,8 +136,8 @@ def check_data(d: DataConfig, dp: int, max_positions: int | None) -> None:
         _fail("data.mini_batch_size", f"{d.mini_batch_size} does not divide data.train_batch_size {d.train_batch_size}")
     if d.mini_batch_size % dp:
         _fail("data.mini_batch_size", f"{d.mini_batch_size} prompts cannot be split over {dp} data-parallel ranks")
-    _choice(d.system_prompt, "data.system_prompt", SYSTEM_PROMPT_MODES)
-    if d.system_prompt == "replace" and not d.system_prompt_text:
+    _choice(d.system_prompt, "data.system_prompt", choices(SystemPrompt))
+    if d.system_prompt == SystemPrompt.REPLACE and not d.system_prompt_text:
         _fail("data.system_prompt_text", "required when data.system_prompt=replace")
     if not d.train_files:
         _fail("data.train_files", "at least one training file is required")

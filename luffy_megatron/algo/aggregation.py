@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from luffy_megatron.config import AggMode, choices
+
 __all__ = ["AGG_MODES", "POLICY_WEIGHTS", "GlobalCounts", "LossWeights", "aggregation_weights", "sequence_lengths"]
 
 
@@ -208,14 +210,14 @@ def _seq_mean_token_mean(x: _PolicyWeightInputs) -> Tensor:
 
 
 #: ``algorithm.loss_agg_mode`` -> the policy-gradient weight of each token (formulas in the module docstring).
-POLICY_WEIGHTS: dict[str, Callable[[_PolicyWeightInputs], Tensor]] = {
-    "luffy": _luffy,
-    "token_mean": _token_mean,
-    "seq_mean_token_mean": _seq_mean_token_mean,
-    "seq_mean_token_sum": _seq_mean_token_sum,
+POLICY_WEIGHTS: dict[AggMode, Callable[[_PolicyWeightInputs], Tensor]] = {
+    AggMode.LUFFY: _luffy,
+    AggMode.TOKEN_MEAN: _token_mean,
+    AggMode.SEQ_MEAN_TOKEN_MEAN: _seq_mean_token_mean,
+    AggMode.SEQ_MEAN_TOKEN_SUM: _seq_mean_token_sum,
 }
-#: The aggregation mode names (the config validates against this).
-AGG_MODES: tuple[str, ...] = tuple(POLICY_WEIGHTS)
+#: The aggregation mode names.
+AGG_MODES = choices(AggMode)
 
 
 def _check_mask(name: str, mask: Tensor) -> None:

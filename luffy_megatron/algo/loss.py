@@ -62,7 +62,9 @@ class MetricSums:
     ``sums[k] / counts[k]`` is a token mean (e.g. mean off-policy probability over all off-policy tokens of the
     step); ``totals[k]`` is additive (weighted loss contributions: their sum over micro-batches and DP ranks is the
     global-batch value). Combine micro-batches with :meth:`add`, ranks with :meth:`all_reduce`, read with
-    :meth:`compute`. Keys depend only on the config, so every rank has the same keys.
+    :meth:`compute`. Keys depend on the config and on which inputs the loss was given; ranks that compute no loss
+    (off the last pipeline stage) hold none, so :meth:`all_reduce` suits a group whose ranks all ran the same loss
+    (e.g. data-parallel ranks of the last stage), and the trainer gathers across all ranks by key instead.
     """
 
     sums: dict[str, Tensor] = field(default_factory=dict)
@@ -321,11 +323,11 @@ def _token_metrics(t: _Tokens, pg_on: Tensor, pg_off: Tensor, clipped: Tensor, f
     metrics.add_total("actor/response_tokens", t.n_tok)
 
 
-def _option(table: dict[str, Callable], name: str, config: AlgorithmConfig) -> Callable:
+def _option(table: dict, name: str, config: AlgorithmConfig) -> Callable:
     """``table[config.<name>]``, or a ValueError naming the key (a dict lookup: no validation pass per call)."""
     value = getattr(config, name)
     if value not in table:
-        raise ValueError(f"config.{name}: {value!r} is not one of {list(table)}")
+        raise ValueError(f"config.{name}: {value!r} is not one of {[m.value for m in table]}")
     return table[value]
 
 

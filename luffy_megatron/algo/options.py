@@ -1,19 +1,18 @@
 """The option tables of the loss: each maps a config name to the function the loss calls for it.
 
-The config validation (:mod:`luffy_megatron.config_checks`) accepts exactly these names, so a new entry here is a new
-valid ``algorithm.*`` value; the formulas are in :mod:`luffy_megatron.algo.loss`'s docstring.
+The names are the members of :class:`~luffy_megatron.config.Reshape` and :class:`~luffy_megatron.config.KLType`, which
+the config checks accept; every table covers its enumeration (``tests/test_config.py``). The formulas are in
+:mod:`luffy_megatron.algo.loss`'s docstring.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from luffy_megatron.config import AlgorithmConfig
+from luffy_megatron.config import AlgorithmConfig, KLType, Reshape, choices
 
 __all__ = ["KL_PENALTIES", "OFF_POLICY_RESHAPES", "ON_POLICY_RESHAPES", "RESHAPES"]
 
@@ -71,25 +70,25 @@ def _off_p_div_p(logp: Tensor, c: AlgorithmConfig) -> Tensor:
 
 
 #: ``algorithm.on_policy_reshape`` -> r(logp, old_logp, config), the on-policy ratio (formulas in the module docstring).
-ON_POLICY_RESHAPES: dict[str, Callable[[Tensor, Tensor, AlgorithmConfig], Tensor]] = {
-    "no_reshape": _on_no_reshape,
-    "p_div_p": _on_p_div_p,
-    "logp": _on_logp,
-    "p_logp": _on_p_logp,
-    "square_root": _on_square_root,
-    "pow": _on_pow,
+ON_POLICY_RESHAPES: dict[Reshape, Callable[[Tensor, Tensor, AlgorithmConfig], Tensor]] = {
+    Reshape.NO_RESHAPE: _on_no_reshape,
+    Reshape.P_DIV_P: _on_p_div_p,
+    Reshape.LOGP: _on_logp,
+    Reshape.P_LOGP: _on_p_logp,
+    Reshape.SQUARE_ROOT: _on_square_root,
+    Reshape.POW: _on_pow,
 }
 #: ``algorithm.off_policy_reshape`` -> f(logp, config), the shaped off-policy probability (same names).
-OFF_POLICY_RESHAPES: dict[str, Callable[[Tensor, AlgorithmConfig], Tensor]] = {
-    "no_reshape": _off_no_reshape,
-    "p_div_p": _off_p_div_p,
-    "logp": _off_logp,
-    "p_logp": _off_p_logp,
-    "square_root": _off_square_root,
-    "pow": _off_pow,
+OFF_POLICY_RESHAPES: dict[Reshape, Callable[[Tensor, AlgorithmConfig], Tensor]] = {
+    Reshape.NO_RESHAPE: _off_no_reshape,
+    Reshape.P_DIV_P: _off_p_div_p,
+    Reshape.LOGP: _off_logp,
+    Reshape.P_LOGP: _off_p_logp,
+    Reshape.SQUARE_ROOT: _off_square_root,
+    Reshape.POW: _off_pow,
 }
-#: The reshape names both sides accept (the config validates against this).
-RESHAPES: tuple[str, ...] = tuple(ON_POLICY_RESHAPES)
+#: The reshape names both sides accept.
+RESHAPES = choices(Reshape)
 
 
 def _kl_k1(logp: Tensor, ref: Tensor) -> Tensor:
@@ -102,4 +101,4 @@ def _kl_k3(logp: Tensor, ref: Tensor) -> Tensor:
 
 
 #: ``algorithm.kl_type`` -> per-token KL estimate kl(logp, ref_logp).
-KL_PENALTIES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": _kl_k1, "k3": _kl_k3}
+KL_PENALTIES: dict[KLType, Callable[[Tensor, Tensor], Tensor]] = {KLType.K1: _kl_k1, KLType.K3: _kl_k3}

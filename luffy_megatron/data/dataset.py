@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from luffy_megatron.config import DataConfig
+from luffy_megatron.config import DataConfig, SystemPrompt, choices
 from luffy_megatron.data.sources import DataError, RawRow, expand_sources, read_table
 
 if TYPE_CHECKING:
@@ -32,8 +32,6 @@ logger = logging.getLogger(__name__)
 THINK_PREFIX = "<think>\n"
 EXTRA_INFO_KEY = "extra_info"
 _ROLES = ("system", "user", "assistant", "tool")
-#: ``data.system_prompt``: what :func:`apply_system_prompt` does with each prompt's system message.
-SYSTEM_PROMPT_MODES = ("keep", "replace", "remove")
 _ENCODE_CHUNK = 1024  # rows per batched tokenizer call
 
 
@@ -133,16 +131,16 @@ def _scalar_str(raw: RawRow, column: str, value: Any) -> str:
 
 def apply_system_prompt(messages: list[dict[str, str]], mode: str, text: str | None) -> list[dict[str, str]]:
     """``keep`` the system message, ``replace`` it with ``text`` (inserting one if absent), or ``remove`` it."""
-    if mode == "keep":
+    if mode == SystemPrompt.KEEP:
         return messages
     rest = [m for m in messages if m["role"] != "system"]
-    if mode == "remove":
+    if mode == SystemPrompt.REMOVE:
         return rest
-    if mode == "replace":
+    if mode == SystemPrompt.REPLACE:
         if not text:
             raise ValueError("data.system_prompt=replace needs data.system_prompt_text")
         return [{"role": "system", "content": text}, *rest]
-    raise ValueError(f"data.system_prompt: {mode!r} is not one of {list(SYSTEM_PROMPT_MODES)}")
+    raise ValueError(f"data.system_prompt: {mode!r} is not one of {list(choices(SystemPrompt))}")
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:

@@ -15,10 +15,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from luffy_megatron.config import RolloutBackend, RolloutConfig, choices
+
 if TYPE_CHECKING:
     from torch import Tensor
-
-    from luffy_megatron.config import RolloutConfig
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -142,10 +142,6 @@ class RolloutEngine(ABC):
         self.close()
 
 
-#: ``rollout.backend``: in-process transformers or SGLang servers (:func:`build_rollout_engine`).
-ROLLOUT_BACKENDS = ("hf", "sglang")
-
-
 def build_rollout_engine(
     cfg: RolloutConfig,
     hf_path: str,
@@ -159,14 +155,14 @@ def build_rollout_engine(
     ``dtype``/``device`` apply to the HF engine (fp32 on CPU by default); SGLang takes its dtype from
     ``cfg.sglang.dtype``. ``eos_token_ids`` default to the model's ``generation_config`` / ``config``.
     """
-    if cfg.backend == "hf":
+    if cfg.backend == RolloutBackend.HF:
         from luffy_megatron.rollout.hf_engine import HFEngine
 
         return HFEngine.from_pretrained(
             hf_path, dtype=dtype, device=device, batch_size=cfg.hf_batch_size, eos_token_ids=eos_token_ids
         )
-    if cfg.backend == "sglang":
+    if cfg.backend == RolloutBackend.SGLANG:
         from luffy_megatron.rollout.sglang.engine import SGLangEngine
 
         return SGLangEngine.from_config(cfg.sglang, hf_path, eos_token_ids=eos_token_ids)
-    raise ValueError(f"rollout.backend: {cfg.backend!r} is not one of {list(ROLLOUT_BACKENDS)}")
+    raise ValueError(f"rollout.backend: {cfg.backend!r} is not one of {list(choices(RolloutBackend))}")

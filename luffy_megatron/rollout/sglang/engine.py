@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from luffy_megatron.config import SGLangConfig
+from luffy_megatron.config import SGLangConfig, WeightSync, choices
 from luffy_megatron.platform.distributed import free_port
 from luffy_megatron.rollout.base import (
     RolloutEngine,
@@ -56,7 +56,6 @@ from luffy_megatron.rollout.sglang.launcher import (
 )
 from luffy_megatron.rollout.sglang.weights import (
     GROUP_NAME,
-    WEIGHT_SYNC_MODES,
     init_weights_update_group,
     iter_buckets,
     serialize_named_tensors,
@@ -103,9 +102,9 @@ class SGLangEngine(RolloutEngine):
         group_backend: str = "nccl",
         flush_retries: int = 20,
     ) -> None:
-        if weight_sync not in WEIGHT_SYNC_MODES:
-            raise ValueError(f"rollout.sglang.weight_sync: {weight_sync!r} is not one of {list(WEIGHT_SYNC_MODES)}")
-        if weight_sync == "disk" and not weight_sync_dir:
+        if weight_sync not in choices(WeightSync):
+            raise ValueError(f"rollout.sglang.weight_sync: {weight_sync!r} is not one of {list(choices(WeightSync))}")
+        if weight_sync == WeightSync.DISK and not weight_sync_dir:
             raise ValueError("rollout.sglang.weight_sync_dir is required for weight_sync=disk")
         self.client = client
         self.weight_sync = weight_sync
@@ -223,7 +222,7 @@ class SGLangEngine(RolloutEngine):
         try:
             self.pause()
             self._flush()
-            if self.weight_sync == "disk":
+            if self.weight_sync == WeightSync.DISK:
                 nbytes = self._sync_disk(named_tensors, version)
             else:
                 nbytes = self._in_session(named_tensors, version)
@@ -241,7 +240,7 @@ class SGLangEngine(RolloutEngine):
     def _in_session(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         """Distributed or tensor buckets between ``/begin_weight_update`` and ``/end_weight_update``; a session left
         open by a failure is closed (best effort) so that the next update can begin one."""
-        sync = self._sync_distributed if self.weight_sync == "distributed" else self._sync_tensor
+        sync = self._sync_distributed if self.weight_sync == WeightSync.DISTRIBUTED else self._sync_tensor
         try:
             self._run(self.client.post_all("/begin_weight_update", {}))
             nbytes = sync(named_tensors, version)

@@ -18,10 +18,6 @@ import torch
 
 from luffy_megatron.rollout.base import RolloutError, WeightSyncError
 
-#: ``rollout.sglang.weight_sync``: a safetensors folder on a shared filesystem (``disk``), a NCCL broadcast group
-#: (``distributed``), or tensors in the request body (``tensor``).
-WEIGHT_SYNC_MODES = ("disk", "distributed", "tensor")
-
 #: SGLang's default ``group_name`` of the weight-update requests.
 GROUP_NAME = "weight_update_group"
 
