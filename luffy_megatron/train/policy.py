@@ -242,24 +242,36 @@ class MegatronPolicy:
             gap_mask = (mb.has_rollout_logprobs.to(dev) & ~off) * mult
             gap = (old.detach().float() - mb.rollout_logprobs.to(dev)).abs()
             sums.add_mean("train_rollout_logprob_gap", (gap * gap_mask).sum(), gap_mask.sum())
+            # Counted on the device, read once per step in _finish_step (the host syncs only there).
+            sums.add_total(_NONFINITE, (~torch.isfinite(loss.detach())).sum())
             return loss * scale, {"sums": sums}
 
         return self._finish_step(self._run(mbs, loss_fn, forward_only=False), num_trained=len(trained))
 
     def _finish_step(self, stores: list[dict], num_trained: int) -> dict[str, float]:
-        """Optimizer and scheduler step after the backward passes; the step's metrics, reduced over ranks."""
-        ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
+        """The step's metrics, reduced over ranks, then the optimizer and scheduler step; a non-finite micro-batch
+        loss stops every rank before the weights change."""
         local = MetricSums()
         if self.is_last_stage and (self.tp_group is None or dist.get_rank(self.tp_group) == 0):
             for store in stores:
                 local.add(store["sums"])
         metrics = _reduce_metric_sums(local)
+        bad = int(metrics.pop(_NONFINITE, 0.0))
+        if bad:
+            raise FloatingPointError(
+                f"{bad} micro-batch loss(es) of this step are NaN/inf; the update is not applied "
+                "(algorithm.debug_checks=true names the first bad input)"
+            )
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["update_skipped"] = float(not ok)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["trained_samples"] = float(num_trained)
         return metrics
+
+
+_NONFINITE = "nonfinite_micro_batch_losses"
 
 
 def _reduce_metric_sums(local: MetricSums) -> dict[str, float]:
