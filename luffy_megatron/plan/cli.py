@@ -32,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--prompt-len", type=int)
     p.add_argument("--response-len", type=int)
-    p.add_argument("--micro-batch-tokens", type=int, help="token budget of one packed micro-batch")
+    p.add_argument("--micro-batch-tokens", type=int, help="token budget of one micro-batch (rows x longest row)")
     p.add_argument("--samples-per-step", type=int, help="samples per optimiser step (mini-batch prompts x n)")
     p.add_argument("--no-dist-opt", action="store_true", help="without the distributed optimizer")
     p.add_argument("--recompute", choices=("on", "off"), help="full activation recomputation")
