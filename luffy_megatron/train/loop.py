@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
 from luffy_megatron.algo import compute_advantages
 from luffy_megatron.config import RunConfig, read_hf_config, to_dict
@@ -280,6 +281,8 @@ def evaluate(cfg: RunConfig, engine, rewards, tokenizer, dataset) -> dict[str, f
 def setup(cfg: RunConfig) -> tuple[RunState, Any]:
     """Distributed groups, policy (weights from checkpoint / Megatron checkpoint / HF), data, engine, rewards."""
     init_distributed(cfg.parallel.backend)
+    if not cfg.logging.progress_bar:
+        hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
     p = cfg.parallel
     init_model_parallel(p.tp, p.pp, p.vpp, seed=cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model.hf_path)
