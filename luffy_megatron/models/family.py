@@ -151,6 +151,9 @@ GATED_MLP = FusedGatedMLP(
 
 # Layer-relative names of the norms that transformer-engine's layer spec fuses into the following linear
 # (local spec name -> TE spec name); the converter translates TE names back before applying the mappings above.
+# Megatron parameters whose first dimension is the (padded, TP-split) vocabulary.
+VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
 TE_FUSED_NORM_NAMES = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",

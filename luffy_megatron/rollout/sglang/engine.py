@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from luffy_megatron.config import SGLangConfig, WeightSync, choices
+from luffy_megatron.models.tokenizer import HF_CONFIG_FILES, read_eos_token_ids
 from luffy_megatron.platform.distributed import free_port
 from luffy_megatron.rollout.base import (
     RolloutEngine,
@@ -63,7 +64,6 @@ from luffy_megatron.rollout.sglang.weights import (
 )
 
 logger = logging.getLogger(__name__)
-_CONFIG_FILES = ("config.json", "generation_config.json")
 
 
 def sampling_params_body(params: SamplingParams, seed: int | None, stop_token_ids: Iterable[int]) -> dict:
@@ -162,8 +162,6 @@ class SGLangEngine(RolloutEngine):
             samples_per_request=cfg.samples_per_request,
         )
         if eos_token_ids is None:
-            from luffy_megatron.models.tokenizer import read_eos_token_ids
-
             eos_token_ids = read_eos_token_ids(hf_path)
         return cls(
             client,
@@ -287,7 +285,7 @@ class SGLangEngine(RolloutEngine):
             json.dumps({"metadata": {"total_size": nbytes}, "weight_map": index}, indent=1)
         )
         if self.hf_path:
-            for cfg_name in _CONFIG_FILES:
+            for cfg_name in HF_CONFIG_FILES:
                 if (Path(self.hf_path) / cfg_name).is_file():
                     shutil.copy(Path(self.hf_path) / cfg_name, tmp / cfg_name)
         shutil.rmtree(final, ignore_errors=True)
