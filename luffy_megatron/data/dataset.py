@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tqdm.auto import tqdm
+
 from luffy_megatron.config import DataConfig, SystemPrompt, choices
 from luffy_megatron.data.sources import DataError, RawRow, expand_sources, read_table
 
@@ -256,8 +258,6 @@ class PromptDataset:
         return messages, trace, truth, source, extra if isinstance(extra, dict) else None
 
     def _add_table(self, table: Any, keys: dict[str, str], progress: bool | None) -> None:
-        from tqdm.auto import tqdm
-
         cfg, tok, c = self.config, self.tokenizer, self.counts
         rows = list(table)
         c.rows_read += len(rows)

@@ -39,7 +39,8 @@ from luffy_megatron.models.builder import model_spec
 from luffy_megatron.models.tokenizer import load_tokenizer, pad_token_id
 from luffy_megatron.platform import init_distributed, init_model_parallel, rank0_call
 from luffy_megatron.reward import RewardPool
-from luffy_megatron.rollout.base import SamplingParams, build_rollout_engine
+from luffy_megatron.rollout.base import SamplingParams
+from luffy_megatron.rollout.factory import build_rollout_engine
 from luffy_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from luffy_megatron.train.policy import MegatronPolicy
 from luffy_megatron.train.samples import Sample, assemble_groups
@@ -155,14 +156,7 @@ def generate_groups(cfg: RunConfig, run: RunState, batch: list) -> list[Sample]:
     """``n`` rollouts per prompt, of which the first ``n - n_off`` are kept where the prompt has a trace; assembled
     into groups with the trace copies."""
     r = cfg.rollout
-    params = SamplingParams(
-        n=r.n,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        top_k=r.top_k,
-        max_new_tokens=cfg.data.max_response_length,
-        seed=r.seed * 1_000_003 + run.step,
-    )
+    params = SamplingParams.from_config(r, cfg.data.max_response_length, seed=r.seed * 1_000_003 + run.step)
     outputs = run.engine.generate([item.prompt_ids for item in batch], params)
     run.engine.release_memory()  # colocated servers give the GPUs to Megatron until the weight sync
     n_off = r.n_off

@@ -13,6 +13,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from luffy_megatron.algo import (
     GlobalCounts,
@@ -37,11 +42,6 @@ class MegatronPolicy:
     """Model chunks of this rank plus optimizer and scheduler; built from a validated :class:`RunConfig`."""
 
     def __init__(self, cfg: RunConfig, spec: ModelSpec, pad_id: int) -> None:
-        from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
         self.cfg, self.spec, self.pad_id = cfg, spec, pad_id
         p = cfg.parallel
         self.tconfig = build_transformer_config(
@@ -136,8 +136,6 @@ class MegatronPolicy:
         )
 
     def _run(self, mbs: list[MicroBatch], loss_fn, forward_only: bool) -> list[Any]:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
             mb = next(data_iterator)
             dev = next(model.parameters()).device

@@ -23,6 +23,7 @@ generation and :meth:`SGLangEngine.resume_memory` takes them back before the nex
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
 
 from luffy_megatron.config import SGLangConfig, WeightSync, choices
 from luffy_megatron.models.tokenizer import HF_CONFIG_FILES, read_eos_token_ids
@@ -263,8 +266,6 @@ class SGLangEngine(RolloutEngine):
                 time.sleep(min(2.0, 0.1 * 2**attempt))
 
     def _sync_disk(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        from safetensors.torch import save_file
-
         assert self.weight_sync_dir is not None
         t0 = time.perf_counter()
         root = Path(self.weight_sync_dir)
@@ -335,13 +336,9 @@ class SGLangEngine(RolloutEngine):
                 f.result()
 
     def _submit(self, coro: Any) -> Future:
-        import asyncio
-
         return asyncio.run_coroutine_threadsafe(coro, self._loop.loop)
 
     def _sync_distributed(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        import torch.distributed as dist
-
         self.init_distributed()
         device = torch.device("cuda", torch.cuda.current_device()) if self.group_backend == "nccl" else "cpu"
         nbytes = 0
@@ -399,7 +396,5 @@ class SGLangEngine(RolloutEngine):
             self._loop.stop()
             stop_processes(self.processes)
             if self._group is not None:
-                import torch.distributed as dist
-
                 dist.destroy_process_group(self._group)
                 self._group = None
