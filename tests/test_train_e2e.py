@@ -78,6 +78,12 @@ def reference(assets):
     return metrics(out)
 
 
+def test_exact_sample_counts_nothing_discarded(reference):
+    """Every synthetic prompt has a trace: n - n_off = 3 samples per prompt are generated, all of them used."""
+    for step in reference.values():
+        assert step["rollout/samples_generated"] == 4 * 3 and step["rollout/samples_discarded"] == 0
+
+
 def test_resume_from_checkpoint_continues_exactly(assets, reference):
     out = assets / "resume"
     ckpt = out / "ckpt"

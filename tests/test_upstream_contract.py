@@ -160,7 +160,8 @@ def recorded(tmp_path):
     client = SGLangClient([server.url], backoff_s=0.01)
     eng = SGLangEngine(client, weight_sync="disk", weight_sync_dir=str(tmp_path), colocate=True, tp_size=2,
                        eos_token_ids=[1])  # fmt: skip
-    eng.generate([[3, 4]], SamplingParams(n=2, max_new_tokens=3, temperature=0.7, top_p=0.9, top_k=5, seed=1))
+    params = SamplingParams(n=2, max_new_tokens=3, temperature=0.7, top_p=0.9, top_k=5, seed=1)
+    eng.generate([[3, 4], [5, 6, 7]], params, counts=[1, 2])  # per-prompt counts, as the trainer asks
     eng.release_memory()
     eng.resume_memory()
     eng.update_weights(model.state_dict().items(), version=1)
@@ -209,9 +210,13 @@ def test_generate_body_and_sampling_keys_are_sglang_schema(recorded) -> None:
     assert api >= client_mod.SAMPLING_KEYS, sorted(client_mod.SAMPLING_KEYS - api)
     body = sampling_params_body(SamplingParams(top_k=3, stop_token_ids=(7,)), seed=5, stop_token_ids=[1])
     assert set(body) <= api
-    for r in (r for r in recorded if r.path == "/generate"):
-        for sp in r.body["sampling_params"]:
-            assert set(sp) <= api
+    sent = [sp for r in recorded if r.path == "/generate" for sp in r.body["sampling_params"]]
+    for sp in sent:
+        assert set(sp) <= api
+    # counts=[1, 2]: exactly three samples, each with its own per-sample seed (one sampling_params per rid).
+    assert len(sent) == 3 and len({sp["sampling_seed"] for sp in sent}) == 3
+    bodies = [r.body for r in recorded if r.path == "/generate"]
+    assert all(len(b["rid"]) == len(b["sampling_params"]) == len(b["input_ids"]) for b in bodies)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The LUFFY training loop. One RL step, in the order data flows:
 
     batch    = next prompts (+ expert traces)
-    rollouts = engine.generate(prompts, n per prompt); the first n - n_off kept where the prompt has a trace
+    rollouts = engine.generate(prompts, counts): n - n_off per prompt with a trace, n per prompt without
     samples  = mixed groups: rollouts + n_off trace copies
     rewards  = verifier(samples)
     adv      = r - mean(group)                        (optionally / std)
@@ -132,7 +132,7 @@ def rollout_and_score(cfg: RunConfig, run: RunState, timers: Timers) -> tuple[li
     """Global rank 0's part of a step: next batch, rollouts, rewards, advantages, group metrics."""
     batch = run.dataset.get_batch(next(run.sampler).indices)
     with timers("rollout"):
-        samples = generate_groups(cfg, run, batch)
+        samples, counts = generate_groups(cfg, run, batch)
     with timers("reward"):
         rewards = score_samples(cfg, run, samples, batch)
     off = torch.tensor([s.off_policy for s in samples])
@@ -146,12 +146,12 @@ def rollout_and_score(cfg: RunConfig, run: RunState, timers: Timers) -> tuple[li
     )
     for s, r, a in zip(samples, rewards, adv.tolist()):
         s.reward, s.advantage = r, a
-    return samples, group_metrics(samples)
+    return samples, {**group_metrics(samples), **counts}
 
 
-def generate_groups(cfg: RunConfig, run: RunState, batch: list) -> list[Sample]:
-    """``n`` rollouts per prompt, of which the first ``n - n_off`` are kept where the prompt has a trace; assembled
-    into groups with the trace copies."""
+def generate_groups(cfg: RunConfig, run: RunState, batch: list) -> tuple[list[Sample], dict[str, float]]:
+    """Exactly the samples the groups use (``n - n_off`` per prompt with a trace, ``n`` otherwise), assembled with
+    the trace copies; plus the ``rollout/samples_*`` counts."""
     r = cfg.rollout
     params = SamplingParams(
         n=r.n,
@@ -161,20 +161,16 @@ def generate_groups(cfg: RunConfig, run: RunState, batch: list) -> list[Sample]:
         max_new_tokens=cfg.data.max_response_length,
         seed=r.seed * 1_000_003 + run.step,
     )
-    outputs = run.engine.generate([item.prompt_ids for item in batch], params)
+    traces = [item.trace_ids if r.n_off > 0 else None for item in batch]
+    counts = [r.n if t is None else r.n - r.n_off for t in traces]
+    outputs = run.engine.generate([item.prompt_ids for item in batch], params, counts)
     run.engine.release_memory()  # colocated servers give the GPUs to Megatron until the weight sync
-    n_off = r.n_off
-    rollouts = []
-    for item, outs in zip(batch, outputs):
-        keep = r.n - n_off if item.trace_ids is not None and n_off > 0 else r.n
-        rollouts.append([(o.output_ids, o.logprobs, o.finish_reason) for o in outs[:keep]])
-    return assemble_groups(
-        [item.index for item in batch],
-        [item.prompt_ids for item in batch],
-        [item.trace_ids if n_off > 0 else None for item in batch],
-        rollouts,
-        n_off,
-    )
+    rollouts = [[(o.output_ids, o.logprobs, o.finish_reason) for o in outs] for outs in outputs]
+    samples = assemble_groups([item.index for item in batch], [item.prompt_ids for item in batch], traces, rollouts,
+                              r.n_off)  # fmt: skip
+    generated = float(sum(len(outs) for outs in outputs))
+    used = float(sum(1 for s in samples if not s.off_policy))
+    return samples, {"rollout/samples_generated": generated, "rollout/samples_discarded": generated - used}
 
 
 def score_samples(cfg: RunConfig, run: RunState, samples: list[Sample], batch: list) -> list[float]:

@@ -42,8 +42,8 @@ def assemble_groups(
 ) -> list[Sample]:
     """Mixed groups: per prompt its on-policy rollouts then ``n_off`` copies of its trace (when it has one).
 
-    ``rollouts[i]`` holds (output ids, engine log-probs, finish reason) of prompt i; prompts without a trace must come
-    with ``n`` rollouts, others with ``n - n_off`` (the caller asks the engine for that many).
+    ``rollouts[i]`` holds (output ids, engine log-probs, finish reason) of prompt i: ``n`` of them for a prompt
+    without a trace, ``n - n_off`` for one with a trace (the loop asks the engine for exactly these counts).
     """
     samples: list[Sample] = []
     for gid, (pidx, pids, trace, outs) in enumerate(zip(prompt_indices, prompt_ids, traces, rollouts)):
