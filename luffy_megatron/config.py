@@ -22,6 +22,8 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from luffy_megatron.config_rollout import rollout_problems
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key."""
@@ -145,6 +147,10 @@ class AlgorithmConfig:
     # K of the "luffy" mode: weight K / (sequences * max response length); 64 reproduces the paper's run (see
     # luffy_megatron.algo.aggregation).
     luffy_micro_batch_seqs: int = 64
+    # Rollout importance sampling of on-policy tokens, the engine's log-probs as behaviour policy: null | token_tis |
+    # seq_tis | seq_mask, truncated at (or, seq_mask, masking outside [1/cap, cap]) rollout_is_cap. See algo/rollout_is.
+    rollout_is: str | None = None
+    rollout_is_cap: float = 2.0
     # Tokens per chunk of the fused log-prob/entropy function (bounds its temporary memory).
     logprob_chunk_tokens: int = 1024
     # Leave samples with advantage exactly 0 out of the update when their loss is provably 0 (entropy_coeff = 0,
@@ -394,6 +400,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     for name in ("entropy_coeff", "kl_coeff", "sft_loss_coeff"):
         if getattr(a, name) < 0:
             _fail(f"algorithm.{name}", f"must be >= 0, got {getattr(a, name)}")
+    for key, msg in rollout_problems(cfg):
+        _fail(key, msg)
     if a.kl_coeff > 0:
         # The loss supports k1/k3 penalties; the trainer does not build a reference model yet.
         _fail("algorithm.kl_coeff", "the trainer has no reference model yet: set it to 0 (the paper's recipe)")

@@ -84,6 +84,18 @@ def test_exact_sample_counts_nothing_discarded(reference):
         assert step["rollout/samples_generated"] == 4 * 3 and step["rollout/samples_discarded"] == 0
 
 
+@pytest.mark.parametrize("mode", ["token_tis", "seq_mask"])
+def test_rollout_is_through_the_trainer(assets, reference, mode):
+    """fp32 engine and fp32 trainer agree to ~1e-6 per token: the weights are 1 and the first step is unchanged."""
+    out = assets / f"is_{mode}"
+    run_train(overrides(assets, out, 1, f"algorithm.rollout_is={mode}"))
+    step = metrics(out)[1]
+    assert step["rollout_is/weight_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert 0.99 < step["rollout_is/ratio_max"] < 1.01
+    assert step["rollout_is/clipped_frac" if mode == "token_tis" else "rollout_is/masked_frac"] == 0.0
+    assert_same_step(reference[1], step)
+
+
 def test_resume_from_checkpoint_continues_exactly(assets, reference):
     out = assets / "resume"
     ckpt = out / "ckpt"

@@ -13,6 +13,7 @@ on-policy token (``off_policy_mask`` False)::
         f(p) / f(p_old), f(x) = x / (x+gamma)  p_div_p
     l = -A * r
     clip_ratio: l = max(-A * r, -A * clamp(r, 1 - eps, max(clip_upper, 1 + eps)))
+    l = w * l                                  with rollout IS weights w (luffy_megatron.algo.rollout_is), else w = 1
 
 off-policy token (``off_policy_mask`` True; behaviour probability taken as 1)::
 
@@ -179,6 +180,7 @@ def mixed_policy_loss(
     entropy: Tensor | None = None,
     ref_log_prob: Tensor | None = None,
     multiplicity: Tensor | None = None,
+    rollout_is_weight: Tensor | None = None,
     check_finite: bool = True,
 ) -> tuple[Tensor, MetricSums]:
     """LUFFY's mixed on/off-policy loss of one micro-batch (formulas in the module docstring).
@@ -196,6 +198,8 @@ def mixed_policy_loss(
         ref_log_prob: same shape, reference-policy log-prob; required when ``config.kl_coeff > 0``.
         multiplicity: same shape, how many identical samples each token's row stands for (duplicates merged before
             the forward); scales the loss weights and every metric, so the result equals that of the copies. None: 1.
+        rollout_is_weight: same shape, rollout importance-sampling weight of each on-policy token (a constant, from
+            :func:`~luffy_megatron.algo.rollout_is.rollout_is_weights`). None: 1.
         check_finite: raise ValueError when a response token has a NaN/inf input (one host sync).
 
     Returns:
@@ -215,6 +219,7 @@ def mixed_policy_loss(
         ("token_weights.mean", weights.mean, True),
         ("token_weights.off_policy_mean", weights.off_policy_mean, True),
         ("multiplicity", multiplicity, False),
+        ("rollout_is_weight", rollout_is_weight, False),
     ]
     for name, t, required in named:
         if t is None and not required:
@@ -264,6 +269,8 @@ def mixed_policy_loss(
         pg_on = torch.maximum(pg_on, pg_on2)
     else:
         clipped = torch.zeros_like(on)
+    if rollout_is_weight is not None:
+        pg_on = pg_on * torch.where(on, rollout_is_weight.detach().float(), zero + 1.0)
     pg_on = torch.where(on, pg_on, zero)
 
     # Off-policy tokens.

@@ -1,0 +1,24 @@
+"""Options and checks of the rollout-efficiency features (rollout importance sampling, dynamic sampling, one-step-off
+asynchronous rollout), kept apart from :mod:`luffy_megatron.config` so that the tree's module stays small.
+
+Plain Python without torch: :func:`luffy_megatron.config.validate` calls :func:`rollout_problems` before anything is
+built, and the implementations (:mod:`luffy_megatron.algo.rollout_is`, ...) take their option names from here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: ``algorithm.rollout_is``: how the on-policy tokens are corrected for the rollout engine being the behaviour policy.
+ROLLOUT_IS_MODES = ("token_tis", "seq_tis", "seq_mask")
+
+
+def rollout_problems(cfg: Any) -> list[tuple[str, str]]:
+    """(key, message) of every invalid rollout-efficiency value of a :class:`~luffy_megatron.config.RunConfig`."""
+    a = cfg.algorithm
+    problems: list[tuple[str, str]] = []
+    if a.rollout_is is not None and a.rollout_is not in ROLLOUT_IS_MODES:
+        problems.append(("algorithm.rollout_is", f"{a.rollout_is!r} is not one of {[None, *ROLLOUT_IS_MODES]}"))
+    if not a.rollout_is_cap > 1:
+        problems.append(("algorithm.rollout_is_cap", f"must be > 1, got {a.rollout_is_cap}"))
+    return problems
