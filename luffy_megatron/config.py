@@ -151,6 +151,11 @@ class AlgorithmConfig:
     # seq_tis | seq_mask, truncated at (or, seq_mask, masking outside [1/cap, cap]) rollout_is_cap. See algo/rollout_is.
     rollout_is: str | None = None
     rollout_is_cap: float = 2.0
+    # DAPO dynamic sampling: groups whose rewards are all equal are left out and more prompts drawn, up to max_rounds
+    # batches; signal on_policy (on-policy rewards decide) | group (a trace counts too). See train/dynamic_sampling.
+    dynamic_sampling: bool = False
+    dynamic_sampling_signal: str = "on_policy"
+    dynamic_sampling_max_rounds: int = 4
     # Tokens per chunk of the fused log-prob/entropy function (bounds its temporary memory).
     logprob_chunk_tokens: int = 1024
     # Leave samples with advantage exactly 0 out of the update when their loss is provably 0 (entropy_coeff = 0,

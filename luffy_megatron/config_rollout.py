@@ -11,6 +11,8 @@ from typing import Any
 
 #: ``algorithm.rollout_is``: how the on-policy tokens are corrected for the rollout engine being the behaviour policy.
 ROLLOUT_IS_MODES = ("token_tis", "seq_tis", "seq_mask")
+#: ``algorithm.dynamic_sampling_signal``: which rewards of a group must differ for it to be kept.
+DYNAMIC_SAMPLING_SIGNALS = ("on_policy", "group")
 
 
 def rollout_problems(cfg: Any) -> list[tuple[str, str]]:
@@ -21,4 +23,9 @@ def rollout_problems(cfg: Any) -> list[tuple[str, str]]:
         problems.append(("algorithm.rollout_is", f"{a.rollout_is!r} is not one of {[None, *ROLLOUT_IS_MODES]}"))
     if not a.rollout_is_cap > 1:
         problems.append(("algorithm.rollout_is_cap", f"must be > 1, got {a.rollout_is_cap}"))
+    if a.dynamic_sampling_signal not in DYNAMIC_SAMPLING_SIGNALS:
+        problems.append(("algorithm.dynamic_sampling_signal",
+                         f"{a.dynamic_sampling_signal!r} is not one of {list(DYNAMIC_SAMPLING_SIGNALS)}"))  # fmt: skip
+    if a.dynamic_sampling_max_rounds < 1:
+        problems.append(("algorithm.dynamic_sampling_max_rounds", f"must be >= 1, got {a.dynamic_sampling_max_rounds}"))
     return problems

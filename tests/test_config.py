@@ -85,6 +85,8 @@ def test_valid_config_passes_and_derives_dp(model_dir, data_file):
          "rollout.sglang.weight_sync_dir", "required"),
         (["data.max_response_length=8000"], 1, "data.max_response_length", "max_position_embeddings"),
         (["checkpoint.keep_last=0"], 1, "checkpoint.keep_last", ">= 1"),
+        (["algorithm.dynamic_sampling_signal=trace"], 1, "algorithm.dynamic_sampling_signal", "not one of"),
+        (["algorithm.dynamic_sampling_max_rounds=0"], 1, "algorithm.dynamic_sampling_max_rounds", ">= 1"),
         (["algorithm.rollout_is=tis"], 1, "algorithm.rollout_is", "not one of"),
         (["algorithm.rollout_is=token_tis", "algorithm.rollout_is_cap=1.0"], 1, "algorithm.rollout_is_cap", "> 1"),
     ],

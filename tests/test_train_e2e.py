@@ -96,6 +96,30 @@ def test_rollout_is_through_the_trainer(assets, reference, mode):
     assert_same_step(reference[1], step)
 
 
+@pytest.mark.parametrize("signal", ["on_policy", "group"])
+def test_dynamic_sampling_through_the_trainer(assets, signal):
+    """Rounds draw fresh prompts from the sampler; the trained batch keeps only groups with signal unless padded.
+
+    The untrained tiny model rarely solves a prompt and every (untruncated) trace is correct: with ``on_policy`` a
+    step where nothing is solved filters every group (three rounds, then padding), with ``group`` every group has
+    signal (one round)."""
+    out = assets / f"dynamic_{signal}"
+    run_train(overrides(assets, out, 2, "algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_max_rounds=3",
+                        f"algorithm.dynamic_sampling_signal={signal}", "data.max_response_length=64"))  # fmt: skip
+    for step in metrics(out).values():
+        rounds, padded = step["dynamic_sampling/rounds"], step["dynamic_sampling/groups_padded"]
+        assert step["reward/off_policy"] == 1.0
+        assert rounds == (3 if signal == "on_policy" and step["reward/on_policy"] == 0 else 1)
+        assert step["dynamic_sampling/prompts_consumed"] == 4 * rounds
+        assert step["rollout/samples_generated"] == 4 * 3 * rounds and step["rollout/samples_discarded"] == 0
+        kept = step["dynamic_sampling/prompts_consumed"] - step["dynamic_sampling/groups_filtered"]
+        assert padded == max(0, 4 - kept)
+        if signal == "on_policy":  # trained groups without on-policy signal are only the padding ones
+            assert step["groups/solved_all"] + step["groups/solved_none"] == pytest.approx(padded / 4)
+        else:
+            assert step["dynamic_sampling/groups_filtered"] == 0
+
+
 def test_resume_from_checkpoint_continues_exactly(assets, reference):
     out = assets / "resume"
     ckpt = out / "ckpt"

@@ -5,6 +5,7 @@
     samples  = mixed groups: rollouts + n_off trace copies
     rewards  = verifier(samples)
     adv      = r - mean(group)                        (optionally / std)
+    (dynamic sampling: groups without reward signal left out, more prompts drawn until the batch is full)
     old_logp = policy.compute_logprobs(samples)      (skipped with one optimiser step per rollout batch)
     metrics  = policy.train_mini_batch(...) for each mini-batch
     engine.update_weights(policy's HF-named weights)
@@ -40,6 +41,7 @@ from luffy_megatron.platform import init_distributed, init_model_parallel, rank0
 from luffy_megatron.reward import RewardPool
 from luffy_megatron.rollout.base import SamplingParams, build_rollout_engine
 from luffy_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from luffy_megatron.train.dynamic_sampling import collect_groups, round_seed
 from luffy_megatron.train.policy import MegatronPolicy
 from luffy_megatron.train.samples import Sample, assemble_groups
 
@@ -129,10 +131,26 @@ def rl_step(cfg: RunConfig, run: RunState, policy) -> dict[str, float]:
 
 
 def rollout_and_score(cfg: RunConfig, run: RunState, timers: Timers) -> tuple[list[Sample], dict[str, float]]:
-    """Global rank 0's part of a step: next batch, rollouts, rewards, advantages, group metrics."""
+    """Global rank 0's part of a step: one scored round (or, with dynamic sampling, rounds until the batch is full of
+    groups with signal) and the group metrics."""
+    a = cfg.algorithm
+
+    def draw(round_index: int) -> tuple[list[Sample], dict[str, float]]:
+        return score_round(cfg, run, timers, round_index)
+
+    if a.dynamic_sampling:
+        target, rounds, signal = cfg.data.train_batch_size, a.dynamic_sampling_max_rounds, a.dynamic_sampling_signal
+        samples, extra = collect_groups(draw, target, rounds, signal)
+    else:
+        samples, extra = draw(0)
+    return samples, {**group_metrics(samples), **extra}
+
+
+def score_round(cfg: RunConfig, run: RunState, timers: Timers, round_index: int) -> tuple[list[Sample], dict]:
+    """Next batch of prompts: rollouts, rewards, advantages; plus the ``rollout/samples_*`` counts."""
     batch = run.dataset.get_batch(next(run.sampler).indices)
     with timers("rollout"):
-        samples, counts = generate_groups(cfg, run, batch)
+        samples, counts = generate_groups(cfg, run, batch, round_index)
     with timers("reward"):
         rewards = score_samples(cfg, run, samples, batch)
     off = torch.tensor([s.off_policy for s in samples])
@@ -146,12 +164,14 @@ def rollout_and_score(cfg: RunConfig, run: RunState, timers: Timers) -> tuple[li
     )
     for s, r, a in zip(samples, rewards, adv.tolist()):
         s.reward, s.advantage = r, a
-    return samples, {**group_metrics(samples), **counts}
+    return samples, counts
 
 
-def generate_groups(cfg: RunConfig, run: RunState, batch: list) -> tuple[list[Sample], dict[str, float]]:
+def generate_groups(
+    cfg: RunConfig, run: RunState, batch: list, round_index: int = 0
+) -> tuple[list[Sample], dict[str, float]]:
     """Exactly the samples the groups use (``n - n_off`` per prompt with a trace, ``n`` otherwise), assembled with
-    the trace copies; plus the ``rollout/samples_*`` counts."""
+    the trace copies; plus the ``rollout/samples_*`` counts. Each dynamic-sampling round has its own seed."""
     r = cfg.rollout
     params = SamplingParams(
         n=r.n,
@@ -159,10 +179,11 @@ def generate_groups(cfg: RunConfig, run: RunState, batch: list) -> tuple[list[Sa
         top_p=r.top_p,
         top_k=r.top_k,
         max_new_tokens=cfg.data.max_response_length,
-        seed=r.seed * 1_000_003 + run.step,
+        seed=round_seed(r.seed * 1_000_003 + run.step, round_index),
     )
     traces = [item.trace_ids if r.n_off > 0 else None for item in batch]
     counts = [r.n if t is None else r.n - r.n_off for t in traces]
+    run.engine.resume_memory()  # no-op unless an earlier round of this step released colocated servers
     outputs = run.engine.generate([item.prompt_ids for item in batch], params, counts)
     run.engine.release_memory()  # colocated servers give the GPUs to Megatron until the weight sync
     rollouts = [[(o.output_ids, o.logprobs, o.finish_reason) for o in outs] for outs in outputs]
