@@ -223,6 +223,10 @@ class TrainerConfig:
     val_n: int = 1
     val_temperature: float = 0.6
     val_max_prompts: int | None = None
+    # One-step-off asynchronous rollout: step k+1's batch is generated (from step k-1's weights) while step k trains;
+    # the HF engine then runs in its own process with async_rollout_threads torch threads (null = half the cores).
+    async_rollout: bool = False
+    async_rollout_threads: int | None = None
 
 
 @dataclass

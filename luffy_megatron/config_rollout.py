@@ -28,4 +28,9 @@ def rollout_problems(cfg: Any) -> list[tuple[str, str]]:
                          f"{a.dynamic_sampling_signal!r} is not one of {list(DYNAMIC_SAMPLING_SIGNALS)}"))  # fmt: skip
     if a.dynamic_sampling_max_rounds < 1:
         problems.append(("algorithm.dynamic_sampling_max_rounds", f"must be >= 1, got {a.dynamic_sampling_max_rounds}"))
+    t, sg = cfg.trainer, cfg.rollout.sglang
+    if t.async_rollout_threads is not None and t.async_rollout_threads < 1:
+        problems.append(("trainer.async_rollout_threads", f"must be >= 1, got {t.async_rollout_threads}"))
+    if t.async_rollout and cfg.rollout.backend == "sglang" and sg.colocate:
+        problems.append(("trainer.async_rollout", "needs servers of their own: set rollout.sglang.colocate=false"))
     return problems

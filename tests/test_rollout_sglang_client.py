@@ -508,7 +508,7 @@ def test_colocated_servers_release_memory_between_generation_and_weight_sync(ser
     run = SimpleNamespace(engine=engine, step=1, weight_version=0)
     traces = [[5, 1], None, [6, 1], None]  # two prompts with a trace: 2 samples each, the others 3
     batch = [SimpleNamespace(index=i, prompt_ids=p, trace_ids=t) for i, (p, t) in enumerate(zip(PROMPTS, traces))]
-    samples, counts = generate_groups(cfg, run, batch)
+    samples, counts = generate_groups(cfg, run, batch, step=1)
     assert len(samples) == 12 and sum(s.off_policy for s in samples) == 2
     assert counts == {"rollout/samples_generated": 10.0, "rollout/samples_discarded": 0.0}
     assert sum(len(b["rid"]) for b in _generate_bodies(server)) == 10
