@@ -143,6 +143,19 @@ def test_paper_recipe_config_is_key_by_key():
     assert baseline.rollout.n_off == 0 and baseline.algorithm.clip_ratio and baseline.algorithm.clip_eps == 0.2
 
 
+@pytest.mark.parametrize("recipe", ["luffy_qwen2.5_math_7b", "luffy_qwen2.5_32b"])
+def test_async_recipes_are_the_synchronous_ones_plus_async_rollout_and_tis(recipe):
+    from luffy_megatron.config import iter_leaves
+
+    sync = dict(iter_leaves(load_config(ROOT / "configs" / f"{recipe}.yaml")))
+    asyn = dict(iter_leaves(load_config(ROOT / "configs" / f"{recipe}_async.yaml")))
+    changed = {k: asyn[k] for k in sync if sync[k] != asyn[k]}
+    assert changed == {"trainer.async_rollout": True, "algorithm.rollout_is": "token_tis",
+                       "checkpoint.save_dir": f"checkpoints/{recipe}_async",
+                       "logging.out_dir": f"outputs/{recipe}_async"}  # fmt: skip
+    assert sync["algorithm.rollout_is"] is None and not asyn["rollout.sglang.colocate"]  # the paper keeps IS off
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_shipped_config_loads(name):
     load_config(ROOT / "configs" / name)

@@ -138,6 +138,32 @@ def test_per_prompt_counts_send_exactly_those_requests_with_the_full_requests_se
     engine.close()
 
 
+def test_async_rollout_generates_from_a_background_thread_then_syncs_at_the_boundary(servers, model) -> None:
+    """The asynchronous loop's use of the servers: a batch generated in the rollout thread, then a weight update."""
+    from luffy_megatron.train.async_rollout import RolloutPrefetcher
+
+    (server,) = servers(1)
+    engine = _engine([server])
+    params = SamplingParams(n=2, max_new_tokens=8, seed=3)
+    prefetcher = RolloutPrefetcher()
+    try:
+        prefetcher.start(2, 0, lambda: ([], {"ids": engine.generate(PROMPTS, params, [2, 1, 2, 1])}))
+        batch = prefetcher.take(2)
+        ref = HFEngine(model, eos_token_ids=[1]).generate(PROMPTS, params, [2, 1, 2, 1])
+        assert [[o.output_ids for o in r] for r in batch.metrics["ids"]] == [[o.output_ids for o in r] for r in ref]
+        new = tiny_model(seed=6, scale=4.0)
+        engine.update_weights(new.state_dict().items(), version=1)
+        prefetcher.start(3, 1, lambda: ([], {"ids": engine.generate(PROMPTS, params)}))
+        after = prefetcher.take(3).metrics["ids"]
+        assert [[o.output_ids for o in r] for r in after] == [
+            [o.output_ids for o in r] for r in HFEngine(new, eos_token_ids=[1]).generate(PROMPTS, params)
+        ]
+        assert all(o.weight_version == 1 for r in after for o in r)
+    finally:
+        prefetcher.close()
+        engine.close()
+
+
 @pytest.mark.parametrize("fault", ["status_5xx", "malformed", "wrong_count"])
 def test_transient_faults_are_retried(servers, fault) -> None:
     (server,) = servers(1)
