@@ -58,6 +58,7 @@ def plot_timeline(files: list[str], labels: list[str], out: str, steps: int = 12
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from luffy_megatron.metrics.logger import read_jsonl
 
@@ -73,10 +74,11 @@ def plot_timeline(files: list[str], labels: list[str], out: str, steps: int = 12
                 ax.barh(r["step"] + offset, end - start, left=start, height=0.38, color=color,
                         label=name if i == 0 else None)  # fmt: skip
         ax.invert_yaxis()
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("step")
         ax.set_title(label)
         ax.grid(axis="x", alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper right", fontsize=8)
     axes[-1][0].set_xlabel("seconds since the first generation started")
     if title:
         fig.suptitle(title)
