@@ -120,18 +120,25 @@ def test_dynamic_sampling_through_the_trainer(assets, signal):
             assert step["dynamic_sampling/groups_filtered"] == 0
 
 
+def async_args(assets: Path) -> tuple[str, ...]:
+    """Validation after step 2 waits for step 3's batch and gives the engine step 2's weights first."""
+    return ("trainer.async_rollout=true", "trainer.async_rollout_threads=1", "trainer.val_interval=2",
+            "trainer.val_max_prompts=4", f"data.val_files=[{assets / 'task' / 'val.parquet'}]")  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def async_reference(assets):
     """Three uninterrupted steps with one-step-off asynchronous rollout (the HF engine in its own process, one torch
     thread: the update keeps its own)."""
     out = assets / "async_ref"
-    run_train(overrides(assets, out, 3, "trainer.async_rollout=true", "trainer.async_rollout_threads=1"))
+    run_train(overrides(assets, out, 3, *async_args(assets)))
     return metrics(out)
 
 
 def test_async_rollout_is_one_step_off_and_overlaps_the_update(reference, async_reference):
     got = async_reference
     assert [got[k]["rollout/weight_staleness"] for k in (1, 2, 3)] == [0.0, 1.0, 1.0]
+    assert "val/all/avg@1" in got[2] and "val/all/avg@1" not in got[3]
     # Step 1's batch is generated before any update, from the same weights and seed as the synchronous run's.
     assert_same_step(reference[1], got[1])
     # Step 2's batch comes from the weights before step 1's update: it is not the synchronous run's batch.
@@ -145,8 +152,7 @@ def test_async_rollout_is_one_step_off_and_overlaps_the_update(reference, async_
 def test_async_rollout_resumes_exactly_with_the_batch_in_flight(assets, async_reference):
     out = assets / "async_resume"
     ckpt = out / "ckpt"
-    extra = ("trainer.async_rollout=true", "trainer.async_rollout_threads=1", f"checkpoint.save_dir={ckpt}",
-             "checkpoint.save_interval=1")  # fmt: skip
+    extra = (*async_args(assets), f"checkpoint.save_dir={ckpt}", "checkpoint.save_interval=1")
     run_train(overrides(assets, out, 2, *extra))
     state = json.loads((ckpt / "step_000002" / "trainer_state.json").read_text())
     assert state["pending_rollout"]["step"] == 3 and state["pending_rollout"]["weights_step"] == 1
@@ -156,6 +162,7 @@ def test_async_rollout_resumes_exactly_with_the_batch_in_flight(assets, async_re
     for step in (1, 2, 3):
         assert_same_step(async_reference[step], got[step])
     assert got[3]["rollout/weight_staleness"] == 1.0
+    assert got[2]["val/all/avg@1"] == async_reference[2]["val/all/avg@1"]
 
 
 def test_resume_from_checkpoint_continues_exactly(assets, reference):
