@@ -147,12 +147,10 @@ class AlgorithmConfig:
     # K of the "luffy" mode: weight K / (sequences * max response length); 64 reproduces the paper's run (see
     # luffy_megatron.algo.aggregation).
     luffy_micro_batch_seqs: int = 64
-    # Rollout importance sampling of on-policy tokens, the engine's log-probs as behaviour policy: null | token_tis |
-    # seq_tis | seq_mask, truncated at (or, seq_mask, masking outside [1/cap, cap]) rollout_is_cap. See algo/rollout_is.
+    # Rollout importance sampling of on-policy tokens: null | token_tis | seq_tis | seq_mask (see algo/rollout_is.py).
     rollout_is: str | None = None
     rollout_is_cap: float = 2.0
-    # DAPO dynamic sampling: groups whose rewards are all equal are left out and more prompts drawn, up to max_rounds
-    # batches; signal on_policy (on-policy rewards decide) | group (a trace counts too). See train/dynamic_sampling.
+    # DAPO dynamic sampling; signal on_policy | group: does a trace's reward count? (see train/dynamic_sampling.py)
     dynamic_sampling: bool = False
     dynamic_sampling_signal: str = "on_policy"
     dynamic_sampling_max_rounds: int = 4
@@ -223,8 +221,7 @@ class TrainerConfig:
     val_n: int = 1
     val_temperature: float = 0.6
     val_max_prompts: int | None = None
-    # One-step-off asynchronous rollout: step k+1's batch is generated (from step k-1's weights) while step k trains;
-    # the HF engine then runs in its own process with async_rollout_threads torch threads (null = half the cores).
+    # One-step-off async rollout (train/async_rollout.py); torch threads of the HF engine's process (null: half).
     async_rollout: bool = False
     async_rollout_threads: int | None = None
 
