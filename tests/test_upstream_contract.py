@@ -232,6 +232,7 @@ pg = join(backend="gloo", init_method="tcp://127.0.0.1:{port}", world_size=2, ra
 t = torch.zeros(5)
 torch.distributed.broadcast(t, src=0, group=pg)
 print("RECEIVED", t.tolist(), flush=True)
+torch.distributed.destroy_process_group(pg)
 """
 
 
@@ -246,15 +247,17 @@ def test_trainer_group_meets_sglang_init_custom_process_group_and_a_broadcast_ar
     upstream.upstream_common()  # the wheel is in the cache before the child starts
     port = free_port()
     child = _server_side(port, timeout=60)
+    pg = None
     try:
         pg = init_weights_update_group("127.0.0.1", port, 0, 2, "weight_update_group", "gloo", timeout_s=60)
         torch.distributed.broadcast(torch.arange(5, dtype=torch.float32) * 1.5, src=0, group=pg)
         out, err = child.communicate(timeout=60)
     finally:
         child.kill()
+        if pg is not None:  # the group name must be free for the next test in this process
+            torch.distributed.destroy_process_group(pg)
     assert child.returncode == 0, err[-2000:]
     assert "RECEIVED [0.0, 1.5, 3.0, 4.5, 6.0]" in out
-    torch.distributed.destroy_process_group(pg)
 
 
 def test_a_trainer_side_without_prefix_store_never_meets_sglang() -> None:
