@@ -204,6 +204,13 @@ class AlgorithmConfig:
     # K of the "luffy" mode: weight K / (sequences * max response length); 64 reproduces the paper's run (see
     # luffy_megatron.algo.aggregation).
     luffy_micro_batch_seqs: int = 64
+    # Rollout importance sampling of on-policy tokens: null | token_tis | seq_tis | seq_mask (see algo/rollout_is.py).
+    rollout_is: str | None = None
+    rollout_is_cap: float = 2.0
+    # DAPO dynamic sampling; signal on_policy | group: does a trace's reward count? (see train/dynamic_sampling.py)
+    dynamic_sampling: bool = False
+    dynamic_sampling_signal: str = "on_policy"
+    dynamic_sampling_max_rounds: int = 4
     # Tokens per chunk of the fused log-prob/entropy function (bounds its temporary memory).
     logprob_chunk_tokens: int = 1024
     # Leave samples with advantage exactly 0 out of the update when their loss is provably 0 (entropy_coeff = 0,
@@ -275,6 +282,9 @@ class TrainerConfig:
     val_n: int = 1
     val_temperature: float = 0.6
     val_max_prompts: int | None = None
+    # One-step-off async rollout (train/async_rollout.py); torch threads of the HF engine's process (null: half).
+    async_rollout: bool = False
+    async_rollout_threads: int | None = None
 
 
 @dataclass

@@ -33,6 +33,7 @@ from luffy_megatron.config import (
     choices,
     read_hf_config,
 )
+from luffy_megatron.config_rollout import rollout_problems
 
 __all__ = ["validate", "validate_parallel"]
 
@@ -56,6 +57,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     check_optimizer(cfg.optimizer)
     _positive(cfg.trainer, "trainer", ("total_steps", "val_n"))
     check_checkpoint(cfg.checkpoint)
+    for key, msg in rollout_problems(cfg):
+        _fail(key, msg)
 
 
 def check_model(m: ModelConfig) -> dict:

@@ -100,6 +100,13 @@ def test_valid_config_passes_and_derives_dp(model_dir, data_file):
          "rollout.sglang.weight_sync_dir", "required"),
         (["data.max_response_length=8000"], 1, "data.max_response_length", "max_position_embeddings"),
         (["checkpoint.keep_last=0"], 1, "checkpoint.keep_last", ">= 1"),
+        (["algorithm.dynamic_sampling_signal=trace"], 1, "algorithm.dynamic_sampling_signal", "not one of"),
+        (["algorithm.dynamic_sampling_max_rounds=0"], 1, "algorithm.dynamic_sampling_max_rounds", ">= 1"),
+        (["trainer.async_rollout_threads=0"], 1, "trainer.async_rollout_threads", ">= 1"),
+        (["trainer.async_rollout=true", "rollout.backend=sglang", "rollout.sglang.urls=[http://h:1]",
+          "rollout.sglang.colocate=true"], 1, "trainer.async_rollout", "colocate=false"),
+        (["algorithm.rollout_is=tis"], 1, "algorithm.rollout_is", "not one of"),
+        (["algorithm.rollout_is=token_tis", "algorithm.rollout_is_cap=1.0"], 1, "algorithm.rollout_is_cap", "> 1"),
     ],
 )  # fmt: skip
 def test_each_rule_names_its_key(model_dir, data_file, overrides, world, key, words):
@@ -149,6 +156,19 @@ def test_paper_recipe_config_is_key_by_key():
     assert (d.train_batch_size, d.mini_batch_size, d.max_prompt_length, d.max_response_length) == (128, 64, 1024, 8192)
     baseline = load_config(ROOT / "configs" / "grpo_on_policy_qwen2.5_math_7b.yaml")
     assert baseline.rollout.n_off == 0 and baseline.algorithm.clip_ratio and baseline.algorithm.clip_eps == 0.2
+
+
+@pytest.mark.parametrize("recipe", ["luffy_qwen2.5_math_7b", "luffy_qwen2.5_32b"])
+def test_async_recipes_are_the_synchronous_ones_plus_async_rollout_and_tis(recipe):
+    from luffy_megatron.config import iter_leaves
+
+    sync = dict(iter_leaves(load_config(ROOT / "configs" / f"{recipe}.yaml")))
+    asyn = dict(iter_leaves(load_config(ROOT / "configs" / f"{recipe}_async.yaml")))
+    changed = {k: asyn[k] for k in sync if sync[k] != asyn[k]}
+    assert changed == {"trainer.async_rollout": True, "algorithm.rollout_is": "token_tis",
+                       "checkpoint.save_dir": f"checkpoints/{recipe}_async",
+                       "logging.out_dir": f"outputs/{recipe}_async"}  # fmt: skip
+    assert sync["algorithm.rollout_is"] is None and not asyn["rollout.sglang.colocate"]  # the paper keeps IS off
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))

@@ -163,3 +163,36 @@ def test_build_rollout_engine_hf(tmp_path) -> None:
     assert (sp.n, sp.temperature, sp.top_p, sp.top_k, sp.max_new_tokens, sp.seed) == (8, 0.9, 1.0, -1, 64, 5)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+def test_per_prompt_counts_return_the_same_samples_as_a_full_request() -> None:
+    """Exact counts: each prompt's samples are a prefix of what ``n`` per prompt gives (same tokens, log-probs)."""
+    model = tiny_model(seed=8, scale=5.0)
+    # Mixed prompt lengths and a length limit that some samples reach and others do not (EOS = 1).
+    prompts = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [7, 8], [12, 13, 14, 15], [16]]
+    params = SamplingParams(n=6, temperature=1.0, max_new_tokens=24, seed=11)
+    full = HFEngine(model, eos_token_ids=[1]).generate(prompts, params)
+    counts = [5, 6, 0, 3]
+    part = HFEngine(model, eos_token_ids=[1], batch_size=3).generate(prompts, params, counts)
+    assert [len(row) for row in part] == counts
+    lengths = {len(o.output_ids) for row in full for o in row}
+    assert len(lengths) > 2, lengths  # a real mix of response lengths
+    for row, ref, c in zip(part, full, counts):
+        assert [o.output_ids for o in row] == [o.output_ids for o in ref[:c]]
+        assert [o.sample_index for o in row] == list(range(c))
+        for o, r in zip(row, ref):
+            assert o.finish_reason == r.finish_reason
+            assert torch.allclose(torch.tensor(o.logprobs), torch.tensor(r.logprobs), atol=1e-5, rtol=0)
+    # A different count for one prompt leaves the others' samples unchanged.
+    other = HFEngine(model, eos_token_ids=[1]).generate(prompts, params, [1, 1, 1, 1])
+    assert [row[0].output_ids for row in other] == [row[0].output_ids for row in full]
+    assert HFEngine(model, eos_token_ids=[1]).generate(prompts, params, [0, 0, 0, 0]) == [[], [], [], []]
+
+
+def test_bad_counts_are_rejected() -> None:
+    engine = HFEngine(tiny_model(seed=8), eos_token_ids=[1])
+    params = SamplingParams(n=2, max_new_tokens=2, seed=1)
+    with pytest.raises(ValueError, match="3 counts for 2 prompts"):
+        engine.generate([[2], [3]], params, [1, 1, 1])
+    with pytest.raises(ValueError, match="non-negative"):
+        engine.generate([[2], [3]], params, [1, -1])

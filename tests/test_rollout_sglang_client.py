@@ -124,6 +124,47 @@ def test_unknown_sampling_key_rejected_by_server_and_client(servers) -> None:
     asyncio.run(go())
 
 
+def test_per_prompt_counts_send_exactly_those_requests_with_the_full_requests_seeds(servers, model) -> None:
+    (server,) = servers(1)
+    engine = _engine([server], samples_per_request=4)
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=9)
+    counts = [3, 4, 0, 2]
+    out = engine.generate(PROMPTS, params, counts)
+    ref = HFEngine(model, eos_token_ids=[1]).generate(PROMPTS, params)
+    assert [len(r) for r in out] == counts
+    assert [[o.output_ids for o in r] for r in out] == [[o.output_ids for o in r[:c]] for r, c in zip(ref, counts)]
+    sent = [sp["sampling_seed"] for b in _generate_bodies(server) for sp in b["sampling_params"]]
+    expected = [sample_seed(9, i, j) for i, c in enumerate(counts) for j in range(c)]
+    assert sorted(sent) == sorted(expected) and len(sent) == sum(counts)
+    engine.close()
+
+
+def test_async_rollout_generates_from_a_background_thread_then_syncs_at_the_boundary(servers, model) -> None:
+    """The asynchronous loop's use of the servers: a batch generated in the rollout thread, then a weight update."""
+    from luffy_megatron.train.async_rollout import RolloutPrefetcher
+
+    (server,) = servers(1)
+    engine = _engine([server])
+    params = SamplingParams(n=2, max_new_tokens=8, seed=3)
+    prefetcher = RolloutPrefetcher()
+    try:
+        prefetcher.start(2, 0, lambda: ([], {"ids": engine.generate(PROMPTS, params, [2, 1, 2, 1])}))
+        batch = prefetcher.take(2)
+        ref = HFEngine(model, eos_token_ids=[1]).generate(PROMPTS, params, [2, 1, 2, 1])
+        assert [[o.output_ids for o in r] for r in batch.metrics["ids"]] == [[o.output_ids for o in r] for r in ref]
+        new = tiny_model(seed=6, scale=4.0)
+        engine.update_weights(new.state_dict().items(), version=1)
+        prefetcher.start(3, 1, lambda: ([], {"ids": engine.generate(PROMPTS, params)}))
+        after = prefetcher.take(3).metrics["ids"]
+        assert [[o.output_ids for o in r] for r in after] == [
+            [o.output_ids for o in r] for r in HFEngine(new, eos_token_ids=[1]).generate(PROMPTS, params)
+        ]
+        assert all(o.weight_version == 1 for r in after for o in r)
+    finally:
+        prefetcher.close()
+        engine.close()
+
+
 @pytest.mark.parametrize("fault", ["status_5xx", "malformed", "wrong_count"])
 def test_transient_faults_are_retried(servers, fault) -> None:
     (server,) = servers(1)
@@ -490,11 +531,15 @@ def test_colocated_servers_release_memory_between_generation_and_weight_sync(ser
     (server,) = servers(1)
     engine = _engine([server], colocate=True)
     cfg = RunConfig()
-    cfg.rollout.n, cfg.rollout.n_off, cfg.data.max_response_length = 2, 0, 4
+    cfg.rollout.n, cfg.rollout.n_off, cfg.data.max_response_length = 3, 1, 4
     run = SimpleNamespace(engine=engine, step=1, weight_version=0)
-    batch = [SimpleNamespace(index=i, prompt_ids=p, trace_ids=None) for i, p in enumerate(PROMPTS)]
-    samples = generate_groups(cfg, run, batch)
-    assert len(samples) == 8 and server.released == {"kv_cache", "weights", "cuda_graph"}
+    traces = [[5, 1], None, [6, 1], None]  # two prompts with a trace: 2 samples each, the others 3
+    batch = [SimpleNamespace(index=i, prompt_ids=p, trace_ids=t) for i, (p, t) in enumerate(zip(PROMPTS, traces))]
+    samples, counts = generate_groups(cfg, run, batch, step=1)
+    assert len(samples) == 12 and sum(s.off_policy for s in samples) == 2
+    assert counts == {"rollout/samples_generated": 10.0, "rollout/samples_discarded": 0.0}
+    assert sum(len(b["rid"]) for b in _generate_bodies(server)) == 10
+    assert server.released == {"kv_cache", "weights", "cuda_graph"}
     new = tiny_model(seed=6, scale=4.0)
     monkeypatch.setattr(loop, "iter_hf_weights", lambda modules, spec: iter([list(new.state_dict().items())]))
     sync_weights(run, SimpleNamespace(modules=None, spec=None))

@@ -79,6 +79,93 @@ def reference(assets):
     return metrics(out)
 
 
+def test_exact_sample_counts_nothing_discarded(reference):
+    """Every synthetic prompt has a trace: n - n_off = 3 samples per prompt are generated, all of them used."""
+    for step in reference.values():
+        assert step["rollout/samples_generated"] == 4 * 3 and step["rollout/samples_discarded"] == 0
+
+
+@pytest.mark.parametrize("mode", ["token_tis", "seq_mask"])
+def test_rollout_is_through_the_trainer(assets, reference, mode):
+    """fp32 engine and fp32 trainer agree to ~1e-6 per token: the weights are 1 and the first step is unchanged."""
+    out = assets / f"is_{mode}"
+    run_train(overrides(assets, out, 1, f"algorithm.rollout_is={mode}"))
+    step = metrics(out)[1]
+    assert step["rollout_is/weight_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert 0.99 < step["rollout_is/ratio_max"] < 1.01
+    assert step["rollout_is/clipped_frac" if mode == "token_tis" else "rollout_is/masked_frac"] == 0.0
+    assert_same_step(reference[1], step)
+
+
+@pytest.mark.parametrize("signal", ["on_policy", "group"])
+def test_dynamic_sampling_through_the_trainer(assets, signal):
+    """Rounds draw fresh prompts from the sampler; the trained batch keeps only groups with signal unless padded.
+
+    The untrained tiny model rarely solves a prompt and every (untruncated) trace is correct: with ``on_policy`` a
+    step where nothing is solved filters every group (three rounds, then padding), with ``group`` every group has
+    signal (one round)."""
+    out = assets / f"dynamic_{signal}"
+    run_train(overrides(assets, out, 2, "algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_max_rounds=3",
+                        f"algorithm.dynamic_sampling_signal={signal}", "data.max_response_length=64"))  # fmt: skip
+    for step in metrics(out).values():
+        rounds, padded = step["dynamic_sampling/rounds"], step["dynamic_sampling/groups_padded"]
+        assert step["reward/off_policy"] == 1.0
+        assert rounds == (3 if signal == "on_policy" and step["reward/on_policy"] == 0 else 1)
+        assert step["dynamic_sampling/prompts_consumed"] == 4 * rounds
+        assert step["rollout/samples_generated"] == 4 * 3 * rounds and step["rollout/samples_discarded"] == 0
+        kept = step["dynamic_sampling/prompts_consumed"] - step["dynamic_sampling/groups_filtered"]
+        assert padded == max(0, 4 - kept)
+        if signal == "on_policy":  # trained groups without on-policy signal are only the padding ones
+            assert step["groups/solved_all"] + step["groups/solved_none"] == pytest.approx(padded / 4)
+        else:
+            assert step["dynamic_sampling/groups_filtered"] == 0
+
+
+def async_args(assets: Path) -> tuple[str, ...]:
+    """Validation after step 2 waits for step 3's batch and gives the engine step 2's weights first."""
+    return ("trainer.async_rollout=true", "trainer.async_rollout_threads=1", "trainer.val_interval=2",
+            "trainer.val_max_prompts=4", f"data.val_files=[{assets / 'task' / 'val.parquet'}]")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def async_reference(assets):
+    """Three uninterrupted steps with one-step-off asynchronous rollout (the HF engine in its own process, one torch
+    thread: the update keeps its own)."""
+    out = assets / "async_ref"
+    run_train(overrides(assets, out, 3, *async_args(assets)))
+    return metrics(out)
+
+
+def test_async_rollout_is_one_step_off_and_overlaps_the_update(reference, async_reference):
+    got = async_reference
+    assert [got[k]["rollout/weight_staleness"] for k in (1, 2, 3)] == [0.0, 1.0, 1.0]
+    assert "val/all/avg@1" in got[2] and "val/all/avg@1" not in got[3]
+    # Step 1's batch is generated before any update, from the same weights and seed as the synchronous run's.
+    assert_same_step(reference[1], got[1])
+    # Step 2's batch comes from the weights before step 1's update: it is not the synchronous run's batch.
+    assert got[2]["actor/loss"] != pytest.approx(reference[2]["actor/loss"], rel=1e-6)
+    for k in (1, 2):  # step k + 1's generation is under way while step k's update runs
+        assert got[k + 1]["timeline/generate_start"] < got[k]["timeline/update_end"]
+        assert got[k + 1]["timeline/generate_end"] > got[k]["timeline/update_start"]
+        assert got[k + 1]["time/rollout_s"] > 0 and got[k + 1]["rollout/samples_discarded"] == 0
+
+
+def test_async_rollout_resumes_exactly_with_the_batch_in_flight(assets, async_reference):
+    out = assets / "async_resume"
+    ckpt = out / "ckpt"
+    extra = (*async_args(assets), f"checkpoint.save_dir={ckpt}", "checkpoint.save_interval=1")
+    run_train(overrides(assets, out, 2, *extra))
+    state = json.loads((ckpt / "step_000002" / "trainer_state.json").read_text())
+    assert state["pending_rollout"]["step"] == 3 and state["pending_rollout"]["weights_step"] == 1
+    run_train(overrides(assets, out, 3, *extra))
+    got = metrics(out)
+    assert sorted(got) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert_same_step(async_reference[step], got[step])
+    assert got[3]["rollout/weight_staleness"] == 1.0
+    assert got[2]["val/all/avg@1"] == async_reference[2]["val/all/avg@1"]
+
+
 def test_resume_from_checkpoint_continues_exactly(assets, reference):
     out = assets / "resume"
     ckpt = out / "ckpt"

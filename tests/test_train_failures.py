@@ -20,7 +20,7 @@ class _Dataset:
 
 
 class _DeadEngine:
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, counts=None):
         raise ConnectionError("rollout server http://127.0.0.1:9 refused the connection")
 
 
@@ -46,6 +46,35 @@ def test_rollout_failure_on_rank0_fails_every_rank():
     assert rank0.startswith("ConnectionError") and "127.0.0.1:9" in rank0
     assert rank1.startswith("RankFailure: step 1: rollout or reward failed on rank 0"), rank1
     assert "ConnectionError" in rank1 and "nothing was trained" in rank1
+
+
+def failing_async_step(rank: int, world: int) -> str:
+    """Step 2 of an asynchronous run whose background rollout (started during step 1) failed."""
+    from luffy_megatron.config import RunConfig
+    from luffy_megatron.train.async_rollout import RolloutPrefetcher
+    from luffy_megatron.train.loop import RunState, rl_step
+
+    cfg = RunConfig()
+    cfg.trainer.async_rollout = True
+    run = RunState(step=2, engine_step=1, reward_cache={})
+    if rank == 0:
+        run.prefetch = RolloutPrefetcher()
+        run.prefetch.start(2, 0, lambda: _DeadEngine().generate([[1, 2]], None))
+    try:
+        rl_step(cfg, run, _NoPolicy())
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        if run.prefetch is not None:
+            run.prefetch.close()
+    return "no error"
+
+
+def test_background_rollout_failure_stops_the_next_step_on_every_rank():
+    rank0, rank1 = run_distributed(failing_async_step, 2, timeout_s=120)
+    assert rank0.startswith("ConnectionError") and "127.0.0.1:9" in rank0
+    assert rank1.startswith("RankFailure: step 2: rollout or reward failed on rank 0"), rank1
+    assert "nothing was trained" in rank1
 
 
 def setup_with_unreadable_data(rank: int, world: int, assets: str) -> str:

@@ -160,7 +160,8 @@ def recorded(tmp_path):
     client = SGLangClient([server.url], backoff_s=0.01)
     eng = SGLangEngine(client, weight_sync="disk", weight_sync_dir=str(tmp_path), colocate=True, tp_size=2,
                        eos_token_ids=[1])  # fmt: skip
-    eng.generate([[3, 4]], SamplingParams(n=2, max_new_tokens=3, temperature=0.7, top_p=0.9, top_k=5, seed=1))
+    params = SamplingParams(n=2, max_new_tokens=3, temperature=0.7, top_p=0.9, top_k=5, seed=1)
+    eng.generate([[3, 4], [5, 6, 7]], params, counts=[1, 2])  # per-prompt counts, as the trainer asks
     eng.release_memory()
     eng.resume_memory()
     eng.update_weights(model.state_dict().items(), version=1)
@@ -209,9 +210,13 @@ def test_generate_body_and_sampling_keys_are_sglang_schema(recorded) -> None:
     assert api >= client_mod.SAMPLING_KEYS, sorted(client_mod.SAMPLING_KEYS - api)
     body = sampling_params_body(SamplingParams(top_k=3, stop_token_ids=(7,)), seed=5, stop_token_ids=[1])
     assert set(body) <= api
-    for r in (r for r in recorded if r.path == "/generate"):
-        for sp in r.body["sampling_params"]:
-            assert set(sp) <= api
+    sent = [sp for r in recorded if r.path == "/generate" for sp in r.body["sampling_params"]]
+    for sp in sent:
+        assert set(sp) <= api
+    # counts=[1, 2]: exactly three samples, each with its own per-sample seed (one sampling_params per rid).
+    assert len(sent) == 3 and len({sp["sampling_seed"] for sp in sent}) == 3
+    bodies = [r.body for r in recorded if r.path == "/generate"]
+    assert all(len(b["rid"]) == len(b["sampling_params"]) == len(b["input_ids"]) for b in bodies)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -342,6 +347,7 @@ def test_builder_calls_the_te_spec_with_arguments_it_accepts(monkeypatch) -> Non
     setup_parallel(1, 1)
     from megatron.core.models.gpt import gpt_layer_specs
 
+    from luffy_megatron.models import builder
     from luffy_megatron.models.builder import build_gpt_model, build_transformer_config, model_spec
 
     real = inspect.signature(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec)
@@ -353,7 +359,7 @@ def test_builder_calls_the_te_spec_with_arguments_it_accepts(monkeypatch) -> Non
         local = gpt_layer_specs.get_gpt_layer_local_spec
         return local(qk_layernorm=kwargs.get("qk_layernorm"), normalization="RMSNorm")
 
-    monkeypatch.setattr(gpt_layer_specs, "get_gpt_layer_with_transformer_engine_spec", checked)
+    monkeypatch.setattr(builder, "get_gpt_layer_with_transformer_engine_spec", checked)
     hf = {"architectures": ["Qwen3ForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}  # fmt: skip
     spec = model_spec(hf)

@@ -444,9 +444,12 @@ def stage_sglang_export(ctx: Ctx) -> dict:
     ctx.need(60)
     engine = _server(ctx, Path(export), "sglang_export", 0, "tensor")
     try:
-        outs = engine.generate([[11, 40, 7], [12, 41, 8]], SamplingParams(n=2, max_new_tokens=16, seed=1))
+        # Per-prompt counts as the trainer sends them (a prompt with a trace gets one sample fewer).
+        outs = engine.generate([[11, 40, 7], [12, 41, 8]], SamplingParams(n=2, max_new_tokens=16, seed=1), [2, 1])
     finally:
         engine.close()
+    if [len(row) for row in outs] != [2, 1]:
+        raise AssertionError(f"asked for counts [2, 1], got {[len(row) for row in outs]}")
     lengths = [len(o.output_ids) for row in outs for o in row]
     finite = all(torch.isfinite(torch.tensor(o.logprobs)).all() for row in outs for o in row if o.logprobs)
     if not lengths or min(lengths) == 0 or not finite:

@@ -5,7 +5,8 @@ Makes a tiny Qwen2-style model and the synthetic addition task (expert traces in
 side by side, one CPU thread each), then writes curves (PNG) and a table of held-out greedy accuracy.
 
 Arms: ``luffy`` (policy shaping p/(p+0.1)), ``grpo`` (n_off=0, PPO clip), ``luffy_no_shaping`` (f(p)=p, the paper's
-shaping ablation; not run by default).
+shaping ablation; not run by default), ``luffy_async`` (LUFFY with one-step-off asynchronous rollout and token-level
+truncated IS; not run by default; it uses two threads, so compare its step time with ``--sequential``).
 
 Each seed gets its own model, task and runs under ``OUT/seed<S>/``; ``OUT/results.md`` has the table of all seeds.
 
@@ -27,6 +28,9 @@ ARMS = {
     "luffy": [],
     "grpo": ["rollout.n_off=0", "algorithm.clip_ratio=true"],
     "luffy_no_shaping": ["algorithm.off_policy_reshape=no_reshape"],
+    # One-step-off asynchronous rollout: the engine in its own process (one torch thread) generates step k+1's batch
+    # while step k trains; truncated per-token IS corrects for the one-update-old weights.
+    "luffy_async": ["trainer.async_rollout=true", "trainer.async_rollout_threads=1", "algorithm.rollout_is=token_tis"],
 }
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu_luffy.yaml"
 VAL_KEY = "val/all/avg@1"
@@ -132,6 +136,7 @@ def summarise(arms: list[str], run_root: Path, seconds: dict[str, float]) -> dic
             "train_seconds_to_50pct": round(first["time"] - started, 1) if first else None,
             "final_train_reward_on_policy": records[-1].get("reward/on_policy") if records else None,
             "steps": records[-1]["step"] if records else 0,
+            "mean_step_s": round(sum(r["perf/step_s"] for r in records) / len(records), 4) if records else None,
             "seconds": round(seconds[arm], 1),
         }
     return rows
@@ -154,7 +159,10 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     """One seed: its own model, task and arm folders under ``out/seed<S>``; writes its summary and curves."""
     run_root = out / f"seed{seed}"
     model_dir, task_dir = prepare(run_root, seed)
-    seconds = run_arms(args.arms, run_root, model_dir, task_dir, args.steps, seed, args.val_interval)
+    groups = [[a] for a in args.arms] if args.sequential else [args.arms]
+    seconds = {}
+    for arms in groups:
+        seconds.update(run_arms(arms, run_root, model_dir, task_dir, args.steps, seed, args.val_interval))
     summary = {"seed": seed, "arms": summarise(args.arms, run_root, seconds)}
     (out / f"summary_seed{seed}.json").write_text(json.dumps(summary, indent=1))
     held_out = evaluate_arms(args.arms, run_root, task_dir)
@@ -177,8 +185,8 @@ def table(summaries: list[dict]) -> str:
     """Markdown table: one row per seed and arm."""
     lines = [
         "| seed | arm | held-out greedy accuracy (final) | best | first step > 50% | train s to 50% | "
-        "train reward (on-policy, last step) | s (whole run) |",
-        "|---|---|---|---|---|---|---|---|",
+        "train reward (on-policy, last step) | mean step s | s (whole run) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(value: float | None, spec: str) -> str:
@@ -192,6 +200,7 @@ def table(summaries: list[dict]) -> str:
                 fmt(r["first_step_above_50pct"], "d"),
                 fmt(r["train_seconds_to_50pct"], ".0f"),
                 fmt(r["final_train_reward_on_policy"], ".2f"),
+                fmt(r.get("mean_step_s"), ".3f"),
                 fmt(r["seconds"], ".0f"),
             ]
             lines.append(f"| {summary['seed']} | {arm} | " + " | ".join(cells) + " |")
@@ -208,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=STEPS, help=f"RL steps per arm, the same for every arm ({STEPS})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="seeds, run one after another (default 1)")
     parser.add_argument("--arms", nargs="+", default=["luffy", "grpo"], choices=sorted(ARMS))
+    parser.add_argument(
+        "--sequential", action="store_true", help="run the arms one after another (for step times), not side by side"
+    )
     parser.add_argument("--val-interval", type=int, default=50, help="held-out evaluation every N steps")
     parser.add_argument(
         "--prepare-only", action="store_true", help="only make each seed's model and task (OUT/seed<S>/), then stop"

@@ -13,6 +13,7 @@ on-policy token (``off_policy_mask`` False)::
         f(p) / f(p_old), f(x) = x / (x+gamma)  p_div_p
     l = -A * r
     clip_ratio: l = max(-A * r, -A * clamp(r, 1 - eps, max(clip_upper, 1 + eps)))
+    l = w * l                                  with rollout IS weights w (luffy_megatron.algo.rollout_is), else w = 1
 
 off-policy token (``off_policy_mask`` True; behaviour probability taken as 1)::
 
@@ -121,6 +122,7 @@ def mixed_policy_loss(
     entropy: Tensor | None = None,
     ref_log_prob: Tensor | None = None,
     multiplicity: Tensor | None = None,
+    rollout_is_weight: Tensor | None = None,
     check_finite: bool = True,
 ) -> tuple[Tensor, MetricSums]:
     """LUFFY's mixed on/off-policy loss of one micro-batch (formulas in the module docstring).
@@ -139,6 +141,8 @@ def mixed_policy_loss(
         ref_log_prob: same shape, reference-policy log-prob; required when ``config.kl_coeff > 0``.
         multiplicity: same shape, how many identical samples each token's row stands for (duplicates merged before
             the forward); scales the loss weights and every metric, so the result equals that of the copies. None: 1.
+        rollout_is_weight: same shape, rollout importance-sampling weight of each on-policy token (a constant, from
+            :func:`~luffy_megatron.algo.rollout_is.rollout_is_weights`). None: 1.
         check_finite: raise ValueError when a response token has a NaN/inf input (one host sync; the trainer passes
             ``config.debug_checks``).
 
@@ -161,6 +165,7 @@ def mixed_policy_loss(
             "token_weights.mean": weights.mean,
             "token_weights.off_policy_mean": weights.off_policy_mean,
             "multiplicity": multiplicity,
+            "rollout_is_weight": rollout_is_weight,
         },
         response_mask,
         off_policy_mask,
@@ -170,7 +175,7 @@ def mixed_policy_loss(
         _check_finite(named, response_mask)
     t = _Tokens.prepare(log_prob, old_log_prob, advantages, response_mask, off_policy_mask, weights, multiplicity)
     metrics = MetricSums()
-    pg_on, clipped = _on_policy_term(t, on_reshape, config)
+    pg_on, clipped = _on_policy_term(t, on_reshape, config, rollout_is_weight)
     pg_off, f = _off_policy_term(t, off_reshape, config, metrics)
     loss = _policy_gradient_loss(t, pg_on, pg_off, config, metrics)
     loss = _add_regularisers(loss, t, entropy, ref_log_prob, kl_penalty, config, metrics)
@@ -235,8 +240,11 @@ class _Tokens:
         )
 
 
-def _on_policy_term(t: _Tokens, reshape: Callable, c: AlgorithmConfig) -> tuple[Tensor, Tensor]:
-    """Per-token policy-gradient loss of on-policy tokens (0 elsewhere) and where the PPO clip was active."""
+def _on_policy_term(
+    t: _Tokens, reshape: Callable, c: AlgorithmConfig, rollout_is_weight: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Per-token policy-gradient loss of on-policy tokens (0 elsewhere), scaled by the rollout IS weight when given,
+    and where the PPO clip was active."""
     ratio = reshape(torch.where(t.on, t.lp, t.zero), torch.where(t.on, t.old, t.zero), c)
     pg_on = -t.adv * ratio
     if c.clip_ratio:
@@ -246,6 +254,8 @@ def _on_policy_term(t: _Tokens, reshape: Callable, c: AlgorithmConfig) -> tuple[
         pg_on = torch.maximum(pg_on, pg_on2)
     else:
         clipped = torch.zeros_like(t.on)
+    if rollout_is_weight is not None:
+        pg_on = pg_on * torch.where(t.on, rollout_is_weight.detach().float(), t.zero + 1.0)
     return torch.where(t.on, pg_on, t.zero), clipped
 
 
@@ -337,7 +347,7 @@ def _check_inputs(
     """Types and shapes (no host sync); returns the given (name, tensor) pairs. ``entropy``, ``ref_log_prob`` and
     ``multiplicity`` may be None unless a coefficient needs them."""
     ref_shape = tuple(tensors["log_prob"].shape) if isinstance(tensors["log_prob"], Tensor) else None
-    optional = ("entropy", "ref_log_prob", "multiplicity")
+    optional = ("entropy", "ref_log_prob", "multiplicity", "rollout_is_weight")
     named = [(n, t) for n, t in tensors.items() if t is not None or n not in optional]
     for name, t in named:
         if not isinstance(t, Tensor) or not t.is_floating_point():

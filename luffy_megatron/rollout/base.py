@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -33,7 +33,7 @@ class WeightSyncError(RuntimeError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample ``n`` completions per prompt.
+    """How to sample ``n`` completions per prompt (or per-prompt counts given to :meth:`RolloutEngine.generate`).
 
     ``top_k <= 0`` and ``top_p == 1`` disable truncation; ``temperature == 0`` is greedy. ``stop_token_ids`` are added
     to the model's EOS ids. With a ``seed`` the samples are a pure function of (weights, prompts, params): sample ``j``
@@ -63,8 +63,8 @@ class SamplingParams:
     def from_config(
         cls, cfg: RolloutConfig, max_new_tokens: int, *, n: int | None = None, seed: int | None = None
     ) -> SamplingParams:
-        """Sampling of a rollout step: ``n`` defaults to ``cfg.n`` (every prompt gets ``n`` samples; the loop keeps the
-        first ``n - n_off`` of a prompt with a trace), ``seed`` to ``cfg.seed``."""
+        """Sampling of a rollout step: ``n`` defaults to ``cfg.n`` (the samples of a prompt without a trace; the loop
+        passes exact per-prompt counts to :meth:`RolloutEngine.generate`), ``seed`` to ``cfg.seed``."""
         return cls(
             n=cfg.n if n is None else n,
             temperature=cfg.temperature,
@@ -92,6 +92,18 @@ class RolloutOutput:
     meta: dict = field(default_factory=dict)
 
 
+def sample_counts(num_prompts: int, params: SamplingParams, counts: Sequence[int] | None) -> list[int]:
+    """Samples to draw per prompt: ``counts`` (one non-negative int per prompt) or ``params.n`` for every prompt."""
+    if counts is None:
+        return [params.n] * num_prompts
+    if len(counts) != num_prompts:
+        raise ValueError(f"generate: {len(counts)} counts for {num_prompts} prompts")
+    bad = [c for c in counts if not isinstance(c, int) or c < 0]
+    if bad:
+        raise ValueError(f"generate: sample counts must be non-negative ints, got {bad[0]!r}")
+    return list(counts)
+
+
 def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     """A 63-bit seed for sample ``sample_index`` of prompt ``prompt_index``; the same in every engine."""
     digest = hashlib.blake2b(f"{seed}/{prompt_index}/{sample_index}".encode(), digest_size=8).digest()
@@ -105,8 +117,12 @@ class RolloutEngine(ABC):
     weight_version: int | None = None
 
     @abstractmethod
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[RolloutOutput]]:
-        """``params.n`` outputs per prompt, outer list in prompt order, inner list by sample index."""
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, counts: Sequence[int] | None = None
+    ) -> list[list[RolloutOutput]]:
+        """``counts[i]`` outputs for prompt ``i`` (``params.n`` each when None), outer list in prompt order, inner
+        list by sample index. Sample ``j`` of prompt ``i`` depends only on (seed, i, j), so asking for fewer samples
+        returns a prefix of what asking for more would."""
 
     @abstractmethod
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:

@@ -29,6 +29,7 @@ from luffy_megatron.rollout.base import (
     RolloutOutput,
     SamplingParams,
     WeightSyncError,
+    sample_counts,
     sample_seed,
 )
 
@@ -145,11 +146,15 @@ class HFEngine(RolloutEngine):
         return cls(model, eos_token_ids=eos, batch_size=batch_size, pad_token_id=int(pad) if pad is not None else 0)
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[RolloutOutput]]:
-        """``params.n`` samples per prompt (see :class:`~luffy_megatron.rollout.base.RolloutEngine`)."""
-        rows = [(i, j) for i in range(len(prompts)) for j in range(params.n)]
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, counts: Sequence[int] | None = None
+    ) -> list[list[RolloutOutput]]:
+        """``counts[i]`` (default ``params.n``) samples of prompt ``i`` (see
+        :class:`~luffy_megatron.rollout.base.RolloutEngine`)."""
+        per_prompt = sample_counts(len(prompts), params, counts)
+        rows = [(i, j) for i, c in enumerate(per_prompt) for j in range(c)]
         seeds = [None if params.seed is None else sample_seed(params.seed, i, j) for i, j in rows]
-        results = self.generate_rows([prompts[i] for i, _ in rows], params, seeds)
+        results = self.generate_rows([prompts[i] for i, _ in rows], params, seeds) if rows else []
         out: list[list[RolloutOutput]] = [[] for _ in prompts]
         for (i, j), res in zip(rows, results):
             out[i].append(

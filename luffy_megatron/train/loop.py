@@ -1,14 +1,18 @@
 """The LUFFY training loop. One RL step, in the order data flows:
 
     batch    = next prompts (+ expert traces)
-    rollouts = engine.generate(prompts, n per prompt); the first n - n_off kept where the prompt has a trace
+    rollouts = engine.generate(prompts, counts): n - n_off per prompt with a trace, n per prompt without
     samples  = mixed groups: rollouts + n_off trace copies
     rewards  = verifier(samples)
     adv      = r - mean(group)                        (optionally / std)
+    (dynamic sampling: groups without reward signal left out, more prompts drawn until the batch is full)
     old_logp = policy.compute_logprobs(samples)      (skipped with one optimiser step per rollout batch)
     metrics  = policy.train_mini_batch(...) for each mini-batch
     engine.update_weights(policy's HF-named weights)
     log, validate, checkpoint
+
+With ``trainer.async_rollout`` (luffy_megatron.train.async_rollout) the rollout..advantages part of step k + 1 runs in
+the background during step k's update, and the weight sync moves to the start of the next step.
 
 Global rank 0 owns the data, the rollout engine and the reward pool; the samples are broadcast to every rank, and
 all ranks run the Megatron parts together.
@@ -20,6 +24,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +45,9 @@ from luffy_megatron.models.tokenizer import load_tokenizer, pad_token_id
 from luffy_megatron.platform import init_distributed, init_model_parallel, rank0_call
 from luffy_megatron.reward import RewardPool
 from luffy_megatron.rollout.base import SamplingParams
-from luffy_megatron.rollout.factory import build_rollout_engine
+from luffy_megatron.train.async_rollout import RolloutPrefetcher, build_engine, produce_batch
 from luffy_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from luffy_megatron.train.dynamic_sampling import collect_groups, round_seed
 from luffy_megatron.train.policy import MegatronPolicy
 from luffy_megatron.train.samples import Sample, assemble_groups
 
@@ -62,6 +68,8 @@ class RunState:
     logger: Any = None
     weight_version: int = 0
     reward_cache: dict | None = None
+    engine_step: int = 0  # policy updates contained in the engine's weights (every rank)
+    prefetch: Any = None  # RolloutPrefetcher with trainer.async_rollout (rank 0)
 
 
 def train(cfg: RunConfig) -> dict[str, float]:
@@ -79,6 +87,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
             run.step += 1
             metrics = rl_step(cfg, run, policy)
             if cfg.trainer.val_interval and run.step % cfg.trainer.val_interval == 0:
+                settle_engine(cfg, run, policy)  # async: the engine is idle and holds this step's weights
                 metrics.update(validate_policy(cfg, run))
             if run.logger is not None:
                 run.logger.log(run.step, metrics, write=bar.write if show else print)
@@ -100,8 +109,12 @@ def rl_step(cfg: RunConfig, run: RunState, policy) -> dict[str, float]:
     timers = Timers()
     start = time.perf_counter()
     samples, extra = rank0_call(
-        lambda: rollout_and_score(cfg, run, timers), f"step {run.step}: rollout or reward", "nothing was trained"
+        lambda: take_rollout(cfg, run, timers), f"step {run.step}: rollout or reward", "nothing was trained"
     )
+    if cfg.trainer.async_rollout:
+        with timers("weight_sync"):
+            start_next_rollout(cfg, run, policy)
+    update_start = time.time()
     mini_batches = split_mini_batches(samples, cfg.data.train_batch_size // cfg.data.mini_batch_size)
     needs_old = len(mini_batches) > 1
     if needs_old:
@@ -113,11 +126,14 @@ def rl_step(cfg: RunConfig, run: RunState, policy) -> dict[str, float]:
         for mb in mini_batches:
             for k, v in policy.train_mini_batch(mb, use_old_logprobs=needs_old).items():
                 train_metrics[k].append(v)
-    with timers("weight_sync"):
-        sync_weights(run, policy)
+    update_end = time.time()
+    if not cfg.trainer.async_rollout:
+        with timers("weight_sync"):
+            sync_weights(run, policy)
 
     metrics = {(k if "/" in k else f"actor/{k}"): sum(v) / len(v) for k, v in train_metrics.items()}
     metrics.update(extra)
+    metrics.update({"timeline/update_start": update_start, "timeline/update_end": update_end})
     step_s = time.perf_counter() - start
     tokens = sum(s.num_tokens for s in samples)
     metrics.update({f"time/{k}_s": v for k, v in timers.seconds.items()})
@@ -131,11 +147,58 @@ def rl_step(cfg: RunConfig, run: RunState, policy) -> dict[str, float]:
     return metrics
 
 
-def rollout_and_score(cfg: RunConfig, run: RunState, timers: Timers) -> tuple[list[Sample], dict[str, float]]:
-    """Global rank 0's part of a step: next batch, rollouts, rewards, advantages, group metrics."""
+def take_rollout(cfg: RunConfig, run: RunState, timers: Timers) -> tuple[list[Sample], dict[str, float]]:
+    """Global rank 0: this step's scored batch, the one produced in the background (async) or one produced now."""
+    batch = None
+    if run.prefetch is not None:
+        with timers("rollout_wait"):
+            batch = run.prefetch.take(run.step)
+    if batch is None:
+        batch = produce_batch(run.step, run.engine_step, partial(rollout_and_score, cfg, run, timers, run.step))
+    return batch.samples, {**batch.metrics, "rollout/weight_staleness": float(run.step - 1 - batch.weights_step)}
+
+
+def start_next_rollout(cfg: RunConfig, run: RunState, policy) -> None:
+    """Async rollout, at the start of a step: the engine gets the weights after ``step - 1`` updates (every rank),
+    then rank 0 starts producing the next step's batch in the background."""
+    if run.engine_step < run.step - 1:
+        sync_weights(run, policy, updates=run.step - 1)
+    # After the last step only when a checkpoint follows: it records the batch so that a longer resumed run is exact.
+    if run.prefetch is None or (run.step >= cfg.trainer.total_steps and not _should_save(cfg, run.step)):
+        return
+    step = run.step + 1
+
+    def produce() -> tuple[list[Sample], dict[str, float]]:
+        timers = Timers()
+        samples, metrics = rollout_and_score(cfg, run, timers, step)
+        return samples, {**metrics, **{f"time/{k}_s": v for k, v in timers.seconds.items()}}
+
+    run.prefetch.start(step, run.engine_step, produce)
+
+
+def rollout_and_score(cfg: RunConfig, run: RunState, timers: Timers, step: int) -> tuple[list[Sample], dict]:
+    """Global rank 0's part of a step: one scored round (or, with dynamic sampling, rounds until the batch is full of
+    groups with signal) and the group metrics."""
+    a = cfg.algorithm
+
+    def draw(round_index: int) -> tuple[list[Sample], dict[str, float]]:
+        return score_round(cfg, run, timers, step, round_index)
+
+    if a.dynamic_sampling:
+        target, rounds, signal = cfg.data.train_batch_size, a.dynamic_sampling_max_rounds, a.dynamic_sampling_signal
+        samples, extra = collect_groups(draw, target, rounds, signal)
+    else:
+        samples, extra = draw(0)
+    return samples, {**group_metrics(samples), **extra}
+
+
+def score_round(
+    cfg: RunConfig, run: RunState, timers: Timers, step: int, round_index: int
+) -> tuple[list[Sample], dict[str, float]]:
+    """Next batch of prompts: rollouts, rewards, advantages; plus the ``rollout/samples_*`` counts."""
     batch = run.dataset.get_batch(next(run.sampler).indices)
     with timers("rollout"):
-        samples = generate_groups(cfg, run, batch)
+        samples, counts = generate_groups(cfg, run, batch, step, round_index)
     with timers("reward"):
         rewards = score_samples(cfg, run, samples, batch)
     off = torch.tensor([s.off_policy for s in samples])
@@ -149,28 +212,29 @@ def rollout_and_score(cfg: RunConfig, run: RunState, timers: Timers) -> tuple[li
     )
     for s, r, a in zip(samples, rewards, adv.tolist()):
         s.reward, s.advantage = r, a
-    return samples, group_metrics(samples)
+    return samples, counts
 
 
-def generate_groups(cfg: RunConfig, run: RunState, batch: list) -> list[Sample]:
-    """``n`` rollouts per prompt, of which the first ``n - n_off`` are kept where the prompt has a trace; assembled
-    into groups with the trace copies."""
+def generate_groups(
+    cfg: RunConfig, run: RunState, batch: list, step: int, round_index: int = 0
+) -> tuple[list[Sample], dict[str, float]]:
+    """Exactly the samples the groups use (``n - n_off`` per prompt with a trace, ``n`` otherwise), assembled with
+    the trace copies; plus the ``rollout/samples_*`` counts. Each dynamic-sampling round has its own seed."""
     r = cfg.rollout
-    params = SamplingParams.from_config(r, cfg.data.max_response_length, seed=r.seed * 1_000_003 + run.step)
-    outputs = run.engine.generate([item.prompt_ids for item in batch], params)
+    seed = round_seed(r.seed * 1_000_003 + step, round_index)
+    params = SamplingParams.from_config(r, cfg.data.max_response_length, seed=seed)
+    traces = [item.trace_ids if r.n_off > 0 else None for item in batch]
+    counts = [r.n if t is None else r.n - r.n_off for t in traces]
+    if round_index > 0:  # an earlier round of this step released colocated servers
+        run.engine.resume_memory()
+    outputs = run.engine.generate([item.prompt_ids for item in batch], params, counts)
     run.engine.release_memory()  # colocated servers give the GPUs to Megatron until the weight sync
-    n_off = r.n_off
-    rollouts = []
-    for item, outs in zip(batch, outputs):
-        keep = r.n - n_off if item.trace_ids is not None and n_off > 0 else r.n
-        rollouts.append([(o.output_ids, o.logprobs, o.finish_reason) for o in outs[:keep]])
-    return assemble_groups(
-        [item.index for item in batch],
-        [item.prompt_ids for item in batch],
-        [item.trace_ids if n_off > 0 else None for item in batch],
-        rollouts,
-        n_off,
-    )
+    rollouts = [[(o.output_ids, o.logprobs, o.finish_reason) for o in outs] for outs in outputs]
+    samples = assemble_groups([item.index for item in batch], [item.prompt_ids for item in batch], traces, rollouts,
+                              r.n_off)  # fmt: skip
+    generated = float(sum(len(outs) for outs in outputs))
+    used = float(sum(1 for s in samples if not s.off_policy))
+    return samples, {"rollout/samples_generated": generated, "rollout/samples_discarded": generated - used}
 
 
 def score_samples(cfg: RunConfig, run: RunState, samples: list[Sample], batch: list) -> list[float]:
@@ -223,9 +287,11 @@ def group_metrics(samples: list[Sample]) -> dict[str, float]:
     return out
 
 
-def sync_weights(run: RunState, policy) -> None:
-    """Stream the policy's weights (HF names, full tensors) into the rollout engine; every rank takes part."""
+def sync_weights(run: RunState, policy, updates: int | None = None) -> None:
+    """Stream the policy's weights (HF names, full tensors) into the rollout engine; every rank takes part.
+    ``updates``: the RL steps these weights contain (default ``run.step``)."""
     run.weight_version += 1
+    run.engine_step = run.step if updates is None else updates
     stream = (pair for bucket in iter_hf_weights(policy.modules, policy.spec) for pair in bucket)
     if run.engine is not None:
         run.engine.resume_memory()
@@ -233,6 +299,15 @@ def sync_weights(run: RunState, policy) -> None:
     else:
         for _ in stream:  # the collectives of the gather need every rank
             pass
+
+
+def settle_engine(cfg: RunConfig, run: RunState, policy) -> None:
+    """Async rollout: wait for the batch in flight, then give the engine this step's weights (every rank)."""
+    if not cfg.trainer.async_rollout:
+        return
+    rank0_call(lambda: run.prefetch.wait(), f"step {run.step + 1}: rollout or reward")
+    if run.engine_step < run.step:
+        sync_weights(run, policy)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,6 +367,7 @@ def setup(cfg: RunConfig) -> tuple[RunState, Any]:
         trainer_state = load_checkpoint(resume_from, policy)
         run.step = int(trainer_state["step"])
         run.weight_version = int(trainer_state.get("weight_version", run.step))
+        run.engine_step = run.step  # the sync below
     elif cfg.model.megatron_checkpoint:
         load_megatron_checkpoint(policy.modules, cfg.model.megatron_checkpoint)
     else:
@@ -322,7 +398,10 @@ def _open_rank0_resources(cfg: RunConfig, run: RunState, tokenizer: Any, trainer
         run.sampler.load_state_dict(trainer_state["sampler"])
     if cfg.data.val_files and cfg.trainer.val_interval:
         run.val_dataset = PromptDataset(cfg.data, cfg.data.val_files, tokenizer)
-    run.engine = build_rollout_engine(cfg.rollout, cfg.model.hf_path)
+    run.engine = build_engine(cfg)
+    if cfg.trainer.async_rollout:
+        run.prefetch = RolloutPrefetcher()
+        run.prefetch.load_state_dict(trainer_state.get("pending_rollout"))
     run.rewards = RewardPool(cfg.reward, hard_margin_s=cfg.reward.hard_margin_s)
     run.logger = MetricsLogger(cfg.logging, to_dict(cfg))
 
@@ -338,7 +417,9 @@ def save(cfg: RunConfig, run: RunState, policy) -> None:
     """A training checkpoint of every rank's shards plus rank 0's trainer state (weight version, sampler)."""
 
     def trainer_state() -> dict[str, Any]:
-        return {"weight_version": run.weight_version, "sampler": run.sampler.state_dict()}
+        # The batch in flight first: producing it advances the sampler.
+        pending = run.prefetch.state_dict() if run.prefetch is not None else None
+        return {"weight_version": run.weight_version, "sampler": run.sampler.state_dict(), "pending_rollout": pending}
 
     state = rank0_call(trainer_state, "collecting the trainer state")
     path = save_checkpoint(cfg.checkpoint.save_dir, run.step, policy, state, cfg.checkpoint.keep_last)
@@ -357,7 +438,8 @@ def export_hf(cfg: RunConfig, run: RunState, policy) -> None:
 
 
 def teardown(run: RunState) -> None:
-    for resource in (run.rewards, run.engine, run.logger):
+    """Close rank 0's resources; the engine before the rollout thread, so that a generation in flight ends."""
+    for resource in (run.rewards, run.engine, run.prefetch, run.logger):
         if resource is not None:
             resource.close()
 

@@ -26,6 +26,7 @@ from luffy_megatron.algo import (
     mixed_policy_loss,
     vocab_parallel_logprob_entropy,
 )
+from luffy_megatron.algo.rollout_is import rollout_is_weights
 from luffy_megatron.config import RunConfig
 from luffy_megatron.models.builder import ModelSpec, build_gpt_model, build_transformer_config
 from luffy_megatron.train.samples import (
@@ -225,35 +226,41 @@ class MegatronPolicy:
             )
             old = mb.old_logprobs.to(dev) if use_old_logprobs else logp.detach()
             mult = mb.multiplicity.to(dev)
+            corrected = mb.has_rollout_logprobs.to(dev) & ~off
+            rollout_logp = mb.rollout_logprobs.to(dev)
+            is_w = None
+            if alg.rollout_is is not None:  # one sequence per row of the micro-batch
+                rows = torch.arange(shape[0], device=dev).unsqueeze(1).expand(shape)
+                is_w = rollout_is_weights(old, rollout_logp, corrected, rows, alg.rollout_is, alg.rollout_is_cap)
             loss, sums = mixed_policy_loss(
-                logp,
-                old,
-                mb.advantages.to(dev),
-                resp,
-                off,
-                alg,
-                token_weights=weights,
-                entropy=ent,
-                multiplicity=mult,
-                check_finite=alg.debug_checks,
-            )
-            gap_mask = (mb.has_rollout_logprobs.to(dev) & ~off) * mult
-            gap = (old.detach().float() - mb.rollout_logprobs.to(dev)).abs()
+                logp, old, mb.advantages.to(dev), resp, off, alg, token_weights=weights, entropy=ent, multiplicity=mult,
+                rollout_is_weight=None if is_w is None else is_w.weight, check_finite=alg.debug_checks,
+            )  # fmt: skip
+            gap_mask = corrected * mult
+            gap = (old.detach().float() - rollout_logp).abs()
             sums.add_mean("train_rollout_logprob_gap", (gap * gap_mask).sum(), gap_mask.sum())
             # Counted on the device, read once per step in _finish_step (the host syncs only there).
             sums.add_total(_NONFINITE, (~torch.isfinite(loss.detach())).sum())
-            return loss * scale, {"sums": sums}
+            store: dict[str, Any] = {"sums": sums}
+            if is_w is not None:
+                is_sums, ratio_max = is_w.metrics(alg.rollout_is, corrected, mult)
+                for key, (total, count) in is_sums.items():
+                    sums.add_mean(key, total, count)
+                store["maxes"] = {"rollout_is/ratio_max": ratio_max}
+            return loss * scale, store
 
         return self._finish_step(self._run(mbs, loss_fn, forward_only=False), num_trained=len(trained))
 
     def _finish_step(self, stores: list[dict], num_trained: int) -> dict[str, float]:
         """The step's metrics, reduced over ranks, then the optimizer and scheduler step; a non-finite micro-batch
         loss stops every rank before the weights change."""
-        local = MetricSums()
+        local, maxes = MetricSums(), {}
         if self.is_last_stage and (self.tp_group is None or dist.get_rank(self.tp_group) == 0):
             for store in stores:
                 local.add(store["sums"])
-        metrics = _reduce_metric_sums(local)
+                for k, v in store.get("maxes", {}).items():
+                    maxes[k] = max(maxes.get(k, float("-inf")), float(v))
+        metrics = _reduce_metric_sums(local, maxes)
         bad = int(metrics.pop(_NONFINITE, 0.0))
         if bad:
             raise FloatingPointError(
@@ -272,19 +279,24 @@ class MegatronPolicy:
 _NONFINITE = "nonfinite_micro_batch_losses"
 
 
-def _reduce_metric_sums(local: MetricSums) -> dict[str, float]:
-    """Sum every rank's metric accumulators (ranks off the last pipeline stage hold none) and compute the means."""
+def _reduce_metric_sums(local: MetricSums, maxes: dict[str, float]) -> dict[str, float]:
+    """Sum every rank's metric accumulators (ranks off the last pipeline stage hold none) and compute the means;
+    ``maxes`` are reduced by max."""
     payload = (
         {k: float(v) for k, v in local.sums.items()},
         {k: float(v) for k, v in local.counts.items()},
         {k: float(v) for k, v in local.totals.items()},
+        maxes,
     )
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, payload)
     total = MetricSums()
-    for sums, counts, totals in gathered:
+    top: dict[str, float] = {}
+    for sums, counts, totals, rank_maxes in gathered:
         for k, v in sums.items():
             total.add_mean(k, torch.tensor(v), torch.tensor(counts[k]))
         for k, v in totals.items():
             total.add_total(k, torch.tensor(v))
-    return total.compute()
+        for k, v in rank_maxes.items():
+            top[k] = max(top.get(k, float("-inf")), v)
+    return {**total.compute(), **top}

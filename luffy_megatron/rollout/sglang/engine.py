@@ -29,7 +29,7 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from luffy_megatron.rollout.base import (
     RolloutOutput,
     SamplingParams,
     WeightSyncError,
+    sample_counts,
     sample_seed,
 )
 from luffy_megatron.rollout.sglang.client import LoopThread, SampleRequest, SGLangClient
@@ -183,22 +184,26 @@ class SGLangEngine(RolloutEngine):
         return self._loop.run(coro)
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[RolloutOutput]]:
-        """``params.n`` samples per prompt; each sample is its own request (``rid``), batched per HTTP call."""
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, counts: Sequence[int] | None = None
+    ) -> list[list[RolloutOutput]]:
+        """``counts[i]`` (default ``params.n``) samples of prompt ``i``; each sample is its own request (``rid``,
+        seeded with ``sampling_seed`` from (seed, i, j)), batched per HTTP call."""
         if self._stale:
             raise WeightSyncError("the last weight update failed; refusing to generate from stale weights")
+        per_prompt = sample_counts(len(prompts), params, counts)
         call = uuid.uuid4().hex[:12]
         reqs: list[SampleRequest] = []
         for i, prompt in enumerate(prompts):
-            for j in range(params.n):
+            for j in range(per_prompt[i]):
                 seed = None if params.seed is None else sample_seed(params.seed, i, j)
                 sp = sampling_params_body(params, seed, self.eos_token_ids)
                 reqs.append(SampleRequest(f"{call}-{i}-{j}", list(prompt), sp))
-        results = self._run(self.client.generate(reqs))
+        results = self._run(self.client.generate(reqs)) if reqs else {}
         out: list[list[RolloutOutput]] = []
         for i in range(len(prompts)):
             row = []
-            for j in range(params.n):
+            for j in range(per_prompt[i]):
                 r = results[f"{call}-{i}-{j}"]
                 row.append(
                     RolloutOutput(
