@@ -195,7 +195,7 @@ def test_option_names_come_from_the_dispatch_tables(model_dir, data_file):
     options += [f"data.system_prompt={n}" for n in choices(SystemPrompt)]
     options += [f"rollout.sglang.weight_sync={n}" for n in choices(WeightSync)]
     for option in options:
-        extra = ("data.system_prompt_text=Be brief.", "rollout.sglang.weight_sync_dir=/tmp")
+        extra = ("data.system_prompt_text=Be brief.", "rollout.sglang.weight_sync_dir=weights")
         validate(valid(model_dir, data_file, option, *extra), world_size=1)
     with pytest.raises(ConfigError, match=r"^algorithm.kl_type: 'k2' is not one of \['k1', 'k3'\]"):
         validate(valid(model_dir, data_file, "algorithm.kl_type=k2"), world_size=1)

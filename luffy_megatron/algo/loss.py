@@ -135,7 +135,8 @@ def mixed_policy_loss(
             values may be anything).
         off_policy_mask: same shape, torch.bool, True on tokens of off-policy traces.
         config: the algorithm switches (:class:`luffy_megatron.config.AlgorithmConfig`), validated at load
-            (:mod:`luffy_megatron.config_checks`); an option name outside the tables above still raises ValueError.
+            (:mod:`luffy_megatron.config_checks`); a name missing from the tables of :mod:`luffy_megatron.algo.options`
+            still raises ValueError.
         token_weights: :class:`LossWeights` from :func:`aggregation_weights` (a bare tensor is used for every term).
         entropy: same shape, per-token entropy (differentiable); required when ``config.entropy_coeff > 0``.
         ref_log_prob: same shape, reference-policy log-prob; required when ``config.kl_coeff > 0``.

@@ -9,11 +9,7 @@ from typing import Any
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel
-from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import (
-    get_gpt_layer_local_spec,
-    get_gpt_layer_with_transformer_engine_spec,
-)
+from megatron.core.models.gpt import GPTModel, gpt_layer_specs
 from megatron.core.transformer import TransformerConfig
 
 from luffy_megatron.models import get_family
@@ -113,7 +109,8 @@ def build_gpt_model(
     With ``ddp_config`` (a megatron ``DistributedDataParallelConfig``) the chunks are wrapped in megatron's DDP.
     """
     use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
-    layer_spec_fn = get_gpt_layer_with_transformer_engine_spec if use_te else get_gpt_layer_local_spec
+    specs = gpt_layer_specs
+    layer_spec_fn = specs.get_gpt_layer_with_transformer_engine_spec if use_te else specs.get_gpt_layer_local_spec
     layer_spec = layer_spec_fn(**layer_spec_kwargs(spec, use_te))
     vpp = config.virtual_pipeline_model_parallel_size
     chunks: list[torch.nn.Module] = []
