@@ -22,6 +22,8 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from luffy_megatron.fault_config import FaultToleranceConfig, validate_fault_tolerance
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key."""
@@ -245,6 +247,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -378,17 +381,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _choice(a.on_policy_reshape, "algorithm.on_policy_reshape", ON_OFF_RESHAPES)
     _choice(a.loss_agg_mode, "algorithm.loss_agg_mode", LOSS_AGG_MODES)
     _choice(a.kl_type, "algorithm.kl_type", ("k1", "k3"))
-    _positive(
-        a,
-        "algorithm",
-        (
-            "off_policy_reshape_gamma",
-            "on_policy_reshape_gamma",
-            "adv_eps",
-            "logprob_chunk_tokens",
-            "luffy_micro_batch_seqs",
-        ),
-    )
+    positive = ("off_policy_reshape_gamma", "on_policy_reshape_gamma", "adv_eps", "logprob_chunk_tokens")
+    _positive(a, "algorithm", (*positive, "luffy_micro_batch_seqs"))
     if a.clip_eps <= 0 or a.clip_eps >= 1:
         _fail("algorithm.clip_eps", f"must be in (0, 1), got {a.clip_eps}")
     for name in ("entropy_coeff", "kl_coeff", "sft_loss_coeff"):
@@ -432,6 +426,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         _fail("checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")
     if c.save_interval < 0:
         _fail("checkpoint.save_interval", f"must be >= 0, got {c.save_interval}")
+    validate_fault_tolerance(cfg.fault_tolerance, _fail)
 
 
 def _exists_or_glob(path: str) -> bool:

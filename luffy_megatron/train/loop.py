@@ -41,6 +41,7 @@ from luffy_megatron.reward import RewardPool
 from luffy_megatron.rollout.base import SamplingParams, build_rollout_engine
 from luffy_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from luffy_megatron.train.policy import MegatronPolicy
+from luffy_megatron.train.preemption import StopRequest
 from luffy_megatron.train.samples import Sample, assemble_groups
 
 _REWARD_CACHE_SIZE = 200_000
@@ -67,7 +68,12 @@ def train(cfg: RunConfig) -> dict[str, float]:
 
     The config must already be validated (:func:`luffy_megatron.config.validate`). Returns the last step's metrics.
     """
-    run, policy = setup(cfg)
+    stop = StopRequest(cfg.fault_tolerance, cfg.checkpoint.save_dir)  # before setup: a signal waits for step 1
+    try:
+        run, policy = setup(cfg)
+    except BaseException:
+        stop.close()
+        raise
     metrics: dict[str, float] = {}
     show = run.logger is not None and cfg.logging.progress_bar
     bar = tqdm(total=cfg.trainer.total_steps, initial=run.step, desc="RL steps", unit="step", disable=not show)
@@ -82,10 +88,14 @@ def train(cfg: RunConfig) -> dict[str, float]:
             if _should_save(cfg, run.step):
                 save(cfg, run, policy)
             bar.update(1)
-        if cfg.checkpoint.export_hf_at_end:
+            if run.step < cfg.trainer.total_steps and (reason := stop.requested()) is not None:
+                stop_early(cfg, run, policy, stop, reason)
+                break
+        if cfg.checkpoint.export_hf_at_end and run.step == cfg.trainer.total_steps:
             export_hf(cfg, run, policy)
     finally:
         bar.close()
+        stop.close()
         teardown(run)
     return metrics
 
@@ -278,7 +288,7 @@ def evaluate(cfg: RunConfig, engine, rewards, tokenizer, dataset) -> dict[str, f
 # ----------------------------------------------------------------------------------------------------------------
 def setup(cfg: RunConfig) -> tuple[RunState, Any]:
     """Distributed groups, policy (weights from checkpoint / Megatron checkpoint / HF), data, engine, rewards."""
-    init_distributed(cfg.parallel.backend)
+    init_distributed(cfg.parallel.backend, timeout_minutes=cfg.fault_tolerance.collective_timeout_min)
     p = cfg.parallel
     init_model_parallel(p.tp, p.pp, p.vpp, seed=cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model.hf_path)
@@ -336,7 +346,7 @@ def _should_save(cfg: RunConfig, step: int) -> bool:
     return step == cfg.trainer.total_steps or (c.save_interval > 0 and step % c.save_interval == 0)
 
 
-def save(cfg: RunConfig, run: RunState, policy) -> None:
+def save(cfg: RunConfig, run: RunState, policy) -> Path:
     """A training checkpoint of every rank's shards plus rank 0's trainer state (weight version, sampler)."""
 
     def trainer_state() -> dict[str, Any]:
@@ -346,6 +356,18 @@ def save(cfg: RunConfig, run: RunState, policy) -> None:
     path = save_checkpoint(cfg.checkpoint.save_dir, run.step, policy, state, cfg.checkpoint.keep_last)
     if dist.get_rank() == 0:
         print(f"saved checkpoint {path}", flush=True)
+    return path
+
+
+def stop_early(cfg: RunConfig, run: RunState, policy, stop: StopRequest, reason: str) -> None:
+    """Checkpoint the finished step (unless it was just saved) and leave the requeue marker for the batch script."""
+    path = None
+    if cfg.checkpoint.save_dir:
+        path = latest_checkpoint(cfg.checkpoint.save_dir) if _should_save(cfg, run.step) else save(cfg, run, policy)
+        stop.leave_marker(run.step, reason, path)
+    if dist.get_rank() == 0:
+        what = f"checkpoint {path}, requeue marker {stop.marker}" if path else "no checkpoint (no checkpoint.save_dir)"
+        print(f"stopping after step {run.step} on {reason}: {what}", flush=True)
 
 
 def export_hf(cfg: RunConfig, run: RunState, policy) -> None:
