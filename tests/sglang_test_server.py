@@ -523,10 +523,12 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--join-weight-groups", action="store_true", help="really join weight-update groups (gloo)")
+    ap.add_argument("--step-delay-s", type=float, default=0.0, help="sleep per decode step (slow generation)")
     args, _ = ap.parse_known_args()
     torch.set_num_threads(1)
     server = SGLangTestServer(HFEngine.from_pretrained(args.model_path), api_key=args.api_key, host=args.host,
-                              port=args.port, join_groups=args.join_weight_groups)  # fmt: skip
+                              port=args.port, join_groups=args.join_weight_groups,
+                              faults=Faults(step_delay_s=args.step_delay_s))  # fmt: skip
     server.start()
     print(f"serving on {server.url}", flush=True)
     while not server.dead:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from luffy_megatron.config import RolloutConfig
+    from luffy_megatron.fault_config import FaultToleranceConfig
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -131,6 +132,10 @@ class RolloutEngine(ABC):
         """Re-acquire what :meth:`release_memory` freed."""
         return None
 
+    def stats(self) -> dict[str, float]:
+        """Engine metrics for the step's log (e.g. ``rollout/servers_healthy``); none by default."""
+        return {}
+
     def close(self) -> None:
         """Release processes, sessions and files owned by the engine."""
         return None
@@ -149,11 +154,13 @@ def build_rollout_engine(
     dtype: str = "float32",
     eos_token_ids: list[int] | None = None,
     device: str = "cpu",
+    fault_tolerance: FaultToleranceConfig | None = None,
 ) -> RolloutEngine:
     """The engine named by ``cfg.backend``: ``hf`` (in-process transformers) or ``sglang`` (HTTP servers).
 
     ``dtype``/``device`` apply to the HF engine (fp32 on CPU by default); SGLang takes its dtype from
-    ``cfg.sglang.dtype``. ``eos_token_ids`` default to the model's ``generation_config`` / ``config``.
+    ``cfg.sglang.dtype``. ``eos_token_ids`` default to the model's ``generation_config`` / ``config``. SGLang
+    servers are supervised as ``fault_tolerance`` says.
     """
     if cfg.backend == "hf":
         from luffy_megatron.rollout.hf_engine import HFEngine
@@ -164,5 +171,6 @@ def build_rollout_engine(
     if cfg.backend == "sglang":
         from luffy_megatron.rollout.sglang.engine import SGLangEngine
 
-        return SGLangEngine.from_config(cfg.sglang, hf_path, eos_token_ids=eos_token_ids)
+        ft = fault_tolerance
+        return SGLangEngine.from_config(cfg.sglang, hf_path, eos_token_ids=eos_token_ids, fault_tolerance=ft)
     raise ValueError(f"rollout.backend: unknown backend {cfg.backend!r} (expected 'hf' or 'sglang')")

@@ -156,7 +156,7 @@ def rollout_and_score(cfg: RunConfig, run: RunState, timers: Timers) -> tuple[li
     )
     for s, r, a in zip(samples, rewards, adv.tolist()):
         s.reward, s.advantage = r, a
-    return samples, group_metrics(samples)
+    return samples, {**group_metrics(samples), **run.engine.stats()}
 
 
 def generate_groups(cfg: RunConfig, run: RunState, batch: list) -> list[Sample]:
@@ -334,7 +334,7 @@ def _open_rank0_resources(cfg: RunConfig, run: RunState, tokenizer: Any, trainer
         run.sampler.load_state_dict(trainer_state["sampler"])
     if cfg.data.val_files and cfg.trainer.val_interval:
         run.val_dataset = PromptDataset(cfg.data, cfg.data.val_files, tokenizer)
-    run.engine = build_rollout_engine(cfg.rollout, cfg.model.hf_path)
+    run.engine = build_rollout_engine(cfg.rollout, cfg.model.hf_path, fault_tolerance=cfg.fault_tolerance)
     run.rewards = RewardPool(cfg.reward, hard_margin_s=cfg.reward.hard_margin_s)
     run.logger = MetricsLogger(cfg.logging, to_dict(cfg))
 

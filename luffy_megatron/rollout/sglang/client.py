@@ -137,6 +137,16 @@ class SGLangClient:
         key = "<redacted>" if self._api_key else None
         return f"SGLangClient(generate_urls={self.generate_urls}, server_urls={self.server_urls}, api_key={key})"
 
+    def set_urls(self, generate_urls: Sequence[str], server_urls: Sequence[str]) -> None:
+        """Replace both URL lists (the servers that serve now); a URL that (re)appears starts with no failures."""
+        added = set(generate_urls) - set(self.generate_urls)
+        self.generate_urls = [u.rstrip("/") for u in generate_urls]
+        self.server_urls = [u.rstrip("/") for u in server_urls]
+        for url in self.generate_urls:
+            self._inflight.setdefault(url, 0)
+            if url in added:
+                self._failures[url] = 0
+
     def remove_server(self, url: str) -> None:
         """Stop sending anything to ``url`` (a dead server; weight updates fail while it is listed)."""
         url = url.rstrip("/")

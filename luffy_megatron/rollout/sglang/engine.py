@@ -17,12 +17,17 @@ later update succeeds:
   tensors, after SGLang's ``monkey_patch_torch_reductions``), base64-encoded, and posted to
   ``/update_weights_from_tensor``, serialized once per server and TP rank (each consumes its own CUDA-IPC references).
 
+Servers that die are supervised (:mod:`luffy_megatron.rollout.sglang.supervisor`): no work goes to them, launched
+ones restart, and a revived server serves again only after a weight update reached it (the next one, or the last
+weights from disk when no server was left). A server dying during a weight update fails that update.
+
 With ``colocate``, :meth:`SGLangEngine.release_memory` frees the servers' weights, KV cache and CUDA graphs after
 generation and :meth:`SGLangEngine.resume_memory` takes them back before the next weight update.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -36,6 +41,7 @@ from typing import Any
 import torch
 
 from luffy_megatron.config import SGLangConfig
+from luffy_megatron.fault_config import FaultToleranceConfig
 from luffy_megatron.platform.distributed import free_port
 from luffy_megatron.rollout.base import (
     RolloutEngine,
@@ -51,9 +57,11 @@ from luffy_megatron.rollout.sglang.launcher import (
     launch_router,
     launch_servers,
     read_api_key,
+    start_server,
     stop_processes,
     wait_healthy,
 )
+from luffy_megatron.rollout.sglang.supervisor import Server, ServerSupervisor
 from luffy_megatron.rollout.sglang.weights import (
     GROUP_NAME,
     init_weights_update_group,
@@ -101,6 +109,7 @@ class SGLangEngine(RolloutEngine):
         master_port: int = 0,
         group_backend: str = "nccl",
         flush_retries: int = 20,
+        supervisor: ServerSupervisor | None = None,
     ) -> None:
         if weight_sync not in ("disk", "distributed", "tensor"):
             raise ValueError(f"rollout.sglang.weight_sync: unknown mode {weight_sync!r}")
@@ -119,10 +128,12 @@ class SGLangEngine(RolloutEngine):
         self.master_port = master_port
         self.group_backend = group_backend
         self.flush_retries = flush_retries
+        self.supervisor = supervisor
         self.weight_version: int | None = None
         self._stale = False
         self._released = False
         self._group: Any = None
+        self._group_urls: list[str] = []
         self._loop = LoopThread()
         self._last_dir: Path | None = None
         #: Seconds, bytes and GB/s of the last successful update (disk mode adds ``write_s`` and ``load_s``).
@@ -131,14 +142,23 @@ class SGLangEngine(RolloutEngine):
 
     @classmethod
     def from_config(
-        cls, cfg: SGLangConfig, hf_path: str, *, eos_token_ids: Iterable[int] | None = None, log_dir: str | None = None
+        cls,
+        cfg: SGLangConfig,
+        hf_path: str,
+        *,
+        eos_token_ids: Iterable[int] | None = None,
+        log_dir: str | None = None,
+        fault_tolerance: FaultToleranceConfig | None = None,
+        module: str = "sglang.launch_server",
+        env: dict | None = None,
     ) -> SGLangEngine:
-        """Launch servers (and the router) or attach to ``cfg.urls``; waits for ``/health`` either way."""
+        """Launch servers (``module``, in ``env``; and the router) or attach to ``cfg.urls``; waits for ``/health``
+        either way. The servers are supervised as ``fault_tolerance`` says."""
         api_key = read_api_key(cfg)
         procs: list[ServerProcess] = []
         try:
             if cfg.launch:
-                procs = launch_servers(cfg, hf_path, log_dir=log_dir)
+                procs = launch_servers(cfg, hf_path, log_dir=log_dir, module=module, env=env)
                 server_urls = [p.url for p in procs]
             else:
                 server_urls = list(cfg.urls)
@@ -165,6 +185,15 @@ class SGLangEngine(RolloutEngine):
             from luffy_megatron.models.tokenizer import read_eos_token_ids
 
             eos_token_ids = read_eos_token_ids(hf_path)
+        ft = fault_tolerance or FaultToleranceConfig()
+        launched = {p.url: p for p in procs}
+        restart = None
+        if cfg.launch and ft.restart_servers:  # called with the server's index
+            restart = functools.partial(start_server, cfg, hf_path, api_key=api_key, log_dir=log_dir, module=module,
+                                        env=env)  # fmt: skip
+        servers = [Server(url, i, launched.get(url)) for i, url in enumerate(server_urls)]
+        supervisor = ServerSupervisor(client, servers, restart=restart, health_timeout_s=ft.health_timeout_s,
+                                      grace_s=ft.servers_grace_s, router=cfg.use_router)  # fmt: skip
         return cls(
             client,
             weight_sync=cfg.weight_sync,
@@ -176,6 +205,7 @@ class SGLangEngine(RolloutEngine):
             eos_token_ids=eos_token_ids,
             processes=procs,
             master_address=trainer_address(server_urls),
+            supervisor=supervisor,
         )
 
     def _run(self, coro: Any) -> Any:
@@ -183,9 +213,24 @@ class SGLangEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[RolloutOutput]]:
-        """``params.n`` samples per prompt; each sample is its own request (``rid``), batched per HTTP call."""
+        """``params.n`` samples per prompt; each sample is its own request (``rid``), batched per HTTP call. When a
+        server dies under a call that then fails, the whole call runs again on the servers left (new rids): every
+        sample comes back exactly once."""
         if self._stale:
             raise WeightSyncError("the last weight update failed; refusing to generate from stale weights")
+        if self.supervisor is None:
+            return self._generate_once(prompts, params)
+        self._ensure_serving()
+        try:
+            return self._generate_once(prompts, params)
+        except RolloutError as e:
+            if not self.supervisor.check():
+                raise
+            logger.warning("a rollout server died during generation (%s); generating the batch again", e)
+        self._ensure_serving()
+        return self._generate_once(prompts, params)
+
+    def _generate_once(self, prompts: list[list[int]], params: SamplingParams) -> list[list[RolloutOutput]]:
         call = uuid.uuid4().hex[:12]
         reqs: list[SampleRequest] = []
         for i, prompt in enumerate(prompts):
@@ -213,11 +258,64 @@ class SGLangEngine(RolloutEngine):
             out.append(row)
         return out
 
+    def _ensure_serving(self) -> None:
+        """Probe the servers; with none serving, wait for one (restored from the last weights on disk)."""
+        assert self.supervisor is not None
+        self.supervisor.check()
+        if not self.supervisor.serving():
+            if self.weight_version is not None and (self.weight_sync != "disk" or self._last_dir is None):
+                causes = "; ".join(f"{s.url}: {s.cause}" for s in self.supervisor.servers)
+                raise RolloutError(
+                    f"every rollout server is down ({causes}) and with weight_sync={self.weight_sync} only the "
+                    f"trainer holds weight version {self.weight_version}: resume from the last checkpoint"
+                )
+            self.supervisor.wait_for_any(self._restore_weights)
+
+    def _restore_weights(self, servers: list[Server]) -> None:
+        """Give revived servers the current weights from the last folder written (disk mode) before they serve; none
+        are needed before the first update (they load the same HF folder as the trainer)."""
+        if self.weight_version is None:
+            return
+        body = {"model_path": str(self._last_dir), "weight_version": str(self.weight_version), "flush_cache": True,
+                "abort_all_requests": False}  # fmt: skip
+        self._run(self.client.post_all("/update_weights_from_disk", body, urls=[s.url for s in servers]))
+
+    def stats(self) -> dict[str, float]:
+        """``rollout/servers_healthy`` (serving now) and ``rollout/servers_restarted`` (restarts so far)."""
+        if self.supervisor is None:
+            return {"rollout/servers_healthy": float(len(self.client.server_urls))}
+        return self.supervisor.stats()
+
     # ------------------------------------------------------------------ weights
+    def _update_members(self) -> list[Server]:
+        """The servers this update goes to: the serving ones plus revived ones, which serve once it succeeded. The
+        weight-update group is rebuilt when its members changed."""
+        if self.supervisor is None:
+            return []
+        self.supervisor.check()
+        joining = self.supervisor.rejoining()
+        urls = [s.url for s in self.supervisor.serving() + joining]
+        self.client.set_urls(self.client.generate_urls, urls)
+        if self._group is not None and urls != self._group_urls:
+            self._drop_group([s.url for s in self.supervisor.serving() if s.url in self._group_urls])
+        return joining
+
+    def _drop_group(self, alive: list[str]) -> None:
+        """Leave the weight-update group; its members in ``alive`` destroy their side (best effort)."""
+        import torch.distributed as dist
+
+        try:
+            self._run(self.client.post_all("/destroy_weights_update_group", {"group_name": GROUP_NAME}, urls=alive))
+        except RolloutError as e:
+            logger.warning("destroying the old weight-update group: %s", e)
+        dist.destroy_process_group(self._group)
+        self._group = None
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Pause, flush, load the stream on every server in the configured mode, continue; raises on any failure."""
         t0 = time.perf_counter()
         self._phases = {}
+        joining = self._update_members()
         self._stale = True
         try:
             self.pause()
@@ -233,6 +331,8 @@ class SGLangEngine(RolloutEngine):
             raise WeightSyncError(f"weight update to version {version} failed: {e}") from e
         self._stale = False
         self.weight_version = version
+        if joining:
+            self.supervisor.joined(joining)  # type: ignore[union-attr]
         dt = time.perf_counter() - t0
         self.last_sync = {"seconds": dt, "bytes": float(nbytes), "gb_per_s": nbytes / dt / 1e9 if dt > 0 else 0.0}
         self.last_sync.update(self._phases)
@@ -332,6 +432,7 @@ class SGLangEngine(RolloutEngine):
         try:
             self._group = init_weights_update_group(self.master_address, port, 0, world, GROUP_NAME,
                                                     self.group_backend)  # fmt: skip
+            self._group_urls = list(urls)
         finally:
             for f in futures:
                 f.result()
@@ -394,12 +495,13 @@ class SGLangEngine(RolloutEngine):
                 "weight_version": self.weight_version, "backend": "sglang"}  # fmt: skip
 
     def close(self) -> None:
-        """Close the HTTP session, stop launched processes, destroy the weight-update group."""
+        """Close the HTTP session, stop launched processes (restarted ones too), destroy the weight-update group."""
+        restarted = [s.process for s in self.supervisor.servers] if self.supervisor is not None else []
         try:
             self._run(self.client.close())
         finally:
             self._loop.stop()
-            stop_processes(self.processes)
+            stop_processes(self.processes + [p for p in restarted if p is not None and p not in self.processes])
             if self._group is not None:
                 import torch.distributed as dist
 

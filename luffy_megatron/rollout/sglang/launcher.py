@@ -139,11 +139,8 @@ def launch_servers(
 ) -> list[ServerProcess]:
     """Start ``cfg.num_servers`` servers and (by default) wait until each answers ``/health``."""
     api_key = read_api_key(cfg)
-    procs = []
-    for i in range(cfg.num_servers):
-        url = f"http://{cfg.host}:{cfg.base_port + PORT_STRIDE * i}"
-        procs.append(_spawn(server_command(cfg, model_path, i, api_key=api_key, module=module), url, log_dir,
-                            f"sglang_{i}", env))  # fmt: skip
+    procs = [start_server(cfg, model_path, i, api_key=api_key, log_dir=log_dir, module=module, env=env)
+             for i in range(cfg.num_servers)]  # fmt: skip
     if wait:
         try:
             wait_healthy([p.url for p in procs], cfg.startup_timeout_s, api_key=api_key, procs=procs)
@@ -151,6 +148,22 @@ def launch_servers(
             stop_processes(procs)
             raise
     return procs
+
+
+def start_server(
+    cfg: SGLangConfig,
+    model_path: str,
+    index: int,
+    *,
+    api_key: str | None,
+    log_dir: str | None = None,
+    module: str = "sglang.launch_server",
+    env: dict | None = None,
+) -> ServerProcess:
+    """Start server ``index`` without waiting for it (its log, ``sglang_{index}.log``, is appended to)."""
+    url = f"http://{cfg.host}:{cfg.base_port + PORT_STRIDE * index}"
+    cmd = server_command(cfg, model_path, index, api_key=api_key, module=module)
+    return _spawn(cmd, url, log_dir, f"sglang_{index}", env)
 
 
 def launch_router(
