@@ -43,7 +43,7 @@ def step(engine: SGLangEngine, version: int) -> tuple[list, dict]:
     out = engine.generate(PROMPTS, PARAMS)
     assert [[o.output_ids for o in row] for row in out] == reference(version), "each sample exactly once, right weights"
     assert {o.meta["server_weight_version"] for row in out for o in row} == {str(version)}
-    stats = engine.stats()
+    stats = engine.step_metrics()
     engine.update_weights(weights(version + 1).state_dict().items(), version=version + 1)
     return out, stats
 
@@ -155,6 +155,6 @@ def test_after_a_death_generation_bypasses_the_router() -> None:
         b.kill()
         out = engine.generate(PROMPTS[:4], PARAMS)
         assert urls_used(out) == {a.url} and engine.client.generate_urls == [a.url]
-        assert engine.stats()["rollout/servers_healthy"] == 1
+        assert engine.step_metrics()["rollout/servers_healthy"] == 1
     finally:
         engine.close()

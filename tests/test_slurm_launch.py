@@ -1,21 +1,28 @@
 """The sbatch scripts on a real Slurm cluster started on this machine (tests/slurm_cluster.py; installs Slurm when
 missing, needs root). The tiny CPU example trains two steps with TP 2 under ``sbatch --wait``; a configuration error
 fails the job with the key named in its output; run_7b.sh and run_32b.sh run for real (their own #SBATCH headers) on
-simulated 8-GPU nodes with a stub ``$PYTHON`` that records on which node, with which GPUs and arguments each SGLang
-server and trainer was started. All jobs are submitted at once and run side by side. Nothing here needs a GPU.
+simulated 8-GPU nodes with a stub ``$PYTHON`` that records on which node, with which GPUs, arguments and API key each
+SGLang server and trainer was started; each job makes its own key, which its servers demand and which is never
+printed. All jobs are submitted at once and run side by side. Nothing here needs a GPU.
 A machine that cannot run Slurm skips these tests as the ``slurm`` tier (tests/tiers.py); CI requires them."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import shlex
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from luffy_megatron.rollout.hf_engine import HFEngine
 from tests.dist_utils import free_port
 from tests.fixtures_models import write_train_assets
+from tests.sglang_test_server import SGLangTestServer, tiny_model
 from tests.slurm_cluster import require_slurm
 
 pytestmark = pytest.mark.slow
@@ -24,12 +31,13 @@ EXAMPLES = ROOT / "examples"
 MODEL_PATH = "/models/stub-model"
 
 STUB = """#!/usr/bin/env bash
-# Stands in for $PYTHON: records how it was started (node, GPUs, arguments) and exits. Servers are recorded as
+# Stands in for $PYTHON: records how it was started (node, GPUs, API key, arguments) and exits. Servers are recorded as
 # server.*, trainers (-m torch.distributed.run) as trainer.*; a trainer first waits for the expected servers.
 role=server
 [[ ${2:-} == torch.distributed.run ]] && role=trainer
 f="$STUB_LOG_DIR/$role.${SLURMD_NODENAME:-none}.$$"
-{ echo "node=${SLURMD_NODENAME:-}"; echo "cuda=${CUDA_VISIBLE_DEVICES-unset}"; printf 'arg=%s\\n' "$@"; } > "$f.tmp"
+{ echo "node=${SLURMD_NODENAME:-}"; echo "cuda=${CUDA_VISIBLE_DEVICES-unset}"; echo "key=${SGLANG_API_KEY-unset}"
+  printf 'arg=%s\\n' "$@"; } > "$f.tmp"
 mv "$f.tmp" "$f"
 if [[ $role == trainer ]]; then
     for _ in $(seq 300); do
@@ -91,6 +99,7 @@ def submit_gpu_script(cluster, root: Path, script: str, servers: int, *args: str
         STUB_SERVERS=str(servers),
         PYTHON=str(bin_dir / "python"),
     )
+    env.pop("SGLANG_API_KEY", None)  # the scripts make one
     return cluster.submit(EXAMPLES / script, *args, cwd=root, env=env, options=("--partition=gpu",)), log_dir
 
 
@@ -173,7 +182,8 @@ def read_calls(log_dir: Path, program: str) -> list[dict]:
             {
                 "node": lines[0].removeprefix("node="),
                 "cuda": lines[1].removeprefix("cuda="),
-                "args": [a.removeprefix("arg=") for a in lines[2:]],
+                "key": lines[2].removeprefix("key="),
+                "args": [a.removeprefix("arg=") for a in lines[3:]],
             }
         )
     return calls
@@ -236,3 +246,41 @@ def test_run_32b_places_servers_and_two_trainer_nodes(cluster, jobs):
         assert len(urls) == 1 and urls[0].count("http://") == 4, args
         assert args[-1] == "data.train_files=[/data/a b.parquet]", f"an override with a space: {shlex.join(args)}"
     assert sorted(ranks) == ["0", "1"], trainers
+
+
+def test_each_job_makes_an_api_key_that_servers_demand_and_nothing_prints(cluster, jobs):
+    """Without SGLANG_API_KEY exported, run_7b.sh and run_32b.sh make one key per job: the servers get it as
+    --api-key, the trainer in its environment (named by rollout.sglang.api_key_env); the job output, the scripts'
+    logs/ and the Slurm daemons' logs never hold it. A server started with those flags answers 401 without it
+    (SGLang's own decide_request_auth, through the test server)."""
+    keys = {}
+    for name in ("7b", "32b"):
+        job = jobs[name]
+        [key] = {arg_after(s["args"], "--api-key") for s in job["servers"]}
+        assert re.fullmatch("[0-9a-f]{64}", key), key
+        assert {t["key"] for t in job["trainers"]} == {key}
+        assert all("rollout.sglang.api_key_env=SGLANG_API_KEY" in t["args"] for t in job["trainers"])
+        printed = [job["log"], str(job["info"]), cluster.logs(lines=100_000)]
+        printed += [p.read_text(errors="replace") for p in (job["out"] / "logs").glob("*")]
+        assert not any(key in text for text in printed), f"the key of job {name} was printed"
+        keys[name] = key
+    assert keys["7b"] != keys["32b"], "one key per job"
+
+    server = SGLangTestServer(HFEngine(tiny_model(), eos_token_ids=[1]), api_key=keys["7b"])
+    url = server.start()
+    body = json.dumps({"input_ids": [2, 3], "sampling_params": {"max_new_tokens": 2}}).encode()
+    try:
+        for headers, status in (({}, 401), ({"Authorization": "Bearer wrong"}, 401),
+                                ({"Authorization": f"Bearer {keys['7b']}"}, 200)):  # fmt: skip
+            req = urllib.request.Request(url + "/generate", data=body, headers={"Content-Type": "application/json",
+                                                                                **headers})  # fmt: skip
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    got = r.status
+            except urllib.error.HTTPError as e:
+                got = e.code
+            assert got == status, (headers.keys(), got)
+        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+            assert r.status == 200, "health checks need no key"
+    finally:
+        server.stop()

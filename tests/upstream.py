@@ -266,3 +266,34 @@ def upstream_common() -> dict[str, Any]:
     return load_defs(source(SGLANG, COMMON), names,
                      {"torch": torch, "pickle": pickle, "io": io,
                       "torch_release": Version(torch.__version__).release})  # fmt: skip
+
+
+AUTH = "sglang/srt/utils/auth.py"
+
+
+@cache
+def upstream_auth() -> dict[str, Any]:
+    """SGLang's API-key check: ``decide_request_auth`` and ``AuthLevel`` of ``sglang/srt/utils/auth.py`` executed
+    from source, and ``levels``, each route's level from the ``@auth_level`` decorators of the HTTP server."""
+    import dataclasses
+    import enum
+    import secrets
+    import typing
+
+    ns = load_defs(source(SGLANG, AUTH), ["AuthDecision", "AuthLevel", "decide_request_auth"],
+                   {"secrets": secrets, "dataclass": dataclasses.dataclass, "Enum": enum.Enum,
+                    "Optional": typing.Optional})  # fmt: skip
+    levels: dict[str, str] = {}
+    for node in ast.walk(ast.parse(source(SGLANG, HTTP_SERVER))):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        level, paths = "NORMAL", []
+        for dec in node.decorator_list:
+            if not isinstance(dec, ast.Call) or not dec.args:
+                continue
+            if ast.unparse(dec.func) == "auth_level":
+                level = ast.unparse(dec.args[0]).rsplit(".", 1)[-1]
+            elif isinstance(dec.args[0], ast.Constant) and isinstance(dec.args[0].value, str):
+                paths.append(dec.args[0].value)
+        levels.update(dict.fromkeys(paths, level))
+    return {**ns, "levels": levels}

@@ -132,7 +132,7 @@ class RolloutEngine(ABC):
         """Re-acquire what :meth:`release_memory` freed."""
         return None
 
-    def stats(self) -> dict[str, float]:
+    def step_metrics(self) -> dict[str, float]:
         """Engine metrics for the step's log (e.g. ``rollout/servers_healthy``); none by default."""
         return {}
 

@@ -156,7 +156,7 @@ def rollout_and_score(cfg: RunConfig, run: RunState, timers: Timers) -> tuple[li
     )
     for s, r, a in zip(samples, rewards, adv.tolist()):
         s.reward, s.advantage = r, a
-    return samples, {**group_metrics(samples), **run.engine.stats()}
+    return samples, {**group_metrics(samples), **run.engine.step_metrics()}
 
 
 def generate_groups(cfg: RunConfig, run: RunState, batch: list) -> list[Sample]:

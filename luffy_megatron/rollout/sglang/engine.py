@@ -165,7 +165,7 @@ class SGLangEngine(RolloutEngine):
                 wait_healthy(server_urls, cfg.startup_timeout_s, api_key=api_key)
             generate_urls = server_urls
             if cfg.use_router:
-                router = launch_router(cfg, server_urls, log_dir=log_dir)
+                router = launch_router(cfg, server_urls, api_key=api_key, log_dir=log_dir, env=env)
                 procs.append(router)
                 generate_urls = [router.url]
         except BaseException:
@@ -280,11 +280,11 @@ class SGLangEngine(RolloutEngine):
                 "abort_all_requests": False}  # fmt: skip
         self._run(self.client.post_all("/update_weights_from_disk", body, urls=[s.url for s in servers]))
 
-    def stats(self) -> dict[str, float]:
+    def step_metrics(self) -> dict[str, float]:
         """``rollout/servers_healthy`` (serving now) and ``rollout/servers_restarted`` (restarts so far)."""
         if self.supervisor is None:
             return {"rollout/servers_healthy": float(len(self.client.server_urls))}
-        return self.supervisor.stats()
+        return self.supervisor.step_metrics()
 
     # ------------------------------------------------------------------ weights
     def _update_members(self) -> list[Server]:

@@ -107,11 +107,17 @@ def server_command(
 
 
 def router_command(
-    cfg: SGLangConfig, worker_urls: Sequence[str], *, module: str = "sglang_router.launch_router"
+    cfg: SGLangConfig,
+    worker_urls: Sequence[str],
+    *,
+    api_key: str | None = None,
+    module: str = "sglang_router.launch_router",
 ) -> list[str]:
-    """The argv of ``sglang_router`` over ``worker_urls``."""
-    return [sys.executable, "-m", module, "--worker-urls", *worker_urls, "--host", cfg.host,
-            "--port", str(cfg.router_port)]  # fmt: skip
+    """The argv of ``sglang_router`` over ``worker_urls``. With ``api_key`` the router asks it of every client and
+    sends it to the workers given here (sglang-router's "full authentication")."""
+    cmd = [sys.executable, "-m", module, "--worker-urls", *worker_urls, "--host", cfg.host,
+           "--port", str(cfg.router_port)]  # fmt: skip
+    return cmd + (["--api-key", api_key] if api_key else [])
 
 
 def _spawn(cmd: list[str], url: str, log_dir: str | None, name: str, env: dict | None) -> ServerProcess:
@@ -167,13 +173,18 @@ def start_server(
 
 
 def launch_router(
-    cfg: SGLangConfig, worker_urls: Sequence[str], *, log_dir: str | None = None, env: dict | None = None
+    cfg: SGLangConfig,
+    worker_urls: Sequence[str],
+    *,
+    api_key: str | None = None,
+    log_dir: str | None = None,
+    env: dict | None = None,
 ) -> ServerProcess:
     """Start ``sglang_router`` in front of ``worker_urls`` and wait for its ``/health``."""
     url = f"http://{cfg.host}:{cfg.router_port}"
-    proc = _spawn(router_command(cfg, worker_urls), url, log_dir, "sglang_router", env)
+    proc = _spawn(router_command(cfg, worker_urls, api_key=api_key), url, log_dir, "sglang_router", env)
     try:
-        wait_healthy([url], cfg.startup_timeout_s, procs=[proc])
+        wait_healthy([url], cfg.startup_timeout_s, api_key=api_key, procs=[proc])
     except BaseException:
         stop_processes([proc])
         raise

@@ -81,7 +81,7 @@ class ServerSupervisor:
     def rejoining(self) -> list[Server]:
         return [s for s in self.servers if s.state == REJOINING]
 
-    def stats(self) -> dict[str, float]:
+    def step_metrics(self) -> dict[str, float]:
         return {
             "rollout/servers_healthy": float(len(self.serving())),
             "rollout/servers_restarted": float(sum(s.restarts for s in self.servers)),
