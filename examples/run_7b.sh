@@ -13,6 +13,7 @@
 #SBATCH --time=72:00:00
 #SBATCH --output=%x-%j.out
 #SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@900
 set -euo pipefail
 CONFIG=configs/luffy_qwen2.5_math_7b.yaml

@@ -11,6 +11,7 @@
 #SBATCH --cpus-per-task=2
 #SBATCH --time=00:30:00
 #SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@60
 #SBATCH --output=%x-%j.out
 set -euo pipefail

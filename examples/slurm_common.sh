@@ -17,7 +17,9 @@ export SGLANG_API_KEY
 # Trainer overrides every script passes: the key's variable and the fault_tolerance files.
 TRAINER_OVERRIDES=("rollout.sglang.api_key_env=SGLANG_API_KEY" "${FT_OVERRIDES[@]}")
 
-# launch_rollout_servers NODE_INDEX NUM_SERVERS TP: start SGLang servers on one node (background job step).
+# launch_rollout_servers NODE_INDEX NUM_SERVERS TP: start SGLang servers on one node (background job steps). A
+# server that exits is started again after SERVER_RESTART_DELAY seconds (default 30); the trainer waits for it and
+# re-syncs its weights before it serves again.
 launch_rollout_servers() {
     local node=${NODES[$1]} count=$2 tp=$3 i gpus port
     for ((i = 0; i < count; i++)); do
@@ -25,11 +27,15 @@ launch_rollout_servers() {
         port=$((30000 + i))
         # The GPUs are set inside the step (`env`): Slurm sets CUDA_VISIBLE_DEVICES to all of the node's GPUs in
         # every step, overriding a value passed with srun --export.
-        srun --nodes=1 --ntasks=1 -w "$node" --overlap \
-            env CUDA_VISIBLE_DEVICES="$gpus" \
-            "$PYTHON" -m sglang.launch_server --model-path "${MODEL_PATH:?set MODEL_PATH}" --tp-size "$tp" \
-            --host "$node" --port "$port" --api-key "$SGLANG_API_KEY" --skip-tokenizer-init --dtype bfloat16 \
-            >"logs/sglang-${SLURM_JOB_ID}-${node}-${port}.log" 2>&1 &
+        while true; do
+            srun --nodes=1 --ntasks=1 -w "$node" --overlap \
+                env CUDA_VISIBLE_DEVICES="$gpus" \
+                "$PYTHON" -m sglang.launch_server --model-path "${MODEL_PATH:?set MODEL_PATH}" --tp-size "$tp" \
+                --host "$node" --port "$port" --api-key "$SGLANG_API_KEY" --skip-tokenizer-init --dtype bfloat16 \
+                >>"logs/sglang-${SLURM_JOB_ID}-${node}-${port}.log" 2>&1 || true
+            echo "luffy: SGLang server $node:$port exited; starting it again in ${SERVER_RESTART_DELAY:-30} s" >&2
+            sleep "${SERVER_RESTART_DELAY:-30}"
+        done &
         SERVER_URLS+="${SERVER_URLS:+,}http://${node}:${port}"
     done
 }

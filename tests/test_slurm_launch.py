@@ -31,14 +31,15 @@ EXAMPLES = ROOT / "examples"
 MODEL_PATH = "/models/stub-model"
 
 STUB = """#!/usr/bin/env bash
-# Stands in for $PYTHON: records how it was started (node, GPUs, API key, arguments) and exits. Servers are recorded as
-# server.*, trainers (-m torch.distributed.run) as trainer.*; a trainer first waits for the expected servers.
+# Stands in for $PYTHON: records how it was started (node, GPUs, API key, arguments). Servers are recorded as server.*
+# and run until the job ends, trainers (-m torch.distributed.run) as trainer.*: they wait for the expected servers.
 role=server
 [[ ${2:-} == torch.distributed.run ]] && role=trainer
 f="$STUB_LOG_DIR/$role.${SLURMD_NODENAME:-none}.$$"
 { echo "node=${SLURMD_NODENAME:-}"; echo "cuda=${CUDA_VISIBLE_DEVICES-unset}"; echo "key=${SGLANG_API_KEY-unset}"
   printf 'arg=%s\\n' "$@"; } > "$f.tmp"
 mv "$f.tmp" "$f"
+[[ $role == server ]] && exec sleep 600  # a server runs until the job ends
 if [[ $role == trainer ]]; then
     for _ in $(seq 300); do
         [[ $(find "$STUB_LOG_DIR" -name 'server.*' ! -name '*.tmp' | wc -l) -ge $STUB_SERVERS ]] && break

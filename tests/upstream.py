@@ -121,6 +121,13 @@ def source(name: str, path: str) -> str:
         return zf.read(path).decode("utf-8")
 
 
+def wheel_metadata(name: str) -> str:
+    """The ``METADATA`` file (the package's long description) of the pinned wheel of ``name``."""
+    with zipfile.ZipFile(wheel(name)) as zf:
+        path = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        return zf.read(path).decode("utf-8")
+
+
 def sources_under(name: str, folder: str) -> dict[str, str]:
     """Every ``.py`` file under ``folder`` of the wheel, by path."""
     with zipfile.ZipFile(wheel(name)) as zf:
