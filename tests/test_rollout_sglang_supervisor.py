@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -158,3 +159,84 @@ def test_after_a_death_generation_bypasses_the_router() -> None:
         assert engine.step_metrics()["rollout/servers_healthy"] == 1
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+def test_the_trainer_keeps_training_through_a_server_death_and_logs_servers_healthy(tmp_path) -> None:
+    """luffy-train with two launched servers (the test server stands in for ``sglang.launch_server``): one is
+    SIGKILLed after step 2, training goes on with the other, the restarted one serves again; SIGTERM then ends the
+    run after its step (exit 0)."""
+    from tests.fixtures_models import write_train_assets
+    from tests.test_train_e2e import metrics, overrides, train_cmd
+
+    assets = write_train_assets(tmp_path / "assets")
+    shim = tmp_path / "shim" / "sglang"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("")
+    (shim / "launch_server.py").write_text("from tests.sglang_test_server import main\n\nmain()\n")
+    port = free_port()
+    out = tmp_path / "run"
+    args = overrides(assets, out, 200, "rollout.backend=sglang", "rollout.sglang.launch=true",
+                     "rollout.sglang.num_servers=2", f"rollout.sglang.base_port={port}",
+                     "rollout.sglang.weight_sync=disk", f"rollout.sglang.weight_sync_dir={tmp_path / 'w'}",
+                     "rollout.sglang.startup_timeout_s=300", "rollout.sglang.samples_per_request=2",
+                     "rollout.sglang.extra_args=[--step-delay-s,0.02]")  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tmp_path / 'shim'}:{REPO}"}
+    log = tmp_path / "train.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(train_cmd(args), stdout=sink, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(lambda: len(metrics(out)) >= 2, proc, 300)
+        [pid] = server_pids(port)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: last(out)["rollout/servers_healthy"] == 1, proc, 300)  # noticed: the other server goes on
+        wait_for(lambda: last(out)["rollout/servers_healthy"] == 2, proc, 300)  # restarted, re-synced, serving
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = log.read_text()
+    assert proc.returncode == 0, output[-3000:]
+    rows = metrics(out)
+    steps = sorted(rows)
+    assert steps == list(range(1, steps[-1] + 1)), "no step lost"
+    healthy = [rows[s]["rollout/servers_healthy"] for s in steps]
+    assert healthy[:2] == [2, 2] and 1 in healthy[2:] and healthy[-1] == 2, healthy
+    assert rows[steps[-1]]["rollout/servers_restarted"] == 1
+    assert "rollout server" in output and "is down (process exited with code -9)" in output, output[-3000:]
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except (FileNotFoundError, KeyError):
+            pass
+        assert proc.poll() is None, f"the trainer exited with {proc.returncode}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.3)
+
+
+def last(out: Path) -> dict:
+    from tests.test_train_e2e import metrics
+
+    rows = metrics(out)
+    return rows[max(rows)]
+
+
+def server_pids(port: int) -> list[int]:
+    """The server process listening on ``port`` (its command line holds ``--port PORT``)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                args = (p / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if "sglang.launch_server" in args and "--port" in args and args[args.index("--port") + 1] == str(port):
+                found.append(int(p.name))
+    return found
