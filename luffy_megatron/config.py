@@ -13,6 +13,7 @@ bonus 0.001, no KL, AdamW lr 1e-6, 128 prompts per step, mini-batches of 64, pro
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -351,10 +352,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     if m.megatron_checkpoint is not None and not Path(m.megatron_checkpoint).is_dir():
         _fail("model.megatron_checkpoint", f"directory not found: {m.megatron_checkpoint}")
 
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    heads = hf.get("num_attention_heads")
-    layers = hf.get("num_hidden_layers")
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    heads, layers = hf.get("num_attention_heads"), hf.get("num_hidden_layers")
     if not isinstance(heads, int) or not isinstance(layers, int):
         _fail("model.hf_path", f"config.json in {m.hf_path} lacks num_attention_heads / num_hidden_layers")
     groups = hf.get("num_key_value_heads") or heads
@@ -406,12 +405,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         for f in files:
             if not _exists_or_glob(f):
                 _fail(key, f"no such file or directory: {f}")
-    if d.max_prompt_length + d.max_response_length > hf.get("max_position_embeddings", 1 << 30):
-        _fail(
-            "data.max_response_length",
-            f"prompt + response = {d.max_prompt_length + d.max_response_length} exceeds the model's "
-            f"max_position_embeddings {hf['max_position_embeddings']}",
-        )
+    total, limit = d.max_prompt_length + d.max_response_length, hf.get("max_position_embeddings", 1 << 30)
+    if total > limit:
+        _fail("data.max_response_length", f"prompt + response = {total} > the model's max_position_embeddings {limit}")
 
     _positive(cfg.reward, "reward", ("num_workers", "timeout_s", "hard_margin_s"))
     o = cfg.optimizer
@@ -421,11 +417,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         if getattr(o, name) < 0:
             _fail(f"optimizer.{name}", f"must be >= 0, got {getattr(o, name)}")
     _positive(cfg.trainer, "trainer", ("total_steps", "val_n"))
-    c = cfg.checkpoint
-    if c.keep_last < 1:
-        _fail("checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")
-    if c.save_interval < 0:
-        _fail("checkpoint.save_interval", f"must be >= 0, got {c.save_interval}")
+    for name, low in (("keep_last", 1), ("save_interval", 0)):
+        if getattr(cfg.checkpoint, name) < low:
+            _fail(f"checkpoint.{name}", f"must be >= {low}, got {getattr(cfg.checkpoint, name)}")
     validate_fault_tolerance(cfg.fault_tolerance, _fail)
 
 
@@ -437,8 +431,6 @@ def _exists_or_glob(path: str) -> bool:
     if Path(path).exists():
         return True
     if any(ch in path for ch in "*?["):
-        import glob
-
         return bool(glob.glob(path))
     # An HF hub dataset name: no extension, not absolute, at most one slash.
     return not path.startswith((".", "/")) and path.count("/") == 1 and "." not in Path(path).name
