@@ -115,12 +115,34 @@ def test_every_server_dead_in_disk_mode_restarts_them_with_the_last_weights(tmp_
         engine.close()
 
 
-def supervised(servers: list[SGLangTestServer], grace_s: float, router: str | None = None) -> SGLangEngine:
+def supervised(
+    servers: list[SGLangTestServer], grace_s: float, router: str | None = None, max_retries: int = 3
+) -> SGLangEngine:
     urls = [s.url for s in servers]
-    client = SGLangClient([router] if router else urls, urls, backoff_s=0.01, samples_per_request=4)
+    client = SGLangClient([router] if router else urls, urls, backoff_s=0.01, samples_per_request=4,
+                          max_retries=max_retries)  # fmt: skip
     sup = ServerSupervisor(client, [Server(u, i) for i, u in enumerate(urls)], health_timeout_s=1.0, grace_s=grace_s,
                            router=router is not None)  # fmt: skip
     return SGLangEngine(client, weight_sync="distributed", eos_token_ids=[1], supervisor=sup)
+
+
+def test_a_call_broken_by_a_death_runs_again_on_the_servers_left_each_sample_once() -> None:
+    """Without client retries the dying server fails the call: the engine notices the death and generates the whole
+    batch again (new rids) on the other server; the answer equals the reference, sample by sample."""
+    servers = [SGLangTestServer(HFEngine(weights(1), eos_token_ids=[1])) for _ in range(2)]
+    for s in servers:
+        s.start()
+    servers[0].faults.die_on_request = 2
+    engine = supervised(servers, grace_s=10.0, max_retries=0)
+    try:
+        out = engine.generate(PROMPTS, PARAMS)
+        assert [[o.output_ids for o in row] for row in out] == reference(1)
+        assert urls_used(out) == {servers[1].url} and engine.step_metrics()["rollout/servers_healthy"] == 1
+        rids = [r.body["rid"] for r in servers[1].requests if r.path == "/generate"]
+        calls = {rid.split("-")[0] for batch in rids for rid in batch}
+        assert len(calls) == 2, "the broken call and the one run again"
+    finally:
+        engine.close()
 
 
 def test_every_url_server_dead_past_the_grace_period_fails_naming_the_cause() -> None:
