@@ -14,6 +14,8 @@ if [[ -z ${SGLANG_API_KEY:-} ]]; then
     SGLANG_API_KEY=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
 fi
 export SGLANG_API_KEY
+# When the script ends, so do the server restart loops below (Slurm then ends their steps).
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 # Trainer overrides every script passes: the key's variable and the fault_tolerance files.
 TRAINER_OVERRIDES=("rollout.sglang.api_key_env=SGLANG_API_KEY" "${FT_OVERRIDES[@]}")
 

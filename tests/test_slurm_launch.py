@@ -32,14 +32,21 @@ MODEL_PATH = "/models/stub-model"
 
 STUB = """#!/usr/bin/env bash
 # Stands in for $PYTHON: records how it was started (node, GPUs, API key, arguments). Servers are recorded as server.*
-# and run until the job ends, trainers (-m torch.distributed.run) as trainer.*: they wait for the expected servers.
+# and run until the job ends (with STUB_SERVERS_DIE_ONCE, each port's first one exits at once), trainers
+# (-m torch.distributed.run) as trainer.*: they wait for the expected number of server starts.
 role=server
 [[ ${2:-} == torch.distributed.run ]] && role=trainer
 f="$STUB_LOG_DIR/$role.${SLURMD_NODENAME:-none}.$$"
 { echo "node=${SLURMD_NODENAME:-}"; echo "cuda=${CUDA_VISIBLE_DEVICES-unset}"; echo "key=${SGLANG_API_KEY-unset}"
   printf 'arg=%s\\n' "$@"; } > "$f.tmp"
 mv "$f.tmp" "$f"
-[[ $role == server ]] && exec sleep 600  # a server runs until the job ends
+if [[ $role == server ]]; then
+    port=$(printf '%s\n' "$@" | grep -A1 -x -- --port | tail -n 1)
+    if [[ -n ${STUB_SERVERS_DIE_ONCE:-} ]] && mkdir "$STUB_LOG_DIR/died.$port" 2>/dev/null; then
+        exit 1
+    fi
+    exec sleep 600
+fi
 if [[ $role == trainer ]]; then
     for _ in $(seq 300); do
         [[ $(find "$STUB_LOG_DIR" -name 'server.*' ! -name '*.tmp' | wc -l) -ge $STUB_SERVERS ]] && break
@@ -89,7 +96,7 @@ def job_output(info: dict[str, str]) -> str:
     return path.read_text(errors="replace") if path.is_file() else f"(no output file {path})"
 
 
-def submit_gpu_script(cluster, root: Path, script: str, servers: int, *args: str):
+def submit_gpu_script(cluster, root: Path, script: str, servers: int, *args: str, **extra_env: str):
     """An examples/ GPU script, unchanged (its own #SBATCH header), on the simulated GPU partition with $PYTHON a
     stub that records each SGLang server and trainer it stands in for."""
     bin_dir, log_dir = write_stubs(root)
@@ -99,6 +106,7 @@ def submit_gpu_script(cluster, root: Path, script: str, servers: int, *args: str
         STUB_LOG_DIR=str(log_dir),
         STUB_SERVERS=str(servers),
         PYTHON=str(bin_dir / "python"),
+        **extra_env,
     )
     env.pop("SGLANG_API_KEY", None)  # the scripts make one
     return cluster.submit(EXAMPLES / script, *args, cwd=root, env=env, options=("--partition=gpu",)), log_dir
@@ -126,6 +134,10 @@ def jobs(cluster, assets, tmp_path_factory):
     calls = {}
     (root / "7b").mkdir()
     procs["7b"], calls["7b"] = submit_gpu_script(cluster, root / "7b", "run_7b.sh", 4, "trainer.total_steps=3")
+    (root / "7b_restart").mkdir()  # every server exits once: the script starts each again (8 starts in all)
+    procs["7b_restart"], calls["7b_restart"] = submit_gpu_script(
+        cluster, root / "7b_restart", "run_7b.sh", 8, STUB_SERVERS_DIE_ONCE="1", SERVER_RESTART_DELAY="1"
+    )
     (root / "32b").mkdir()
     procs["32b"], calls["32b"] = submit_gpu_script(
         cluster, root / "32b", "run_32b.sh", 4, "configs/luffy_qwen2.5_32b.yaml", "data.train_files=[/data/a b.parquet]"
@@ -285,3 +297,12 @@ def test_each_job_makes_an_api_key_that_servers_demand_and_nothing_prints(cluste
             assert r.status == 200, "health checks need no key"
     finally:
         server.stop()
+
+
+def test_a_server_step_that_exits_is_started_again(cluster, jobs):
+    info, servers, trainers = gpu_job(cluster, jobs, "7b_restart")
+    ports = sorted(arg_after(s["args"], "--port") for s in servers)
+    assert ports == sorted(["30000", "30001", "30002", "30003"] * 2), ports
+    assert {s["key"] for s in servers} == {t["key"] for t in trainers}, "the same key after a restart"
+    log = jobs["7b_restart"]["log"]
+    assert log.count("exited; starting it again in 1 s") == 4, log[-3000:]
