@@ -3,6 +3,8 @@ ends with one line per test tier that did not run here, with the reason (see tes
 
 import os
 
+import pytest
+
 from tests.tiers import REQUIRE_ENV, TIER_PREFIX
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,3 +31,21 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for tier, reasons in sorted(skipped.items()):
         terminalreporter.write_line(f"{tier}: {len(reasons)} tests skipped: {reasons[0]}")
     terminalreporter.write_line(f"({REQUIRE_ENV}=1 turns these skips into failures, as CI does.)")
+
+
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_rendezvous_env():
+    """A test must not leave MASTER_ADDR/MASTER_PORT behind: every later subprocess would inherit a port that this
+    process may still listen on (a CI run failed with EADDRINUSE that way)."""
+    before = {k: os.environ.get(k) for k in RENDEZVOUS_VARS}
+    yield
+    leaked = {k: os.environ[k] for k in RENDEZVOUS_VARS if k in os.environ and os.environ[k] != before[k]}
+    for k in leaked:
+        if before[k] is None:
+            del os.environ[k]
+        else:
+            os.environ[k] = before[k]
+    assert not leaked, f"the test left {leaked} in os.environ"

@@ -68,12 +68,17 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30) ->
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-    os.environ.setdefault("MASTER_ADDR", env.master_addr)
     if env.world_size == 1 and "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
-    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        # A lone process rendezvouses with itself on a free port, passed directly: writing it to os.environ would
+        # hand a port this process keeps listening on to every child process started later.
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+    else:
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        init_method = "env://"
     dist.init_process_group(
         backend=backend,
+        init_method=init_method,
         rank=env.rank,
         world_size=env.world_size,
         timeout=timedelta(minutes=timeout_minutes),

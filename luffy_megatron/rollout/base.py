@@ -15,11 +15,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from luffy_megatron.config import RolloutConfig
+
 if TYPE_CHECKING:
     from torch import Tensor
-
-    from luffy_megatron.config import RolloutConfig
-    from luffy_megatron.fault_config import FaultToleranceConfig
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -64,9 +63,10 @@ class SamplingParams:
     def from_config(
         cls, cfg: RolloutConfig, max_new_tokens: int, *, n: int | None = None, seed: int | None = None
     ) -> SamplingParams:
-        """On-policy sampling of a rollout step: ``n`` defaults to ``cfg.n - cfg.n_off``, ``seed`` to ``cfg.seed``."""
+        """Sampling of a rollout step: ``n`` defaults to ``cfg.n`` (every prompt gets ``n`` samples; the loop keeps the
+        first ``n - n_off`` of a prompt with a trace), ``seed`` to ``cfg.seed``."""
         return cls(
-            n=cfg.n - cfg.n_off if n is None else n,
+            n=cfg.n if n is None else n,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             top_k=cfg.top_k,
@@ -145,32 +145,3 @@ class RolloutEngine(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def build_rollout_engine(
-    cfg: RolloutConfig,
-    hf_path: str,
-    *,
-    dtype: str = "float32",
-    eos_token_ids: list[int] | None = None,
-    device: str = "cpu",
-    fault_tolerance: FaultToleranceConfig | None = None,
-) -> RolloutEngine:
-    """The engine named by ``cfg.backend``: ``hf`` (in-process transformers) or ``sglang`` (HTTP servers).
-
-    ``dtype``/``device`` apply to the HF engine (fp32 on CPU by default); SGLang takes its dtype from
-    ``cfg.sglang.dtype``. ``eos_token_ids`` default to the model's ``generation_config`` / ``config``. SGLang
-    servers are supervised as ``fault_tolerance`` says.
-    """
-    if cfg.backend == "hf":
-        from luffy_megatron.rollout.hf_engine import HFEngine
-
-        return HFEngine.from_pretrained(
-            hf_path, dtype=dtype, device=device, batch_size=cfg.hf_batch_size, eos_token_ids=eos_token_ids
-        )
-    if cfg.backend == "sglang":
-        from luffy_megatron.rollout.sglang.engine import SGLangEngine
-
-        ft = fault_tolerance
-        return SGLangEngine.from_config(cfg.sglang, hf_path, eos_token_ids=eos_token_ids, fault_tolerance=ft)
-    raise ValueError(f"rollout.backend: unknown backend {cfg.backend!r} (expected 'hf' or 'sglang')")

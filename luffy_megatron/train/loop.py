@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
 from luffy_megatron.algo import compute_advantages
 from luffy_megatron.config import RunConfig, read_hf_config, to_dict
@@ -38,7 +39,8 @@ from luffy_megatron.models.builder import model_spec
 from luffy_megatron.models.tokenizer import load_tokenizer, pad_token_id
 from luffy_megatron.platform import init_distributed, init_model_parallel, rank0_call
 from luffy_megatron.reward import RewardPool
-from luffy_megatron.rollout.base import SamplingParams, build_rollout_engine
+from luffy_megatron.rollout.base import SamplingParams
+from luffy_megatron.rollout.factory import build_rollout_engine
 from luffy_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from luffy_megatron.train.policy import MegatronPolicy
 from luffy_megatron.train.preemption import StopRequest
@@ -66,7 +68,8 @@ class RunState:
 def train(cfg: RunConfig) -> dict[str, float]:
     """Run ``cfg.trainer.total_steps`` RL steps (resuming from the newest checkpoint when configured).
 
-    The config must already be validated (:func:`luffy_megatron.config.validate`). Returns the last step's metrics.
+    The config must already be validated (:func:`luffy_megatron.config_checks.validate`). Returns the last step's
+    metrics.
     """
     stop = StopRequest(cfg.fault_tolerance, cfg.checkpoint.save_dir)  # before setup: a signal waits for step 1
     try:
@@ -163,14 +166,7 @@ def generate_groups(cfg: RunConfig, run: RunState, batch: list) -> list[Sample]:
     """``n`` rollouts per prompt, of which the first ``n - n_off`` are kept where the prompt has a trace; assembled
     into groups with the trace copies."""
     r = cfg.rollout
-    params = SamplingParams(
-        n=r.n,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        top_k=r.top_k,
-        max_new_tokens=cfg.data.max_response_length,
-        seed=r.seed * 1_000_003 + run.step,
-    )
+    params = SamplingParams.from_config(r, cfg.data.max_response_length, seed=r.seed * 1_000_003 + run.step)
     outputs = run.engine.generate([item.prompt_ids for item in batch], params)
     run.engine.release_memory()  # colocated servers give the GPUs to Megatron until the weight sync
     n_off = r.n_off
@@ -289,6 +285,8 @@ def evaluate(cfg: RunConfig, engine, rewards, tokenizer, dataset) -> dict[str, f
 def setup(cfg: RunConfig) -> tuple[RunState, Any]:
     """Distributed groups, policy (weights from checkpoint / Megatron checkpoint / HF), data, engine, rewards."""
     init_distributed(cfg.parallel.backend, timeout_minutes=cfg.fault_tolerance.collective_timeout_min)
+    if not cfg.logging.progress_bar:
+        hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
     p = cfg.parallel
     init_model_parallel(p.tp, p.pp, p.vpp, seed=cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model.hf_path)

@@ -2,7 +2,8 @@
 
 A *sample* is one prompt + one response: on-policy (sampled by the rollout engine) or off-policy (the expert trace).
 Each prompt's samples form a *group* of ``n``: ``n - n_off`` on-policy samples and ``n_off`` copies of its trace
-(a prompt without a trace gets ``n`` on-policy samples instead).
+(a prompt without a trace gets ``n`` on-policy samples instead). The engine samples ``n`` responses for every prompt;
+the loop keeps the first ``n - n_off`` of a prompt with a trace.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def assemble_groups(
 ) -> list[Sample]:
     """Mixed groups: per prompt its on-policy rollouts then ``n_off`` copies of its trace (when it has one).
 
-    ``rollouts[i]`` holds (output ids, engine log-probs, finish reason) of prompt i; prompts without a trace must come
-    with ``n`` rollouts, others with ``n - n_off`` (the caller asks the engine for that many).
+    ``rollouts[i]`` holds (output ids, engine log-probs, finish reason) of the on-policy samples of prompt i: all
+    ``n`` for a prompt without a trace, the first ``n - n_off`` of the ``n`` sampled for one with a trace (the caller
+    cuts them).
     """
     samples: list[Sample] = []
     for gid, (pidx, pids, trace, outs) in enumerate(zip(prompt_indices, prompt_ids, traces, rollouts)):

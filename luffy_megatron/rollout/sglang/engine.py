@@ -17,17 +17,13 @@ later update succeeds:
   tensors, after SGLang's ``monkey_patch_torch_reductions``), base64-encoded, and posted to
   ``/update_weights_from_tensor``, serialized once per server and TP rank (each consumes its own CUDA-IPC references).
 
-Servers that die are supervised (:mod:`luffy_megatron.rollout.sglang.supervisor`): no work goes to them, launched
-ones restart, and a revived server serves again only after a weight update reached it (the next one, or the last
-weights from disk when no server was left). A server dying during a weight update fails that update.
-
 With ``colocate``, :meth:`SGLangEngine.release_memory` frees the servers' weights, KV cache and CUDA graphs after
 generation and :meth:`SGLangEngine.resume_memory` takes them back before the next weight update.
 """
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import json
 import logging
 import shutil
@@ -39,9 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
 
-from luffy_megatron.config import SGLangConfig
+from luffy_megatron.config import SGLangConfig, WeightSync, choices
 from luffy_megatron.fault_config import FaultToleranceConfig
+from luffy_megatron.models.tokenizer import HF_CONFIG_FILES, read_eos_token_ids
 from luffy_megatron.platform.distributed import free_port
 from luffy_megatron.rollout.base import (
     RolloutEngine,
@@ -57,11 +56,10 @@ from luffy_megatron.rollout.sglang.launcher import (
     launch_router,
     launch_servers,
     read_api_key,
-    start_server,
     stop_processes,
     wait_healthy,
 )
-from luffy_megatron.rollout.sglang.supervisor import Server, ServerSupervisor
+from luffy_megatron.rollout.sglang.supervisor import ServerSupervisor, supervise
 from luffy_megatron.rollout.sglang.weights import (
     GROUP_NAME,
     init_weights_update_group,
@@ -71,7 +69,6 @@ from luffy_megatron.rollout.sglang.weights import (
 )
 
 logger = logging.getLogger(__name__)
-_CONFIG_FILES = ("config.json", "generation_config.json")
 
 
 def sampling_params_body(params: SamplingParams, seed: int | None, stop_token_ids: Iterable[int]) -> dict:
@@ -111,9 +108,9 @@ class SGLangEngine(RolloutEngine):
         flush_retries: int = 20,
         supervisor: ServerSupervisor | None = None,
     ) -> None:
-        if weight_sync not in ("disk", "distributed", "tensor"):
-            raise ValueError(f"rollout.sglang.weight_sync: unknown mode {weight_sync!r}")
-        if weight_sync == "disk" and not weight_sync_dir:
+        if weight_sync not in choices(WeightSync):
+            raise ValueError(f"rollout.sglang.weight_sync: {weight_sync!r} is not one of {list(choices(WeightSync))}")
+        if weight_sync == WeightSync.DISK and not weight_sync_dir:
             raise ValueError("rollout.sglang.weight_sync_dir is required for weight_sync=disk")
         self.client = client
         self.weight_sync = weight_sync
@@ -182,18 +179,9 @@ class SGLangEngine(RolloutEngine):
             samples_per_request=cfg.samples_per_request,
         )
         if eos_token_ids is None:
-            from luffy_megatron.models.tokenizer import read_eos_token_ids
-
             eos_token_ids = read_eos_token_ids(hf_path)
-        ft = fault_tolerance or FaultToleranceConfig()
-        launched = {p.url: p for p in procs}
-        restart = None
-        if cfg.launch and ft.restart_servers:  # called with the server's index
-            restart = functools.partial(start_server, cfg, hf_path, api_key=api_key, log_dir=log_dir, module=module,
-                                        env=env)  # fmt: skip
-        servers = [Server(url, i, launched.get(url)) for i, url in enumerate(server_urls)]
-        supervisor = ServerSupervisor(client, servers, restart=restart, health_timeout_s=ft.health_timeout_s,
-                                      grace_s=ft.servers_grace_s, router=cfg.use_router)  # fmt: skip
+        supervisor = supervise(cfg, hf_path, client, server_urls, procs, fault_tolerance,
+                               api_key=api_key, log_dir=log_dir, module=module, env=env)  # fmt: skip
         return cls(
             client,
             weight_sync=cfg.weight_sync,
@@ -220,15 +208,9 @@ class SGLangEngine(RolloutEngine):
             raise WeightSyncError("the last weight update failed; refusing to generate from stale weights")
         if self.supervisor is None:
             return self._generate_once(prompts, params)
-        self._ensure_serving()
-        try:
-            return self._generate_once(prompts, params)
-        except RolloutError as e:
-            if not self.supervisor.check():
-                raise
-            logger.warning("a rollout server died during generation (%s); generating the batch again", e)
-        self._ensure_serving()
-        return self._generate_once(prompts, params)
+        folder = self._last_dir if self.weight_sync == WeightSync.DISK else None  # what revived servers can load
+        return self.supervisor.run_generation(lambda: self._generate_once(prompts, params), self.weight_version,
+                                              folder, self._run)  # fmt: skip
 
     def _generate_once(self, prompts: list[list[int]], params: SamplingParams) -> list[list[RolloutOutput]]:
         call = uuid.uuid4().hex[:12]
@@ -258,52 +240,13 @@ class SGLangEngine(RolloutEngine):
             out.append(row)
         return out
 
-    def _ensure_serving(self) -> None:
-        """Probe the servers; with none serving, wait for one (restored from the last weights on disk)."""
-        assert self.supervisor is not None
-        self.supervisor.check()
-        if not self.supervisor.serving():
-            if self.weight_version is not None and (self.weight_sync != "disk" or self._last_dir is None):
-                causes = "; ".join(f"{s.url}: {s.cause}" for s in self.supervisor.servers)
-                raise RolloutError(
-                    f"every rollout server is down ({causes}) and with weight_sync={self.weight_sync} only the "
-                    f"trainer holds weight version {self.weight_version}: resume from the last checkpoint"
-                )
-            self.supervisor.wait_for_any(self._restore_weights)
-
-    def _restore_weights(self, servers: list[Server]) -> None:
-        """Give revived servers the current weights from the last folder written (disk mode) before they serve; none
-        are needed before the first update (they load the same HF folder as the trainer)."""
-        if self.weight_version is None:
-            return
-        body = {"model_path": str(self._last_dir), "weight_version": str(self.weight_version), "flush_cache": True,
-                "abort_all_requests": False}  # fmt: skip
-        self._run(self.client.post_all("/update_weights_from_disk", body, urls=[s.url for s in servers]))
-
     def step_metrics(self) -> dict[str, float]:
         """``rollout/servers_healthy`` (serving now) and ``rollout/servers_restarted`` (restarts so far)."""
-        if self.supervisor is None:
-            return {"rollout/servers_healthy": float(len(self.client.server_urls))}
-        return self.supervisor.step_metrics()
+        return self.supervisor.step_metrics() if self.supervisor is not None else {}
 
     # ------------------------------------------------------------------ weights
-    def _update_members(self) -> list[Server]:
-        """The servers this update goes to: the serving ones plus revived ones, which serve once it succeeded. The
-        weight-update group is rebuilt when its members changed."""
-        if self.supervisor is None:
-            return []
-        self.supervisor.check()
-        joining = self.supervisor.rejoining()
-        urls = [s.url for s in self.supervisor.serving() + joining]
-        self.client.set_urls(self.client.generate_urls, urls)
-        if self._group is not None and urls != self._group_urls:
-            self._drop_group([s.url for s in self.supervisor.serving() if s.url in self._group_urls])
-        return joining
-
     def _drop_group(self, alive: list[str]) -> None:
-        """Leave the weight-update group; its members in ``alive`` destroy their side (best effort)."""
-        import torch.distributed as dist
-
+        """Leave the weight-update group (its members changed); those in ``alive`` destroy their side (best effort)."""
         try:
             self._run(self.client.post_all("/destroy_weights_update_group", {"group_name": GROUP_NAME}, urls=alive))
         except RolloutError as e:
@@ -315,12 +258,15 @@ class SGLangEngine(RolloutEngine):
         """Pause, flush, load the stream on every server in the configured mode, continue; raises on any failure."""
         t0 = time.perf_counter()
         self._phases = {}
-        joining = self._update_members()
+        joining = self.supervisor.members_for_update() if self.supervisor is not None else []
+        if self._group is not None and self.client.server_urls != self._group_urls:  # members changed
+            fresh = {s.url for s in joining}
+            self._drop_group([u for u in self._group_urls if u in self.client.server_urls and u not in fresh])
         self._stale = True
         try:
             self.pause()
             self._flush()
-            if self.weight_sync == "disk":
+            if self.weight_sync == WeightSync.DISK:
                 nbytes = self._sync_disk(named_tensors, version)
             else:
                 nbytes = self._in_session(named_tensors, version)
@@ -340,7 +286,7 @@ class SGLangEngine(RolloutEngine):
     def _in_session(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         """Distributed or tensor buckets between ``/begin_weight_update`` and ``/end_weight_update``; a session left
         open by a failure is closed (best effort) so that the next update can begin one."""
-        sync = self._sync_distributed if self.weight_sync == "distributed" else self._sync_tensor
+        sync = self._sync_distributed if self.weight_sync == WeightSync.DISTRIBUTED else self._sync_tensor
         try:
             self._run(self.client.post_all("/begin_weight_update", {}))
             nbytes = sync(named_tensors, version)
@@ -365,8 +311,6 @@ class SGLangEngine(RolloutEngine):
                 time.sleep(min(2.0, 0.1 * 2**attempt))
 
     def _sync_disk(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        from safetensors.torch import save_file
-
         assert self.weight_sync_dir is not None
         t0 = time.perf_counter()
         root = Path(self.weight_sync_dir)
@@ -387,7 +331,7 @@ class SGLangEngine(RolloutEngine):
             json.dumps({"metadata": {"total_size": nbytes}, "weight_map": index}, indent=1)
         )
         if self.hf_path:
-            for cfg_name in _CONFIG_FILES:
+            for cfg_name in HF_CONFIG_FILES:
                 if (Path(self.hf_path) / cfg_name).is_file():
                     shutil.copy(Path(self.hf_path) / cfg_name, tmp / cfg_name)
         shutil.rmtree(final, ignore_errors=True)
@@ -438,13 +382,9 @@ class SGLangEngine(RolloutEngine):
                 f.result()
 
     def _submit(self, coro: Any) -> Future:
-        import asyncio
-
         return asyncio.run_coroutine_threadsafe(coro, self._loop.loop)
 
     def _sync_distributed(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        import torch.distributed as dist
-
         self.init_distributed()
         device = torch.device("cuda", torch.cuda.current_device()) if self.group_backend == "nccl" else "cpu"
         nbytes = 0
@@ -503,7 +443,5 @@ class SGLangEngine(RolloutEngine):
             self._loop.stop()
             stop_processes(self.processes + [p for p in restarted if p is not None and p not in self.processes])
             if self._group is not None:
-                import torch.distributed as dist
-
                 dist.destroy_process_group(self._group)
                 self._group = None

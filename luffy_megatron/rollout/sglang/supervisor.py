@@ -17,18 +17,24 @@ and no longer through the router.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
+from luffy_megatron.config import SGLangConfig
+from luffy_megatron.fault_config import FaultToleranceConfig
 from luffy_megatron.rollout.base import RolloutError
 from luffy_megatron.rollout.sglang.client import SGLangClient
-from luffy_megatron.rollout.sglang.launcher import ServerProcess, stop_processes
+from luffy_megatron.rollout.sglang.launcher import ServerProcess, start_server, stop_processes
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 SERVING, DOWN, REJOINING = "serving", "down", "rejoining"
 
 
@@ -124,6 +130,48 @@ class ServerSupervisor:
             s.state = REJOINING
             logger.warning("rollout server %s answers again; it serves once it has the current weights", s.url)
 
+    def run_generation(self, generate: Callable[[], T], version: int | None, folder: Path | None, run: Any) -> T:
+        """``generate()`` once a server serves (:meth:`ensure_serving`); when it fails because a server died, once
+        more on the servers left (the caller makes new rids: every sample comes back exactly once)."""
+        self.ensure_serving(version, folder, run)
+        try:
+            return generate()
+        except RolloutError as e:
+            if not self.check():
+                raise
+            logger.warning("a rollout server died during generation (%s); generating the batch again", e)
+        self.ensure_serving(version, folder, run)
+        return generate()
+
+    def ensure_serving(self, version: int | None, folder: Path | None, run: Any) -> None:
+        """Probe; with no server serving, wait for one. A revived server first needs the trainer's weights: none
+        before the first update (``version`` None: it loaded the same HF folder), else those of the last disk update
+        in ``folder``, loaded by ``run``-ning a client request (None when only the trainer holds them: fail at once).
+        """
+        self.check()
+        if self.serving():
+            return
+        if version is not None and folder is None:
+            causes = "; ".join(f"{s.url}: {s.cause}" for s in self.servers)
+            raise RolloutError(f"every rollout server is down ({causes}) and only the trainer holds weight version "
+                               f"{version} (weight_sync is not disk): resume from the last checkpoint")  # fmt: skip
+
+        def restore(servers: list[Server]) -> None:
+            if version is not None:
+                body = {"model_path": str(folder), "weight_version": str(version), "flush_cache": True,
+                        "abort_all_requests": False}  # fmt: skip
+                run(self.client.post_all("/update_weights_from_disk", body, urls=[s.url for s in servers]))
+
+        self.wait_for_any(restore)
+
+    def members_for_update(self) -> list[Server]:
+        """Probe; a weight update goes to the serving servers and the revived ones, which are returned (they serve once
+        it succeeded, :meth:`joined`)."""
+        self.check()
+        joining = self.rejoining()
+        self.client.set_urls(self.client.generate_urls, [s.url for s in self.serving() + joining])
+        return joining
+
     def joined(self, servers: list[Server]) -> None:
         """``servers`` received the current weights: they serve again."""
         for s in servers:
@@ -151,3 +199,28 @@ class ServerSupervisor:
                 causes = "; ".join(f"{s.url}: {s.cause or s.state}" for s in self.servers)
                 raise RolloutError(f"no rollout server has served for {self.grace_s:.0f} s ({causes})")
             time.sleep(min(5.0, self.health_timeout_s))
+
+
+def supervise(
+    cfg: SGLangConfig,
+    hf_path: str,
+    client: SGLangClient,
+    server_urls: Sequence[str],
+    procs: Sequence[ServerProcess],
+    ft: FaultToleranceConfig | None,
+    *,
+    api_key: str | None,
+    log_dir: str | None,
+    module: str,
+    env: dict | None,
+) -> ServerSupervisor:
+    """The supervisor of an engine's servers: launched ones (``procs``) restart with their launch arguments."""
+    ft = ft or FaultToleranceConfig()
+    restart = None
+    if cfg.launch and ft.restart_servers:  # called with the server's index
+        restart = functools.partial(start_server, cfg, hf_path, api_key=api_key, log_dir=log_dir, module=module,
+                                    env=env)  # fmt: skip
+    launched = {p.url: p for p in procs}
+    servers = [Server(url, i, launched.get(url)) for i, url in enumerate(server_urls)]
+    return ServerSupervisor(client, servers, restart=restart, health_timeout_s=ft.health_timeout_s,
+                            grace_s=ft.servers_grace_s, router=cfg.use_router)  # fmt: skip
