@@ -12,6 +12,9 @@
 #SBATCH --exclusive
 #SBATCH --time=120:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@1800
 set -euo pipefail
 CONFIG=configs/luffy_qwen2.5_32b.yaml
 if [[ $# -gt 0 && $1 != *=* ]]; then  # an optional CONFIG first; key=value arguments are overrides
@@ -24,4 +27,4 @@ source "$HERE/slurm_common.sh"
 TRAIN_NODES=2
 launch_rollout_servers 2 2 4          # node index, servers, TP per server: 2 x TP 4 fill a node's 8 GPUs
 launch_rollout_servers 3 2 4
-run_trainer_nodes "$TRAIN_NODES" 8 "$CONFIG" "rollout.sglang.urls=[$SERVER_URLS]" "$@"
+run_step run_trainer_nodes "$TRAIN_NODES" 8 "$CONFIG" "rollout.sglang.urls=[$SERVER_URLS]" "$@"

@@ -12,6 +12,9 @@
 #SBATCH --exclusive
 #SBATCH --time=72:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@900
 set -euo pipefail
 CONFIG=configs/luffy_qwen2.5_math_7b.yaml
 if [[ $# -gt 0 && $1 != *=* ]]; then  # an optional CONFIG first; key=value arguments are overrides
@@ -22,4 +25,4 @@ fi
 HERE=$(dirname "$(scontrol show job "${SLURM_JOB_ID:?submit with sbatch}" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")
 source "$HERE/slurm_common.sh"
 launch_rollout_servers 1 4 2          # node index, servers, TP per server
-run_trainer 0 8 "$CONFIG" "rollout.sglang.launch=false" "rollout.sglang.urls=[$SERVER_URLS]" "$@"
+run_step run_trainer 0 8 "$CONFIG" "rollout.sglang.launch=false" "rollout.sglang.urls=[$SERVER_URLS]" "$@"

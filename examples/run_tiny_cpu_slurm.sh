@@ -10,6 +10,9 @@
 #SBATCH --ntasks=1
 #SBATCH --cpus-per-task=2
 #SBATCH --time=00:30:00
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@60
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 CONFIG=configs/tiny_cpu_luffy.yaml
@@ -17,6 +20,9 @@ if [[ $# -gt 0 && $1 != *=* ]]; then
     CONFIG=$1
     shift
 fi
+# sbatch runs a copy of this script from its spool directory: slurm_requeue.sh is next to the original.
+HERE=$(dirname "$(scontrol show job "${SLURM_JOB_ID:?submit with sbatch}" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")
+source "$HERE/slurm_requeue.sh"
 PYTHON=${PYTHON:-python}
 NPROC=${NPROC:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -29,7 +35,10 @@ if [[ " $* " != *" model.hf_path="* ]]; then
 fi
 
 echo "luffy-tiny-cpu: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, $NPROC processes, master $MASTER_ADDR:$MASTER_PORT"
-# Defaults first: the command line's key=value overrides win.
-srun --ntasks=1 "$PYTHON" -m torch.distributed.run --nnodes 1 --nproc-per-node "$NPROC" \
-    --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-    -m luffy_megatron.train.cli "$CONFIG" parallel.tp=2 trainer.total_steps=2 logging.progress_bar=false "$@"
+# Defaults first: the command line's key=value overrides win. A rank that dies ends the job (torchrun stops the
+# other ranks; --kill-on-bad-exit the other nodes' tasks); TORCHRUN_ARGS="--max-restarts=3" restarts them instead
+# (from the newest checkpoint).
+run_step srun --ntasks=1 --kill-on-bad-exit=1 "$PYTHON" -m torch.distributed.run ${TORCHRUN_ARGS:-} --nnodes 1 \
+    --nproc-per-node "$NPROC" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
+    -m luffy_megatron.train.cli "$CONFIG" parallel.tp=2 trainer.total_steps=2 logging.progress_bar=false \
+    "${FT_OVERRIDES[@]}" "$@"

@@ -34,6 +34,7 @@ from luffy_megatron.config import (
     read_hf_config,
 )
 from luffy_megatron.config_rollout import rollout_problems
+from luffy_megatron.fault_config import validate_fault_tolerance
 
 __all__ = ["validate", "validate_parallel"]
 
@@ -59,6 +60,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     check_checkpoint(cfg.checkpoint)
     for key, msg in rollout_problems(cfg):
         _fail(key, msg)
+    validate_fault_tolerance(cfg.fault_tolerance, _fail)
 
 
 def check_model(m: ModelConfig) -> dict:

@@ -1,7 +1,8 @@
 """A local stand-in for an SGLang server, backed by the in-process HF engine.
 
 It speaks the subset of SGLang's HTTP API documented in ``docs/rollout.md`` and takes its truth from the pinned SGLang
-wheel (``tests/upstream.py``): the ``/generate`` and weight request fields (``io_struct``), the ``sampling_params``
+wheel (``tests/upstream.py``): the ``/generate`` and weight request fields (``io_struct``), SGLang's own API-key
+decision per route (``decide_request_auth``), the ``sampling_params``
 keys (``SamplingParams``), the weight-update session with upstream's rejection message, exact ``rid`` matching of
 ``/abort_request``, tensor payloads read with SGLang's own ``SafeUnpickler`` (one distinct payload per TP rank), and
 weight-update groups joined with SGLang's own ``init_custom_process_group``. It is stricter than SGLang in one way:
@@ -57,7 +58,16 @@ def schema() -> dict[str, Any]:
         "weights": {p: upstream.route_fields(p) for p in WEIGHT_ROUTES},
         "session": upstream.session_messages(),
         "common": upstream.upstream_common(),
+        "auth": upstream.upstream_auth(),
     }
+
+
+def auth_decision(method: str, path: str, authorization: str | None, api_key: str) -> Any:
+    """SGLang's own decision (allowed, status) for a request to a server started with ``--api-key``."""
+    auth = schema()["auth"]
+    level = auth["AuthLevel"][auth["levels"].get(path, "NORMAL")]
+    return auth["decide_request_auth"](method=method, path=path, authorization_header=authorization,
+                                       api_key=api_key, admin_api_key=None, auth_level=level)  # fmt: skip
 
 
 BODY = web.RequestKey("body", object)
@@ -209,8 +219,10 @@ class SGLangTestServer:
                 return web.json_response({"error": "invalid JSON body"}, status=400)
         auth = request.headers.get("Authorization")
         self.requests.append(Recorded(request.path, request.method, body, auth))
-        if self.api_key and request.path not in ("/health", "/metrics") and auth != f"Bearer {self.api_key}":
-            return web.json_response({"error": "Unauthorized"}, status=401)
+        if self.api_key:  # SGLang adds its key check only when started with a key
+            decision = auth_decision(request.method, request.path, auth, self.api_key)
+            if not decision.allowed:
+                return web.json_response({"error": "Unauthorized"}, status=decision.error_status_code)
         request[BODY] = body
         return await handler(request)
 
@@ -523,10 +535,12 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--join-weight-groups", action="store_true", help="really join weight-update groups (gloo)")
+    ap.add_argument("--step-delay-s", type=float, default=0.0, help="sleep per decode step (slow generation)")
     args, _ = ap.parse_known_args()
     torch.set_num_threads(1)
     server = SGLangTestServer(HFEngine.from_pretrained(args.model_path), api_key=args.api_key, host=args.host,
-                              port=args.port, join_groups=args.join_weight_groups)  # fmt: skip
+                              port=args.port, join_groups=args.join_weight_groups,
+                              faults=Faults(step_delay_s=args.step_delay_s))  # fmt: skip
     server.start()
     print(f"serving on {server.url}", flush=True)
     while not server.dead:

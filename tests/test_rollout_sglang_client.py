@@ -444,7 +444,8 @@ def test_distributed_sync_http_protocol(servers, model) -> None:
     assert names == list(model.state_dict()) and len(broadcasts) == len(names)
     for u in updates:
         assert [list(model.state_dict()[n].shape) for n in u["names"]] == u["shapes"]
-        assert set(u["dtypes"]) == {"float32"} and u["group_name"] == "weight_update_group"
+        assert set(u["dtypes"]) == {"float32"} and u["group_name"] == inits[0]["group_name"] == inits[1]["group_name"]
+    assert inits[0]["group_name"].startswith("weight_update_group_")  # fresh per group
     assert updates[-1]["weight_version"] == "4" and all("weight_version" not in u for u in updates[:-1])
     assert a.weight_version == "4" == b.weight_version
     for s in (a, b):

@@ -1,21 +1,28 @@
 """The sbatch scripts on a real Slurm cluster started on this machine (tests/slurm_cluster.py; installs Slurm when
 missing, needs root). The tiny CPU example trains two steps with TP 2 under ``sbatch --wait``; a configuration error
 fails the job with the key named in its output; run_7b.sh and run_32b.sh run for real (their own #SBATCH headers) on
-simulated 8-GPU nodes with a stub ``$PYTHON`` that records on which node, with which GPUs and arguments each SGLang
-server and trainer was started. All jobs are submitted at once and run side by side. Nothing here needs a GPU.
+simulated 8-GPU nodes with a stub ``$PYTHON`` that records on which node, with which GPUs, arguments and API key each
+SGLang server and trainer was started; each job makes its own key, which its servers demand and which is never
+printed. All jobs are submitted at once and run side by side. Nothing here needs a GPU.
 A machine that cannot run Slurm skips these tests as the ``slurm`` tier (tests/tiers.py); CI requires them."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import shlex
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from luffy_megatron.rollout.hf_engine import HFEngine
 from tests.dist_utils import free_port
 from tests.fixtures_models import write_train_assets
+from tests.sglang_test_server import SGLangTestServer, tiny_model
 from tests.slurm_cluster import require_slurm
 
 pytestmark = pytest.mark.slow
@@ -24,13 +31,22 @@ EXAMPLES = ROOT / "examples"
 MODEL_PATH = "/models/stub-model"
 
 STUB = """#!/usr/bin/env bash
-# Stands in for $PYTHON: records how it was started (node, GPUs, arguments) and exits. Servers are recorded as
-# server.*, trainers (-m torch.distributed.run) as trainer.*; a trainer first waits for the expected servers.
+# Stands in for $PYTHON: records how it was started (node, GPUs, API key, arguments). Servers are recorded as server.*
+# and run until the job ends (with STUB_SERVERS_DIE_ONCE, each port's first one exits at once), trainers
+# (-m torch.distributed.run) as trainer.*: they wait for the expected number of server starts.
 role=server
 [[ ${2:-} == torch.distributed.run ]] && role=trainer
 f="$STUB_LOG_DIR/$role.${SLURMD_NODENAME:-none}.$$"
-{ echo "node=${SLURMD_NODENAME:-}"; echo "cuda=${CUDA_VISIBLE_DEVICES-unset}"; printf 'arg=%s\\n' "$@"; } > "$f.tmp"
+{ echo "node=${SLURMD_NODENAME:-}"; echo "cuda=${CUDA_VISIBLE_DEVICES-unset}"; echo "key=${SGLANG_API_KEY-unset}"
+  printf 'arg=%s\\n' "$@"; } > "$f.tmp"
 mv "$f.tmp" "$f"
+if [[ $role == server ]]; then
+    port=$(printf '%s\n' "$@" | grep -A1 -x -- --port | tail -n 1)
+    if [[ -n ${STUB_SERVERS_DIE_ONCE:-} ]] && mkdir "$STUB_LOG_DIR/died.$port" 2>/dev/null; then
+        exit 1
+    fi
+    exec sleep 600
+fi
 if [[ $role == trainer ]]; then
     for _ in $(seq 300); do
         [[ $(find "$STUB_LOG_DIR" -name 'server.*' ! -name '*.tmp' | wc -l) -ge $STUB_SERVERS ]] && break
@@ -80,7 +96,7 @@ def job_output(info: dict[str, str]) -> str:
     return path.read_text(errors="replace") if path.is_file() else f"(no output file {path})"
 
 
-def submit_gpu_script(cluster, root: Path, script: str, servers: int, *args: str):
+def submit_gpu_script(cluster, root: Path, script: str, servers: int, *args: str, **extra_env: str):
     """An examples/ GPU script, unchanged (its own #SBATCH header), on the simulated GPU partition with $PYTHON a
     stub that records each SGLang server and trainer it stands in for."""
     bin_dir, log_dir = write_stubs(root)
@@ -90,7 +106,9 @@ def submit_gpu_script(cluster, root: Path, script: str, servers: int, *args: str
         STUB_LOG_DIR=str(log_dir),
         STUB_SERVERS=str(servers),
         PYTHON=str(bin_dir / "python"),
+        **extra_env,
     )
+    env.pop("SGLANG_API_KEY", None)  # the scripts make one
     return cluster.submit(EXAMPLES / script, *args, cwd=root, env=env, options=("--partition=gpu",)), log_dir
 
 
@@ -116,6 +134,10 @@ def jobs(cluster, assets, tmp_path_factory):
     calls = {}
     (root / "7b").mkdir()
     procs["7b"], calls["7b"] = submit_gpu_script(cluster, root / "7b", "run_7b.sh", 4, "trainer.total_steps=3")
+    (root / "7b_restart").mkdir()  # every server exits once: the script starts each again (8 starts in all)
+    procs["7b_restart"], calls["7b_restart"] = submit_gpu_script(
+        cluster, root / "7b_restart", "run_7b.sh", 8, STUB_SERVERS_DIE_ONCE="1", SERVER_RESTART_DELAY="1"
+    )
     (root / "32b").mkdir()
     procs["32b"], calls["32b"] = submit_gpu_script(
         cluster, root / "32b", "run_32b.sh", 4, "configs/luffy_qwen2.5_32b.yaml", "data.train_files=[/data/a b.parquet]"
@@ -173,7 +195,8 @@ def read_calls(log_dir: Path, program: str) -> list[dict]:
             {
                 "node": lines[0].removeprefix("node="),
                 "cuda": lines[1].removeprefix("cuda="),
-                "args": [a.removeprefix("arg=") for a in lines[2:]],
+                "key": lines[2].removeprefix("key="),
+                "args": [a.removeprefix("arg=") for a in lines[3:]],
             }
         )
     return calls
@@ -236,3 +259,50 @@ def test_run_32b_places_servers_and_two_trainer_nodes(cluster, jobs):
         assert len(urls) == 1 and urls[0].count("http://") == 4, args
         assert args[-1] == "data.train_files=[/data/a b.parquet]", f"an override with a space: {shlex.join(args)}"
     assert sorted(ranks) == ["0", "1"], trainers
+
+
+def test_each_job_makes_an_api_key_that_servers_demand_and_nothing_prints(cluster, jobs):
+    """Without SGLANG_API_KEY exported, run_7b.sh and run_32b.sh make one key per job: the servers get it as
+    --api-key, the trainer in its environment (named by rollout.sglang.api_key_env); the job output, the scripts'
+    logs/ and the Slurm daemons' logs never hold it. A server started with those flags answers 401 without it
+    (SGLang's own decide_request_auth, through the test server)."""
+    keys = {}
+    for name in ("7b", "32b"):
+        job = jobs[name]
+        [key] = {arg_after(s["args"], "--api-key") for s in job["servers"]}
+        assert re.fullmatch("[0-9a-f]{64}", key), key
+        assert {t["key"] for t in job["trainers"]} == {key}
+        assert all("rollout.sglang.api_key_env=SGLANG_API_KEY" in t["args"] for t in job["trainers"])
+        printed = [job["log"], str(job["info"]), cluster.logs(lines=100_000)]
+        printed += [p.read_text(errors="replace") for p in (job["out"] / "logs").glob("*")]
+        assert not any(key in text for text in printed), f"the key of job {name} was printed"
+        keys[name] = key
+    assert keys["7b"] != keys["32b"], "one key per job"
+
+    server = SGLangTestServer(HFEngine(tiny_model(), eos_token_ids=[1]), api_key=keys["7b"])
+    url = server.start()
+    body = json.dumps({"input_ids": [2, 3], "sampling_params": {"max_new_tokens": 2}}).encode()
+    try:
+        for headers, status in (({}, 401), ({"Authorization": "Bearer wrong"}, 401),
+                                ({"Authorization": f"Bearer {keys['7b']}"}, 200)):  # fmt: skip
+            req = urllib.request.Request(url + "/generate", data=body, headers={"Content-Type": "application/json",
+                                                                                **headers})  # fmt: skip
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    got = r.status
+            except urllib.error.HTTPError as e:
+                got = e.code
+            assert got == status, (headers.keys(), got)
+        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+            assert r.status == 200, "health checks need no key"
+    finally:
+        server.stop()
+
+
+def test_a_server_step_that_exits_is_started_again(cluster, jobs):
+    info, servers, trainers = gpu_job(cluster, jobs, "7b_restart")
+    ports = sorted(arg_after(s["args"], "--port") for s in servers)
+    assert ports == sorted(["30000", "30001", "30002", "30003"] * 2), ports
+    assert {s["key"] for s in servers} == {t["key"] for t in trainers}, "the same key after a restart"
+    log = jobs["7b_restart"]["log"]
+    assert log.count("exited; starting it again in 1 s") == 4, log[-3000:]

@@ -5,13 +5,13 @@ import random
 import pytest
 import torch
 
-from luffy_megatron.train.loop import split_mini_batches
 from luffy_megatron.train.samples import (
     Sample,
     assemble_groups,
     compact_samples,
     make_micro_batch,
     pack_micro_batches,
+    split_mini_batches,
 )
 
 

@@ -27,8 +27,8 @@ from luffy_megatron.rollout.hf_engine import HFEngine
 from luffy_megatron.rollout.sglang import client as client_mod
 from luffy_megatron.rollout.sglang import engine as engine_mod
 from luffy_megatron.rollout.sglang import launcher
-from luffy_megatron.rollout.sglang.client import SGLangClient
-from luffy_megatron.rollout.sglang.engine import SGLangEngine, sampling_params_body
+from luffy_megatron.rollout.sglang.client import SGLangClient, sampling_params_body
+from luffy_megatron.rollout.sglang.engine import SGLangEngine
 from luffy_megatron.rollout.sglang.weights import init_weights_update_group, serialize_named_tensors
 from tests import upstream
 from tests.sglang_test_server import SGLangTestServer, tiny_model
@@ -114,11 +114,16 @@ def test_router_command_parses_with_sglang_router_args(monkeypatch) -> None:
     parser = argparse.ArgumentParser(exit_on_error=False)
     mod.RouterArgs.add_cli_args(parser, use_router_prefix=False)
     urls = ["http://10.0.0.1:30000", "http://10.0.0.2:30010"]
-    cmd = launcher.router_command(SGLangConfig(router_port=29123, host="0.0.0.0"), urls)
+    cmd = launcher.router_command(SGLangConfig(router_port=29123, host="0.0.0.0"), urls, api_key="sk-job")
     assert cmd[1:3] == ["-m", "sglang_router.launch_router"]
     assert "parse_router_args" in upstream.source("sglang-router", "sglang_router/launch_router.py")
     parsed = mod.RouterArgs.from_cli_args(parser.parse_args(cmd[3:]), use_router_prefix=False)
     assert parsed.worker_urls == urls and parsed.port == 29123 and parsed.host == "0.0.0.0"
+    # The key reaches the router, which demands it of clients and sends it to the workers of --worker-urls.
+    assert parsed.api_key == "sk-job" and "sk-job" not in launcher.redact(cmd)
+    meta = upstream.wheel_metadata("sglang-router")
+    assert "Initial workers declared via CLI inherit the router key" in meta
+    assert "Provide `--api-key`; clients must present the key" in meta
     with pytest.raises((SystemExit, argparse.ArgumentError)):
         parser.parse_args(["--workers-url", urls[0]])  # the parser is strict: a misspelt flag fails
 

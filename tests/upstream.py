@@ -121,6 +121,13 @@ def source(name: str, path: str) -> str:
         return zf.read(path).decode("utf-8")
 
 
+def wheel_metadata(name: str) -> str:
+    """The ``METADATA`` file (the package's long description) of the pinned wheel of ``name``."""
+    with zipfile.ZipFile(wheel(name)) as zf:
+        path = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        return zf.read(path).decode("utf-8")
+
+
 def sources_under(name: str, folder: str) -> dict[str, str]:
     """Every ``.py`` file under ``folder`` of the wheel, by path."""
     with zipfile.ZipFile(wheel(name)) as zf:
@@ -266,3 +273,34 @@ def upstream_common() -> dict[str, Any]:
     return load_defs(source(SGLANG, COMMON), names,
                      {"torch": torch, "pickle": pickle, "io": io,
                       "torch_release": Version(torch.__version__).release})  # fmt: skip
+
+
+AUTH = "sglang/srt/utils/auth.py"
+
+
+@cache
+def upstream_auth() -> dict[str, Any]:
+    """SGLang's API-key check: ``decide_request_auth`` and ``AuthLevel`` of ``sglang/srt/utils/auth.py`` executed
+    from source, and ``levels``, each route's level from the ``@auth_level`` decorators of the HTTP server."""
+    import dataclasses
+    import enum
+    import secrets
+    import typing
+
+    ns = load_defs(source(SGLANG, AUTH), ["AuthDecision", "AuthLevel", "decide_request_auth"],
+                   {"secrets": secrets, "dataclass": dataclasses.dataclass, "Enum": enum.Enum,
+                    "Optional": typing.Optional})  # fmt: skip
+    levels: dict[str, str] = {}
+    for node in ast.walk(ast.parse(source(SGLANG, HTTP_SERVER))):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        level, paths = "NORMAL", []
+        for dec in node.decorator_list:
+            if not isinstance(dec, ast.Call) or not dec.args:
+                continue
+            if ast.unparse(dec.func) == "auth_level":
+                level = ast.unparse(dec.args[0]).rsplit(".", 1)[-1]
+            elif isinstance(dec.args[0], ast.Constant) and isinstance(dec.args[0].value, str):
+                paths.append(dec.args[0].value)
+        levels.update(dict.fromkeys(paths, level))
+    return {**ns, "levels": levels}

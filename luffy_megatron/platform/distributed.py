@@ -58,7 +58,7 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> DistEnv:
+def init_distributed(backend: str | None = None, timeout_minutes: float = 30) -> DistEnv:
     """Initialise torch.distributed (NCCL on GPU, gloo on CPU) unless already done; set the CUDA device."""
     setup_platform()
     env = read_dist_env()

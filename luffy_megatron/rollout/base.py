@@ -148,6 +148,10 @@ class RolloutEngine(ABC):
         """Re-acquire what :meth:`release_memory` freed."""
         return None
 
+    def step_metrics(self) -> dict[str, float]:
+        """Engine metrics for the step's log (e.g. ``rollout/servers_healthy``); none by default."""
+        return {}
+
     def close(self) -> None:
         """Release processes, sessions and files owned by the engine."""
         return None

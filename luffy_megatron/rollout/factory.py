@@ -7,8 +7,10 @@ reverse. Importing it loads both engines' dependencies (transformers, aiohttp).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from luffy_megatron.config import RolloutBackend, RolloutConfig, choices
+from luffy_megatron.fault_config import FaultToleranceConfig
 from luffy_megatron.rollout.base import RolloutEngine
 from luffy_megatron.rollout.hf_engine import HFEngine
 from luffy_megatron.rollout.sglang.engine import SGLangEngine
@@ -16,19 +18,21 @@ from luffy_megatron.rollout.sglang.engine import SGLangEngine
 __all__ = ["ENGINES", "build_rollout_engine"]
 
 
-def _hf(cfg: RolloutConfig, hf_path: str, dtype: str, eos_token_ids: list[int] | None, device: str) -> RolloutEngine:
+def _hf(
+    cfg: RolloutConfig, hf_path: str, dtype: str, eos_token_ids: list[int] | None, device: str, ft: Any
+) -> RolloutEngine:
     return HFEngine.from_pretrained(
         hf_path, dtype=dtype, device=device, batch_size=cfg.hf_batch_size, eos_token_ids=eos_token_ids
     )
 
 
 def _sglang(
-    cfg: RolloutConfig, hf_path: str, dtype: str, eos_token_ids: list[int] | None, device: str
+    cfg: RolloutConfig, hf_path: str, dtype: str, eos_token_ids: list[int] | None, device: str, ft: Any
 ) -> RolloutEngine:
-    return SGLangEngine.from_config(cfg.sglang, hf_path, eos_token_ids=eos_token_ids)
+    return SGLangEngine.from_config(cfg.sglang, hf_path, eos_token_ids=eos_token_ids, fault_tolerance=ft)
 
 
-#: ``rollout.backend`` -> builder(cfg, hf_path, dtype, eos_token_ids, device).
+#: ``rollout.backend`` -> builder(cfg, hf_path, dtype, eos_token_ids, device, fault_tolerance).
 ENGINES: dict[RolloutBackend, Callable[..., RolloutEngine]] = {RolloutBackend.HF: _hf, RolloutBackend.SGLANG: _sglang}
 
 
@@ -39,12 +43,14 @@ def build_rollout_engine(
     dtype: str = "float32",
     eos_token_ids: list[int] | None = None,
     device: str = "cpu",
+    fault_tolerance: FaultToleranceConfig | None = None,
 ) -> RolloutEngine:
     """The engine named by ``cfg.backend``: ``hf`` (in-process transformers) or ``sglang`` (HTTP servers).
 
     ``dtype``/``device`` apply to the HF engine (fp32 on CPU by default); SGLang takes its dtype from
-    ``cfg.sglang.dtype``. ``eos_token_ids`` default to the model's ``generation_config`` / ``config``.
+    ``cfg.sglang.dtype``. ``eos_token_ids`` default to the model's ``generation_config`` / ``config``. SGLang servers
+    are supervised as ``fault_tolerance`` says.
     """
     if cfg.backend not in ENGINES:
         raise ValueError(f"rollout.backend: {cfg.backend!r} is not one of {list(choices(RolloutBackend))}")
-    return ENGINES[cfg.backend](cfg, hf_path, dtype, eos_token_ids, device)
+    return ENGINES[cfg.backend](cfg, hf_path, dtype, eos_token_ids, device, fault_tolerance)

@@ -103,4 +103,4 @@ def build_engine(cfg: RunConfig) -> RolloutEngine:
     if cfg.trainer.async_rollout and cfg.rollout.backend == "hf":
         return ProcessEngine(cfg.model.hf_path, num_threads=cfg.trainer.async_rollout_threads,
                              batch_size=cfg.rollout.hf_batch_size)  # fmt: skip
-    return build_rollout_engine(cfg.rollout, cfg.model.hf_path)
+    return build_rollout_engine(cfg.rollout, cfg.model.hf_path, fault_tolerance=cfg.fault_tolerance)

@@ -20,7 +20,6 @@ all ranks run the Megatron parts together.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -49,7 +48,8 @@ from luffy_megatron.train.async_rollout import RolloutPrefetcher, build_engine, 
 from luffy_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from luffy_megatron.train.dynamic_sampling import collect_groups, round_seed
 from luffy_megatron.train.policy import MegatronPolicy
-from luffy_megatron.train.samples import Sample, assemble_groups
+from luffy_megatron.train.preemption import StopRequest
+from luffy_megatron.train.samples import Sample, assemble_groups, group_metrics, mean_or_zero, split_mini_batches
 
 _REWARD_CACHE_SIZE = 200_000
 
@@ -78,7 +78,12 @@ def train(cfg: RunConfig) -> dict[str, float]:
     The config must already be validated (:func:`luffy_megatron.config_checks.validate`). Returns the last step's
     metrics.
     """
-    run, policy = setup(cfg)
+    stop = StopRequest(cfg.fault_tolerance, cfg.checkpoint.save_dir)  # before setup: a signal waits for step 1
+    try:
+        run, policy = setup(cfg)
+    except BaseException:
+        stop.close()
+        raise
     metrics: dict[str, float] = {}
     show = run.logger is not None and cfg.logging.progress_bar
     bar = tqdm(total=cfg.trainer.total_steps, initial=run.step, desc="RL steps", unit="step", disable=not show)
@@ -94,10 +99,14 @@ def train(cfg: RunConfig) -> dict[str, float]:
             if _should_save(cfg, run.step):
                 save(cfg, run, policy)
             bar.update(1)
-        if cfg.checkpoint.export_hf_at_end:
+            if run.step < cfg.trainer.total_steps and (reason := stop.requested()) is not None:
+                stop_early(cfg, run, policy, stop, reason)
+                break
+        if cfg.checkpoint.export_hf_at_end and run.step == cfg.trainer.total_steps:
             export_hf(cfg, run, policy)
     finally:
         bar.close()
+        stop.close()
         teardown(run)
     return metrics
 
@@ -189,7 +198,7 @@ def rollout_and_score(cfg: RunConfig, run: RunState, timers: Timers, step: int) 
         samples, extra = collect_groups(draw, target, rounds, signal)
     else:
         samples, extra = draw(0)
-    return samples, {**group_metrics(samples), **extra}
+    return samples, {**group_metrics(samples), **extra, **run.engine.step_metrics()}
 
 
 def score_round(
@@ -255,38 +264,6 @@ def score_samples(cfg: RunConfig, run: RunState, samples: list[Sample], batch: l
     return [float(cache[k]) for k in keys]
 
 
-def split_mini_batches(samples: list[Sample], num: int) -> list[list[Sample]]:
-    """Consecutive groups of prompts (a group is never split across optimiser steps)."""
-    groups: dict[int, list[Sample]] = defaultdict(list)
-    for s in samples:
-        groups[s.group_id].append(s)
-    ids = sorted(groups)
-    per = math.ceil(len(ids) / num)
-    return [[s for g in ids[i : i + per] for s in groups[g]] for i in range(0, len(ids), per)]
-
-
-def group_metrics(samples: list[Sample]) -> dict[str, float]:
-    """Rewards of on-policy samples and traces, solved-all / solved-none groups, response lengths."""
-    on = [s for s in samples if not s.off_policy]
-    off = [s for s in samples if s.off_policy]
-    groups: dict[int, list[float]] = defaultdict(list)
-    for s in on:
-        groups[s.group_id].append(s.reward)
-    lengths = [len(s.response_ids) for s in on]
-    out = {
-        "reward/on_policy": _mean([s.reward for s in on]),
-        "reward/off_policy": _mean([s.reward for s in off]),
-        "reward/all": _mean([s.reward for s in samples]),
-        "groups/solved_all": _mean([float(min(g) == 1.0) for g in groups.values()]),
-        "groups/solved_none": _mean([float(max(g) == 0.0) for g in groups.values()]),
-        "response/length_mean": _mean(lengths),
-        "response/length_max": float(max(lengths, default=0)),
-        "response/truncated": _mean([float(s.finish_reason == "length") for s in on]),
-        "response/off_policy_length_mean": _mean([len(s.response_ids) for s in off]),
-    }
-    return out
-
-
 def sync_weights(run: RunState, policy, updates: int | None = None) -> None:
     """Stream the policy's weights (HF names, full tensors) into the rollout engine; every rank takes part.
     ``updates``: the RL steps these weights contain (default ``run.step``)."""
@@ -339,8 +316,8 @@ def evaluate(cfg: RunConfig, engine, rewards, tokenizer, dataset) -> dict[str, f
     per_source: dict[str, list[float]] = defaultdict(list)
     for (it, _), s in zip(flat, scores):
         per_source[it.data_source].append(s)
-    out = {f"val/{src}/avg@{t.val_n}": _mean(v) for src, v in sorted(per_source.items())}
-    out[f"val/all/avg@{t.val_n}"] = _mean(scores)
+    out = {f"val/{src}/avg@{t.val_n}": mean_or_zero(v) for src, v in sorted(per_source.items())}
+    out[f"val/all/avg@{t.val_n}"] = mean_or_zero(scores)
     return out
 
 
@@ -349,7 +326,7 @@ def evaluate(cfg: RunConfig, engine, rewards, tokenizer, dataset) -> dict[str, f
 # ----------------------------------------------------------------------------------------------------------------
 def setup(cfg: RunConfig) -> tuple[RunState, Any]:
     """Distributed groups, policy (weights from checkpoint / Megatron checkpoint / HF), data, engine, rewards."""
-    init_distributed(cfg.parallel.backend)
+    init_distributed(cfg.parallel.backend, timeout_minutes=cfg.fault_tolerance.collective_timeout_min)
     if not cfg.logging.progress_bar:
         hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
     p = cfg.parallel
@@ -413,7 +390,7 @@ def _should_save(cfg: RunConfig, step: int) -> bool:
     return step == cfg.trainer.total_steps or (c.save_interval > 0 and step % c.save_interval == 0)
 
 
-def save(cfg: RunConfig, run: RunState, policy) -> None:
+def save(cfg: RunConfig, run: RunState, policy) -> Path:
     """A training checkpoint of every rank's shards plus rank 0's trainer state (weight version, sampler)."""
 
     def trainer_state() -> dict[str, Any]:
@@ -425,6 +402,18 @@ def save(cfg: RunConfig, run: RunState, policy) -> None:
     path = save_checkpoint(cfg.checkpoint.save_dir, run.step, policy, state, cfg.checkpoint.keep_last)
     if dist.get_rank() == 0:
         print(f"saved checkpoint {path}", flush=True)
+    return path
+
+
+def stop_early(cfg: RunConfig, run: RunState, policy, stop: StopRequest, reason: str) -> None:
+    """Checkpoint the finished step (unless it was just saved) and leave the requeue marker for the batch script."""
+    path = None
+    if cfg.checkpoint.save_dir:
+        path = latest_checkpoint(cfg.checkpoint.save_dir) if _should_save(cfg, run.step) else save(cfg, run, policy)
+        stop.leave_marker(run.step, reason, path)
+    if dist.get_rank() == 0:
+        what = f"checkpoint {path}, requeue marker {stop.marker}" if path else "no checkpoint (no checkpoint.save_dir)"
+        print(f"stopping after step {run.step} on {reason}: {what}", flush=True)
 
 
 def export_hf(cfg: RunConfig, run: RunState, policy) -> None:
@@ -442,7 +431,3 @@ def teardown(run: RunState) -> None:
     for resource in (run.rewards, run.engine, run.prefetch, run.logger):
         if resource is not None:
             resource.close()
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0

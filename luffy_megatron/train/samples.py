@@ -7,6 +7,8 @@ Each prompt's samples form a *group* of ``n``: ``n - n_off`` on-policy samples a
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from dataclasses import dataclass, replace
 
 import torch
@@ -210,3 +212,40 @@ def pack_micro_batches(lengths: list[int], max_tokens: int, num_ranks: int) -> l
             p.insert(big + 1, p[big][half:])
             p[big] = p[big][:half]
     return plan
+
+
+def split_mini_batches(samples: list[Sample], num: int) -> list[list[Sample]]:
+    """Consecutive groups of prompts (a group is never split across optimiser steps)."""
+    groups: dict[int, list[Sample]] = defaultdict(list)
+    for s in samples:
+        groups[s.group_id].append(s)
+    ids = sorted(groups)
+    per = math.ceil(len(ids) / num)
+    return [[s for g in ids[i : i + per] for s in groups[g]] for i in range(0, len(ids), per)]
+
+
+def group_metrics(samples: list[Sample]) -> dict[str, float]:
+    """Rewards of on-policy samples and traces, solved-all / solved-none groups, response lengths."""
+    on = [s for s in samples if not s.off_policy]
+    off = [s for s in samples if s.off_policy]
+    groups: dict[int, list[float]] = defaultdict(list)
+    for s in on:
+        groups[s.group_id].append(s.reward)
+    lengths = [len(s.response_ids) for s in on]
+    out = {
+        "reward/on_policy": mean_or_zero([s.reward for s in on]),
+        "reward/off_policy": mean_or_zero([s.reward for s in off]),
+        "reward/all": mean_or_zero([s.reward for s in samples]),
+        "groups/solved_all": mean_or_zero([float(min(g) == 1.0) for g in groups.values()]),
+        "groups/solved_none": mean_or_zero([float(max(g) == 0.0) for g in groups.values()]),
+        "response/length_mean": mean_or_zero(lengths),
+        "response/length_max": float(max(lengths, default=0)),
+        "response/truncated": mean_or_zero([float(s.finish_reason == "length") for s in on]),
+        "response/off_policy_length_mean": mean_or_zero([len(s.response_ids) for s in off]),
+    }
+    return out
+
+
+def mean_or_zero(values: list[float]) -> float:
+    """The mean, 0.0 for no values (a metric of an empty set)."""
+    return sum(values) / len(values) if values else 0.0

@@ -15,13 +15,13 @@ import json
 import logging
 import random
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, get_args
 
 import aiohttp
 
-from luffy_megatron.rollout.base import FinishReason, RolloutError
+from luffy_megatron.rollout.base import FinishReason, RolloutError, SamplingParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -136,6 +136,16 @@ class SGLangClient:
     def __repr__(self) -> str:
         key = "<redacted>" if self._api_key else None
         return f"SGLangClient(generate_urls={self.generate_urls}, server_urls={self.server_urls}, api_key={key})"
+
+    def set_urls(self, generate_urls: Sequence[str], server_urls: Sequence[str]) -> None:
+        """Replace both URL lists (the servers that serve now); a URL that (re)appears starts with no failures."""
+        added = set(generate_urls) - set(self.generate_urls)
+        self.generate_urls = [u.rstrip("/") for u in generate_urls]
+        self.server_urls = [u.rstrip("/") for u in server_urls]
+        for url in self.generate_urls:
+            self._inflight.setdefault(url, 0)
+            if url in added:
+                self._failures[url] = 0
 
     def remove_server(self, url: str) -> None:
         """Stop sending anything to ``url`` (a dead server; weight updates fail while it is listed)."""
@@ -341,3 +351,19 @@ class LoopThread:
             self._thread.join(timeout=5)
         if not self.loop.is_running():
             self.loop.close()
+
+
+def sampling_params_body(params: SamplingParams, seed: int | None, stop_token_ids: Iterable[int]) -> dict:
+    """The ``sampling_params`` object of one sample (documented keys only)."""
+    body: dict[str, Any] = {
+        "max_new_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k if params.top_k > 0 else -1,
+    }
+    stops = sorted(set(stop_token_ids) | set(params.stop_token_ids))
+    if stops:
+        body["stop_token_ids"] = stops
+    if seed is not None:
+        body["sampling_seed"] = seed
+    return body

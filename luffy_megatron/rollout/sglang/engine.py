@@ -39,6 +39,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from luffy_megatron.config import SGLangConfig, WeightSync, choices
+from luffy_megatron.fault_config import FaultToleranceConfig
 from luffy_megatron.models.tokenizer import HF_CONFIG_FILES, read_eos_token_ids
 from luffy_megatron.platform.distributed import free_port
 from luffy_megatron.rollout.base import (
@@ -50,7 +51,7 @@ from luffy_megatron.rollout.base import (
     sample_counts,
     sample_seed,
 )
-from luffy_megatron.rollout.sglang.client import LoopThread, SampleRequest, SGLangClient
+from luffy_megatron.rollout.sglang.client import LoopThread, SampleRequest, SGLangClient, sampling_params_body
 from luffy_megatron.rollout.sglang.launcher import (
     ServerProcess,
     launch_router,
@@ -59,6 +60,7 @@ from luffy_megatron.rollout.sglang.launcher import (
     stop_processes,
     wait_healthy,
 )
+from luffy_megatron.rollout.sglang.supervisor import ServerSupervisor, supervise
 from luffy_megatron.rollout.sglang.weights import (
     GROUP_NAME,
     init_weights_update_group,
@@ -68,22 +70,6 @@ from luffy_megatron.rollout.sglang.weights import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def sampling_params_body(params: SamplingParams, seed: int | None, stop_token_ids: Iterable[int]) -> dict:
-    """The ``sampling_params`` object of one sample (documented keys only)."""
-    body: dict[str, Any] = {
-        "max_new_tokens": params.max_new_tokens,
-        "temperature": params.temperature,
-        "top_p": params.top_p,
-        "top_k": params.top_k if params.top_k > 0 else -1,
-    }
-    stops = sorted(set(stop_token_ids) | set(params.stop_token_ids))
-    if stops:
-        body["stop_token_ids"] = stops
-    if seed is not None:
-        body["sampling_seed"] = seed
-    return body
 
 
 class SGLangEngine(RolloutEngine):
@@ -105,6 +91,7 @@ class SGLangEngine(RolloutEngine):
         master_port: int = 0,
         group_backend: str = "nccl",
         flush_retries: int = 20,
+        supervisor: ServerSupervisor | None = None,
     ) -> None:
         if weight_sync not in choices(WeightSync):
             raise ValueError(f"rollout.sglang.weight_sync: {weight_sync!r} is not one of {list(choices(WeightSync))}")
@@ -123,10 +110,13 @@ class SGLangEngine(RolloutEngine):
         self.master_port = master_port
         self.group_backend = group_backend
         self.flush_retries = flush_retries
+        self.supervisor = supervisor
         self.weight_version: int | None = None
         self._stale = False
         self._released = False
         self._group: Any = None
+        self._group_name = GROUP_NAME  # a fresh name per group: one that was not destroyed never blocks the next
+        self._group_urls: list[str] = []
         self._loop = LoopThread()
         self._last_dir: Path | None = None
         #: Seconds, bytes and GB/s of the last successful update (disk mode adds ``write_s`` and ``load_s``).
@@ -135,21 +125,30 @@ class SGLangEngine(RolloutEngine):
 
     @classmethod
     def from_config(
-        cls, cfg: SGLangConfig, hf_path: str, *, eos_token_ids: Iterable[int] | None = None, log_dir: str | None = None
+        cls,
+        cfg: SGLangConfig,
+        hf_path: str,
+        *,
+        eos_token_ids: Iterable[int] | None = None,
+        log_dir: str | None = None,
+        fault_tolerance: FaultToleranceConfig | None = None,
+        module: str = "sglang.launch_server",
+        env: dict | None = None,
     ) -> SGLangEngine:
-        """Launch servers (and the router) or attach to ``cfg.urls``; waits for ``/health`` either way."""
+        """Launch servers (``module``, in ``env``; and the router) or attach to ``cfg.urls``; waits for ``/health``
+        either way. The servers are supervised as ``fault_tolerance`` says."""
         api_key = read_api_key(cfg)
         procs: list[ServerProcess] = []
         try:
             if cfg.launch:
-                procs = launch_servers(cfg, hf_path, log_dir=log_dir)
+                procs = launch_servers(cfg, hf_path, log_dir=log_dir, module=module, env=env)
                 server_urls = [p.url for p in procs]
             else:
                 server_urls = list(cfg.urls)
                 wait_healthy(server_urls, cfg.startup_timeout_s, api_key=api_key)
             generate_urls = server_urls
             if cfg.use_router:
-                router = launch_router(cfg, server_urls, log_dir=log_dir)
+                router = launch_router(cfg, server_urls, api_key=api_key, log_dir=log_dir, env=env)
                 procs.append(router)
                 generate_urls = [router.url]
         except BaseException:
@@ -167,6 +166,8 @@ class SGLangEngine(RolloutEngine):
         )
         if eos_token_ids is None:
             eos_token_ids = read_eos_token_ids(hf_path)
+        supervisor = supervise(cfg, hf_path, client, server_urls, procs, fault_tolerance,
+                               api_key=api_key, log_dir=log_dir, module=module, env=env)  # fmt: skip
         return cls(
             client,
             weight_sync=cfg.weight_sync,
@@ -178,6 +179,7 @@ class SGLangEngine(RolloutEngine):
             eos_token_ids=eos_token_ids,
             processes=procs,
             master_address=trainer_address(server_urls),
+            supervisor=supervisor,
         )
 
     def _run(self, coro: Any) -> Any:
@@ -188,10 +190,20 @@ class SGLangEngine(RolloutEngine):
         self, prompts: list[list[int]], params: SamplingParams, counts: Sequence[int] | None = None
     ) -> list[list[RolloutOutput]]:
         """``counts[i]`` (default ``params.n``) samples of prompt ``i``; each sample is its own request (``rid``,
-        seeded with ``sampling_seed`` from (seed, i, j)), batched per HTTP call."""
+        seeded with ``sampling_seed`` from (seed, i, j)), batched per HTTP call. When a server dies under a call that
+        then fails, the whole call runs again on the servers left (new rids): every sample comes back exactly once."""
         if self._stale:
             raise WeightSyncError("the last weight update failed; refusing to generate from stale weights")
         per_prompt = sample_counts(len(prompts), params, counts)
+        if self.supervisor is None:
+            return self._generate_once(prompts, params, per_prompt)
+        folder = self._last_dir if self.weight_sync == WeightSync.DISK else None  # what revived servers can load
+        return self.supervisor.run_generation(lambda: self._generate_once(prompts, params, per_prompt),
+                                              self.weight_version, folder, self._run)  # fmt: skip
+
+    def _generate_once(
+        self, prompts: list[list[int]], params: SamplingParams, per_prompt: list[int]
+    ) -> list[list[RolloutOutput]]:
         call = uuid.uuid4().hex[:12]
         reqs: list[SampleRequest] = []
         for i, prompt in enumerate(prompts):
@@ -219,11 +231,29 @@ class SGLangEngine(RolloutEngine):
             out.append(row)
         return out
 
+    def step_metrics(self) -> dict[str, float]:
+        """``rollout/servers_healthy`` (serving now) and ``rollout/servers_restarted`` (restarts so far)."""
+        return self.supervisor.step_metrics() if self.supervisor is not None else {}
+
     # ------------------------------------------------------------------ weights
+    def _drop_group(self, alive: list[str]) -> None:
+        """Leave the weight-update group (its members changed); those in ``alive`` destroy their side (best effort)."""
+        try:
+            body = {"group_name": self._group_name}
+            self._run(self.client.post_all("/destroy_weights_update_group", body, urls=alive))
+        except RolloutError as e:
+            logger.warning("destroying the old weight-update group: %s", e)
+        dist.destroy_process_group(self._group)
+        self._group = None
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Pause, flush, load the stream on every server in the configured mode, continue; raises on any failure."""
         t0 = time.perf_counter()
         self._phases = {}
+        joining = self.supervisor.members_for_update() if self.supervisor is not None else []
+        if self._group is not None and self.client.server_urls != self._group_urls:  # members changed
+            fresh = {s.url for s in joining}
+            self._drop_group([u for u in self._group_urls if u in self.client.server_urls and u not in fresh])
         self._stale = True
         try:
             self.pause()
@@ -239,6 +269,8 @@ class SGLangEngine(RolloutEngine):
             raise WeightSyncError(f"weight update to version {version} failed: {e}") from e
         self._stale = False
         self.weight_version = version
+        if joining:
+            self.supervisor.joined(joining)  # type: ignore[union-attr]
         dt = time.perf_counter() - t0
         self.last_sync = {"seconds": dt, "bytes": float(nbytes), "gb_per_s": nbytes / dt / 1e9 if dt > 0 else 0.0}
         self.last_sync.update(self._phases)
@@ -328,14 +360,16 @@ class SGLangEngine(RolloutEngine):
         urls = self.client.server_urls
         world = 1 + len(urls) * self.tp_size
         port = self.master_port or free_port()
+        self._group_name = f"{GROUP_NAME}_{uuid.uuid4().hex[:8]}"
         futures: list[Future] = []
         for i, url in enumerate(urls):
             body = {"master_address": self.master_address, "master_port": port, "rank_offset": 1 + i * self.tp_size,
-                    "world_size": world, "group_name": GROUP_NAME, "backend": self.group_backend}  # fmt: skip
+                    "world_size": world, "group_name": self._group_name, "backend": self.group_backend}  # fmt: skip
             futures.append(self._submit(self.client.post_all("/init_weights_update_group", body, urls=[url])))
         try:
-            self._group = init_weights_update_group(self.master_address, port, 0, world, GROUP_NAME,
+            self._group = init_weights_update_group(self.master_address, port, 0, world, self._group_name,
                                                     self.group_backend)  # fmt: skip
+            self._group_urls = list(urls)
         finally:
             for f in futures:
                 f.result()
@@ -352,7 +386,7 @@ class SGLangEngine(RolloutEngine):
                 "names": [n for n, _ in bucket],
                 "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
                 "shapes": [list(t.shape) for _, t in bucket],
-                "group_name": GROUP_NAME,
+                "group_name": self._group_name,
                 "flush_cache": last,
             }
             if last:
@@ -394,12 +428,13 @@ class SGLangEngine(RolloutEngine):
                 "weight_version": self.weight_version, "backend": "sglang"}  # fmt: skip
 
     def close(self) -> None:
-        """Close the HTTP session, stop launched processes, destroy the weight-update group."""
+        """Close the HTTP session, stop launched processes (restarted ones too), destroy the weight-update group."""
+        restarted = [s.process for s in self.supervisor.servers] if self.supervisor is not None else []
         try:
             self._run(self.client.close())
         finally:
             self._loop.stop()
-            stop_processes(self.processes)
+            stop_processes(self.processes + [p for p in restarted if p is not None and p not in self.processes])
             if self._group is not None:
                 dist.destroy_process_group(self._group)
                 self._group = None

@@ -107,11 +107,17 @@ def server_command(
 
 
 def router_command(
-    cfg: SGLangConfig, worker_urls: Sequence[str], *, module: str = "sglang_router.launch_router"
+    cfg: SGLangConfig,
+    worker_urls: Sequence[str],
+    *,
+    api_key: str | None = None,
+    module: str = "sglang_router.launch_router",
 ) -> list[str]:
-    """The argv of ``sglang_router`` over ``worker_urls``."""
-    return [sys.executable, "-m", module, "--worker-urls", *worker_urls, "--host", cfg.host,
-            "--port", str(cfg.router_port)]  # fmt: skip
+    """The argv of ``sglang_router`` over ``worker_urls``. With ``api_key`` the router asks it of every client and
+    sends it to the workers given here (sglang-router's "full authentication")."""
+    cmd = [sys.executable, "-m", module, "--worker-urls", *worker_urls, "--host", cfg.host,
+           "--port", str(cfg.router_port)]  # fmt: skip
+    return cmd + (["--api-key", api_key] if api_key else [])
 
 
 def _spawn(cmd: list[str], url: str, log_dir: str | None, name: str, env: dict | None) -> ServerProcess:
@@ -139,11 +145,8 @@ def launch_servers(
 ) -> list[ServerProcess]:
     """Start ``cfg.num_servers`` servers and (by default) wait until each answers ``/health``."""
     api_key = read_api_key(cfg)
-    procs = []
-    for i in range(cfg.num_servers):
-        url = f"http://{cfg.host}:{cfg.base_port + PORT_STRIDE * i}"
-        procs.append(_spawn(server_command(cfg, model_path, i, api_key=api_key, module=module), url, log_dir,
-                            f"sglang_{i}", env))  # fmt: skip
+    procs = [start_server(cfg, model_path, i, api_key=api_key, log_dir=log_dir, module=module, env=env)
+             for i in range(cfg.num_servers)]  # fmt: skip
     if wait:
         try:
             wait_healthy([p.url for p in procs], cfg.startup_timeout_s, api_key=api_key, procs=procs)
@@ -153,14 +156,35 @@ def launch_servers(
     return procs
 
 
+def start_server(
+    cfg: SGLangConfig,
+    model_path: str,
+    index: int,
+    *,
+    api_key: str | None,
+    log_dir: str | None = None,
+    module: str = "sglang.launch_server",
+    env: dict | None = None,
+) -> ServerProcess:
+    """Start server ``index`` without waiting for it (its log, ``sglang_{index}.log``, is appended to)."""
+    url = f"http://{cfg.host}:{cfg.base_port + PORT_STRIDE * index}"
+    cmd = server_command(cfg, model_path, index, api_key=api_key, module=module)
+    return _spawn(cmd, url, log_dir, f"sglang_{index}", env)
+
+
 def launch_router(
-    cfg: SGLangConfig, worker_urls: Sequence[str], *, log_dir: str | None = None, env: dict | None = None
+    cfg: SGLangConfig,
+    worker_urls: Sequence[str],
+    *,
+    api_key: str | None = None,
+    log_dir: str | None = None,
+    env: dict | None = None,
 ) -> ServerProcess:
     """Start ``sglang_router`` in front of ``worker_urls`` and wait for its ``/health``."""
     url = f"http://{cfg.host}:{cfg.router_port}"
-    proc = _spawn(router_command(cfg, worker_urls), url, log_dir, "sglang_router", env)
+    proc = _spawn(router_command(cfg, worker_urls, api_key=api_key), url, log_dir, "sglang_router", env)
     try:
-        wait_healthy([url], cfg.startup_timeout_s, procs=[proc])
+        wait_healthy([url], cfg.startup_timeout_s, api_key=api_key, procs=[proc])
     except BaseException:
         stop_processes([proc])
         raise
