@@ -2,8 +2,8 @@
 
 A run is described by a YAML file in ``configs/`` plus ``key=value`` overrides (omegaconf dotlist syntax, e.g.
 ``parallel.tp=2 algorithm.off_policy_reshape=no_reshape``). Unknown keys and wrong types are rejected by omegaconf's
-structured merge; everything else is checked by :func:`validate`, which runs before any model is built and names the
-offending key in its message.
+structured merge; everything else is checked by :func:`luffy_megatron.config_checks.validate`, which runs before any
+model is built and names the offending key in its message.
 
 The defaults are the LUFFY paper's recipe for Qwen2.5-Math-7B (Yan et al. 2025, the released ``train.sh``): n=8 with
 one off-policy trace, policy shaping p/(p+0.1), no clipping, no std normalisation, the "luffy" aggregation, entropy
@@ -16,22 +16,78 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from luffy_megatron.config_rollout import rollout_problems
-
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key."""
 
 
-ON_OFF_RESHAPES = ("no_reshape", "p_div_p", "logp", "p_logp", "square_root", "pow")
-LOSS_AGG_MODES = ("luffy", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+#: Parameter/compute dtype names of configs and command lines (``models.family.TORCH_DTYPES`` maps them to torch).
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+# The names of each option family, defined once: the config checks accept exactly these values, and the code that
+# dispatches on an option keys its table by these members (a test checks that every table covers its enumeration).
+class Reshape(str, Enum):
+    """``algorithm.on_policy_reshape`` / ``off_policy_reshape`` (formulas in :mod:`luffy_megatron.algo.loss`)."""
+
+    NO_RESHAPE = "no_reshape"
+    P_DIV_P = "p_div_p"
+    LOGP = "logp"
+    P_LOGP = "p_logp"
+    SQUARE_ROOT = "square_root"
+    POW = "pow"
+
+
+class AggMode(str, Enum):
+    """``algorithm.loss_agg_mode`` (formulas in :mod:`luffy_megatron.algo.aggregation`)."""
+
+    LUFFY = "luffy"
+    TOKEN_MEAN = "token_mean"
+    SEQ_MEAN_TOKEN_MEAN = "seq_mean_token_mean"
+    SEQ_MEAN_TOKEN_SUM = "seq_mean_token_sum"
+
+
+class KLType(str, Enum):
+    """``algorithm.kl_type``: ``k1 = logp - ref`` or verl's ``low_var_kl`` (``k3``)."""
+
+    K1 = "k1"
+    K3 = "k3"
+
+
+class WeightSync(str, Enum):
+    """``rollout.sglang.weight_sync``: a safetensors folder on a shared filesystem, a NCCL broadcast group, or
+    tensors in the request body (colocated servers)."""
+
+    DISK = "disk"
+    DISTRIBUTED = "distributed"
+    TENSOR = "tensor"
+
+
+class SystemPrompt(str, Enum):
+    """``data.system_prompt``: what happens to each prompt's system message."""
+
+    KEEP = "keep"
+    REPLACE = "replace"
+    REMOVE = "remove"
+
+
+class RolloutBackend(str, Enum):
+    """``rollout.backend``: in-process transformers or SGLang servers."""
+
+    HF = "hf"
+    SGLANG = "sglang"
+
+
+def choices(options: type[Enum]) -> tuple[str, ...]:
+    """The config values an option family accepts, in declaration order."""
+    return tuple(m.value for m in options)
 
 
 @dataclass
@@ -57,7 +113,8 @@ class ParallelConfig:
     pp: int = 1
     # Virtual pipeline stages per pipeline rank (interleaved 1F1B); null = not interleaved.
     vpp: int | None = None
-    # Token budget of one packed micro-batch (sequences are packed, never padded to the max response length).
+    # Token budget of one micro-batch, counted as rows * its longest row: sequences are right-padded to the longest
+    # one of their micro-batch (not to the maximum response length); a longer single sequence is a micro-batch alone.
     max_tokens_per_micro_batch: int = 16384
     # Distributed optimizer (ZeRO-1 over data-parallel ranks).
     use_distributed_optimizer: bool = True
@@ -160,6 +217,10 @@ class AlgorithmConfig:
     # kl_coeff = 0, and no SFT loss on traces): same gradient, less compute. Token metrics (entropy, probabilities,
     # clip fraction) then cover the trained samples only; a step that trains none logs none of them.
     skip_zero_advantage: bool = True
+    # Checks that wait for the GPU inside the update (NaN/inf inputs of the loss and log-probs, token ids inside the
+    # vocabulary, aggregation counts): a clear error at the first bad micro-batch instead of a skipped update.
+    # Off by default, so that the update's hot path never syncs with the host; the tests turn it on.
+    debug_checks: bool = False
 
 
 @dataclass
@@ -302,22 +363,6 @@ def to_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
-def _fail(key: str, msg: str) -> None:
-    raise ConfigError(f"{key}: {msg}")
-
-
-def _positive(cfg: Any, prefix: str, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            _fail(f"{prefix}.{name}", f"must be positive, got {value}")
-
-
-def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        _fail(key, f"{value!r} is not one of {list(allowed)}")
-
-
 def read_hf_config(hf_path: str | Path, key: str = "model.hf_path") -> dict:
     """The ``config.json`` of an HF folder, with a clear error naming ``key`` when it is missing or malformed."""
     path = Path(hf_path) / "config.json"
@@ -327,140 +372,6 @@ def read_hf_config(hf_path: str | Path, key: str = "model.hf_path") -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{key}: {path} is not valid JSON: {e}") from e
-
-
-def validate_parallel(
-    parallel: ParallelConfig, world_size: int, num_layers: int, num_heads: int, num_query_groups: int
-) -> int:
-    """Check a parallel layout against a model's shape; returns the data-parallel size."""
-    tp, pp, vpp = parallel.tp, parallel.pp, parallel.vpp
-    _positive(parallel, "parallel", ("tp", "pp", "vpp", "max_tokens_per_micro_batch"))
-    if num_heads % tp:
-        _fail("parallel.tp", f"{tp} does not divide the {num_heads} attention heads")
-    if num_query_groups % tp:
-        _fail("parallel.tp", f"{tp} does not divide the {num_query_groups} query groups (key/value heads)")
-    stages = pp * (vpp or 1)
-    if num_layers % stages:
-        key = "parallel.vpp" if vpp else "parallel.pp"
-        _fail(key, f"pp * vpp = {stages} does not divide the {num_layers} layers")
-    if vpp is not None and pp < 2:
-        _fail("parallel.vpp", "virtual pipeline stages need parallel.pp >= 2")
-    if world_size % (tp * pp):
-        _fail("parallel", f"world size {world_size} is not divisible by tp * pp = {tp * pp}")
-    if parallel.backend is not None:
-        _choice(parallel.backend, "parallel.backend", ("nccl", "gloo"))
-    return world_size // (tp * pp)
-
-
-def validate(cfg: RunConfig, world_size: int | None = None) -> None:
-    """Check every value that can be checked without building anything. Raises :class:`ConfigError`."""
-    m, r, a, d = cfg.model, cfg.rollout, cfg.algorithm, cfg.data
-    _choice(m.dtype, "model.dtype", DTYPES)
-    hf = read_hf_config(m.hf_path)
-    if m.megatron_checkpoint is not None and not Path(m.megatron_checkpoint).is_dir():
-        _fail("model.megatron_checkpoint", f"directory not found: {m.megatron_checkpoint}")
-
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    heads = hf.get("num_attention_heads")
-    layers = hf.get("num_hidden_layers")
-    if not isinstance(heads, int) or not isinstance(layers, int):
-        _fail("model.hf_path", f"config.json in {m.hf_path} lacks num_attention_heads / num_hidden_layers")
-    groups = hf.get("num_key_value_heads") or heads
-    dp = validate_parallel(cfg.parallel, world_size, layers, heads, groups)
-    _choice(r.backend, "rollout.backend", ("hf", "sglang"))
-    _positive(r, "rollout", ("n", "temperature", "top_p", "hf_batch_size"))
-    if not 0 < r.top_p <= 1:
-        _fail("rollout.top_p", f"must be in (0, 1], got {r.top_p}")
-    if r.n_off < 0:
-        _fail("rollout.n_off", f"must be >= 0, got {r.n_off}")
-    if r.n_off >= r.n:
-        _fail("rollout.n_off", f"{r.n_off} must be smaller than rollout.n = {r.n} (at least one on-policy sample)")
-    s = r.sglang
-    _choice(s.weight_sync, "rollout.sglang.weight_sync", ("disk", "distributed", "tensor"))
-    if r.backend == "sglang" and not s.launch and not s.urls:
-        _fail("rollout.sglang.urls", "give server URLs or set rollout.sglang.launch=true")
-    if r.backend == "sglang" and s.weight_sync == "disk" and not s.weight_sync_dir:
-        _fail("rollout.sglang.weight_sync_dir", "required with rollout.sglang.weight_sync=disk (a shared filesystem)")
-    _positive(s, "rollout.sglang", ("num_servers", "tp_size", "max_concurrency", "request_timeout_s"))
-    if not 0 < s.mem_fraction_static < 1:
-        _fail("rollout.sglang.mem_fraction_static", f"must be in (0, 1), got {s.mem_fraction_static}")
-
-    _choice(a.off_policy_reshape, "algorithm.off_policy_reshape", ON_OFF_RESHAPES)
-    _choice(a.on_policy_reshape, "algorithm.on_policy_reshape", ON_OFF_RESHAPES)
-    _choice(a.loss_agg_mode, "algorithm.loss_agg_mode", LOSS_AGG_MODES)
-    _choice(a.kl_type, "algorithm.kl_type", ("k1", "k3"))
-    _positive(
-        a,
-        "algorithm",
-        (
-            "off_policy_reshape_gamma",
-            "on_policy_reshape_gamma",
-            "adv_eps",
-            "logprob_chunk_tokens",
-            "luffy_micro_batch_seqs",
-        ),
-    )
-    if a.clip_eps <= 0 or a.clip_eps >= 1:
-        _fail("algorithm.clip_eps", f"must be in (0, 1), got {a.clip_eps}")
-    for name in ("entropy_coeff", "kl_coeff", "sft_loss_coeff"):
-        if getattr(a, name) < 0:
-            _fail(f"algorithm.{name}", f"must be >= 0, got {getattr(a, name)}")
-    for key, msg in rollout_problems(cfg):
-        _fail(key, msg)
-    if a.kl_coeff > 0:
-        # The loss supports k1/k3 penalties; the trainer does not build a reference model yet.
-        _fail("algorithm.kl_coeff", "the trainer has no reference model yet: set it to 0 (the paper's recipe)")
-
-    _positive(d, "data", ("max_prompt_length", "max_response_length", "train_batch_size", "mini_batch_size"))
-    if d.train_batch_size % d.mini_batch_size:
-        _fail("data.mini_batch_size", f"{d.mini_batch_size} does not divide data.train_batch_size {d.train_batch_size}")
-    if d.mini_batch_size % dp:
-        _fail("data.mini_batch_size", f"{d.mini_batch_size} prompts cannot be split over {dp} data-parallel ranks")
-    _choice(d.system_prompt, "data.system_prompt", ("keep", "replace", "remove"))
-    if d.system_prompt == "replace" and not d.system_prompt_text:
-        _fail("data.system_prompt_text", "required when data.system_prompt=replace")
-    if not d.train_files:
-        _fail("data.train_files", "at least one training file is required")
-    for key, files in (("data.train_files", d.train_files), ("data.val_files", d.val_files)):
-        for f in files:
-            if not _exists_or_glob(f):
-                _fail(key, f"no such file or directory: {f}")
-    if d.max_prompt_length + d.max_response_length > hf.get("max_position_embeddings", 1 << 30):
-        _fail(
-            "data.max_response_length",
-            f"prompt + response = {d.max_prompt_length + d.max_response_length} exceeds the model's "
-            f"max_position_embeddings {hf['max_position_embeddings']}",
-        )
-
-    _positive(cfg.reward, "reward", ("num_workers", "timeout_s", "hard_margin_s"))
-    o = cfg.optimizer
-    _positive(o, "optimizer", ("lr",))
-    _choice(o.lr_decay_style, "optimizer.lr_decay_style", ("constant", "linear", "cosine"))
-    for name in ("min_lr", "weight_decay", "clip_grad", "lr_warmup_steps"):
-        if getattr(o, name) < 0:
-            _fail(f"optimizer.{name}", f"must be >= 0, got {getattr(o, name)}")
-    _positive(cfg.trainer, "trainer", ("total_steps", "val_n"))
-    c = cfg.checkpoint
-    if c.keep_last < 1:
-        _fail("checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")
-    if c.save_interval < 0:
-        _fail("checkpoint.save_interval", f"must be >= 0, got {c.save_interval}")
-
-
-def _exists_or_glob(path: str) -> bool:
-    """True for an existing path, a glob with matches, or a Hugging Face dataset name (``owner/name``); a
-    ``@split`` suffix names a split of a dataset folder or hub dataset."""
-    if "@" in path and not Path(path).exists():
-        path = path.rsplit("@", 1)[0]
-    if Path(path).exists():
-        return True
-    if any(ch in path for ch in "*?["):
-        import glob
-
-        return bool(glob.glob(path))
-    # An HF hub dataset name: no extension, not absolute, at most one slash.
-    return not path.startswith((".", "/")) and path.count("/") == 1 and "." not in Path(path).name
 
 
 def iter_leaves(cfg: Any, prefix: str = "") -> list[tuple[str, Any]]:

@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from luffy_megatron.config import ConfigError, RunConfig, load_config, validate
+from luffy_megatron.algo.aggregation import POLICY_WEIGHTS
+from luffy_megatron.algo.options import KL_PENALTIES, OFF_POLICY_RESHAPES, ON_POLICY_RESHAPES
+from luffy_megatron.config import (
+    AggMode,
+    ConfigError,
+    KLType,
+    Reshape,
+    RunConfig,
+    SystemPrompt,
+    WeightSync,
+    choices,
+    load_config,
+)
+from luffy_megatron.config_checks import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,3 +182,27 @@ def test_cli_rejects_bad_config_before_building(model_dir, data_file, capsys):
     code = main([str(ROOT / "configs" / "tiny_cpu_luffy.yaml"), f"model.hf_path={model_dir}", "rollout.n_off=9"])
     assert code == 2
     assert "rollout.n_off" in capsys.readouterr().err
+
+
+def test_option_names_come_from_the_dispatch_tables(model_dir, data_file):
+    """Every table the code dispatches on covers its enumeration exactly, and every name is a valid config value."""
+    assert set(ON_POLICY_RESHAPES) == set(OFF_POLICY_RESHAPES) == set(Reshape)
+    assert set(KL_PENALTIES) == set(KLType) and set(POLICY_WEIGHTS) == set(AggMode)
+    options = [f"algorithm.on_policy_reshape={n}" for n in choices(Reshape)]
+    options += [f"algorithm.off_policy_reshape={n}" for n in choices(Reshape)]
+    options += [f"algorithm.loss_agg_mode={n}" for n in choices(AggMode)]
+    options += [f"algorithm.kl_type={n}" for n in choices(KLType)]
+    options += [f"data.system_prompt={n}" for n in choices(SystemPrompt)]
+    options += [f"rollout.sglang.weight_sync={n}" for n in choices(WeightSync)]
+    for option in options:
+        extra = ("data.system_prompt_text=Be brief.", "rollout.sglang.weight_sync_dir=/tmp")
+        validate(valid(model_dir, data_file, option, *extra), world_size=1)
+    with pytest.raises(ConfigError, match=r"^algorithm.kl_type: 'k2' is not one of \['k1', 'k3'\]"):
+        validate(valid(model_dir, data_file, "algorithm.kl_type=k2"), world_size=1)
+
+
+def test_config_checks_do_not_import_torch():
+    """A configuration error answers before torch, megatron-core or transformers load (about 6 s)."""
+    code = "import sys, luffy_megatron.config_checks; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out

@@ -179,6 +179,6 @@ def test_boxed_integer_shortcut_skips_math_verify(answer: str, monkeypatch: pyte
     def no_math_verify():
         raise AssertionError("math-verify was called")
 
-    monkeypatch.setattr(math_reward, "_math_verify", no_math_verify)
+    monkeypatch.setattr(math_reward, "load_math_verify", no_math_verify)
     assert score_detailed("</think>" + answer, "132", True).status in (CORRECT, INCORRECT)
     assert score_detailed("</think>" + answer + " or 7", "132", True).status == ERROR  # no shortcut: math-verify

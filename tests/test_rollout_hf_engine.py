@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from luffy_megatron.config import RolloutConfig
-from luffy_megatron.rollout import SamplingParams, WeightSyncError, build_rollout_engine
+from luffy_megatron.rollout import SamplingParams, WeightSyncError
+from luffy_megatron.rollout.factory import build_rollout_engine
 from luffy_megatron.rollout.hf_engine import CPU_DECODE_ATTENTION, HFEngine, next_token_distribution
 from tests.sglang_test_server import save_tiny_model, tiny_model
 
@@ -159,7 +160,7 @@ def test_build_rollout_engine_hf(tmp_path) -> None:
     with pytest.raises(ValueError, match="backend"):
         build_rollout_engine(RolloutConfig(backend="vllm"), path)
     sp = SamplingParams.from_config(RolloutConfig(n=8, n_off=1, temperature=0.9, seed=5), max_new_tokens=64)
-    assert (sp.n, sp.temperature, sp.top_p, sp.top_k, sp.max_new_tokens, sp.seed) == (7, 0.9, 1.0, -1, 64, 5)
+    assert (sp.n, sp.temperature, sp.top_p, sp.top_k, sp.max_new_tokens, sp.seed) == (8, 0.9, 1.0, -1, 64, 5)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from luffy_megatron.config import RolloutConfig, SGLangConfig
-from luffy_megatron.rollout import RolloutError, SamplingParams, WeightSyncError, build_rollout_engine, sample_seed
+from luffy_megatron.rollout import RolloutError, SamplingParams, WeightSyncError, sample_seed
+from luffy_megatron.rollout.factory import build_rollout_engine
 from luffy_megatron.rollout.hf_engine import HFEngine
 from luffy_megatron.rollout.sglang.client import (
     SAMPLING_KEYS,

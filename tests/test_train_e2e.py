@@ -41,6 +41,7 @@ def overrides(assets: Path, out: Path, steps: int, *extra: str) -> list[str]:
         "reward.num_workers=1",
         "optimizer.lr=1e-3",
         "algorithm.entropy_coeff=0.001",
+        "algorithm.debug_checks=true",
         f"trainer.total_steps={steps}",
         f"logging.out_dir={out}",
         "logging.progress_bar=false",

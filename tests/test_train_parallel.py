@@ -57,6 +57,7 @@ def train_once(rank: int, world: int, hf_dir: str, tp: int, pp: int, vpp: int | 
         f"parallel.max_tokens_per_micro_batch={budget}",
         f"algorithm.loss_agg_mode={mode}",
         "algorithm.entropy_coeff=0.01",
+        "algorithm.debug_checks=true",
         "optimizer.lr=1e-2",
         "data.max_response_length=16",
     ]
@@ -210,8 +211,13 @@ def train_redundant(rank: int, world: int, hf_dir: str, variant: str):
     if variant.startswith("all_zero"):  # nothing carries gradient: no forward, the optimizer still steps
         for s in samples:
             s.advantage = 0.0
+    if variant == "nan":  # one sample's loss is NaN; debug_checks is off, so only the per-step check can see it
+        samples[-1].advantage = float("nan")
     before = policy.compute_logprobs(samples)
-    metrics = policy.train_mini_batch(samples, use_old_logprobs=False)
+    try:
+        metrics = policy.train_mini_batch(samples, use_old_logprobs=False)
+    except FloatingPointError as e:
+        metrics = {"error": str(e)}
     return {"metrics": metrics, "before": before, "after": policy.compute_logprobs(samples)}
 
 
@@ -219,10 +225,12 @@ def train_redundant(rank: int, world: int, hf_dir: str, variant: str):
 def redundant_results():
     hf_dir = str(tiny_checkpoint("llama"))
     variants = {"reference": 1, "dedup_only": 1, "compact": 1, "compact_dp2": 2, "all_zero": 1, "all_zero_reference": 1}
-    return {
-        name: run_distributed(train_redundant, world, hf_dir, name.removesuffix("_dp2"))[0]
-        for name, world in variants.items()
-    }
+    variants.update(nan=1, nan_dp2=2)
+    results = {}
+    for name, world in variants.items():
+        ranks = run_distributed(train_redundant, world, hf_dir, name.removesuffix("_dp2"))
+        results[name], results[name + "/ranks"] = ranks[0], ranks
+    return results
 
 
 def test_merging_and_skipping_samples_keeps_the_update(redundant_results):
@@ -258,3 +266,12 @@ def test_a_step_without_gradient_runs_no_forward_and_keeps_the_weights(redundant
     ref = redundant_results["all_zero_reference"]
     assert ref["metrics"]["trained_samples"] == 16 and ref["metrics"]["grad_norm"] == 0.0
     assert got["after"] == ref["after"] and got["after"] != got["before"]
+
+
+def test_a_nan_loss_stops_every_rank_before_the_update(redundant_results):
+    """With ``algorithm.debug_checks`` off no micro-batch syncs with the host, yet a NaN loss (one sample's advantage)
+    is found once per step, on every rank (only one DP rank holds the sample), before the weights change."""
+    for name in ("nan/ranks", "nan_dp2/ranks"):
+        for rank in redundant_results[name]:
+            assert rank["metrics"]["error"].startswith("1 micro-batch loss(es) of this step are NaN/inf"), rank
+            assert rank["after"] == rank["before"]

@@ -228,7 +228,7 @@ from datetime import timedelta
 from tests import upstream
 join = upstream.upstream_common()["init_custom_process_group"]
 pg = join(backend="gloo", init_method="tcp://127.0.0.1:{port}", world_size=2, rank=1,
-          group_name="weight_update_group", timeout=timedelta(seconds={timeout}))
+          group_name="{group}", timeout=timedelta(seconds={timeout}))
 t = torch.zeros(5)
 torch.distributed.broadcast(t, src=0, group=pg)
 print("RECEIVED", t.tolist(), flush=True)
@@ -236,8 +236,8 @@ torch.distributed.destroy_process_group(pg)
 """
 
 
-def _server_side(port: int, timeout: float) -> subprocess.Popen:
-    code = textwrap.dedent(SERVER_SIDE).format(port=port, timeout=timeout)
+def _server_side(port: int, timeout: float, group: str) -> subprocess.Popen:
+    code = textwrap.dedent(SERVER_SIDE).format(port=port, timeout=timeout, group=group)
     env = {**os.environ, "PYTHONPATH": str(upstream.REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=upstream.REPO, env=env)  # fmt: skip
@@ -246,10 +246,11 @@ def _server_side(port: int, timeout: float) -> subprocess.Popen:
 def test_trainer_group_meets_sglang_init_custom_process_group_and_a_broadcast_arrives() -> None:
     upstream.upstream_common()  # the wheel is in the cache before the child starts
     port = free_port()
-    child = _server_side(port, timeout=60)
+    group = f"weight_update_group_{port}"  # unique in this process, whatever groups earlier tests left behind
+    child = _server_side(port, timeout=60, group=group)
     pg = None
     try:
-        pg = init_weights_update_group("127.0.0.1", port, 0, 2, "weight_update_group", "gloo", timeout_s=60)
+        pg = init_weights_update_group("127.0.0.1", port, 0, 2, group, "gloo", timeout_s=60)
         torch.distributed.broadcast(torch.arange(5, dtype=torch.float32) * 1.5, src=0, group=pg)
         out, err = child.communicate(timeout=60)
     finally:
@@ -266,13 +267,14 @@ def test_a_trainer_side_without_prefix_store_never_meets_sglang() -> None:
 
     upstream.upstream_common()
     port = free_port()
-    child = _server_side(port, timeout=8)
+    group = f"weight_update_group_{port}"
+    child = _server_side(port, timeout=8, group=group)
     try:
         store, rank, world = next(c10d.rendezvous(f"tcp://127.0.0.1:{port}", 0, 2, timeout=timedelta(seconds=8)))
         store.set_timeout(timedelta(seconds=8))
         with pytest.raises(RuntimeError):
             pg, _ = c10d._new_process_group_helper(2, 0, [], c10d.Backend("gloo"), store,
-                                                   group_name="weight_update_group",
+                                                   group_name=group,
                                                    timeout=timedelta(seconds=8))  # fmt: skip
             c10d._world.pg_group_ranks[pg] = {0: 0, 1: 1}
             torch.distributed.broadcast(torch.ones(5), src=0, group=pg)

@@ -358,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm import tqdm
 
-    from luffy_megatron.config import ParallelConfig, read_hf_config, validate_parallel
+    from luffy_megatron.config import ParallelConfig, read_hf_config
+    from luffy_megatron.config_checks import validate_parallel
 
     layouts = [parse_layout(t) for t in args.layouts.split(",") if t.strip()]
     loadavg_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

@@ -4,7 +4,8 @@ loss, and the fused vocab-parallel log-prob/entropy. See docs/algorithm.md."""
 from .advantages import compute_advantages
 from .aggregation import AGG_MODES, GlobalCounts, LossWeights, aggregation_weights, sequence_lengths
 from .logprob import vocab_parallel_logprob_entropy
-from .loss import RESHAPES, MetricSums, mixed_policy_loss, validate_algorithm_config
+from .loss import MetricSums, mixed_policy_loss
+from .options import RESHAPES
 
 __all__ = [
     "AGG_MODES",
@@ -16,6 +17,5 @@ __all__ = [
     "compute_advantages",
     "mixed_policy_loss",
     "sequence_lengths",
-    "validate_algorithm_config",
     "vocab_parallel_logprob_entropy",
 ]

@@ -30,15 +30,16 @@ a ``masked_mean`` over off-policy tokens: weight ``1 / N_off`` on off-policy tok
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["AGG_MODES", "GlobalCounts", "LossWeights", "aggregation_weights", "sequence_lengths"]
+from luffy_megatron.config import AggMode, choices
 
-AGG_MODES = ("luffy", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+__all__ = ["AGG_MODES", "POLICY_WEIGHTS", "GlobalCounts", "LossWeights", "aggregation_weights", "sequence_lengths"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ def aggregation_weights(
     seq_lengths: Tensor | None = None,
     off_policy_mask: Tensor | None = None,
     luffy_micro_batch_seqs: int = 64,
+    check_counts: bool = True,
 ) -> LossWeights:
     """Per-token loss weights of one micro-batch such that micro-batch losses sum to the global-batch loss.
 
@@ -116,11 +118,13 @@ def aggregation_weights(
             correct when no sequence is split across micro-batches).
         off_policy_mask: same shape bool, True on off-policy (trace) tokens (for the SFT term's weights).
         luffy_micro_batch_seqs: ``K`` of the ``luffy`` mode.
+        check_counts: raise ValueError when this micro-batch has more response tokens than ``counts`` (one host
+            sync; the trainer passes ``algorithm.debug_checks``).
 
     Returns:
         :class:`LossWeights` of fp32 tensors shaped like ``response_mask``.
     """
-    if mode not in AGG_MODES:
+    if mode not in POLICY_WEIGHTS:
         raise ValueError(f"mode: {mode!r} is not one of {list(AGG_MODES)}")
     _check_mask("response_mask", response_mask)
     if off_policy_mask is not None:
@@ -137,43 +141,83 @@ def aggregation_weights(
     for name in ("num_tokens", "num_seqs", "num_off_policy_tokens"):
         if getattr(counts, name) < 0:
             raise ValueError(f"counts.{name}: must be >= 0, got {getattr(counts, name)}")
-    local_tokens = int(response_mask.sum())
-    if local_tokens > counts.num_tokens:
-        raise ValueError(f"counts.num_tokens: {counts.num_tokens} is less than this micro-batch's {local_tokens}")
+    if check_counts:
+        local_tokens = int(response_mask.sum())
+        if local_tokens > counts.num_tokens:
+            raise ValueError(f"counts.num_tokens: {counts.num_tokens} is less than this micro-batch's {local_tokens}")
 
     mask = response_mask.float()
     zero = torch.zeros_like(mask)
 
-    def inv(x: float) -> float:
-        return 1.0 / x if x > 0 else 0.0
-
-    mean = mask * inv(counts.num_tokens)
+    mean = mask * _inv(counts.num_tokens)
     if off_policy_mask is None:
         off_mean = zero
     else:
-        off_mean = (off_policy_mask & response_mask).float() * inv(counts.num_off_policy_tokens)
+        off_mean = (off_policy_mask & response_mask).float() * _inv(counts.num_off_policy_tokens)
 
-    if mode == "token_mean":
-        policy = mean
-    elif mode == "seq_mean_token_sum":
-        policy = mask * inv(counts.num_seqs)
-    elif mode == "luffy":
-        policy = mask * (luffy_micro_batch_seqs * inv(counts.num_seqs) / max_response_length)
-    else:  # seq_mean_token_mean
-        if seq_index is None:
-            if response_mask.dim() == 1:
-                raise ValueError("seq_index: required for a flattened [N] response_mask in mode seq_mean_token_mean")
-            seq_index = torch.arange(response_mask.reshape(-1, response_mask.shape[-1]).shape[0])
-            seq_index = seq_index.to(response_mask.device).unsqueeze(-1).expand(-1, response_mask.shape[-1])
-            seq_index = seq_index.reshape(response_mask.shape)
-        else:
-            _check_seq_index(seq_index, response_mask)
+    policy = POLICY_WEIGHTS[mode](
+        _PolicyWeightInputs(
+            response_mask, mask, counts, max_response_length, luffy_micro_batch_seqs, seq_index, seq_lengths
+        )
+    )
+    return LossWeights(policy=policy, mean=mean, off_policy_mean=off_mean)
+
+
+def _inv(x: float) -> float:
+    return 1.0 / x if x > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class _PolicyWeightInputs:
+    """What the policy-gradient weight of each mode may read (arguments of :func:`aggregation_weights`)."""
+
+    response_mask: Tensor  # bool
+    mask: Tensor  # the response mask as fp32
+    counts: GlobalCounts
+    max_response_length: int
+    luffy_micro_batch_seqs: int
+    seq_index: Tensor | None
+    seq_lengths: Tensor | None
+
+
+def _token_mean(x: _PolicyWeightInputs) -> Tensor:
+    return x.mask * _inv(x.counts.num_tokens)
+
+
+def _seq_mean_token_sum(x: _PolicyWeightInputs) -> Tensor:
+    return x.mask * _inv(x.counts.num_seqs)
+
+
+def _luffy(x: _PolicyWeightInputs) -> Tensor:
+    return x.mask * (x.luffy_micro_batch_seqs * _inv(x.counts.num_seqs) / x.max_response_length)
+
+
+def _seq_mean_token_mean(x: _PolicyWeightInputs) -> Tensor:
+    response_mask, seq_index, seq_lengths = x.response_mask, x.seq_index, x.seq_lengths
+    if seq_index is None:  # rows of a [B, T] mask: each row's length, broadcast along it (no host sync)
+        if response_mask.dim() == 1:
+            raise ValueError("seq_index: required for a flattened [N] response_mask in mode seq_mean_token_mean")
+        rows = response_mask.reshape(-1, response_mask.shape[-1])
+        row_lengths = rows.sum(-1) if seq_lengths is None else seq_lengths
+        lengths = row_lengths.to(torch.float64)[:, None].expand(rows.shape).reshape(response_mask.shape)
+    else:
+        _check_seq_index(seq_index, response_mask)
         if seq_lengths is None:
             seq_lengths = sequence_lengths(response_mask.reshape(-1), seq_index.reshape(-1))
         lengths = seq_lengths.to(torch.float64)[seq_index]
-        per_tok = torch.where(lengths > 0, 1.0 / lengths.clamp_min(1), torch.zeros_like(lengths))
-        policy = mask * (per_tok * inv(counts.num_seqs)).float()
-    return LossWeights(policy=policy, mean=mean, off_policy_mean=off_mean)
+    per_tok = torch.where(lengths > 0, 1.0 / lengths.clamp_min(1), torch.zeros_like(lengths))
+    return x.mask * (per_tok * _inv(x.counts.num_seqs)).float()
+
+
+#: ``algorithm.loss_agg_mode`` -> the policy-gradient weight of each token (formulas in the module docstring).
+POLICY_WEIGHTS: dict[AggMode, Callable[[_PolicyWeightInputs], Tensor]] = {
+    AggMode.LUFFY: _luffy,
+    AggMode.TOKEN_MEAN: _token_mean,
+    AggMode.SEQ_MEAN_TOKEN_MEAN: _seq_mean_token_mean,
+    AggMode.SEQ_MEAN_TOKEN_SUM: _seq_mean_token_sum,
+}
+#: The aggregation mode names.
+AGG_MODES = choices(AggMode)
 
 
 def _check_mask(name: str, mask: Tensor) -> None:

@@ -39,7 +39,7 @@ differences (only in how the sum is normalised, which is made invariant to micro
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -48,14 +48,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .aggregation import LossWeights
+from .options import KL_PENALTIES, OFF_POLICY_RESHAPES, ON_POLICY_RESHAPES
 
 if TYPE_CHECKING:
     from luffy_megatron.config import AlgorithmConfig
 
-__all__ = ["RESHAPES", "MetricSums", "mixed_policy_loss", "validate_algorithm_config"]
-
-RESHAPES = ("no_reshape", "p_div_p", "logp", "p_logp", "square_root", "pow")
-KL_TYPES = ("k1", "k3")
+__all__ = ["MetricSums", "mixed_policy_loss"]
 
 
 @dataclass
@@ -65,7 +63,9 @@ class MetricSums:
     ``sums[k] / counts[k]`` is a token mean (e.g. mean off-policy probability over all off-policy tokens of the
     step); ``totals[k]`` is additive (weighted loss contributions: their sum over micro-batches and DP ranks is the
     global-batch value). Combine micro-batches with :meth:`add`, ranks with :meth:`all_reduce`, read with
-    :meth:`compute`. Keys depend only on the config, so every rank has the same keys.
+    :meth:`compute`. Keys depend on the config and on which inputs the loss was given; ranks that compute no loss
+    (off the last pipeline stage) hold none, so :meth:`all_reduce` suits a group whose ranks all ran the same loss
+    (e.g. data-parallel ranks of the last stage), and the trainer gathers across all ranks by key instead.
     """
 
     sums: dict[str, Tensor] = field(default_factory=dict)
@@ -110,64 +110,6 @@ class MetricSums:
         return out
 
 
-def validate_algorithm_config(config: AlgorithmConfig) -> None:
-    """Raise ValueError naming the ``config.<field>`` of any value the loss cannot use."""
-    for name in ("off_policy_reshape", "on_policy_reshape"):
-        if getattr(config, name) not in RESHAPES:
-            raise ValueError(f"config.{name}: {getattr(config, name)!r} is not one of {list(RESHAPES)}")
-    if config.kl_type not in KL_TYPES:
-        raise ValueError(f"config.kl_type: {config.kl_type!r} is not one of {list(KL_TYPES)}")
-    for name in ("off_policy_reshape_gamma", "on_policy_reshape_gamma"):
-        if not getattr(config, name) > 0:
-            raise ValueError(f"config.{name}: must be positive, got {getattr(config, name)}")
-    if config.clip_ratio and not 0 < config.clip_eps < 1:
-        raise ValueError(f"config.clip_eps: must be in (0, 1), got {config.clip_eps}")
-    for name in ("entropy_coeff", "kl_coeff", "sft_loss_coeff"):
-        if getattr(config, name) < 0:
-            raise ValueError(f"config.{name}: must be >= 0, got {getattr(config, name)}")
-
-
-def _on_policy_ratio(logp: Tensor, old_logp: Tensor, c: AlgorithmConfig) -> Tensor:
-    d = logp - old_logp
-    mode = c.on_policy_reshape
-    if mode == "no_reshape":
-        return torch.exp(d)
-    if mode == "logp":
-        return d
-    if mode == "p_logp":
-        return torch.exp(d) + c.on_policy_reshape_gamma * d
-    if mode == "square_root":
-        return torch.sqrt(torch.exp(d))
-    if mode == "pow":
-        return torch.pow(torch.exp(d), c.on_policy_reshape_pow_exp)
-    g = c.on_policy_reshape_gamma  # p_div_p
-    p, p_old = torch.exp(logp), torch.exp(old_logp)
-    return (p / (p + g)) / (p_old / (p_old + g))
-
-
-def _off_policy_ratio(logp: Tensor, c: AlgorithmConfig) -> Tensor:
-    p = torch.exp(logp)
-    mode = c.off_policy_reshape
-    if mode == "no_reshape":
-        return p
-    if mode == "logp":
-        return logp * c.off_policy_reshape_gamma
-    if mode == "p_logp":
-        return logp * c.off_policy_reshape_gamma + p
-    if mode == "square_root":
-        return torch.sqrt(p)
-    if mode == "pow":
-        return torch.pow(p, c.off_policy_reshape_pow_exp)
-    return p / (p + c.off_policy_reshape_gamma)  # p_div_p
-
-
-def _kl(logp: Tensor, ref: Tensor, kl_type: str) -> Tensor:
-    if kl_type == "k1":
-        return logp - ref
-    d = ref - logp  # k3 (verl's low_var_kl)
-    return torch.clamp(torch.exp(d) - d - 1, min=-10.0, max=10.0)
-
-
 def mixed_policy_loss(
     log_prob: Tensor,
     old_log_prob: Tensor,
@@ -192,7 +134,8 @@ def mixed_policy_loss(
         response_mask: same shape, torch.bool, True on response tokens (prompt / padding tokens are ignored, their
             values may be anything).
         off_policy_mask: same shape, torch.bool, True on tokens of off-policy traces.
-        config: the algorithm switches (:class:`luffy_megatron.config.AlgorithmConfig`).
+        config: the algorithm switches (:class:`luffy_megatron.config.AlgorithmConfig`), validated at load
+            (:mod:`luffy_megatron.config_checks`); an option name outside the tables above still raises ValueError.
         token_weights: :class:`LossWeights` from :func:`aggregation_weights` (a bare tensor is used for every term).
         entropy: same shape, per-token entropy (differentiable); required when ``config.entropy_coeff > 0``.
         ref_log_prob: same shape, reference-policy log-prob; required when ``config.kl_coeff > 0``.
@@ -200,30 +143,210 @@ def mixed_policy_loss(
             the forward); scales the loss weights and every metric, so the result equals that of the copies. None: 1.
         rollout_is_weight: same shape, rollout importance-sampling weight of each on-policy token (a constant, from
             :func:`~luffy_megatron.algo.rollout_is.rollout_is_weights`). None: 1.
-        check_finite: raise ValueError when a response token has a NaN/inf input (one host sync).
+        check_finite: raise ValueError when a response token has a NaN/inf input (one host sync; the trainer passes
+            ``config.debug_checks``).
 
     Returns:
         (scalar fp32 loss of this micro-batch -- summing it over micro-batches and DP ranks gives the global-batch
         loss --, :class:`MetricSums`).
     """
-    validate_algorithm_config(config)
+    on_reshape = _option(ON_POLICY_RESHAPES, "on_policy_reshape", config)
+    off_reshape = _option(OFF_POLICY_RESHAPES, "off_policy_reshape", config)
+    kl_penalty = _option(KL_PENALTIES, "kl_type", config)
     weights = _as_weights(token_weights)
-    ref_shape = tuple(log_prob.shape) if isinstance(log_prob, Tensor) else None
-    named: list[tuple[str, Tensor | None, bool]] = [
-        ("log_prob", log_prob, True),
-        ("old_log_prob", old_log_prob, True),
-        ("advantages", advantages, True),
-        ("entropy", entropy, False),
-        ("ref_log_prob", ref_log_prob, False),
-        ("token_weights.policy", weights.policy, True),
-        ("token_weights.mean", weights.mean, True),
-        ("token_weights.off_policy_mean", weights.off_policy_mean, True),
-        ("multiplicity", multiplicity, False),
-        ("rollout_is_weight", rollout_is_weight, False),
-    ]
-    for name, t, required in named:
-        if t is None and not required:
-            continue
+    named = _check_inputs(
+        {
+            "log_prob": log_prob,
+            "old_log_prob": old_log_prob,
+            "advantages": advantages,
+            "entropy": entropy,
+            "ref_log_prob": ref_log_prob,
+            "token_weights.policy": weights.policy,
+            "token_weights.mean": weights.mean,
+            "token_weights.off_policy_mean": weights.off_policy_mean,
+            "multiplicity": multiplicity,
+            "rollout_is_weight": rollout_is_weight,
+        },
+        response_mask,
+        off_policy_mask,
+        config,
+    )
+    if check_finite:
+        _check_finite(named, response_mask)
+    t = _Tokens.prepare(log_prob, old_log_prob, advantages, response_mask, off_policy_mask, weights, multiplicity)
+    metrics = MetricSums()
+    pg_on, clipped = _on_policy_term(t, on_reshape, config)
+    if rollout_is_weight is not None:
+        pg_on = pg_on * torch.where(t.on, rollout_is_weight.detach().float(), t.zero + 1.0)
+    pg_off, f = _off_policy_term(t, off_reshape, config, metrics)
+    loss = _policy_gradient_loss(t, pg_on, pg_off, config, metrics)
+    loss = _add_regularisers(loss, t, entropy, ref_log_prob, kl_penalty, config, metrics)
+    metrics.add_total("actor/loss", loss)
+    _token_metrics(t, pg_on, pg_off, clipped, f, metrics)
+    return loss, metrics
+
+
+@dataclass
+class _Tokens:
+    """The sanitised fp32 inputs of one micro-batch: values outside the sets that use them are replaced by 0, so
+    that nothing (not even a gradient of 0 * inf) leaks from padding or from the branch a token does not take.
+
+    Every sum counts a token ``count`` times: 1, or the number of identical samples its row stands for.
+    """
+
+    mask: Tensor  # response tokens
+    on: Tensor  # on-policy response tokens
+    off: Tensor  # off-policy response tokens
+    zero: Tensor  # fp32 scalar 0 on the tokens' device
+    lp: Tensor  # log-prob (differentiable)
+    old: Tensor  # old log-prob (constant)
+    adv: Tensor  # advantage (constant)
+    count: Tensor
+    w_pg: Tensor  # policy-gradient weight * count
+    w_mean: Tensor  # entropy / KL weight * count
+    w_off: Tensor  # SFT NLL weight * count, on off-policy tokens
+    n_on: Tensor
+    n_off: Tensor
+    n_tok: Tensor
+
+    @classmethod
+    def prepare(
+        cls,
+        log_prob: Tensor,
+        old_log_prob: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        off_policy_mask: Tensor,
+        weights: LossWeights,
+        multiplicity: Tensor | None,
+    ) -> _Tokens:
+        off = off_policy_mask & mask
+        on = ~off_policy_mask & mask
+        zero = torch.zeros((), dtype=torch.float32, device=log_prob.device)
+        count = mask.float() if multiplicity is None else torch.where(mask, multiplicity.float(), zero).detach()
+        return cls(
+            mask=mask,
+            on=on,
+            off=off,
+            zero=zero,
+            lp=torch.where(mask, log_prob.float(), zero),
+            old=torch.where(mask, old_log_prob.float(), zero).detach(),
+            adv=torch.where(mask, advantages.float(), zero).detach(),
+            count=count,
+            w_pg=torch.where(mask, weights.policy.float(), zero).detach() * count,
+            w_mean=torch.where(mask, weights.mean.float(), zero).detach() * count,
+            w_off=torch.where(off, weights.off_policy_mean.float(), zero).detach() * count,
+            n_on=(on * count).sum(),
+            n_off=(off * count).sum(),
+            n_tok=count.sum(),
+        )
+
+
+def _on_policy_term(t: _Tokens, reshape: Callable, c: AlgorithmConfig) -> tuple[Tensor, Tensor]:
+    """Per-token policy-gradient loss of on-policy tokens (0 elsewhere) and where the PPO clip was active."""
+    ratio = reshape(torch.where(t.on, t.lp, t.zero), torch.where(t.on, t.old, t.zero), c)
+    pg_on = -t.adv * ratio
+    if c.clip_ratio:
+        upper = max(c.clip_upper, 1.0 + c.clip_eps)
+        pg_on2 = -t.adv * torch.clamp(ratio, 1.0 - c.clip_eps, upper)
+        clipped = (pg_on2 > pg_on) & t.on
+        pg_on = torch.maximum(pg_on, pg_on2)
+    else:
+        clipped = torch.zeros_like(t.on)
+    return torch.where(t.on, pg_on, t.zero), clipped
+
+
+def _off_policy_term(t: _Tokens, reshape: Callable, c: AlgorithmConfig, metrics: MetricSums) -> tuple[Tensor, Tensor]:
+    """Per-token policy-gradient loss of off-policy tokens (0 elsewhere) and the shaped, clamped f(p)."""
+    f = reshape(torch.where(t.off, t.lp, t.zero), c)
+    max_c, min_c = c.off_policy_max_clamp, c.off_policy_min_clamp
+    if max_c is not None:
+        f = torch.clamp(f, max=max_c)
+        metrics.add_mean("actor/off_ratio_max_clip_frac", (((f == max_c) & t.off) * t.count).sum(), t.n_off)
+    if min_c is not None:
+        f = torch.clamp(f, min=min_c)
+        metrics.add_mean("actor/off_ratio_min_clip_frac", (((f == min_c) & t.off) * t.count).sum(), t.n_off)
+    return torch.where(t.off, -t.adv * f, t.zero), f
+
+
+def _policy_gradient_loss(t: _Tokens, pg_on: Tensor, pg_off: Tensor, c: AlgorithmConfig, metrics: MetricSums) -> Tensor:
+    """The weighted policy-gradient sum; with ``sft_loss`` trace tokens get the NLL term instead of a gradient."""
+    if c.sft_loss:
+        per_token = pg_on
+        nll = torch.where(t.off, -t.lp, t.zero)
+        sft_loss = c.sft_loss_coeff * (nll * t.w_off).sum()
+        metrics.add_mean("actor/sft_nll", (nll * t.count).sum(), t.n_off)
+        metrics.add_total("actor/sft_loss", sft_loss)
+    else:
+        per_token = pg_on + pg_off
+        sft_loss = t.zero
+    pg_loss = (per_token * t.w_pg).sum()
+    metrics.add_total("actor/pg_loss", pg_loss)
+    return pg_loss + sft_loss
+
+
+def _add_regularisers(
+    loss: Tensor,
+    t: _Tokens,
+    entropy: Tensor | None,
+    ref_log_prob: Tensor | None,
+    kl_penalty: Callable[[Tensor, Tensor], Tensor],
+    c: AlgorithmConfig,
+    metrics: MetricSums,
+) -> Tensor:
+    """``loss`` minus the entropy bonus plus the KL penalty (each term only when its coefficient is on; the metric
+    whenever its input is given)."""
+    if entropy is not None:
+        ent = torch.where(t.mask, entropy.float(), t.zero)
+        metrics.add_mean("actor/entropy", (ent * t.count).sum(), t.n_tok)
+        if c.entropy_coeff > 0:
+            ent_loss = -c.entropy_coeff * (ent * t.w_mean).sum()
+            loss = loss + ent_loss
+            metrics.add_total("actor/entropy_loss", ent_loss)
+    if ref_log_prob is not None:
+        ref = torch.where(t.mask, ref_log_prob.float(), t.zero).detach()
+        kld = torch.where(t.mask, kl_penalty(t.lp, ref), t.zero)
+        metrics.add_mean("actor/kl_ref", (kld * t.count).sum(), t.n_tok)
+        if c.kl_coeff > 0:
+            kl_loss = c.kl_coeff * (kld * t.w_mean).sum()
+            loss = loss + kl_loss
+            metrics.add_total("actor/kl_loss", kl_loss)
+    return loss
+
+
+@torch.no_grad()
+def _token_metrics(t: _Tokens, pg_on: Tensor, pg_off: Tensor, clipped: Tensor, f: Tensor, metrics: MetricSums) -> None:
+    """Token means of the policy-gradient terms, the clip fraction, the probabilities and the shaped ratio."""
+    count = t.count
+    metrics.add_mean("actor/on_pg_loss", (pg_on * count).sum(), t.n_on)
+    metrics.add_mean("actor/off_pg_loss", (pg_off * count).sum(), t.n_off)
+    metrics.add_mean("actor/pg_clipfrac", (clipped * count).sum(), t.n_on)
+    metrics.add_mean("actor/ppo_kl", (torch.where(t.mask, t.old - t.lp, t.zero) * count).sum(), t.n_tok)
+    old_on = torch.where(t.on, t.old, t.zero)
+    metrics.add_mean("actor/on_policy_prob", (torch.where(t.on, torch.exp(old_on), t.zero) * count).sum(), t.n_on)
+    lp_off = torch.where(t.off, t.lp, t.zero)
+    metrics.add_mean("actor/off_policy_prob", (torch.where(t.off, torch.exp(lp_off), t.zero) * count).sum(), t.n_off)
+    metrics.add_mean("actor/off_ratio_mean", (torch.where(t.off, f, t.zero) * count).sum(), t.n_off)
+    metrics.add_total("actor/response_tokens", t.n_tok)
+
+
+def _option(table: dict, name: str, config: AlgorithmConfig) -> Callable:
+    """``table[config.<name>]``, or a ValueError naming the key (a dict lookup: no validation pass per call)."""
+    value = getattr(config, name)
+    if value not in table:
+        raise ValueError(f"config.{name}: {value!r} is not one of {[m.value for m in table]}")
+    return table[value]
+
+
+def _check_inputs(
+    tensors: dict[str, Tensor | None], response_mask: Tensor, off_policy_mask: Tensor, c: AlgorithmConfig
+) -> list[tuple[str, Tensor]]:
+    """Types and shapes (no host sync); returns the given (name, tensor) pairs. ``entropy``, ``ref_log_prob`` and
+    ``multiplicity`` may be None unless a coefficient needs them."""
+    ref_shape = tuple(tensors["log_prob"].shape) if isinstance(tensors["log_prob"], Tensor) else None
+    optional = ("entropy", "ref_log_prob", "multiplicity", "rollout_is_weight")
+    named = [(n, t) for n, t in tensors.items() if t is not None or n not in optional]
+    for name, t in named:
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got {_describe(t)}")
         if tuple(t.shape) != ref_shape:
@@ -233,98 +356,11 @@ def mixed_policy_loss(
             raise TypeError(f"{name}: expected a torch.bool tensor, got {_describe(m)}")
         if tuple(m.shape) != ref_shape:
             raise ValueError(f"{name}: shape {tuple(m.shape)} does not match log_prob {ref_shape}")
-    if config.entropy_coeff > 0 and entropy is None:
+    if c.entropy_coeff > 0 and tensors["entropy"] is None:
         raise ValueError("entropy: required when config.entropy_coeff > 0")
-    if config.kl_coeff > 0 and ref_log_prob is None:
+    if c.kl_coeff > 0 and tensors["ref_log_prob"] is None:
         raise ValueError("ref_log_prob: required when config.kl_coeff > 0")
-    mask = response_mask
-    if check_finite:
-        _check_finite(((n, t) for n, t, _ in named if t is not None), mask)
-
-    # Sanitise: values outside the sets that use them are replaced by 0, so that nothing (not even a gradient of
-    # 0 * inf) leaks from padding or from the branch a token does not take.
-    off = off_policy_mask & mask
-    on = ~off_policy_mask & mask
-    zero = torch.zeros((), dtype=torch.float32, device=log_prob.device)
-    lp = torch.where(mask, log_prob.float(), zero)
-    old = torch.where(mask, old_log_prob.float(), zero).detach()
-    adv = torch.where(mask, advantages.float(), zero).detach()
-    # Every sum below counts a token `count` times: 1, or the number of identical samples its row stands for.
-    count = mask.float() if multiplicity is None else torch.where(mask, multiplicity.float(), zero).detach()
-    w_pg = torch.where(mask, weights.policy.float(), zero).detach() * count
-    w_mean = torch.where(mask, weights.mean.float(), zero).detach() * count
-    w_off = torch.where(off, weights.off_policy_mean.float(), zero).detach() * count
-    n_on, n_off, n_tok = (on * count).sum(), (off * count).sum(), count.sum()
-    metrics = MetricSums()
-
-    # On-policy tokens.
-    lp_on = torch.where(on, lp, zero)
-    old_on = torch.where(on, old, zero)
-    ratio = _on_policy_ratio(lp_on, old_on, config)
-    pg_on = -adv * ratio
-    if config.clip_ratio:
-        upper = max(config.clip_upper, 1.0 + config.clip_eps)
-        pg_on2 = -adv * torch.clamp(ratio, 1.0 - config.clip_eps, upper)
-        clipped = (pg_on2 > pg_on) & on
-        pg_on = torch.maximum(pg_on, pg_on2)
-    else:
-        clipped = torch.zeros_like(on)
-    if rollout_is_weight is not None:
-        pg_on = pg_on * torch.where(on, rollout_is_weight.detach().float(), zero + 1.0)
-    pg_on = torch.where(on, pg_on, zero)
-
-    # Off-policy tokens.
-    lp_off = torch.where(off, lp, zero)
-    f = _off_policy_ratio(lp_off, config)
-    max_c, min_c = config.off_policy_max_clamp, config.off_policy_min_clamp
-    if max_c is not None:
-        f = torch.clamp(f, max=max_c)
-        metrics.add_mean("actor/off_ratio_max_clip_frac", (((f == max_c) & off) * count).sum(), n_off)
-    if min_c is not None:
-        f = torch.clamp(f, min=min_c)
-        metrics.add_mean("actor/off_ratio_min_clip_frac", (((f == min_c) & off) * count).sum(), n_off)
-    pg_off = torch.where(off, -adv * f, zero)
-
-    if config.sft_loss:
-        per_token = pg_on
-        nll = torch.where(off, -lp, zero)
-        sft_loss = config.sft_loss_coeff * (nll * w_off).sum()
-        metrics.add_mean("actor/sft_nll", (nll * count).sum(), n_off)
-        metrics.add_total("actor/sft_loss", sft_loss)
-    else:
-        per_token = pg_on + pg_off
-        sft_loss = zero
-    pg_loss = (per_token * w_pg).sum()
-    loss = pg_loss + sft_loss
-    metrics.add_total("actor/pg_loss", pg_loss)
-
-    if entropy is not None:
-        ent = torch.where(mask, entropy.float(), zero)
-        metrics.add_mean("actor/entropy", (ent * count).sum(), n_tok)
-        if config.entropy_coeff > 0:
-            ent_loss = -config.entropy_coeff * (ent * w_mean).sum()
-            loss = loss + ent_loss
-            metrics.add_total("actor/entropy_loss", ent_loss)
-    if ref_log_prob is not None:
-        ref = torch.where(mask, ref_log_prob.float(), zero).detach()
-        kld = torch.where(mask, _kl(lp, ref, config.kl_type), zero)
-        metrics.add_mean("actor/kl_ref", (kld * count).sum(), n_tok)
-        if config.kl_coeff > 0:
-            kl_loss = config.kl_coeff * (kld * w_mean).sum()
-            loss = loss + kl_loss
-            metrics.add_total("actor/kl_loss", kl_loss)
-    metrics.add_total("actor/loss", loss)
-
-    with torch.no_grad():
-        metrics.add_mean("actor/on_pg_loss", (pg_on * count).sum(), n_on)
-        metrics.add_mean("actor/off_pg_loss", (pg_off * count).sum(), n_off)
-        metrics.add_mean("actor/pg_clipfrac", (clipped * count).sum(), n_on)
-        metrics.add_mean("actor/ppo_kl", (torch.where(mask, old - lp, zero) * count).sum(), n_tok)
-        metrics.add_mean("actor/on_policy_prob", (torch.where(on, torch.exp(old_on), zero) * count).sum(), n_on)
-        metrics.add_mean("actor/off_policy_prob", (torch.where(off, torch.exp(lp_off), zero) * count).sum(), n_off)
-        metrics.add_mean("actor/off_ratio_mean", (torch.where(off, f, zero) * count).sum(), n_off)
-        metrics.add_total("actor/response_tokens", n_tok)
-    return loss, metrics
+    return named  # type: ignore[return-value]
 
 
 def _as_weights(w: LossWeights | Tensor) -> LossWeights:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from tqdm import tqdm
 
 from luffy_megatron.convert.hf_io import StreamingSafetensorsWriter, copy_aux_files
 from luffy_megatron.convert.load import expected_hf_shapes
@@ -39,8 +41,6 @@ def _hf_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 
 
 def _groups():
-    from megatron.core import parallel_state as ps
-
     tp_group = ps.get_tensor_model_parallel_group()
     pp_group = ps.get_pipeline_model_parallel_group()
     return tp_group, ps.get_tensor_model_parallel_world_size(), pp_group, ps.get_pipeline_model_parallel_world_size()
@@ -85,8 +85,6 @@ def iter_hf_weights(
         pp_ranks = dist.get_process_group_ranks(pp_group)
     else:
         stages, pp_ranks = [mine], [dist.get_rank() if dist.is_initialized() else 0]
-    from megatron.core import parallel_state as ps
-
     my_stage = ps.get_pipeline_model_parallel_rank()
     owner: dict[str, int] = {}
     for stage, names in enumerate(stages):
@@ -179,8 +177,6 @@ def save_hf_checkpoint(
     )
     bar = None
     if progress and rank0:
-        from tqdm import tqdm
-
         total = sum(math.prod(shapes[h]) for h in order) * torch.empty((), dtype=dtype).element_size()
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="export HF weights")
     for bucket in iter_hf_weights(model_chunks, spec, bucket_bytes=bucket_bytes, dtype=dtype):

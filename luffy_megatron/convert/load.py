@@ -14,6 +14,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from luffy_megatron.convert.hf_io import HFCheckpointReader, copy_aux_files
 from luffy_megatron.convert.mapping import (
@@ -37,8 +41,6 @@ def expected_hf_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 
     Also checks that the family's mapping names exactly the tensors transformers defines (a mapping bug otherwise).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     hf = dict(spec.hf_config)
     model_type = hf.pop("model_type")
     config = AutoConfig.for_model(model_type, **hf)
@@ -76,8 +78,6 @@ def check_hf_tensors(reader: HFCheckpointReader, spec: ModelSpec) -> None:
 
 
 def _tp() -> tuple[int, int]:
-    from megatron.core import parallel_state
-
     return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
 
 
@@ -120,8 +120,6 @@ def load_hf_weights(model_chunks: list[torch.nn.Module], spec: ModelSpec, hf_dir
 def _progress(items: list, enabled: bool, desc: str):
     if not enabled:
         return items
-    from tqdm import tqdm
-
     return tqdm(items, desc=desc, unit="tensor")
 
 
@@ -152,8 +150,6 @@ def save_megatron_checkpoint(
     views are cloned one parameter at a time and the parameter's storage is freed right after, so peak memory stays
     at about one model; the chunks are unusable afterwards.
     """
-    from megatron.core import dist_checkpointing
-
     ckpt = Path(ckpt_dir)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0:
@@ -185,8 +181,6 @@ def save_megatron_checkpoint(
 
 def _move_views_out_of_params(sharded: dict[str, Any]) -> None:
     """Give every sharded tensor that views part of a parameter its own copy, freeing each parameter once copied."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-
     apply_factories(sharded)
     by_storage: dict[int, list[ShardedTensor]] = {}
 
@@ -228,9 +222,6 @@ def load_megatron_checkpoint(model_chunks: list[torch.nn.Module], ckpt_dir: str 
     loading, so their halves are views of the parameters and megatron's merge step (which would concatenate a second
     copy of every ``linear_fc1``) is skipped. Anything the loader returns in a new buffer is copied into the parameter.
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import apply_factories
-
     meta = read_checkpoint_metadata(ckpt_dir)
     sharded = _sharded_state_dict(model_chunks)
     apply_factories(sharded)
@@ -241,8 +232,6 @@ def load_megatron_checkpoint(model_chunks: list[torch.nn.Module], ckpt_dir: str 
 
 def _copy_into_params(sharded: Any, loaded: Any) -> None:
     """Copy loaded tensors that are not already the parameters' own storage (walks the nested state dict)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
     if isinstance(sharded, dict):
         for key, value in sharded.items():
             _copy_into_params(value, loaded[key])

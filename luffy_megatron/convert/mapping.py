@@ -25,9 +25,7 @@ from typing import Literal
 import torch
 
 from luffy_megatron.models.builder import ModelSpec
-from luffy_megatron.models.family import TE_FUSED_NORM_NAMES
-
-VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+from luffy_megatron.models.family import TE_FUSED_NORM_NAMES, VOCAB_PARAMS
 
 # reads an HF tensor, optionally only rows/columns [start, stop) of dimension ``dim``
 HFReader = Callable[..., torch.Tensor]

@@ -21,7 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from luffy_megatron.config import DataConfig
+from tqdm.auto import tqdm
+
+from luffy_megatron.config import DataConfig, SystemPrompt, choices
 from luffy_megatron.data.sources import DataError, RawRow, expand_sources, read_table
 
 if TYPE_CHECKING:
@@ -131,16 +133,16 @@ def _scalar_str(raw: RawRow, column: str, value: Any) -> str:
 
 def apply_system_prompt(messages: list[dict[str, str]], mode: str, text: str | None) -> list[dict[str, str]]:
     """``keep`` the system message, ``replace`` it with ``text`` (inserting one if absent), or ``remove`` it."""
-    if mode == "keep":
+    if mode == SystemPrompt.KEEP:
         return messages
     rest = [m for m in messages if m["role"] != "system"]
-    if mode == "remove":
+    if mode == SystemPrompt.REMOVE:
         return rest
-    if mode == "replace":
+    if mode == SystemPrompt.REPLACE:
         if not text:
             raise ValueError("data.system_prompt=replace needs data.system_prompt_text")
         return [{"role": "system", "content": text}, *rest]
-    raise ValueError(f"data.system_prompt must be keep, replace or remove, got {mode!r}")
+    raise ValueError(f"data.system_prompt: {mode!r} is not one of {list(choices(SystemPrompt))}")
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
@@ -256,8 +258,6 @@ class PromptDataset:
         return messages, trace, truth, source, extra if isinstance(extra, dict) else None
 
     def _add_table(self, table: Any, keys: dict[str, str], progress: bool | None) -> None:
-        from tqdm.auto import tqdm
-
         cfg, tok, c = self.config, self.tokenizer, self.counts
         rows = list(table)
         c.rows_read += len(rows)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 logger = logging.getLogger(__name__)
 
 _GLOB_CHARS = "*?["
@@ -85,8 +87,6 @@ def read_table(spec: str, columns: list[str]) -> Table:
 
 
 def _read_parquet(spec: str, path: Path, columns: list[str]) -> Table:
-    import pyarrow.parquet as pq
-
     try:
         schema = pq.read_schema(path)
         present = [c for c in columns if c in schema.names]
@@ -97,7 +97,7 @@ def _read_parquet(spec: str, path: Path, columns: list[str]) -> Table:
 
 
 def _read_hf(spec: str, columns: list[str], split: str | None, from_disk: bool) -> Table:
-    import datasets
+    import datasets  # lazy: seconds to import, and only Hugging Face dataset sources need it
 
     name, _ = _split_spec(spec)
     try:

@@ -11,6 +11,9 @@ import random
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 DATA_SOURCE = "synthetic_add"
 DEFAULT_SYSTEM_PROMPT = "Add the numbers. Think inside <think> </think>, then write the sum in \\boxed{}."
 
@@ -75,8 +78,6 @@ def tokenizer_corpus(num: int = 500, seed: int = 0, digits: int = 2) -> str:
 
 def write_parquet(rows: list[dict[str, Any]], path: str | Path) -> None:
     """Write rows with an explicit schema (identical for train and val, and for empty files)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     message = pa.struct([("content", pa.string()), ("role", pa.string())])
     schema = pa.schema(

@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from luffy_megatron.config import DTYPES, RolloutBackend, choices
 from luffy_megatron.data import DataError
 from luffy_megatron.eval.runner import RESULTS_MD, EvalOptions, compare, run_eval
 from luffy_megatron.eval.score import THINK_FORMATS
@@ -43,9 +44,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-per-source", type=int, help="only the first N problems of each source")
     p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="rows per generation chunk (resume unit)")
     p.add_argument("--reward-timeout", type=float, default=d.reward_timeout_s, help="seconds per sample")
-    p.add_argument("--backend", choices=("hf", "sglang"), default=d.backend)
+    p.add_argument("--backend", choices=choices(RolloutBackend), default=d.backend)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per batch of the in-process engine")
-    p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"), help="in-process engine")
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="in-process engine")
     p.add_argument("--device", default=d.device, help="in-process engine (cpu, cuda)")
     p.add_argument("--sglang-url", nargs="+", default=[], dest="sglang_urls", help="running SGLang servers")
     p.add_argument("--sglang-launch", action="store_true", help="start SGLang servers for the model")

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pyarrow.parquet as pq
+
 from luffy_megatron.config import DataConfig
 from luffy_megatron.data import DataError, PromptDataset
 
@@ -37,7 +39,6 @@ def _problem_id(source: str, prompt_ids: list[int], truth: str) -> str:
 
 def _check_file(path: str) -> None:
     """Existence, readability, non-emptiness and the required columns of one parquet file, each as one error."""
-    import pyarrow.parquet as pq
 
     p = Path(path)
     if not p.is_file():

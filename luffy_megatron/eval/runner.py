@@ -3,6 +3,9 @@
 Rows are generated in fixed chunks of ``chunk_size`` rows; chunk ``c`` samples with seed
 ``sample_seed(seed, c, 0)``, so sample ``j`` of a row is the same whether the chunk runs in the first attempt or in
 a rerun after a kill. A rerun generates only the chunks whose samples are not all on disk.
+
+The model-side imports (the engines, transformers, the Megatron checkpoint converter) are inside the functions that
+use them, so that ``luffy-eval --help`` and errors in the arguments, data or output folder answer without torch.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from luffy_megatron.config import RolloutConfig, SGLangConfig
 from luffy_megatron.eval.data import EvalRow, load_rows
 from luffy_megatron.eval.metrics import render_tables, summarise
 from luffy_megatron.eval.score import score_sample
 from luffy_megatron.eval.store import EvalError, SampleStore
-from luffy_megatron.rollout.base import RolloutEngine, SamplingParams, build_rollout_engine, sample_seed
+from luffy_megatron.rollout.base import RolloutEngine, SamplingParams, sample_seed
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -104,6 +109,10 @@ def build_engine(opts: EvalOptions, hf_path: Path) -> RolloutEngine:
         use_router=opts.sglang_router,
     )
     cfg = RolloutConfig(backend=opts.backend, hf_batch_size=opts.batch_size, sglang=sglang)
+    # Lazy: the engines load torch, transformers and aiohttp, which luffy-eval --help and its argument and data errors
+    # do without.
+    from luffy_megatron.rollout.factory import build_rollout_engine
+
     try:
         return build_rollout_engine(cfg, str(hf_path), dtype=opts.dtype, device=opts.device)
     except (OSError, ValueError) as e:
@@ -131,8 +140,6 @@ def _records(rows: list[EvalRow], outputs, tokenizer, opts: EvalOptions) -> list
 
 def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
     """Evaluate (resuming from ``opts.out``); writes ``results.json`` and ``results.md`` and returns the results."""
-    from tqdm.auto import tqdm
-
     out = Path(opts.out)
     hf_path = resolve_model(opts.model, out)
     tokenizer = load_tokenizer(hf_path)

@@ -8,12 +8,11 @@ Ground truths that are a single letter A-J are also matched as multiple-choice l
 
 from __future__ import annotations
 
-import logging
-
 from luffy_megatron.reward.math_reward import (
     CHOICE_LETTERS,
     ItemTimeout,
     choice_letter,
+    load_math_verify,
     score_detailed,
     split_think,
     time_limit,
@@ -32,14 +31,12 @@ def extract_answer(answer: str | None, ground_truth: str, timeout_s: float | Non
     ground truth when math-verify finds nothing; ``""`` when there is nothing."""
     if answer is None:
         return ""
-    from math_verify import LatexExtractionConfig, StringExtractionConfig, parse
-
-    logging.getLogger("math_verify.parser").setLevel(logging.ERROR)  # the budget is ours (time_limit)
+    parse, _, latex_config, string_config = load_math_verify()  # the budget is ours (time_limit)
     try:
         with time_limit(timeout_s):
             found = parse(answer, parsing_timeout=None)
             if not found and choice_letter(ground_truth) is not None:
-                configs = [StringExtractionConfig(strings=CHOICE_LETTERS), LatexExtractionConfig()]
+                configs = [string_config(strings=CHOICE_LETTERS), latex_config()]
                 found = parse(answer, extraction_config=configs, parsing_timeout=None)
     except ItemTimeout:
         return ""

@@ -53,6 +53,7 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if run_config is not None:
             (self.path.parent / "config.json").write_text(json.dumps(run_config, indent=1))
+        # tensorboard and wandb are optional dependencies (extras), imported only when configured.
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

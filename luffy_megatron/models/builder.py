@@ -7,6 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer import TransformerConfig
 
 from luffy_megatron.models import get_family
 from luffy_megatron.models.family import ModelFamily, padded_vocab_size, torch_dtype, transformer_config_kwargs
@@ -64,8 +72,6 @@ def build_transformer_config(
     **overrides: Any,
 ):
     """HF config -> ``TransformerConfig`` with the parallel layout and precision of this run."""
-    from megatron.core.transformer import TransformerConfig
-
     params_dtype = torch_dtype(dtype)
     kwargs = transformer_config_kwargs(spec.family, spec.hf_config)
     kwargs.update(
@@ -106,13 +112,6 @@ def build_gpt_model(
     spec. Parameters are named as the local spec names them; with TE the layer norms live in the fused linears.
     With ``ddp_config`` (a megatron ``DistributedDataParallelConfig``) the chunks are wrapped in megatron's DDP.
     """
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
-
     use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
     layer_spec_fn = get_gpt_layer_with_transformer_engine_spec if use_te else get_gpt_layer_local_spec
     layer_spec = layer_spec_fn(**layer_spec_kwargs(spec, use_te))
@@ -139,8 +138,6 @@ def build_gpt_model(
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     if ddp_config is not None:
-        from megatron.core.distributed import DistributedDataParallel
-
         chunks = [
             DistributedDataParallel(config=config, ddp_config=ddp_config, module=m, disable_bucketing=(i > 0))
             for i, m in enumerate(chunks)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from luffy_megatron.config import ConfigError
+from luffy_megatron.config import DTYPES, ConfigError
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,8 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
     return ((vocab_size + step - 1) // step) * step
 
 
-# The dtype names of configs and command lines (config.DTYPES lists the same names) and their torch dtypes.
-TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The dtype names of configs and command lines and their torch dtypes.
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES}
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -151,6 +151,9 @@ GATED_MLP = FusedGatedMLP(
 
 # Layer-relative names of the norms that transformer-engine's layer spec fuses into the following linear
 # (local spec name -> TE spec name); the converter translates TE names back before applying the mappings above.
+# Megatron parameters whose first dimension is the (padded, TP-split) vocabulary.
+VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
 TE_FUSED_NORM_NAMES = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",

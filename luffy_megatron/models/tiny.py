@@ -17,6 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 THINK_TOKENS = ("<think>", "</think>")
@@ -108,8 +117,6 @@ def train_tokenizer(
     """
     if chat_template not in CHAT_TEMPLATES:
         raise ValueError(f"unknown chat_template {chat_template!r}; choose one of {', '.join(CHAT_TEMPLATES)}")
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     if split_digits:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -142,8 +149,6 @@ def train_tokenizer(
 
 def _wrap(tok, vocab_size: int, chat_template: str):
     """The ``transformers`` tokenizer around a trained ``tokenizers`` BPE: Qwen's specials, think tokens, template."""
-    from transformers import PreTrainedTokenizerFast
-
     tok.add_tokens(list(THINK_TOKENS))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -176,8 +181,6 @@ def tiny_hf_config(
     pad_token_id: int | None = None,
 ):
     """A ``transformers`` config object for a tiny model of ``family`` (``rope_theta``: None = the family's usual)."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
-
     if family not in FAMILY_ARCHITECTURES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILY_ARCHITECTURES)}")
     if hidden_size % heads or heads % kv_heads:
@@ -260,8 +263,6 @@ def make_tiny_model(
     tests); without it the model keeps ``transformers``' own initialisation (weights ~ N(0, 0.02), unit norms, zero
     biases), the usual start for training from scratch.
     """
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(

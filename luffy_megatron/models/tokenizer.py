@@ -17,9 +17,13 @@ def load_tokenizer(hf_path: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(str(hf_path))
 
 
+# The configuration files of an HF folder, in the order EOS ids are looked up.
+HF_CONFIG_FILES = ("generation_config.json", "config.json")
+
+
 def read_eos_token_ids(hf_path: str | Path) -> list[int]:
     """EOS ids of an HF folder: ``generation_config.json`` first, then ``config.json``; ``[]`` when none."""
-    for name in ("generation_config.json", "config.json"):
+    for name in HF_CONFIG_FILES:
         path = Path(hf_path) / name
         if path.is_file():
             eos = json.loads(path.read_text()).get("eos_token_id")

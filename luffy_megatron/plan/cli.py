@@ -13,7 +13,7 @@ import json
 import sys
 from dataclasses import fields
 
-from luffy_megatron.config import ConfigError
+from luffy_megatron.config import DTYPES, ConfigError
 from luffy_megatron.plan.search import GB, PlanInputs, plan
 from luffy_megatron.plan.shapes import load_shape
 
@@ -29,10 +29,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="GiB per GPU (default 80)")
     p.add_argument("--rollout-gpus", type=int, default=0, help="GPUs of the job that serve rollouts, not training")
     p.add_argument("--rollout-tp", type=int, nargs="+", default=None, help="SGLang server TP sizes to price")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--dtype", choices=DTYPES)
     p.add_argument("--prompt-len", type=int)
     p.add_argument("--response-len", type=int)
-    p.add_argument("--micro-batch-tokens", type=int, help="token budget of one packed micro-batch")
+    p.add_argument("--micro-batch-tokens", type=int, help="token budget of one micro-batch (rows x longest row)")
     p.add_argument("--samples-per-step", type=int, help="samples per optimiser step (mini-batch prompts x n)")
     p.add_argument("--no-dist-opt", action="store_true", help="without the distributed optimizer")
     p.add_argument("--recompute", choices=("on", "off"), help="full activation recomputation")

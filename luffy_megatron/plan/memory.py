@@ -18,10 +18,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from luffy_megatron.models.family import padded_vocab_size
+from luffy_megatron.models.family import TORCH_DTYPES, VOCAB_PARAMS, padded_vocab_size
 from luffy_megatron.plan.shapes import ModelShape, chunk_params
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in TORCH_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def rank_buffers(m: ModelShape, lay: Layout, pp_rank: int, dtype: str, fp32_norm
         groups: dict[str, list[tuple[int, bool]]] = {}
         for name, numel, norm in params:
             key = "float32" if norm and fp32_norms else dtype
-            shared = tied_pp and name in ("embedding.word_embeddings.weight", "output_layer.weight")
+            shared = tied_pp and name in VOCAB_PARAMS
             groups.setdefault(key, []).append((numel, shared))
         for key, items in groups.items():
             out.append(layout_buffer([n for n, _ in items], [s for _, s in items], lay.dp, lay.dist_opt, key))

@@ -117,8 +117,9 @@ def time_limit(seconds: float | None) -> Iterator[None]:
 
 
 @lru_cache(maxsize=1)
-def _math_verify() -> tuple[Callable, Callable, Any, Any]:
-    """Import math-verify once per process and silence its per-call warnings (we time out ourselves)."""
+def load_math_verify() -> tuple[Callable, Callable, Any, Any]:
+    """Import math-verify once per process and silence its per-call warnings (we time out ourselves). Lazy: it loads
+    sympy (seconds), which only the reward workers and the evaluator's scoring need, not the trainer's processes."""
     from math_verify import LatexExtractionConfig, StringExtractionConfig, parse, verify
 
     for name in ("math_verify", "math_verify.parser", "math_verify.grader", "math_verify.utils"):
@@ -128,7 +129,7 @@ def _math_verify() -> tuple[Callable, Callable, Any, Any]:
 
 @lru_cache(maxsize=4096)
 def _parse_gold(ground_truth: str) -> list:
-    parse = _math_verify()[0]
+    parse = load_math_verify()[0]
     return parse("$" + ground_truth + "$", parsing_timeout=None)
 
 
@@ -140,7 +141,7 @@ def _normalise_letter(value: Any) -> str:
 
 
 def _choice_matches(answer: str, letter: str) -> bool:
-    parse, _, latex_cfg, string_cfg = _math_verify()
+    parse, _, latex_cfg, string_cfg = load_math_verify()
     configs = [string_cfg(strings=CHOICE_LETTERS, try_extract_without_anchor=False), latex_cfg()]
     extracted = parse(answer, extraction_config=configs, parsing_timeout=None)
     return any(_normalise_letter(x) == letter for x in extracted)
@@ -158,7 +159,7 @@ def _grade(response: str, ground_truth: str, prompt_ends_with_think: bool, requi
         # An answer that is just a boxed integer against an integer ground truth: math-verify would extract that
         # integer and compare it numerically; doing so directly saves its ~2 ms parse per sample.
         return CORRECT if int(boxed.group(1)) == int(ground_truth) else INCORRECT
-    parse, verify = _math_verify()[:2]
+    parse, verify = load_math_verify()[:2]
     gold = _parse_gold(ground_truth)
     pred = parse(answer, parsing_timeout=None)
     if verify(gold, pred, timeout_seconds=None):

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -59,8 +60,6 @@ class RewardStats:
 def _worker_main(conn: Connection, timeout_s: float, require_think: bool, choices: bool) -> None:
     """Worker loop: receive ``(batch_id, items)``, send ``(batch_id, position, score, status)`` after each item;
     None stops it."""
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     score_detailed("<think></think>\\boxed{1}", "1", False, None)  # warm-up: imports sympy / math-verify
     conn.send(("ready", os.getpid()))

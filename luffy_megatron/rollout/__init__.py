@@ -1,4 +1,5 @@
-"""Rollout engines behind one interface: in-process transformers (``hf``) and SGLang servers (``sglang``)."""
+"""Rollout engines behind one interface: in-process transformers (``hf``) and SGLang servers (``sglang``); the
+engine a config names comes from :func:`luffy_megatron.rollout.factory.build_rollout_engine`."""
 
 from luffy_megatron.rollout.base import (
     RolloutEngine,
@@ -6,7 +7,6 @@ from luffy_megatron.rollout.base import (
     RolloutOutput,
     SamplingParams,
     WeightSyncError,
-    build_rollout_engine,
     sample_seed,
 )
 
@@ -16,6 +16,5 @@ __all__ = [
     "RolloutOutput",
     "SamplingParams",
     "WeightSyncError",
-    "build_rollout_engine",
     "sample_seed",
 ]

@@ -15,10 +15,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from luffy_megatron.config import RolloutConfig
+
 if TYPE_CHECKING:
     from torch import Tensor
-
-    from luffy_megatron.config import RolloutConfig
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -63,11 +63,10 @@ class SamplingParams:
     def from_config(
         cls, cfg: RolloutConfig, max_new_tokens: int, *, n: int | None = None, seed: int | None = None
     ) -> SamplingParams:
-        """Sampling of a rollout step: ``n`` defaults to ``cfg.n - cfg.n_off`` (the on-policy samples of a prompt with
-        a trace; the trainer passes exact per-prompt counts to :meth:`RolloutEngine.generate`), ``seed`` to
-        ``cfg.seed``."""
+        """Sampling of a rollout step: ``n`` defaults to ``cfg.n`` (the group size; the trainer passes exact per-prompt
+        counts to :meth:`RolloutEngine.generate`: ``n - n_off`` for a prompt with a trace), ``seed`` to ``cfg.seed``."""
         return cls(
-            n=cfg.n - cfg.n_off if n is None else n,
+            n=cfg.n if n is None else n,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             top_k=cfg.top_k,
@@ -158,29 +157,3 @@ class RolloutEngine(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def build_rollout_engine(
-    cfg: RolloutConfig,
-    hf_path: str,
-    *,
-    dtype: str = "float32",
-    eos_token_ids: list[int] | None = None,
-    device: str = "cpu",
-) -> RolloutEngine:
-    """The engine named by ``cfg.backend``: ``hf`` (in-process transformers) or ``sglang`` (HTTP servers).
-
-    ``dtype``/``device`` apply to the HF engine (fp32 on CPU by default); SGLang takes its dtype from
-    ``cfg.sglang.dtype``. ``eos_token_ids`` default to the model's ``generation_config`` / ``config``.
-    """
-    if cfg.backend == "hf":
-        from luffy_megatron.rollout.hf_engine import HFEngine
-
-        return HFEngine.from_pretrained(
-            hf_path, dtype=dtype, device=device, batch_size=cfg.hf_batch_size, eos_token_ids=eos_token_ids
-        )
-    if cfg.backend == "sglang":
-        from luffy_megatron.rollout.sglang.engine import SGLangEngine
-
-        return SGLangEngine.from_config(cfg.sglang, hf_path, eos_token_ids=eos_token_ids)
-    raise ValueError(f"rollout.backend: unknown backend {cfg.backend!r} (expected 'hf' or 'sglang')")

@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from luffy_megatron.config import RunConfig
-from luffy_megatron.rollout.base import RolloutEngine, build_rollout_engine
+from luffy_megatron.rollout.base import RolloutEngine
+from luffy_megatron.rollout.factory import build_rollout_engine
 from luffy_megatron.rollout.process_engine import ProcessEngine
 from luffy_megatron.train.samples import Sample
 

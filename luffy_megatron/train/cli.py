@@ -7,7 +7,8 @@ import sys
 
 from omegaconf import OmegaConf
 
-from luffy_megatron.config import ConfigError, RunConfig, load_config, validate
+from luffy_megatron.config import ConfigError, RunConfig, load_config
+from luffy_megatron.config_checks import validate
 
 PROG = "luffy-train"
 EPILOG = """examples:

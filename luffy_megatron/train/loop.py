@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
 from luffy_megatron.algo import compute_advantages
 from luffy_megatron.config import RunConfig, read_hf_config, to_dict
@@ -74,7 +75,8 @@ class RunState:
 def train(cfg: RunConfig) -> dict[str, float]:
     """Run ``cfg.trainer.total_steps`` RL steps (resuming from the newest checkpoint when configured).
 
-    The config must already be validated (:func:`luffy_megatron.config.validate`). Returns the last step's metrics.
+    The config must already be validated (:func:`luffy_megatron.config_checks.validate`). Returns the last step's
+    metrics.
     """
     run, policy = setup(cfg)
     metrics: dict[str, float] = {}
@@ -219,13 +221,8 @@ def generate_groups(
     """Exactly the samples the groups use (``n - n_off`` per prompt with a trace, ``n`` otherwise), assembled with
     the trace copies; plus the ``rollout/samples_*`` counts. Each dynamic-sampling round has its own seed."""
     r = cfg.rollout
-    params = SamplingParams(
-        n=r.n,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        top_k=r.top_k,
-        max_new_tokens=cfg.data.max_response_length,
-        seed=round_seed(r.seed * 1_000_003 + step, round_index),
+    params = SamplingParams.from_config(
+        r, cfg.data.max_response_length, seed=round_seed(r.seed * 1_000_003 + step, round_index)
     )
     traces = [item.trace_ids if r.n_off > 0 else None for item in batch]
     counts = [r.n if t is None else r.n - r.n_off for t in traces]
@@ -354,6 +351,8 @@ def evaluate(cfg: RunConfig, engine, rewards, tokenizer, dataset) -> dict[str, f
 def setup(cfg: RunConfig) -> tuple[RunState, Any]:
     """Distributed groups, policy (weights from checkpoint / Megatron checkpoint / HF), data, engine, rewards."""
     init_distributed(cfg.parallel.backend)
+    if not cfg.logging.progress_bar:
+        hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
     p = cfg.parallel
     init_model_parallel(p.tp, p.pp, p.vpp, seed=cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model.hf_path)

@@ -13,6 +13,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from luffy_megatron.algo import (
     GlobalCounts,
@@ -38,11 +43,6 @@ class MegatronPolicy:
     """Model chunks of this rank plus optimizer and scheduler; built from a validated :class:`RunConfig`."""
 
     def __init__(self, cfg: RunConfig, spec: ModelSpec, pad_id: int) -> None:
-        from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
         self.cfg, self.spec, self.pad_id = cfg, spec, pad_id
         p = cfg.parallel
         self.tconfig = build_transformer_config(
@@ -120,7 +120,8 @@ class MegatronPolicy:
             mbs = [pad_micro_batch(mb, shape, self.pad_id) for mb in mbs]
         return mbs
 
-    def _token_logprobs(self, mb: MicroBatch, logits: torch.Tensor, with_entropy: bool):
+    def _token_logprobs(self, mb: MicroBatch, logits: torch.Tensor, with_entropy: bool, checks: bool):
+        """Log-probs (and entropies) of ``mb``'s targets; ``checks``: the host-syncing target and finite checks."""
         b, length, vocab_shard = logits.shape
         return vocab_parallel_logprob_entropy(
             logits.reshape(b * length, vocab_shard),
@@ -131,11 +132,11 @@ class MegatronPolicy:
             true_vocab_size=self.spec.vocab_size,
             chunk_tokens=self.cfg.algorithm.logprob_chunk_tokens,
             compute_entropy=with_entropy,
+            check_targets=checks,
+            check_finite=checks,
         )
 
     def _run(self, mbs: list[MicroBatch], loss_fn, forward_only: bool) -> list[Any]:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
             mb = next(data_iterator)
             dev = next(model.parameters()).device
@@ -162,7 +163,8 @@ class MegatronPolicy:
         mbs = self._micro_batches(samples)
 
         def loss_fn(mb: MicroBatch, logits: torch.Tensor):
-            logp, _ = self._token_logprobs(mb, logits, with_entropy=False)
+            # Not the update's hot path, and the values are copied to the host anyway: always checked.
+            logp, _ = self._token_logprobs(mb, logits, with_entropy=False, checks=True)
             logp = logp.view(mb.tokens.shape).float().cpu()
             out = {i: logp[row][mb.response_mask[row]].tolist() for row, i in enumerate(mb.sample_ids)}
             return torch.zeros(()), {"logprobs": out}
@@ -209,7 +211,7 @@ class MegatronPolicy:
 
         def loss_fn(mb: MicroBatch, logits: torch.Tensor):
             dev = logits.device
-            logp, ent = self._token_logprobs(mb, logits, with_entropy=True)
+            logp, ent = self._token_logprobs(mb, logits, with_entropy=True, checks=alg.debug_checks)
             shape = mb.tokens.shape
             logp, ent = logp.view(shape), ent.view(shape)
             resp, off = mb.response_mask.to(dev), mb.off_policy_mask.to(dev)
@@ -220,22 +222,30 @@ class MegatronPolicy:
                 max_response_length=self.cfg.data.max_response_length,
                 off_policy_mask=off,
                 luffy_micro_batch_seqs=alg.luffy_micro_batch_seqs,
+                check_counts=alg.debug_checks,
             )
             old = mb.old_logprobs.to(dev) if use_old_logprobs else logp.detach()
             mult = mb.multiplicity.to(dev)
-            corrected = mb.has_rollout_logprobs.to(dev) & ~off
-            rollout_logp = mb.rollout_logprobs.to(dev)
-            is_w = None
-            if alg.rollout_is is not None:  # one sequence per row of the micro-batch
-                rows = torch.arange(shape[0], device=dev).unsqueeze(1).expand(shape)
-                is_w = rollout_is_weights(old, rollout_logp, corrected, rows, alg.rollout_is, alg.rollout_is_cap)
+            corrected, rollout_logp = mb.has_rollout_logprobs.to(dev) & ~off, mb.rollout_logprobs.to(dev)
+            is_w = _rollout_is(alg, old, rollout_logp, corrected)
             loss, sums = mixed_policy_loss(
-                logp, old, mb.advantages.to(dev), resp, off, alg, token_weights=weights, entropy=ent, multiplicity=mult,
+                logp,
+                old,
+                mb.advantages.to(dev),
+                resp,
+                off,
+                alg,
+                token_weights=weights,
+                entropy=ent,
+                multiplicity=mult,
                 rollout_is_weight=None if is_w is None else is_w.weight,
-            )  # fmt: skip
+                check_finite=alg.debug_checks,
+            )
             gap_mask = corrected * mult
             gap = (old.detach().float() - rollout_logp).abs()
             sums.add_mean("train_rollout_logprob_gap", (gap * gap_mask).sum(), gap_mask.sum())
+            # Counted on the device, read once per step in _finish_step (the host syncs only there).
+            sums.add_total(_NONFINITE, (~torch.isfinite(loss.detach())).sum())
             store: dict[str, Any] = {"sums": sums}
             if is_w is not None:
                 is_sums, ratio_max = is_w.metrics(alg.rollout_is, corrected, mult)
@@ -247,9 +257,8 @@ class MegatronPolicy:
         return self._finish_step(self._run(mbs, loss_fn, forward_only=False), num_trained=len(trained))
 
     def _finish_step(self, stores: list[dict], num_trained: int) -> dict[str, float]:
-        """Optimizer and scheduler step after the backward passes; the step's metrics, reduced over ranks."""
-        ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
+        """The step's metrics, reduced over ranks, then the optimizer and scheduler step; a non-finite micro-batch
+        loss stops every rank before the weights change."""
         local, maxes = MetricSums(), {}
         if self.is_last_stage and (self.tp_group is None or dist.get_rank(self.tp_group) == 0):
             for store in stores:
@@ -257,11 +266,31 @@ class MegatronPolicy:
                 for k, v in store.get("maxes", {}).items():
                     maxes[k] = max(maxes.get(k, float("-inf")), float(v))
         metrics = _reduce_metric_sums(local, maxes)
+        bad = int(metrics.pop(_NONFINITE, 0.0))
+        if bad:
+            raise FloatingPointError(
+                f"{bad} micro-batch loss(es) of this step are NaN/inf; the update is not applied "
+                "(algorithm.debug_checks=true names the first bad input)"
+            )
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["update_skipped"] = float(not ok)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["trained_samples"] = float(num_trained)
         return metrics
+
+
+_NONFINITE = "nonfinite_micro_batch_losses"
+
+
+def _rollout_is(alg: Any, old: torch.Tensor, rollout_logp: torch.Tensor, corrected: torch.Tensor):
+    """Rollout IS weights of a [B, T] micro-batch (one sequence per row), or None when ``algorithm.rollout_is`` is
+    off."""
+    if alg.rollout_is is None:
+        return None
+    rows = torch.arange(old.shape[0], device=old.device).unsqueeze(1).expand(old.shape)
+    return rollout_is_weights(old, rollout_logp, corrected, rows, alg.rollout_is, alg.rollout_is_cap)
 
 
 def _reduce_metric_sums(local: MetricSums, maxes: dict[str, float]) -> dict[str, float]:

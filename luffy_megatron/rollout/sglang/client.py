@@ -17,7 +17,7 @@ import random
 import threading
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import aiohttp
 
@@ -65,7 +65,7 @@ class SampleResult:
 def parse_finish_reason(value: Any) -> FinishReason:
     """SGLang's ``meta_info.finish_reason`` (``{"type": ...}`` or a bare string) as stop | length | abort."""
     kind = value.get("type") if isinstance(value, dict) else value
-    if kind in ("stop", "length", "abort"):
+    if kind in get_args(FinishReason):
         return kind
     raise RetryableError(f"unexpected finish_reason {value!r}")
 

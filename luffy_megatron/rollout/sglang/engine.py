@@ -23,6 +23,7 @@ generation and :meth:`SGLangEngine.resume_memory` takes them back before the nex
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
@@ -34,8 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
 
-from luffy_megatron.config import SGLangConfig
+from luffy_megatron.config import SGLangConfig, WeightSync, choices
+from luffy_megatron.models.tokenizer import HF_CONFIG_FILES, read_eos_token_ids
 from luffy_megatron.platform.distributed import free_port
 from luffy_megatron.rollout.base import (
     RolloutEngine,
@@ -64,7 +68,6 @@ from luffy_megatron.rollout.sglang.weights import (
 )
 
 logger = logging.getLogger(__name__)
-_CONFIG_FILES = ("config.json", "generation_config.json")
 
 
 def sampling_params_body(params: SamplingParams, seed: int | None, stop_token_ids: Iterable[int]) -> dict:
@@ -103,9 +106,9 @@ class SGLangEngine(RolloutEngine):
         group_backend: str = "nccl",
         flush_retries: int = 20,
     ) -> None:
-        if weight_sync not in ("disk", "distributed", "tensor"):
-            raise ValueError(f"rollout.sglang.weight_sync: unknown mode {weight_sync!r}")
-        if weight_sync == "disk" and not weight_sync_dir:
+        if weight_sync not in choices(WeightSync):
+            raise ValueError(f"rollout.sglang.weight_sync: {weight_sync!r} is not one of {list(choices(WeightSync))}")
+        if weight_sync == WeightSync.DISK and not weight_sync_dir:
             raise ValueError("rollout.sglang.weight_sync_dir is required for weight_sync=disk")
         self.client = client
         self.weight_sync = weight_sync
@@ -163,8 +166,6 @@ class SGLangEngine(RolloutEngine):
             samples_per_request=cfg.samples_per_request,
         )
         if eos_token_ids is None:
-            from luffy_megatron.models.tokenizer import read_eos_token_ids
-
             eos_token_ids = read_eos_token_ids(hf_path)
         return cls(
             client,
@@ -227,7 +228,7 @@ class SGLangEngine(RolloutEngine):
         try:
             self.pause()
             self._flush()
-            if self.weight_sync == "disk":
+            if self.weight_sync == WeightSync.DISK:
                 nbytes = self._sync_disk(named_tensors, version)
             else:
                 nbytes = self._in_session(named_tensors, version)
@@ -245,7 +246,7 @@ class SGLangEngine(RolloutEngine):
     def _in_session(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         """Distributed or tensor buckets between ``/begin_weight_update`` and ``/end_weight_update``; a session left
         open by a failure is closed (best effort) so that the next update can begin one."""
-        sync = self._sync_distributed if self.weight_sync == "distributed" else self._sync_tensor
+        sync = self._sync_distributed if self.weight_sync == WeightSync.DISTRIBUTED else self._sync_tensor
         try:
             self._run(self.client.post_all("/begin_weight_update", {}))
             nbytes = sync(named_tensors, version)
@@ -270,8 +271,6 @@ class SGLangEngine(RolloutEngine):
                 time.sleep(min(2.0, 0.1 * 2**attempt))
 
     def _sync_disk(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        from safetensors.torch import save_file
-
         assert self.weight_sync_dir is not None
         t0 = time.perf_counter()
         root = Path(self.weight_sync_dir)
@@ -292,7 +291,7 @@ class SGLangEngine(RolloutEngine):
             json.dumps({"metadata": {"total_size": nbytes}, "weight_map": index}, indent=1)
         )
         if self.hf_path:
-            for cfg_name in _CONFIG_FILES:
+            for cfg_name in HF_CONFIG_FILES:
                 if (Path(self.hf_path) / cfg_name).is_file():
                     shutil.copy(Path(self.hf_path) / cfg_name, tmp / cfg_name)
         shutil.rmtree(final, ignore_errors=True)
@@ -342,13 +341,9 @@ class SGLangEngine(RolloutEngine):
                 f.result()
 
     def _submit(self, coro: Any) -> Future:
-        import asyncio
-
         return asyncio.run_coroutine_threadsafe(coro, self._loop.loop)
 
     def _sync_distributed(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        import torch.distributed as dist
-
         self.init_distributed()
         device = torch.device("cuda", torch.cuda.current_device()) if self.group_backend == "nccl" else "cpu"
         nbytes = 0
@@ -406,7 +401,5 @@ class SGLangEngine(RolloutEngine):
             self._loop.stop()
             stop_processes(self.processes)
             if self._group is not None:
-                import torch.distributed as dist
-
                 dist.destroy_process_group(self._group)
                 self._group = None

@@ -11,10 +11,13 @@ import os
 import socket
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
+import torch.multiprocessing  # noqa: F401 - registers torch's shared-memory / CUDA-IPC reducers for ForkingPickler
+from torch.distributed import distributed_c10d as c10d
 
 from luffy_megatron.rollout.base import RolloutError, WeightSyncError
 
@@ -50,12 +53,8 @@ def serialize_named_tensors(named: list[tuple[str, torch.Tensor]]) -> str:
     CUDA tensors need SGLang's reducers (device UUIDs instead of indices, so a server with another
     ``CUDA_VISIBLE_DEVICES`` finds the device), installed by ``monkey_patch_torch_reductions``.
     """
-    from multiprocessing.reduction import ForkingPickler
-
-    import torch.multiprocessing  # noqa: F401 - registers torch's shared-memory / CUDA-IPC reducers
-
     if any(t.is_cuda for _, t in named):
-        try:
+        try:  # lazy: sglang is an optional dependency of the trainer, needed only for CUDA tensors here
             from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
         except ImportError as e:
             raise WeightSyncError("weight_sync=tensor with CUDA tensors needs sglang importable by the trainer") from e
@@ -72,8 +71,6 @@ def init_weights_update_group(
     """A process group outside the default one (trainer rank 0 + server GPUs), built like SGLang's servers build
     theirs (``sglang.srt.utils.common.init_custom_process_group``): the TCP store is wrapped in
     ``PrefixStore(group_name)``, or the two sides would wait on different keys."""
-    from torch.distributed import distributed_c10d as c10d
-
     timeout = timedelta(seconds=timeout_s)
     store, rank, world_size = next(
         c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)

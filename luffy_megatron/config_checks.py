@@ -1,0 +1,203 @@
+"""Validation of a :class:`~luffy_megatron.config.RunConfig`, one short check per section.
+
+:func:`validate` runs once, before any model is built, and raises :class:`~luffy_megatron.config.ConfigError` whose
+message starts with the offending key. The names an option accepts come from the table of the code that dispatches
+on it: the enumerations of :mod:`luffy_megatron.config` (reshapes, aggregation modes, KL types, weight-sync modes,
+system-prompt modes, rollout backends). Nothing here imports torch, so a configuration error answers at once.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any
+
+from luffy_megatron.config import (
+    DTYPES,
+    AggMode,
+    AlgorithmConfig,
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    KLType,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    Reshape,
+    RolloutBackend,
+    RolloutConfig,
+    RunConfig,
+    SystemPrompt,
+    WeightSync,
+    choices,
+    read_hf_config,
+)
+from luffy_megatron.config_rollout import rollout_problems
+
+__all__ = ["validate", "validate_parallel"]
+
+# Megatron's names (OptimizerParamScheduler, torch.distributed); nothing of ours dispatches on them.
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+DIST_BACKENDS = ("nccl", "gloo")
+
+
+def validate(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Check every value that can be checked without building anything. Raises :class:`ConfigError`."""
+    hf = check_model(cfg.model)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    heads, layers = hf["num_attention_heads"], hf["num_hidden_layers"]
+    groups = hf.get("num_key_value_heads") or heads
+    dp = validate_parallel(cfg.parallel, world_size, layers, heads, groups)
+    check_rollout(cfg.rollout)
+    check_algorithm(cfg.algorithm)
+    check_data(cfg.data, dp, hf.get("max_position_embeddings"))
+    _positive(cfg.reward, "reward", ("num_workers", "timeout_s", "hard_margin_s"))
+    check_optimizer(cfg.optimizer)
+    _positive(cfg.trainer, "trainer", ("total_steps", "val_n"))
+    check_checkpoint(cfg.checkpoint)
+    for key, msg in rollout_problems(cfg):
+        _fail(key, msg)
+
+
+def check_model(m: ModelConfig) -> dict:
+    """The model section; returns the HF ``config.json`` (checked to name the layer and head counts)."""
+    _choice(m.dtype, "model.dtype", DTYPES)
+    hf = read_hf_config(m.hf_path)
+    if m.megatron_checkpoint is not None and not Path(m.megatron_checkpoint).is_dir():
+        _fail("model.megatron_checkpoint", f"directory not found: {m.megatron_checkpoint}")
+    if not isinstance(hf.get("num_attention_heads"), int) or not isinstance(hf.get("num_hidden_layers"), int):
+        _fail("model.hf_path", f"config.json in {m.hf_path} lacks num_attention_heads / num_hidden_layers")
+    return hf
+
+
+def validate_parallel(
+    parallel: ParallelConfig, world_size: int, num_layers: int, num_heads: int, num_query_groups: int
+) -> int:
+    """Check a parallel layout against a model's shape; returns the data-parallel size."""
+    tp, pp, vpp = parallel.tp, parallel.pp, parallel.vpp
+    _positive(parallel, "parallel", ("tp", "pp", "vpp", "max_tokens_per_micro_batch"))
+    if num_heads % tp:
+        _fail("parallel.tp", f"{tp} does not divide the {num_heads} attention heads")
+    if num_query_groups % tp:
+        _fail("parallel.tp", f"{tp} does not divide the {num_query_groups} query groups (key/value heads)")
+    stages = pp * (vpp or 1)
+    if num_layers % stages:
+        key = "parallel.vpp" if vpp else "parallel.pp"
+        _fail(key, f"pp * vpp = {stages} does not divide the {num_layers} layers")
+    if vpp is not None and pp < 2:
+        _fail("parallel.vpp", "virtual pipeline stages need parallel.pp >= 2")
+    if world_size % (tp * pp):
+        _fail("parallel", f"world size {world_size} is not divisible by tp * pp = {tp * pp}")
+    if parallel.backend is not None:
+        _choice(parallel.backend, "parallel.backend", DIST_BACKENDS)
+    return world_size // (tp * pp)
+
+
+def check_rollout(r: RolloutConfig) -> None:
+    """Sampling, the group size and the SGLang servers."""
+    _choice(r.backend, "rollout.backend", choices(RolloutBackend))
+    _positive(r, "rollout", ("n", "temperature", "top_p", "hf_batch_size"))
+    if not 0 < r.top_p <= 1:
+        _fail("rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    if r.n_off < 0:
+        _fail("rollout.n_off", f"must be >= 0, got {r.n_off}")
+    if r.n_off >= r.n:
+        _fail("rollout.n_off", f"{r.n_off} must be smaller than rollout.n = {r.n} (at least one on-policy sample)")
+    s = r.sglang
+    _choice(s.weight_sync, "rollout.sglang.weight_sync", choices(WeightSync))
+    if r.backend == RolloutBackend.SGLANG and not s.launch and not s.urls:
+        _fail("rollout.sglang.urls", "give server URLs or set rollout.sglang.launch=true")
+    if r.backend == RolloutBackend.SGLANG and s.weight_sync == WeightSync.DISK and not s.weight_sync_dir:
+        _fail("rollout.sglang.weight_sync_dir", "required with rollout.sglang.weight_sync=disk (a shared filesystem)")
+    _positive(s, "rollout.sglang", ("num_servers", "tp_size", "max_concurrency", "request_timeout_s"))
+    if not 0 < s.mem_fraction_static < 1:
+        _fail("rollout.sglang.mem_fraction_static", f"must be in (0, 1), got {s.mem_fraction_static}")
+
+
+def check_algorithm(a: AlgorithmConfig) -> None:
+    """Everything the loss, the advantages and the aggregation read."""
+    _choice(a.off_policy_reshape, "algorithm.off_policy_reshape", choices(Reshape))
+    _choice(a.on_policy_reshape, "algorithm.on_policy_reshape", choices(Reshape))
+    _choice(a.loss_agg_mode, "algorithm.loss_agg_mode", choices(AggMode))
+    _choice(a.kl_type, "algorithm.kl_type", choices(KLType))
+    positive = ("off_policy_reshape_gamma", "on_policy_reshape_gamma", "adv_eps", "logprob_chunk_tokens")
+    _positive(a, "algorithm", (*positive, "luffy_micro_batch_seqs"))
+    if a.clip_eps <= 0 or a.clip_eps >= 1:
+        _fail("algorithm.clip_eps", f"must be in (0, 1), got {a.clip_eps}")
+    _non_negative(a, "algorithm", ("entropy_coeff", "kl_coeff", "sft_loss_coeff"))
+    if a.kl_coeff > 0:
+        # The loss supports k1/k3 penalties; the trainer does not build a reference model yet.
+        _fail("algorithm.kl_coeff", "the trainer has no reference model yet: set it to 0 (the paper's recipe)")
+
+
+def check_data(d: DataConfig, dp: int, max_positions: int | None) -> None:
+    """Batch sizes against the data-parallel size, the files, and the lengths against the model's positions."""
+    _positive(d, "data", ("max_prompt_length", "max_response_length", "train_batch_size", "mini_batch_size"))
+    if d.train_batch_size % d.mini_batch_size:
+        _fail("data.mini_batch_size", f"{d.mini_batch_size} does not divide data.train_batch_size {d.train_batch_size}")
+    if d.mini_batch_size % dp:
+        _fail("data.mini_batch_size", f"{d.mini_batch_size} prompts cannot be split over {dp} data-parallel ranks")
+    _choice(d.system_prompt, "data.system_prompt", choices(SystemPrompt))
+    if d.system_prompt == SystemPrompt.REPLACE and not d.system_prompt_text:
+        _fail("data.system_prompt_text", "required when data.system_prompt=replace")
+    if not d.train_files:
+        _fail("data.train_files", "at least one training file is required")
+    for key, files in (("data.train_files", d.train_files), ("data.val_files", d.val_files)):
+        for f in files:
+            if not _exists_or_glob(f):
+                _fail(key, f"no such file or directory: {f}")
+    total = d.max_prompt_length + d.max_response_length
+    if max_positions is not None and total > max_positions:
+        _fail(
+            "data.max_response_length",
+            f"prompt + response = {total} exceeds the model's max_position_embeddings {max_positions}",
+        )
+
+
+def check_optimizer(o: OptimizerConfig) -> None:
+    _positive(o, "optimizer", ("lr",))
+    _choice(o.lr_decay_style, "optimizer.lr_decay_style", LR_DECAY_STYLES)
+    _non_negative(o, "optimizer", ("min_lr", "weight_decay", "clip_grad", "lr_warmup_steps"))
+
+
+def check_checkpoint(c: CheckpointConfig) -> None:
+    if c.keep_last < 1:
+        _fail("checkpoint.keep_last", f"must be >= 1, got {c.keep_last}")
+    _non_negative(c, "checkpoint", ("save_interval",))
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ConfigError(f"{key}: {msg}")
+
+
+def _positive(cfg: Any, prefix: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            _fail(f"{prefix}.{name}", f"must be positive, got {value}")
+
+
+def _non_negative(cfg: Any, prefix: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            _fail(f"{prefix}.{name}", f"must be >= 0, got {getattr(cfg, name)}")
+
+
+def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        _fail(key, f"{value!r} is not one of {list(allowed)}")
+
+
+def _exists_or_glob(path: str) -> bool:
+    """True for an existing path, a glob with matches, or a Hugging Face dataset name (``owner/name``); a
+    ``@split`` suffix names a split of a dataset folder or hub dataset."""
+    if "@" in path and not Path(path).exists():
+        path = path.rsplit("@", 1)[0]
+    if Path(path).exists():
+        return True
+    if any(ch in path for ch in "*?["):
+        return bool(glob.glob(path))
+    # An HF hub dataset name: no extension, not absolute, at most one slash.
+    return not path.startswith((".", "/")) and path.count("/") == 1 and "." not in Path(path).name

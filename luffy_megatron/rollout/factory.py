@@ -1,0 +1,50 @@
+"""The rollout engine a config names.
+
+Apart from :mod:`luffy_megatron.rollout.base`, the interface, so that the engines import the interface and never the
+reverse. Importing it loads both engines' dependencies (transformers, aiohttp).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from luffy_megatron.config import RolloutBackend, RolloutConfig, choices
+from luffy_megatron.rollout.base import RolloutEngine
+from luffy_megatron.rollout.hf_engine import HFEngine
+from luffy_megatron.rollout.sglang.engine import SGLangEngine
+
+__all__ = ["ENGINES", "build_rollout_engine"]
+
+
+def _hf(cfg: RolloutConfig, hf_path: str, dtype: str, eos_token_ids: list[int] | None, device: str) -> RolloutEngine:
+    return HFEngine.from_pretrained(
+        hf_path, dtype=dtype, device=device, batch_size=cfg.hf_batch_size, eos_token_ids=eos_token_ids
+    )
+
+
+def _sglang(
+    cfg: RolloutConfig, hf_path: str, dtype: str, eos_token_ids: list[int] | None, device: str
+) -> RolloutEngine:
+    return SGLangEngine.from_config(cfg.sglang, hf_path, eos_token_ids=eos_token_ids)
+
+
+#: ``rollout.backend`` -> builder(cfg, hf_path, dtype, eos_token_ids, device).
+ENGINES: dict[RolloutBackend, Callable[..., RolloutEngine]] = {RolloutBackend.HF: _hf, RolloutBackend.SGLANG: _sglang}
+
+
+def build_rollout_engine(
+    cfg: RolloutConfig,
+    hf_path: str,
+    *,
+    dtype: str = "float32",
+    eos_token_ids: list[int] | None = None,
+    device: str = "cpu",
+) -> RolloutEngine:
+    """The engine named by ``cfg.backend``: ``hf`` (in-process transformers) or ``sglang`` (HTTP servers).
+
+    ``dtype``/``device`` apply to the HF engine (fp32 on CPU by default); SGLang takes its dtype from
+    ``cfg.sglang.dtype``. ``eos_token_ids`` default to the model's ``generation_config`` / ``config``.
+    """
+    if cfg.backend not in ENGINES:
+        raise ValueError(f"rollout.backend: {cfg.backend!r} is not one of {list(choices(RolloutBackend))}")
+    return ENGINES[cfg.backend](cfg, hf_path, dtype, eos_token_ids, device)
