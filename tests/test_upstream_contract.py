@@ -347,6 +347,7 @@ def test_builder_calls_the_te_spec_with_arguments_it_accepts(monkeypatch) -> Non
     setup_parallel(1, 1)
     from megatron.core.models.gpt import gpt_layer_specs
 
+    from luffy_megatron.models import builder
     from luffy_megatron.models.builder import build_gpt_model, build_transformer_config, model_spec
 
     real = inspect.signature(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec)
@@ -358,7 +359,7 @@ def test_builder_calls_the_te_spec_with_arguments_it_accepts(monkeypatch) -> Non
         local = gpt_layer_specs.get_gpt_layer_local_spec
         return local(qk_layernorm=kwargs.get("qk_layernorm"), normalization="RMSNorm")
 
-    monkeypatch.setattr(gpt_layer_specs, "get_gpt_layer_with_transformer_engine_spec", checked)
+    monkeypatch.setattr(builder, "get_gpt_layer_with_transformer_engine_spec", checked)
     hf = {"architectures": ["Qwen3ForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}  # fmt: skip
     spec = model_spec(hf)

@@ -175,9 +175,7 @@ def mixed_policy_loss(
         _check_finite(named, response_mask)
     t = _Tokens.prepare(log_prob, old_log_prob, advantages, response_mask, off_policy_mask, weights, multiplicity)
     metrics = MetricSums()
-    pg_on, clipped = _on_policy_term(t, on_reshape, config)
-    if rollout_is_weight is not None:
-        pg_on = pg_on * torch.where(t.on, rollout_is_weight.detach().float(), t.zero + 1.0)
+    pg_on, clipped = _on_policy_term(t, on_reshape, config, rollout_is_weight)
     pg_off, f = _off_policy_term(t, off_reshape, config, metrics)
     loss = _policy_gradient_loss(t, pg_on, pg_off, config, metrics)
     loss = _add_regularisers(loss, t, entropy, ref_log_prob, kl_penalty, config, metrics)
@@ -242,8 +240,11 @@ class _Tokens:
         )
 
 
-def _on_policy_term(t: _Tokens, reshape: Callable, c: AlgorithmConfig) -> tuple[Tensor, Tensor]:
-    """Per-token policy-gradient loss of on-policy tokens (0 elsewhere) and where the PPO clip was active."""
+def _on_policy_term(
+    t: _Tokens, reshape: Callable, c: AlgorithmConfig, rollout_is_weight: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Per-token policy-gradient loss of on-policy tokens (0 elsewhere), scaled by the rollout IS weight when given,
+    and where the PPO clip was active."""
     ratio = reshape(torch.where(t.on, t.lp, t.zero), torch.where(t.on, t.old, t.zero), c)
     pg_on = -t.adv * ratio
     if c.clip_ratio:
@@ -253,6 +254,8 @@ def _on_policy_term(t: _Tokens, reshape: Callable, c: AlgorithmConfig) -> tuple[
         pg_on = torch.maximum(pg_on, pg_on2)
     else:
         clipped = torch.zeros_like(t.on)
+    if rollout_is_weight is not None:
+        pg_on = pg_on * torch.where(t.on, rollout_is_weight.detach().float(), t.zero + 1.0)
     return torch.where(t.on, pg_on, t.zero), clipped
 
 

@@ -63,8 +63,8 @@ class SamplingParams:
     def from_config(
         cls, cfg: RolloutConfig, max_new_tokens: int, *, n: int | None = None, seed: int | None = None
     ) -> SamplingParams:
-        """Sampling of a rollout step: ``n`` defaults to ``cfg.n`` (the group size; the trainer passes exact per-prompt
-        counts to :meth:`RolloutEngine.generate`: ``n - n_off`` for a prompt with a trace), ``seed`` to ``cfg.seed``."""
+        """Sampling of a rollout step: ``n`` defaults to ``cfg.n`` (the samples of a prompt without a trace; the loop
+        passes exact per-prompt counts to :meth:`RolloutEngine.generate`), ``seed`` to ``cfg.seed``."""
         return cls(
             n=cfg.n if n is None else n,
             temperature=cfg.temperature,

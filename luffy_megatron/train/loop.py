@@ -221,9 +221,8 @@ def generate_groups(
     """Exactly the samples the groups use (``n - n_off`` per prompt with a trace, ``n`` otherwise), assembled with
     the trace copies; plus the ``rollout/samples_*`` counts. Each dynamic-sampling round has its own seed."""
     r = cfg.rollout
-    params = SamplingParams.from_config(
-        r, cfg.data.max_response_length, seed=round_seed(r.seed * 1_000_003 + step, round_index)
-    )
+    seed = round_seed(r.seed * 1_000_003 + step, round_index)
+    params = SamplingParams.from_config(r, cfg.data.max_response_length, seed=seed)
     traces = [item.trace_ids if r.n_off > 0 else None for item in batch]
     counts = [r.n if t is None else r.n - r.n_off for t in traces]
     if round_index > 0:  # an earlier round of this step released colocated servers

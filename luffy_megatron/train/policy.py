@@ -226,21 +226,16 @@ class MegatronPolicy:
             )
             old = mb.old_logprobs.to(dev) if use_old_logprobs else logp.detach()
             mult = mb.multiplicity.to(dev)
-            corrected, rollout_logp = mb.has_rollout_logprobs.to(dev) & ~off, mb.rollout_logprobs.to(dev)
-            is_w = _rollout_is(alg, old, rollout_logp, corrected)
+            corrected = mb.has_rollout_logprobs.to(dev) & ~off
+            rollout_logp = mb.rollout_logprobs.to(dev)
+            is_w = None
+            if alg.rollout_is is not None:  # one sequence per row of the micro-batch
+                rows = torch.arange(shape[0], device=dev).unsqueeze(1).expand(shape)
+                is_w = rollout_is_weights(old, rollout_logp, corrected, rows, alg.rollout_is, alg.rollout_is_cap)
             loss, sums = mixed_policy_loss(
-                logp,
-                old,
-                mb.advantages.to(dev),
-                resp,
-                off,
-                alg,
-                token_weights=weights,
-                entropy=ent,
-                multiplicity=mult,
-                rollout_is_weight=None if is_w is None else is_w.weight,
-                check_finite=alg.debug_checks,
-            )
+                logp, old, mb.advantages.to(dev), resp, off, alg, token_weights=weights, entropy=ent, multiplicity=mult,
+                rollout_is_weight=None if is_w is None else is_w.weight, check_finite=alg.debug_checks,
+            )  # fmt: skip
             gap_mask = corrected * mult
             gap = (old.detach().float() - rollout_logp).abs()
             sums.add_mean("train_rollout_logprob_gap", (gap * gap_mask).sum(), gap_mask.sum())
@@ -282,15 +277,6 @@ class MegatronPolicy:
 
 
 _NONFINITE = "nonfinite_micro_batch_losses"
-
-
-def _rollout_is(alg: Any, old: torch.Tensor, rollout_logp: torch.Tensor, corrected: torch.Tensor):
-    """Rollout IS weights of a [B, T] micro-batch (one sequence per row), or None when ``algorithm.rollout_is`` is
-    off."""
-    if alg.rollout_is is None:
-        return None
-    rows = torch.arange(old.shape[0], device=old.device).unsqueeze(1).expand(old.shape)
-    return rollout_is_weights(old, rollout_logp, corrected, rows, alg.rollout_is, alg.rollout_is_cap)
 
 
 def _reduce_metric_sums(local: MetricSums, maxes: dict[str, float]) -> dict[str, float]:

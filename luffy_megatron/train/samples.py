@@ -2,8 +2,7 @@
 
 A *sample* is one prompt + one response: on-policy (sampled by the rollout engine) or off-policy (the expert trace).
 Each prompt's samples form a *group* of ``n``: ``n - n_off`` on-policy samples and ``n_off`` copies of its trace
-(a prompt without a trace gets ``n`` on-policy samples instead). The loop asks the engine for exactly these counts, so
-no sample is generated and then dropped.
+(a prompt without a trace gets ``n`` on-policy samples instead). The engine is asked for exactly these counts.
 """
 
 from __future__ import annotations
