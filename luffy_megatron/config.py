@@ -57,6 +57,8 @@ class ParallelConfig:
     vpp: int | None = None
     # Token budget of one packed micro-batch (sequences are packed, never padded to the max response length).
     max_tokens_per_micro_batch: int = 16384
+    # Samples of a micro-batch packed in one row (THD, attention per sample); false: right-padded rows.
+    pack_sequences: bool = True
     # Distributed optimizer (ZeRO-1 over data-parallel ranks).
     use_distributed_optimizer: bool = True
     # Distributed backend: null = nccl when CUDA is available, gloo otherwise.
