@@ -113,7 +113,8 @@ def synthetic_samples(vocab: int, n: int, lengths: list[tuple[int, int]], seed: 
 def token_accounting(policy, samples) -> dict:
     """Tokens of one update of ``samples``: real, computed (padding included) and the largest micro-batch, measured on
     the micro-batches every data-parallel rank builds (and checked against the policy's logged ``perf/`` counts);
-    with what right-padded micro-batches would compute on the same plan (counted by the planner, not run)."""
+    with what right-padded micro-batches, and packed rows padded to the budget, would compute instead (counted, not
+    run)."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -151,6 +152,11 @@ def token_accounting(policy, samples) -> dict:
             "computed_tokens": sum(padded),
             "computed_over_real": sum(padded) / sum(lengths),
             "max_micro_batch_tokens": max(padded),
+        },
+        # The fixed-shape alternative under PP: every packed row padded to the budget (same micro-batch count).
+        "budget_rows_layout": {
+            "computed_tokens": len(mbs) * policy.dp_size * p.max_tokens_per_micro_batch,
+            "computed_over_real": len(mbs) * policy.dp_size * p.max_tokens_per_micro_batch / sum(lengths),
         },
     }
 
@@ -543,8 +549,9 @@ def main(argv: list[str] | None = None) -> int:
             "MegatronPolicy with Megatron's random init; one synthetic mini-batch of prompts*n samples (n-1 "
             "on-policy + 1 trace per prompt), all of length prompt_len+response_len or (length_dist luffy) LUFFY's "
             "seeded length mix; tokens: the micro-batches every data-parallel rank builds for one update (summed over "
-            "DP; padded_layout: right-padded micro-batches on the same plan, counted, not run); with tokens_only no "
-            "step is run; warmup+steps iterations of train_mini_batch (one optimiser step on the whole "
+            "DP; padded_layout: right-padded micro-batches on the same plan, budget_rows_layout: the packed rows "
+            "padded to the budget, both counted, not run); with tokens_only no step is run; warmup+steps iterations "
+            "of train_mini_batch (one optimiser step on the whole "
             "batch, no old log-probs) then compute_logprobs, each fenced by barriers (+cuda synchronize): time of the "
             "slowest rank; median over the timed steps; tokens = prompt+response tokens per step; MFU = "
             "luffy_megatron.metrics.perf.model_flops (3x forward for the update, 1x for log-probs) / s / world size / "
