@@ -209,7 +209,9 @@ class MegatronPolicy:
         mbs = self._micro_batches(samples)
         resp_lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.long)
         starts = torch.cat([torch.zeros(1, dtype=torch.long), resp_lengths.cumsum(0)])
-        flat = torch.zeros(int(starts[-1]), dtype=torch.float32)
+        # On the collective's device (NCCL reduces GPU tensors only).
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        flat = torch.zeros(int(starts[-1]), dtype=torch.float32, device=device)
         owner = self.is_last_stage and (self.tp_group is None or dist.get_rank(self.tp_group) == 0)
 
         def loss_fn(mb: FlatMicroBatch, logits: torch.Tensor):
@@ -217,12 +219,13 @@ class MegatronPolicy:
             if owner:  # response tokens of a sample are contiguous and in order in both layouts
                 resp = mb.response_mask
                 ids = torch.tensor(mb.sample_ids, dtype=torch.long)[mb.seq_index[resp]]
-                flat[starts[ids] + _ranks_within(ids)] = logp.float().cpu()[resp]
+                where = (starts[ids] + _ranks_within(ids)).to(flat.device)
+                flat[where] = logp.float()[resp.to(logp.device)].to(flat.device)
             return torch.zeros(()), {}
 
         self._run(mbs, loss_fn, forward_only=True)
         dist.all_reduce(flat)
-        return [v.tolist() for v in flat.split(resp_lengths.tolist())]
+        return [v.tolist() for v in flat.cpu().split(resp_lengths.tolist())]
 
     def train_mini_batch(self, samples: list[Sample], use_old_logprobs: bool) -> dict[str, float]:
         """One optimiser step on ``samples`` (a mini-batch). Returns reduced metrics (identical on every rank).
