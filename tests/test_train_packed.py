@@ -122,6 +122,15 @@ def test_a_sample_longer_than_the_budget_is_its_own_micro_batch():
     assert sorted(map(sorted, plan[0])) == [[0], [1, 2], [3]]  # first fit, longest first: 50 | 30 + 10 | 25
 
 
+def test_interleaved_pipeline_gets_a_multiple_of_pp_micro_batches():
+    lengths = [30, 20, 20, 10, 10]
+    for packed in (True, False):
+        plan = pack_micro_batches(lengths, 40, 2, packed=packed, count_multiple=2)
+        assert [len(rank) for rank in plan] == [2, 2]
+        assert sorted(i for rank in plan for mb in rank for i in mb) == list(range(5))
+    assert len(pack_micro_batches(lengths, 100, 1, packed=True, count_multiple=4)[0]) == 4
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The contract with megatron-core 0.19.2 (installed) and transformer-engine 2.20.2 (pinned wheel)
 def test_packed_seq_params_reach_transformer_engine_as_it_expects():
