@@ -118,6 +118,8 @@ class ParallelConfig:
     # Token budget of one micro-batch, counted as rows * its longest row: sequences are right-padded to the longest
     # one of their micro-batch (not to the maximum response length); a longer single sequence is a micro-batch alone.
     max_tokens_per_micro_batch: int = 16384
+    # Samples of a micro-batch packed in one row (THD, attention per sample); false: right-padded rows.
+    pack_sequences: bool = True
     # Distributed optimizer (ZeRO-1 over data-parallel ranks).
     use_distributed_optimizer: bool = True
     # Distributed backend: null = nccl when CUDA is available, gloo otherwise.

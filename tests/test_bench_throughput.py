@@ -47,6 +47,22 @@ def test_layout_parsing_and_peak_table():
     assert bt.peak_flops("cpu", "bfloat16") is None
 
 
+def test_luffy_length_mix_is_seeded_and_shaped_like_the_paper():
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import bench_throughput as bt
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    mix = bt.length_mix("luffy", 64, 8, 0, 0, seed=0)
+    assert mix == bt.length_mix("luffy", 64, 8, 0, 0, seed=0) != bt.length_mix("luffy", 64, 8, 0, 0, seed=1)
+    assert len(mix) == 512 and all(80 <= p <= 400 and 1 <= r <= 8192 for p, r in mix)
+    on = sorted(r for i, (_, r) in enumerate(mix) if i % 8 != 7)
+    assert 1200 < on[len(on) // 2] < 1800  # median ~1,500
+    assert all(1500 <= r <= 8192 for i, (_, r) in enumerate(mix) if i % 8 == 7)  # the traces
+    assert all(mix[g * 8][0] == mix[g * 8 + j][0] for g in range(64) for j in range(8))  # one prompt per group
+    assert bt.length_mix("fixed", 2, 3, 5, 7, seed=0) == [(5, 7)] * 6
+
+
 @pytest.mark.slow  # starts the tool and its worker process
 def test_one_tiny_layout_writes_report(tmp_path):
     # Only config.json is read (Megatron's random init gives the weights); writing it directly keeps transformers out.
@@ -89,3 +105,7 @@ def test_one_tiny_layout_writes_report(tmp_path):
         assert r["tokens_per_s_per_process"] == pytest.approx(r["tokens_per_s"])
         assert r["mfu"] is None  # CPU: no peak FLOPs
     assert res["train"]["model_tflops_per_step"] > 0
+    tokens = res["tokens"]  # packed: computed = real, one micro-batch of both samples
+    assert tokens["pack_sequences"] and tokens["budget"] == 4096 and tokens["alignment"] == 1
+    assert tokens["real_tokens"] == tokens["computed_tokens"] == tokens["max_micro_batch_tokens"] == 16
+    assert tokens["micro_batches_per_rank"] == 1 and tokens["padded_layout"]["computed_tokens"] == 16

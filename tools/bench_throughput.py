@@ -4,10 +4,13 @@
 For each layout ``tpXppYdpZ`` (optionally ``tpXppYvppVdpZ``) the tool starts ``X*Y*Z`` processes with ``torchrun``
 (NCCL + CUDA on a GPU node, gloo on CPU), builds :class:`MegatronPolicy` from an HF folder's architecture (weights are
 Megatron's random init: values do not change the work), makes one synthetic LUFFY mini-batch of ``prompts * n``
-samples (``n - 1`` on-policy + 1 off-policy trace per prompt, every sample ``prompt_len + response_len`` tokens), and
-times ``warmup + steps`` calls of ``train_mini_batch`` (one optimiser step on the whole batch) and of
-``compute_logprobs`` (the old-log-prob forward). Each timed call is fenced by a barrier (and a CUDA synchronize), so a
-step is the time of the slowest rank. Writes a JSON report (machine, method, per-layout numbers) and a bar chart.
+samples (``n - 1`` on-policy + 1 off-policy trace per prompt; every sample ``prompt_len + response_len`` tokens, or
+with ``--length-dist luffy`` LUFFY's length mix, seeded), and times ``warmup + steps`` calls of ``train_mini_batch``
+(one optimiser step on the whole batch) and of ``compute_logprobs`` (the old-log-prob forward). Each timed call is
+fenced by a barrier (and a CUDA synchronize), so a step is the time of the slowest rank. Writes a JSON report
+(machine, method, per-layout numbers) and a bar chart.
+Per layout ``tokens`` accounts for one update: ``real_tokens``, ``computed_tokens`` (padding included),
+``max_micro_batch_tokens`` against the ``budget``, and what right-padded micro-batches would compute instead.
 
 Without ``--hf-dir`` the model's ``config.json`` (``make_tiny_model``'s config for ``--family`` and the shape
 options) is written to a temporary folder; only the architecture matters.
@@ -17,6 +20,11 @@ Example (the committed CPU run):
         --layouts tp1pp1dp1,tp2pp1dp1,tp1pp2dp1,tp1pp1dp2 --prompts 4 --n 8 --prompt-len 64 --response-len 192 \\
         --steps 3 --warmup 1 --dtype float32 --out docs/results/bench_throughput.json \\
         --plot docs/results/bench_throughput.png
+The length mix (docs/results/bench_throughput_luffy.json):
+    python tools/bench_throughput.py --family qwen2 --hidden-size 64 --layers 4 --heads 2 --kv-heads 2 \\
+        --vocab-size 512 --layouts tp1pp1dp1,tp1pp2dp1,tp1pp2vpp2dp1,tp1pp1dp2 --length-dist luffy --prompts 64 \\
+        --n 8 --max-tokens-per-micro-batch 16384 --steps 1 --warmup 0 --dtype float32 \\
+        --out docs/results/bench_throughput_luffy.json
 On a GPU node (8 GPUs): --hf-dir /models/Qwen2.5-Math-7B --layouts tp4pp1dp2,tp2pp2dp2,tp8pp1dp1 --dtype bfloat16
 """
 
@@ -54,8 +62,30 @@ def parse_layout(text: str) -> dict[str, int | None]:
 
 # ------------------------------------------------------------------------------------------------------------------
 # Worker: one process of one layout (started by torchrun, or directly at world size 1).
-def synthetic_samples(vocab: int, prompts: int, n: int, prompt_len: int, response_len: int, seed: int):
-    """``prompts`` mixed groups of ``n`` samples: ``n - 1`` on-policy + 1 off-policy trace, fixed lengths."""
+def length_mix(dist: str, prompts: int, n: int, prompt_len: int, response_len: int, seed: int) -> list[tuple[int, int]]:
+    """(prompt, response) length of every sample, ``n`` per prompt (the last one the trace).
+
+    ``fixed``: every sample ``prompt_len + response_len``. ``luffy`` (LUFFY's mix, seeded): prompts of 80-400
+    tokens, ``n - 1`` on-policy responses log-normal with a median of ~1,500 tokens capped at 8,192, one trace of
+    1,500-8,192 tokens.
+    """
+    import random
+
+    if dist == "fixed":
+        return [(prompt_len, response_len)] * (prompts * n)
+    rng = random.Random(seed)
+    out = []
+    for _ in range(prompts):
+        p = rng.randint(80, 400)
+        out += [(p, max(1, min(8192, int(rng.lognormvariate(7.3, 0.7))))) for _ in range(n - 1)]
+        out.append((p, rng.randint(1500, 8192)))
+    return out
+
+
+def synthetic_samples(vocab: int, n: int, lengths: list[tuple[int, int]], seed: int):
+    """Mixed groups of ``n`` samples of the given (prompt, response) lengths: ``n - 1`` on-policy + 1 off-policy
+    trace. The first sample of a group is wrong and the trace right, so every group has an advantage and every sample
+    is trained."""
     import random
 
     import torch
@@ -65,18 +95,99 @@ def synthetic_samples(vocab: int, prompts: int, n: int, prompt_len: int, respons
 
     rng = random.Random(seed)
     samples = []
-    for g in range(prompts):
-        prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
+    for g in range(len(lengths) // n):
+        prompt = [rng.randrange(vocab) for _ in range(lengths[g * n][0])]
         for j in range(n):
             off = j == n - 1 and n > 1
+            response_len = lengths[g * n + j][1]
             response = [rng.randrange(vocab) for _ in range(response_len)]
             logps = None if off else [-rng.random() * 3 for _ in range(response_len)]
-            reward = 1.0 if off or rng.random() < 0.4 else 0.0
+            reward = 1.0 if off or (j > 0 and rng.random() < 0.4) else 0.0
             samples.append(Sample(g, g, prompt, response, off_policy=off, rollout_logprobs=logps, reward=reward))
     adv = compute_advantages(torch.tensor([s.reward for s in samples]), torch.tensor([s.group_id for s in samples]))
     for s, a in zip(samples, adv.tolist()):
         s.advantage = a
     return samples
+
+
+def token_accounting(policy, samples) -> dict:
+    """Tokens of one update of ``samples``: real, computed (padding included) and the largest micro-batch, measured on
+    the micro-batches every data-parallel rank builds (and checked against the policy's logged ``perf/`` counts);
+    with what right-padded micro-batches, and packed rows padded to the budget, would compute instead (counted, not
+    run)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from luffy_megatron.train.batch import micro_batch_tokens
+    from luffy_megatron.train.samples import pack_micro_batches
+
+    mbs = policy._micro_batches(samples, count_tokens=True)
+    logged = policy.take_token_stats()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    built = torch.tensor([float(sum(mb.num_tokens for mb in mbs))], dtype=torch.float64, device=device)
+    biggest = torch.tensor([float(max(mb.num_tokens for mb in mbs))], dtype=torch.float64, device=device)
+    dist.all_reduce(built, group=ps.get_data_parallel_group())
+    dist.all_reduce(biggest, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+    lengths = [s.num_tokens for s in samples]
+    if (int(built), int(biggest), sum(lengths)) != tuple(
+        int(logged[k])
+        for k in ("perf/update_computed_tokens", "perf/max_micro_batch_tokens", "perf/update_real_tokens")
+    ):
+        raise RuntimeError(f"token accounting: built {int(built)}/{int(biggest)} tokens, the policy logged {logged}")
+    p = policy.cfg.parallel
+    multiple = p.pp if p.vpp else 1
+    padded_plan = pack_micro_batches(lengths, p.max_tokens_per_micro_batch, policy.dp_size, count_multiple=multiple)
+    padded = micro_batch_tokens(padded_plan, lengths, packed=False, common_shape=p.pp > 1)
+    return {
+        "pack_sequences": p.pack_sequences,
+        "budget": p.max_tokens_per_micro_batch,
+        "alignment": policy.alignment,
+        "real_tokens": sum(lengths),
+        "computed_tokens": int(built),
+        "computed_over_real": float(built) / sum(lengths),
+        "max_micro_batch_tokens": int(biggest),
+        "longest_sample_tokens": max(lengths),
+        "micro_batches_per_rank": len(mbs),
+        "padded_layout": {
+            "computed_tokens": sum(padded),
+            "computed_over_real": sum(padded) / sum(lengths),
+            "max_micro_batch_tokens": max(padded),
+        },
+        # The fixed-shape alternative under PP: every packed row padded to the budget (same micro-batch count).
+        "budget_rows_layout": {
+            "computed_tokens": len(mbs) * policy.dp_size * p.max_tokens_per_micro_batch,
+            "computed_over_real": len(mbs) * policy.dp_size * p.max_tokens_per_micro_batch / sum(lengths),
+        },
+    }
+
+
+def time_steps(policy, samples, steps: int, warmup: int, cuda: bool) -> tuple[list[float], list[float], dict]:
+    """Seconds of ``train_mini_batch`` and of ``compute_logprobs`` per timed step (after ``warmup``), last metrics."""
+    import torch
+    import torch.distributed as dist
+
+    def timed(fn) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        dist.barrier()
+        return time.perf_counter() - t0
+
+    train_s, logprob_s, last_metrics = [], [], {}
+    for i in range(warmup + steps):
+        holder = {}
+        t = timed(lambda: holder.update(policy.train_mini_batch(samples, use_old_logprobs=False)))  # noqa: B023
+        last_metrics = holder
+        u = timed(lambda: policy.compute_logprobs(samples))
+        if i >= warmup:
+            train_s.append(t)
+            logprob_s.append(u)
+    return train_s, logprob_s, last_metrics
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -104,6 +215,7 @@ def worker(args: argparse.Namespace) -> None:
         f"parallel.tp={layout['tp']}",
         f"parallel.pp={layout['pp']}",
         f"parallel.max_tokens_per_micro_batch={args.max_tokens_per_micro_batch}",
+        f"parallel.pack_sequences={str(not args.no_pack_sequences).lower()}",
         f"data.max_response_length={args.response_len}",
         f"data.max_prompt_length={args.prompt_len}",
         f"algorithm.logprob_chunk_tokens={args.logprob_chunk_tokens}",
@@ -113,29 +225,15 @@ def worker(args: argparse.Namespace) -> None:
     cfg = load_config(None, overrides)
     spec = model_spec(read_hf_config(args.hf_dir), layout["tp"])
     policy = MegatronPolicy(cfg, spec, pad_id=0)
-    samples = synthetic_samples(spec.vocab_size, args.prompts, args.n, args.prompt_len, args.response_len, seed=0)
+    lengths = length_mix(args.length_dist, args.prompts, args.n, args.prompt_len, args.response_len, args.seed)
+    samples = synthetic_samples(spec.vocab_size, args.n, lengths, seed=args.seed)
     tokens = sum(s.num_tokens for s in samples)
 
-    def timed(fn) -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        dist.barrier()
-        return time.perf_counter() - t0
-
-    train_s, logprob_s, last_metrics = [], [], {}
-    for i in range(args.warmup + args.steps):
-        holder = {}
-        t = timed(lambda: holder.update(policy.train_mini_batch(samples, use_old_logprobs=False)))  # noqa: B023
-        last_metrics = holder
-        u = timed(lambda: policy.compute_logprobs(samples))
-        if i >= args.warmup:
-            train_s.append(t)
-            logprob_s.append(u)
+    accounting = token_accounting(policy, samples)
+    timing = not args.tokens_only
+    train_s, logprob_s, last_metrics = (
+        time_steps(policy, samples, args.steps, args.warmup, cuda) if timing else ([], [], {})
+    )
     world = dist.get_world_size()
     rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0])
     gpu_mem = torch.tensor([torch.cuda.max_memory_allocated() if cuda else 0.0])
@@ -144,8 +242,8 @@ def worker(args: argparse.Namespace) -> None:
     dist.all_reduce(rss, op=dist.ReduceOp.MAX)
     dist.all_reduce(gpu_mem, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
-        step = statistics.median(train_s)
-        fwd = statistics.median(logprob_s)
+        step = statistics.median(train_s) if timing else float("nan")
+        fwd = statistics.median(logprob_s) if timing else float("nan")
         flops = model_flops(spec, samples)  # training = 3 x forward
         device_name = torch.cuda.get_device_name() if cuda else cpu_name()
         peak = peak_flops(device_name, args.dtype) if cuda else None
@@ -161,7 +259,9 @@ def worker(args: argparse.Namespace) -> None:
             "gpus_visible": torch.cuda.device_count() if cuda else 0,
             "tokens_per_step": tokens,
             "samples_per_step": len(samples),
-            "train": {
+            "train": None
+            if not timing
+            else {
                 "seconds_per_step": step,
                 "all_seconds": train_s,
                 "tokens_per_s": tokens / step,
@@ -170,7 +270,9 @@ def worker(args: argparse.Namespace) -> None:
                 "achieved_tflops_per_process": flops / step / world / 1e12,
                 "mfu": flops / step / world / peak if peak else None,
             },
-            "logprob": {
+            "logprob": None
+            if not timing
+            else {
                 "seconds_per_step": fwd,
                 "all_seconds": logprob_s,
                 "tokens_per_s": tokens / fwd,
@@ -179,7 +281,7 @@ def worker(args: argparse.Namespace) -> None:
             },
             "peak_rss_gb_max_rank": float(rss.item()) / 1e9,
             "peak_gpu_mem_gb_max_rank": float(gpu_mem.item()) / 1e9 if cuda else None,
-            "micro_batches_per_rank": len(policy._micro_batches(samples)),
+            "tokens": accounting,
             "grad_norm_last": last_metrics.get("grad_norm"),
             "max_position": total_len,
         }
@@ -287,7 +389,7 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report["results"] if "error" not in r]
+    rows = [r for r in report["results"] if "error" not in r and r["train"] is not None]
     names = [r["layout"] for r in rows]
     x = range(len(rows))
     width = 0.38
@@ -338,8 +440,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layouts", default="tp1pp1dp1", help="comma-separated tpXppYdpZ or tpXppYvppVdpZ")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--n", type=int, default=8, help="samples per prompt (one of them the off-policy trace)")
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--response-len", type=int, default=192)
+    ap.add_argument("--prompt-len", type=int, default=64, help="with --length-dist fixed (luffy: up to 400)")
+    ap.add_argument("--response-len", type=int, default=192, help="with --length-dist fixed (luffy: up to 8192)")
+    ap.add_argument("--length-dist", default="fixed", choices=["fixed", "luffy"], help="lengths (see length_mix)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the samples and of the luffy length mix")
+    ap.add_argument("--no-pack-sequences", action="store_true", help="right-padded micro-batches instead of packed")
+    ap.add_argument(
+        "--tokens-only", action="store_true", help="token accounting only: build the micro-batches, no steps"
+    )
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -352,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", default=None, help="PNG bar chart of tokens/s per layout")
     ap.add_argument("--worker-config", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.length_dist == "luffy":  # the caps of the mix: the model's positions and the config's maxima
+        args.prompt_len, args.response_len = 400, 8192
     if args.worker_config:
         worker(argparse.Namespace(**json.loads(Path(args.worker_config).read_text())))
         return 0
@@ -385,10 +495,18 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in res:
                 tqdm.write(f"{lay['name']}: FAILED\n{res['error']}")
             else:
-                tqdm.write(
-                    f"{lay['name']}: update {res['train']['seconds_per_step']:.3f} s/step, "
-                    f"{res['train']['tokens_per_s']:,.0f} tok/s; log-prob {res['logprob']['tokens_per_s']:,.0f} tok/s"
+                tok = res["tokens"]
+                line = (
+                    f"{lay['name']}: computed/real tokens {tok['computed_over_real']:.3f}, largest micro-batch "
+                    f"{tok['max_micro_batch_tokens']:,} (budget {tok['budget']:,})"
                 )
+                if res["train"] is not None:
+                    train, fwd = res["train"], res["logprob"]
+                    line += (
+                        f"; update {train['seconds_per_step']:.3f} s/step, {train['tokens_per_s']:,.0f} tok/s; "
+                        f"log-prob {fwd['tokens_per_s']:,.0f} tok/s"
+                    )
+                tqdm.write(line)
     if args.hf_dir:
         description = f"{Path(args.hf_dir).name} ({hf.get('architectures', ['?'])[0]})"
     else:
@@ -416,6 +534,10 @@ def main(argv: list[str] | None = None) -> int:
                 "n",
                 "prompt_len",
                 "response_len",
+                "length_dist",
+                "seed",
+                "no_pack_sequences",
+                "tokens_only",
                 "steps",
                 "warmup",
                 "dtype",
@@ -427,8 +549,11 @@ def main(argv: list[str] | None = None) -> int:
         "method": (
             "one torchrun launch per layout (a plain process at world size 1; NCCL+CUDA on GPU, gloo on CPU); "
             "MegatronPolicy with Megatron's random init; one synthetic mini-batch of prompts*n samples (n-1 "
-            "on-policy + 1 trace per prompt), all of length "
-            "prompt_len+response_len; warmup+steps iterations of train_mini_batch (one optimiser step on the whole "
+            "on-policy + 1 trace per prompt), all of length prompt_len+response_len or (length_dist luffy) LUFFY's "
+            "seeded length mix; tokens: the micro-batches every data-parallel rank builds for one update (summed over "
+            "DP; padded_layout: right-padded micro-batches on the same plan, budget_rows_layout: the packed rows "
+            "padded to the budget, both counted, not run); with tokens_only no step is run; warmup+steps iterations "
+            "of train_mini_batch (one optimiser step on the whole "
             "batch, no old log-probs) then compute_logprobs, each fenced by barriers (+cuda synchronize): time of the "
             "slowest rank; median over the timed steps; tokens = prompt+response tokens per step; MFU = "
             "luffy_megatron.metrics.perf.model_flops (3x forward for the update, 1x for log-probs) / s / world size / "

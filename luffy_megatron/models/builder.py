@@ -92,6 +92,10 @@ def build_transformer_config(
     if recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     kwargs.update(overrides)
+    if kwargs.get("variable_seq_lengths"):
+        # megatron-core rejects variable shapes with its default MoE dispatcher ("allgather") even in a dense model,
+        # which dispatches nothing.
+        kwargs.setdefault("moe_token_dispatcher_type", "alltoall")
     return TransformerConfig(**kwargs)
 
 
@@ -105,13 +109,18 @@ def build_gpt_model(
     """Model chunks of this pipeline rank (one per virtual stage), on this rank's device.
 
     Uses transformer-engine's layer spec when TE is importable on a GPU (or when forced), else megatron-core's local
-    spec. Parameters are named as the local spec names them; with TE the layer norms live in the fused linears.
+    spec with :class:`~luffy_megatron.platform.packed_attention.PackedDotProductAttention` (packed rows).
+    Parameters are named as the local spec names them; with TE the layer norms live in the fused linears.
     With ``ddp_config`` (a megatron ``DistributedDataParallelConfig``) the chunks are wrapped in megatron's DDP.
     """
     use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
     specs = gpt_layer_specs
     layer_spec_fn = specs.get_gpt_layer_with_transformer_engine_spec if use_te else specs.get_gpt_layer_local_spec
     layer_spec = layer_spec_fn(**layer_spec_kwargs(spec, use_te))
+    if not use_te:  # the local attention refuses packed rows; this one runs them segment by segment
+        from luffy_megatron.platform.packed_attention import PackedDotProductAttention
+
+        layer_spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
     vpp = config.virtual_pipeline_model_parallel_size
     chunks: list[torch.nn.Module] = []
     for vp_stage in range(vpp or 1):

@@ -107,6 +107,36 @@ def _patch_rng_tracker() -> None:
     torch.cuda.manual_seed_all = lambda seed: None
 
 
+def _patch_shape_exchange() -> None:
+    """Fixes swapped shapes under ``variable_seq_lengths`` on gloo: megatron exchanges the next activation's and the
+    previous gradient's shapes with ``batch_isend_irecv`` on one group, and at PP = 2 both go to the same peer, where
+    gloo matches them in posting order (the peer receives the gradient's shape as the activation's). The shapes now
+    travel through megatron's own unbatched ``_p2p_ops``, which puts the two directions on different groups, as
+    ``batch_p2p_comm=False`` (see models.builder) does for the tensors themselves."""
+    from megatron.core.pipeline_parallel import p2p_communication as p2p
+
+    def communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
+        def shape(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else torch.tensor(t.size(), dtype=torch.int64)
+
+        recv_prev_shape = torch.empty(3, dtype=torch.int64) if recv_prev else None
+        recv_next_shape = torch.empty(3, dtype=torch.int64) if recv_next else None
+        reqs = p2p._p2p_ops(
+            tensor_send_prev=shape(tensor_send_prev),
+            tensor_recv_prev=recv_prev_shape,
+            tensor_send_next=shape(tensor_send_next),
+            tensor_recv_next=recv_next_shape,
+            group=self.pp_group,
+            prev_pipeline_rank=self.prev_rank,
+            next_pipeline_rank=self.next_rank,
+        )
+        for req in reqs.values():
+            req.wait()
+        return tuple([0, 0, 0] if t is None else t.tolist() for t in (recv_prev_shape, recv_next_shape))
+
+    p2p.P2PCommunicator._communicate_shapes = communicate_shapes
+
+
 def apply_cpu_patches() -> None:
     """Apply every patch once, and only when CUDA is unavailable."""
     global _APPLIED
@@ -128,5 +158,6 @@ def apply_cpu_patches() -> None:
     torch.cuda.max_memory_allocated = lambda device=None: 0
     torch.cuda.memory_reserved = lambda device=None: 0
     _patch_rng_tracker()
+    _patch_shape_exchange()
     _CudaToCpuMode().__enter__()
     _APPLIED = True

@@ -147,6 +147,7 @@ def rl_step(cfg: RunConfig, run: RunState, policy) -> dict[str, float]:
     tokens = sum(s.num_tokens for s in samples)
     metrics.update({f"time/{k}_s": v for k, v in timers.seconds.items()})
     metrics.update({"perf/step_s": step_s, "perf/tokens_per_s": tokens / step_s, "perf/tokens": float(tokens)})
+    metrics.update(policy.take_token_stats())  # perf/padding_ratio, perf/max_micro_batch_tokens of the update
     if torch.cuda.is_available():
         tf32 = torch.backends.cuda.matmul.allow_tf32
         peak = peak_flops(torch.cuda.get_device_name(), cfg.model.dtype, tf32=tf32)

@@ -1,8 +1,11 @@
 """The policy on Megatron: model chunks, optimizer, LR schedule, log-prob forward and the policy update.
 
 Runs at any (TP, PP, VPP, DP) layout through megatron-core's pipeline schedules. Every rank holds the step's samples
-(broadcast by the loop); :func:`pack_micro_batches` gives each data-parallel rank its share. The loss of a micro-batch
-carries its global aggregation weights, so the summed gradient is that of the whole mini-batch however it is split.
+(broadcast by the loop); :func:`pack_micro_batches` gives each data-parallel rank its share. With
+``parallel.pack_sequences`` a micro-batch is one packed row (THD, :mod:`luffy_megatron.train.batch`) whose length
+varies from micro-batch to micro-batch; under pipeline parallelism megatron's ``variable_seq_lengths`` exchanges each
+activation's shape. The loss of a micro-batch carries its global aggregation weights, so the summed gradient is that
+of the whole mini-batch however it is split.
 """
 
 from __future__ import annotations
@@ -29,14 +32,15 @@ from luffy_megatron.algo import (
 from luffy_megatron.algo.rollout_is import rollout_is_weights
 from luffy_megatron.config import RunConfig
 from luffy_megatron.models.builder import ModelSpec, build_gpt_model, build_transformer_config
-from luffy_megatron.train.samples import (
-    MicroBatch,
-    Sample,
-    compact_samples,
-    make_micro_batch,
-    pack_micro_batches,
-    pad_micro_batch,
+from luffy_megatron.platform.packed_attention import packed_seq_params
+from luffy_megatron.train.batch import (
+    FlatMicroBatch,
+    StepBatch,
+    flatten_padded,
+    micro_batch_tokens,
+    pack_micro_batch,
 )
+from luffy_megatron.train.samples import Sample, compact_samples, make_micro_batch, pack_micro_batches, pad_micro_batch
 
 
 class MegatronPolicy:
@@ -52,6 +56,7 @@ class MegatronPolicy:
             vpp=p.vpp,
             dtype=cfg.model.dtype,
             recompute=cfg.model.recompute_activations,
+            variable_seq_lengths=p.pack_sequences and p.pp > 1,
         )
         use_dist_opt = p.use_distributed_optimizer and torch.cuda.is_available()
         ddp_config = DistributedDataParallelConfig(
@@ -102,6 +107,9 @@ class MegatronPolicy:
         self.tp_group = ps.get_tensor_model_parallel_group() if p.tp > 1 else None
         self.vocab_start = ps.get_tensor_model_parallel_rank() * (spec.padded_vocab_size // p.tp)
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
+        # A packed row's length must split evenly over the TP ranks when sequence parallelism shards it.
+        self.alignment = p.tp if self.tconfig.sequence_parallel else 1
+        self._token_stats = {"real": 0, "computed": 0, "max_micro_batch": 0}
 
     # ---------------------------------------------------------------------------------------------------------
     @property
@@ -109,23 +117,57 @@ class MegatronPolicy:
         """The bare GPTModel chunks (without the DDP wrapper)."""
         return [getattr(c, "module", c) for c in self.chunks]
 
-    def _micro_batches(self, samples: list[Sample]) -> list[MicroBatch]:
+    def _micro_batches(self, samples: list[Sample], count_tokens: bool = False) -> list[FlatMicroBatch]:
+        """This rank's micro-batches of ``samples``: packed rows, or right-padded rows with ``pack_sequences`` off.
+
+        With ``count_tokens`` the tokens of the whole step (every rank's micro-batches) go into the token stats.
+        """
+        p = self.cfg.parallel
+        lengths = [s.num_tokens for s in samples]
         plan = pack_micro_batches(
-            [s.num_tokens for s in samples], self.cfg.parallel.max_tokens_per_micro_batch, self.dp_size
+            lengths,
+            p.max_tokens_per_micro_batch,
+            self.dp_size,
+            packed=p.pack_sequences,
+            alignment=self.alignment,
+            count_multiple=p.pp if p.vpp else 1,
         )
+        if count_tokens:
+            sizes = micro_batch_tokens(
+                plan, lengths, packed=p.pack_sequences, alignment=self.alignment, common_shape=p.pp > 1
+            )
+            stats = self._token_stats
+            stats["real"] += sum(lengths)
+            stats["computed"] += sum(sizes)
+            stats["max_micro_batch"] = max(stats["max_micro_batch"], *sizes)
+        if p.pack_sequences:
+            batch = StepBatch.from_samples(samples)
+            return [pack_micro_batch(batch, ids, self.pad_id, self.alignment) for ids in plan[self.dp_rank]]
         mbs = [make_micro_batch(samples, ids, self.pad_id) for ids in plan[self.dp_rank]]
-        if self.cfg.parallel.pp > 1:
-            # Pipeline stages exchange activations of one fixed shape per step: pad every micro-batch to the largest.
+        if p.pp > 1:
+            # Padded rows keep one shape per step under PP: every micro-batch is padded to the largest.
             shape = (max(mb.tokens.shape[0] for mb in mbs), max(mb.tokens.shape[1] for mb in mbs))
             mbs = [pad_micro_batch(mb, shape, self.pad_id) for mb in mbs]
-        return mbs
+        return [flatten_padded(mb) for mb in mbs]
 
-    def _token_logprobs(self, mb: MicroBatch, logits: torch.Tensor, with_entropy: bool, checks: bool):
+    def take_token_stats(self) -> dict[str, float]:
+        """``perf/padding_ratio`` (tokens computed, padding included / real tokens), ``perf/max_micro_batch_tokens``
+        and both token counts of the updates since the last call (all data-parallel ranks); resets the counters."""
+        stats, self._token_stats = self._token_stats, {"real": 0, "computed": 0, "max_micro_batch": 0}
+        if not stats["real"]:
+            return {}
+        return {
+            "perf/padding_ratio": stats["computed"] / stats["real"],
+            "perf/max_micro_batch_tokens": float(stats["max_micro_batch"]),
+            "perf/update_real_tokens": float(stats["real"]),
+            "perf/update_computed_tokens": float(stats["computed"]),
+        }
+
+    def _token_logprobs(self, mb: FlatMicroBatch, logits: torch.Tensor, with_entropy: bool, checks: bool):
         """Log-probs (and entropies) of ``mb``'s targets; ``checks``: the host-syncing target and finite checks."""
-        b, length, vocab_shard = logits.shape
         return vocab_parallel_logprob_entropy(
-            logits.reshape(b * length, vocab_shard),
-            mb.targets.reshape(-1).to(logits.device),
+            logits.reshape(-1, logits.shape[-1]),
+            mb.targets.to(logits.device),
             tp_group=self.tp_group,
             vocab_start=self.vocab_start,
             temperature=self.cfg.rollout.temperature,
@@ -136,11 +178,12 @@ class MegatronPolicy:
             check_finite=checks,
         )
 
-    def _run(self, mbs: list[MicroBatch], loss_fn, forward_only: bool) -> list[Any]:
-        def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
+    def _run(self, mbs: list[FlatMicroBatch], loss_fn, forward_only: bool) -> list[Any]:
+        def forward_step(data_iterator: Iterator[FlatMicroBatch], model: torch.nn.Module):
             mb = next(data_iterator)
             dev = next(model.parameters()).device
-            out = model(mb.tokens.to(dev), mb.position_ids.to(dev), attention_mask=None)
+            packed = None if mb.cu_seqlens is None else packed_seq_params(mb.cu_seqlens.to(dev))
+            out = model(mb.tokens.to(dev), mb.position_ids.to(dev), attention_mask=None, packed_seq_params=packed)
             return out, partial(loss_fn, mb)
 
         iters: Any = [iter(mbs) for _ in self.chunks] if len(self.chunks) > 1 else iter(mbs)
@@ -157,29 +200,34 @@ class MegatronPolicy:
     # ---------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def compute_logprobs(self, samples: list[Sample]) -> list[list[float]]:
-        """Log-probs of every sample's response tokens under the current weights (forward only), on every rank."""
+        """Log-probs of every sample's response tokens under the current weights (forward only), on every rank.
+
+        The values travel as one flat tensor of the mini-batch's response tokens: each is written by the one rank
+        that computed it (last pipeline stage, first TP rank, its data-parallel rank) and summed over all ranks.
+        """
         for c in self.chunks:
             c.eval()
         mbs = self._micro_batches(samples)
+        resp_lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.long)
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), resp_lengths.cumsum(0)])
+        # On the collective's device (NCCL reduces GPU tensors only).
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        flat = torch.zeros(int(starts[-1]), dtype=torch.float32, device=device)
+        owner = self.is_last_stage and (self.tp_group is None or dist.get_rank(self.tp_group) == 0)
 
-        def loss_fn(mb: MicroBatch, logits: torch.Tensor):
+        def loss_fn(mb: FlatMicroBatch, logits: torch.Tensor):
             # Not the update's hot path, and the values are copied to the host anyway: always checked.
             logp, _ = self._token_logprobs(mb, logits, with_entropy=False, checks=True)
-            logp = logp.view(mb.tokens.shape).float().cpu()
-            out = {i: logp[row][mb.response_mask[row]].tolist() for row, i in enumerate(mb.sample_ids)}
-            return torch.zeros(()), {"logprobs": out}
+            if owner:  # response tokens of a sample are contiguous and in order in both layouts
+                resp = mb.response_mask
+                ids = torch.tensor(mb.sample_ids, dtype=torch.long)[mb.seq_index[resp]]
+                where = (starts[ids] + _ranks_within(ids)).to(flat.device)
+                flat[where] = logp.float()[resp.to(logp.device)].to(flat.device)
+            return torch.zeros(()), {}
 
-        stores = self._run(mbs, loss_fn, forward_only=True)
-        local: dict[int, list[float]] = {}
-        if self.is_last_stage and (self.tp_group is None or dist.get_rank(self.tp_group) == 0):
-            for store in stores:
-                local.update(store["logprobs"])
-        gathered: list[dict[int, list[float]]] = [{} for _ in range(dist.get_world_size())]
-        dist.all_gather_object(gathered, local)
-        merged: dict[int, list[float]] = {}
-        for part in gathered:
-            merged.update(part)
-        return [merged[i] for i in range(len(samples))]
+        self._run(mbs, loss_fn, forward_only=True)
+        dist.all_reduce(flat)
+        return [v.tolist() for v in flat.cpu().split(resp_lengths.tolist())]
 
     def train_mini_batch(self, samples: list[Sample], use_old_logprobs: bool) -> dict[str, float]:
         """One optimiser step on ``samples`` (a mini-batch). Returns reduced metrics (identical on every rank).
@@ -204,22 +252,21 @@ class MegatronPolicy:
         trained = compact_samples(samples, drop_zero_advantage=alg.skip_zero_advantage and zero_adv_is_inert)
         if not trained:  # the gradient is exactly 0: step the optimizer (its moments decay) without a forward
             return {**self._finish_step([], num_trained=0), "actor/loss": 0.0, "actor/pg_loss": 0.0}
-        mbs = self._micro_batches(trained)
+        mbs = self._micro_batches(trained, count_tokens=True)
         # The schedule divides each micro-batch loss by their number and DDP averages over data-parallel ranks; the
         # aggregation weights already normalise over the whole mini-batch, so undo both.
         scale = len(mbs) * self.dp_size
 
-        def loss_fn(mb: MicroBatch, logits: torch.Tensor):
+        def loss_fn(mb: FlatMicroBatch, logits: torch.Tensor):
             dev = logits.device
             logp, ent = self._token_logprobs(mb, logits, with_entropy=True, checks=alg.debug_checks)
-            shape = mb.tokens.shape
-            logp, ent = logp.view(shape), ent.view(shape)
             resp, off = mb.response_mask.to(dev), mb.off_policy_mask.to(dev)
             weights = aggregation_weights(
                 alg.loss_agg_mode,
                 resp,
                 counts,
                 max_response_length=self.cfg.data.max_response_length,
+                seq_index=mb.seq_index.to(dev),
                 off_policy_mask=off,
                 luffy_micro_batch_seqs=alg.luffy_micro_batch_seqs,
                 check_counts=alg.debug_checks,
@@ -229,9 +276,9 @@ class MegatronPolicy:
             corrected = mb.has_rollout_logprobs.to(dev) & ~off
             rollout_logp = mb.rollout_logprobs.to(dev)
             is_w = None
-            if alg.rollout_is is not None:  # one sequence per row of the micro-batch
-                rows = torch.arange(shape[0], device=dev).unsqueeze(1).expand(shape)
-                is_w = rollout_is_weights(old, rollout_logp, corrected, rows, alg.rollout_is, alg.rollout_is_cap)
+            if alg.rollout_is is not None:
+                seq = mb.seq_index.to(dev)
+                is_w = rollout_is_weights(old, rollout_logp, corrected, seq, alg.rollout_is, alg.rollout_is_cap)
             loss, sums = mixed_policy_loss(
                 logp, old, mb.advantages.to(dev), resp, off, alg, token_weights=weights, entropy=ent, multiplicity=mult,
                 rollout_is_weight=None if is_w is None else is_w.weight, check_finite=alg.debug_checks,
@@ -300,3 +347,14 @@ def _reduce_metric_sums(local: MetricSums, maxes: dict[str, float]) -> dict[str,
         for k, v in rank_maxes.items():
             top[k] = max(top.get(k, float("-inf")), v)
     return {**total.compute(), **top}
+    return total.compute()
+
+
+def _ranks_within(ids: torch.Tensor) -> torch.Tensor:
+    """For a sequence of sample ids whose equal entries are contiguous: 0, 1, 2, ... within each run."""
+    if ids.numel() == 0:
+        return ids
+    new_run = torch.ones_like(ids, dtype=torch.bool)
+    new_run[1:] = ids[1:] != ids[:-1]
+    run_start = torch.cummax(torch.where(new_run, torch.arange(ids.numel()), 0), dim=0).values
+    return torch.arange(ids.numel()) - run_start

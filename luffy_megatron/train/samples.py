@@ -170,13 +170,23 @@ def pad_micro_batch(mb: MicroBatch, shape: tuple[int, int], pad_id: int) -> Micr
     )
 
 
-def pack_micro_batches(lengths: list[int], max_tokens: int, num_ranks: int) -> list[list[list[int]]]:
+def pack_micro_batches(
+    lengths: list[int],
+    max_tokens: int,
+    num_ranks: int,
+    *,
+    packed: bool = False,
+    alignment: int = 1,
+    count_multiple: int = 1,
+) -> list[list[list[int]]]:
     """Split samples over data-parallel ranks and micro-batches by a token budget.
 
     Returns ``plan[rank][micro_batch] -> sample ids``. Every rank gets the same number of micro-batches (the pipeline
-    schedules need it); a micro-batch costs ``len(samples) * longest sample`` tokens (right padding) and stays within
-    ``max_tokens`` unless a single sample is longer. Samples are sorted by length so that padding is small, then dealt
-    to ranks longest-first onto the rank with the fewest tokens (balances work across ranks).
+    schedules need it), a multiple of ``count_multiple`` (the interleaved schedule needs a multiple of PP). Samples
+    are dealt to ranks longest-first onto the rank with the fewest tokens (balances work across ranks). A
+    micro-batch stays within ``max_tokens`` unless a single sample is longer; it costs ``len(samples) * longest
+    sample`` tokens (right padding; consecutive samples sorted by length, so padding is small) or, with ``packed``,
+    the sum of its samples rounded up to ``alignment`` (one packed row; samples placed first-fit, longest first).
     """
     if max_tokens <= 0:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
@@ -200,8 +210,21 @@ def pack_micro_batches(lengths: list[int], max_tokens: int, num_ranks: int) -> l
             batches.append(current)
         return batches
 
-    plan = [split(ids) for ids in rank_samples]
-    target = max(1, max(len(p) for p in plan))
+    def first_fit(ids: list[int]) -> list[list[int]]:
+        batches: list[list[int]] = []
+        loads: list[int] = []
+        for i in ids:
+            fits = (k for k, used in enumerate(loads) if -(-(used + lengths[i]) // alignment) * alignment <= max_tokens)
+            k = next(fits, len(batches))
+            if k == len(batches):
+                batches.append([])
+                loads.append(0)
+            batches[k].append(i)
+            loads[k] += lengths[i]
+        return batches
+
+    plan = [(first_fit if packed else split)(ids) for ids in rank_samples]
+    target = -(-max(1, max(len(p) for p in plan)) // count_multiple) * count_multiple
     for p in plan:  # equalise the count: split the largest micro-batches until every rank has `target`
         while len(p) < target:
             big = max(range(len(p)), key=lambda k: len(p[k])) if p else None

@@ -1,0 +1,71 @@
+"""Packed sequences (THD): several samples concatenated in one row, attention confined to each sample.
+
+A packed micro-batch is one row of ``T`` tokens holding samples back to back; ``cu_seqlens = [0, l_1, l_1 + l_2,
+..., T]`` marks their boundaries (a padding tail, when there is one, is one more segment). megatron-core takes this as
+:class:`PackedSeqParams` with ``qkv_format="thd"``: its attention then squeezes the batch dimension, applies RoPE
+per segment (positions restart at 0 in every sample) and hands ``[T, heads, head_dim]`` tensors to the core
+attention. On a GPU transformer-engine's ``TEDotProductAttention`` runs the variable-length kernel on ``cu_seqlens``.
+megatron-core's local ``DotProductAttention`` (the CPU path) refuses packed input; :class:`PackedDotProductAttention`
+runs it once per segment with its causal mask, so a packed row computes exactly what the same samples compute on
+their own rows.
+
+megatron-core is imported at module level: this module is imported only by the model builder, after
+``luffy_megatron`` has prepared the megatron import.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from torch import Tensor
+
+__all__ = ["PackedDotProductAttention", "packed_seq_params"]
+
+
+def packed_seq_params(cu_seqlens: Tensor) -> PackedSeqParams:
+    """``PackedSeqParams`` of one packed row: ``cu_seqlens`` [segments + 1] (int32, starting at 0, ending at T)."""
+    cu = cu_seqlens.to(torch.int32)
+    if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or bool((cu[1:] <= cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens: expected strictly increasing offsets from 0, got {cu.tolist()}")
+    max_len = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len
+    )
+
+
+class PackedDotProductAttention(DotProductAttention):
+    """megatron-core's local attention, also for packed rows: causal within each segment of ``cu_seqlens``.
+
+    Unpacked input (``packed_seq_params`` None) is passed through unchanged. Packed input comes as ``[T, heads,
+    head_dim]`` (megatron's ``thd``); each segment runs the parent's forward as a batch of one with the default
+    causal mask, and the outputs are concatenated back to ``[T, heads * head_dim]``.
+    """
+
+    def forward(  # type: ignore[override]
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> Tensor:
+        if packed_seq_params is None:
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
+        if packed_seq_params.qkv_format != "thd" or attention_mask is not None:
+            raise ValueError("packed attention: expected qkv_format='thd' and no attention mask")
+        if self.attn_mask_type != AttnMaskType.causal:
+            raise ValueError(f"packed attention: only causal self-attention, got {self.attn_mask_type}")
+        cu = packed_seq_params.cu_seqlens_q.tolist()
+        if cu != packed_seq_params.cu_seqlens_kv.tolist() or cu[-1] != query.shape[0]:
+            raise ValueError(f"packed attention: cu_seqlens {cu} do not cover the {query.shape[0]} packed tokens")
+        outs = [
+            super(PackedDotProductAttention, self).forward(
+                query[s:e].unsqueeze(1), key[s:e].unsqueeze(1), value[s:e].unsqueeze(1), None, attn_mask_type
+            )
+            for s, e in zip(cu[:-1], cu[1:])
+        ]
+        return torch.cat(outs, dim=0).squeeze(1)
