@@ -37,14 +37,7 @@ def plot(files: list[str], labels: list[str], keys: list[str], out: str, title: 
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0][0].legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out, title)
 
 
 TIMELINE = (("generate", "rollout + reward of the step's batch", "tab:blue"), ("update", "policy update", "tab:orange"))
@@ -80,14 +73,7 @@ def plot_timeline(files: list[str], labels: list[str], out: str, steps: int = 12
         ax.grid(axis="x", alpha=0.3)
         ax.legend(loc="upper right", fontsize=8)
     axes[-1][0].set_xlabel("seconds since the first generation started")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out, title)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,3 +105,17 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _save(fig, out: str | Path, title: str | None) -> Path:
+    """Title, lay out and write ``fig`` as a PNG (parent folders created); close it."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
