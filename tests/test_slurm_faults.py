@@ -2,9 +2,12 @@
 
 A job with a two-minute time limit and ``--signal=B:USR1@110`` gets Slurm's warning signal mid-run: the trainer
 finishes its step, checkpoints, the job requeues itself and the resumed run's steps equal an uninterrupted job's
-(fp32, to the tolerance of the resume tests). A trainer rank killed with SIGKILL ends the job within two minutes,
-the cause named in the job output. Like tests/test_slurm_launch.py, the ``slurm`` tier (skipped where Slurm cannot
-run)."""
+(fp32, to the tolerance of the resume tests). Slurm checks time limits about every 30 s, so on a fast machine the
+tiny run can end before the warning comes; the test then sends the same signal to the same place itself
+(``scancel --batch --signal=USR1``, what Slurm does at the warning time) once the run is a few steps in.
+
+A trainer rank killed with SIGKILL ends the job within two minutes, the cause named in the job output. Like
+tests/test_slurm_launch.py, the ``slurm`` tier (skipped where Slurm cannot run)."""
 
 from __future__ import annotations
 
@@ -73,6 +76,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(cluster, ass
             cluster.run("scontrol", "update", f"JobId={limited}", "TimeLimit=20", "StartTime=now")
             released.append(True)
 
+    signal_mid_run(cluster, limited, tmp_path / "limited" / "metrics.jsonl", tmp_path / f"limited-{limited}.out")
     ref_info = wait_done(cluster, reference, 600)
     info = wait_done(cluster, limited, 900, after_requeue)
     log = job_output(info)
@@ -95,6 +99,24 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_exactly(cluster, ass
     for row in rows:
         for key in COMPARED:
             assert row[key] == pytest.approx(ref[row["step"]][key], rel=1e-5, abs=1e-7), (row["step"], key)
+
+
+def signal_mid_run(cluster, job_id: int, metrics: Path, output: Path, after_steps: int = 3) -> None:
+    """Once the job has logged ``after_steps`` steps: if Slurm's time-limit warning has not reached the batch shell
+    yet, deliver it as Slurm would (USR1 to the batch shell only)."""
+
+    def signalled() -> bool:
+        return output.is_file() and "got SIGUSR1" in output.read_text(errors="replace")
+
+    deadline = time.monotonic() + 600
+    while not (metrics.is_file() and metrics.read_text().count('"step"') >= after_steps):
+        if signalled():
+            return
+        assert cluster.job(job_id).get("JobState") in ("PENDING", "RUNNING"), job_output(cluster.job(job_id))[-3000:]
+        assert time.monotonic() < deadline, f"fewer than {after_steps} steps within 10 minutes"
+        time.sleep(0.2)
+    if not signalled():
+        cluster.run("scancel", "--batch", "--signal=USR1", str(job_id))
 
 
 def worker_pids(marker: str) -> list[int]:
