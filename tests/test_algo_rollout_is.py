@@ -148,3 +148,54 @@ def test_unknown_mode_is_rejected() -> None:
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="rollout_is: 'tis' is not one of"):
         rollout_is_weights(x, x, x.bool(), torch.zeros(2, 3, dtype=torch.long), "tis", CAP)
+
+
+def _expected_gradient(cap: float | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact expected gradient (w.r.t. the logits) of the on-policy loss of one token position whose token was
+    sampled from a stale policy ``mu``, with every on-policy sample of the group at the same advantage -1/8 (LUFFY's
+    common case: 7 failed rollouts and a correct trace; the group mean includes the trace).
+
+    The expectation over ``y ~ mu`` is enumerated: every vocabulary entry is one token weighted by ``mu(y)``. The
+    current policy ``pi`` is one update away from ``mu``; its ratio ``pi / mu`` is ``1 / 4`` to ``4``. Returns
+    (gradient, pi, mu). ``cap=None``: no rollout IS.
+    """
+    g = torch.Generator().manual_seed(seed)
+    vocab = 12
+    mu_logits = torch.randn(vocab, generator=g, dtype=torch.float64)
+    logits = (mu_logits + torch.linspace(-1.4, 1.4, vocab, dtype=torch.float64)).requires_grad_()
+    lp = torch.log_softmax(logits, 0)
+    mu_lp = torch.log_softmax(mu_logits, 0)
+    resp = torch.ones(vocab, dtype=torch.bool)
+    off = torch.zeros(vocab, dtype=torch.bool)
+    adv = torch.full((vocab,), -1 / 8, dtype=torch.float64)
+    cfg = replace(AlgorithmConfig(entropy_coeff=0.0), rollout_is="token_tis" if cap else None, rollout_is_cap=cap or 2)
+    w = None
+    if cap is not None:
+        w = rollout_is_weights(lp.detach(), mu_lp, resp, torch.zeros(vocab, dtype=torch.long), "token_tis", cap).weight
+    # One optimiser step per rollout batch: the old policy is the current one (ratio 1, gradient of log pi).
+    loss, _ = mixed_policy_loss(lp, lp.detach(), adv, resp, off, cfg, token_weights=mu_lp.exp(), rollout_is_weight=w)
+    (grad,) = torch.autograd.grad(loss, logits)
+    return grad, lp.detach().exp(), mu_lp.exp()
+
+
+def test_token_is_removes_the_bias_of_stale_samples_with_a_shared_advantage() -> None:
+    """Why one-step-off LUFFY needs the correction (docs/rollout.md, "Asynchronous rollout"): a GRPO group's
+    advantages sum to 0, but the on-policy part of a LUFFY group does not. Pushing down samples of ``pi`` itself has
+    expected gradient 0 (sum_y pi(y) grad log pi(y) = 0); pushing down samples of a stale ``mu`` does not: it moves
+    ``pi`` further from ``mu``, the direction the last update took. Untruncated per-token IS restores the 0; a cap
+    below the largest ratio leaves a bias that raises the tokens whose ratio it truncated."""
+    stale, pi, mu = _expected_gradient(cap=None)
+    corrected, _, _ = _expected_gradient(cap=1e6)
+    truncated, _, _ = _expected_gradient(cap=2.0)
+    ratio = pi / mu
+    assert float(ratio.max()) > 2.0 and float(ratio.min()) < 0.5
+    assert float(stale.norm()) > 1e-3
+    assert float(corrected.norm()) < 1e-5 * float(stale.norm())  # the weights are fp32
+    # Gradient descent moves the logits along -grad: with no IS towards away-from-mu (the KL(mu || pi) grows) ...
+    kl_direction = pi - mu  # d KL(mu || pi) / d logits
+    assert float(-stale @ kl_direction) > 0
+    # ... and with a cap of 2 the truncated tokens (ratio > 2) gain probability mass: a feedback on the last update.
+    clipped = (ratio > 2.0).double()
+    mass = float(pi @ clipped)
+    mass_direction = pi * clipped - pi * mass  # d (sum of the truncated tokens' pi) / d logits
+    assert float(-truncated @ mass_direction) > 0

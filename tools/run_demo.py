@@ -6,7 +6,7 @@ side by side, one CPU thread each), then writes curves (PNG) and a table of held
 
 Arms: ``luffy`` (policy shaping p/(p+0.1)), ``grpo`` (n_off=0, PPO clip), ``luffy_no_shaping`` (f(p)=p, the paper's
 shaping ablation; not run by default), ``luffy_async`` (LUFFY with one-step-off asynchronous rollout and token-level
-truncated IS; not run by default; it uses two threads, so compare its step time with ``--sequential``),
+truncated IS, cap 10; not run by default; it uses two threads, so compare its step time with ``--sequential``),
 ``luffy_async_no_is`` (the same without the IS correction).
 
 Each seed gets its own model, task and runs under ``OUT/seed<S>/``; ``OUT/results.md`` has the table of all seeds.
@@ -30,8 +30,15 @@ ARMS = {
     "grpo": ["rollout.n_off=0", "algorithm.clip_ratio=true"],
     "luffy_no_shaping": ["algorithm.off_policy_reshape=no_reshape"],
     # One-step-off asynchronous rollout: the engine in its own process (one torch thread) generates step k+1's batch
-    # while step k trains; truncated per-token IS corrects for the one-update-old weights.
-    "luffy_async": ["trainer.async_rollout=true", "trainer.async_rollout_threads=1", "algorithm.rollout_is=token_tis"],
+    # while step k trains; per-token IS corrects for the one-update-old weights. The cap is 10, not the usual 2: at
+    # this demo's learning rate one update moves a token's probability by up to ~10x, and a cap that binds leaves a
+    # bias that feeds the last update back (docs/rollout.md, "Asynchronous rollout").
+    "luffy_async": [
+        "trainer.async_rollout=true",
+        "trainer.async_rollout_threads=1",
+        "algorithm.rollout_is=token_tis",
+        "algorithm.rollout_is_cap=10",
+    ],
     "luffy_async_no_is": ["trainer.async_rollout=true", "trainer.async_rollout_threads=1"],
 }
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu_luffy.yaml"
