@@ -14,7 +14,8 @@ over repeats is reported, with rank 0's pack / local unpack times and the pickle
 Peak RSS: ``ru_maxrss`` of each rank in a separate pair of processes per method (it only grows), before the send
 (after rank 0 built the batch) and after it.
 
-    python tools/bench_step_batch.py --out docs/results/bench_step_batch.json
+Example (the numbers in docs/benchmarks.md):
+    python tools/bench_step_batch.py --repeats 7 --out docs/results/bench_step_batch.json
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def report(args: argparse.Namespace, timing: list[dict], rss: dict[str, list[dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=128, help="prompts in the batch (default 128)")
     ap.add_argument("--n", type=int, default=8, help="samples per prompt, the last one the trace (default 8)")
     ap.add_argument("--scale", type=int, default=1, help="divide every length by this (quick checks; default 1)")
