@@ -184,7 +184,10 @@ def report(args: argparse.Namespace, timing: list[dict], rss: dict[str, list[dic
         "backend": "gloo",
         "batch": rank0["batch"],
         "repeats": args.repeats,
-        "seconds": {m: {"median": round(median[m], 4), "runs": [round(x, 4) for x in runs[m]]} for m in METHODS},
+        "seconds": {
+            m: {"median": round(median[m], 4), "min": round(min(runs[m]), 4), "runs": [round(x, 4) for x in runs[m]]}
+            for m in METHODS
+        },
         "speedup_object_over_tensor": round(median["object"] / median["tensor"], 2),
         "rank0_parts_s": {k: round(v, 4) for k, v in rank0["parts_s"].items()},
         "bytes_sent": rank0["bytes"],

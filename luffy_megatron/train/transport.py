@@ -188,7 +188,7 @@ def _floats(lists: list[list[float]]) -> np.ndarray:
     """The concatenated values as fp32 when every one is exact in fp32 (engines return fp32 log-probs), else fp64."""
     values = np.fromiter(itertools.chain.from_iterable(lists), np.float64, sum(len(v) for v in lists))
     as32 = values.astype(np.float32)
-    return as32 if np.array_equal(as32.astype(np.float64), values, equal_nan=True) else values
+    return as32 if bool((as32 == values).all()) else values  # a NaN compares unequal: fp64, exact as well
 
 
 def _length(values: list | None) -> int:
