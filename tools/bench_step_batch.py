@@ -10,7 +10,8 @@ without) and sends it to rank 1:
 - ``tensor``: ``luffy_megatron.train.transport.broadcast_samples``.
 
 Seconds: every repeat runs both methods (interleaved, the order alternating), each between two barriers; the median
-over repeats is reported, with rank 0's pack / local unpack times and the pickle / unpickle times as a breakdown.
+over repeats is reported (wall clock, the slower rank), with each rank's CPU time of the send (less disturbed by other
+jobs on a shared machine) and rank 0's pack / local unpack and pickle / unpickle times as a breakdown.
 Peak RSS: ``ru_maxrss`` of each rank in a separate pair of processes per method (it only grows), before the send
 (after rank 0 built the batch) and after it.
 
@@ -87,17 +88,19 @@ def time_methods(rank: int, args: argparse.Namespace) -> dict:
     """Both methods ``args.repeats`` times, interleaved; rank 0 adds :func:`rank0_parts`."""
     samples = step_batch(args.prompts, args.n, args.seed, args.scale) if rank == 0 else None
     seconds: dict[str, list[float]] = {m: [] for m in METHODS}
+    cpu: dict[str, list[float]] = {m: [] for m in METHODS}
     received = {}
     for r in range(args.repeats):
         for method in METHODS if r % 2 == 0 else METHODS[::-1]:
             dist.barrier()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             out = send(method, samples)
+            cpu[method].append(time.process_time() - start_cpu)
             dist.barrier()
             seconds[method].append(time.perf_counter() - start)
             received[method] = (len(out), _tokens(out))
             del out
-    result: dict = {"seconds": seconds, "received": received}
+    result: dict = {"seconds": seconds, "cpu_seconds": cpu, "received": received}
     if rank == 0:
         result.update(rank0_parts(samples, args.repeats))
     return result
@@ -110,12 +113,14 @@ def rank0_parts(samples: list[Sample], repeats: int) -> dict:
         t0 = time.perf_counter()
         packed = pack_samples(samples)
         t1 = time.perf_counter()
-        unpack_samples(packed.header, packed.buffers)
+        rebuilt = unpack_samples(packed.header, packed.buffers)
         t2 = time.perf_counter()
+        del rebuilt  # freeing 4M objects is not part of the rebuild
         blob = pickle.dumps((True, (samples, {})))
         t3 = time.perf_counter()
-        pickle.loads(blob)
+        rebuilt = pickle.loads(blob)
         t4 = time.perf_counter()
+        del rebuilt
         for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             parts[name].append(seconds)
     tensor_bytes = packed.header.nbytes + sum(b.nbytes for b in packed.buffers.values())
@@ -189,6 +194,11 @@ def report(args: argparse.Namespace, timing: list[dict], rss: dict[str, list[dic
             for m in METHODS
         },
         "speedup_object_over_tensor": round(median["object"] / median["tensor"], 2),
+        # CPU time of each rank's part (process_time around the send): the work, less sensitive to other jobs.
+        "cpu_seconds_median": {
+            m: {f"rank{r}": round(statistics.median(t["cpu_seconds"][m]), 4) for r, t in enumerate(timing)}
+            for m in METHODS
+        },
         "rank0_parts_s": {k: round(v, 4) for k, v in rank0["parts_s"].items()},
         "bytes_sent": rank0["bytes"],
         "peak_rss_mib": {m: {f"rank{r}": rss[m][r] for r in range(2)} for m in METHODS},
@@ -205,11 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-s", type=float, default=900.0, help="give up on a process pair after this long")
     ap.add_argument("--out", default="docs/results/bench_step_batch.json", help="JSON report to write")
     args = ap.parse_args(argv)
+    load_before = os.getloadavg()[0]
     timing = run_pair(time_methods, args)
     rss = {}
     for method in METHODS:
         rss[method] = run_pair(peak_rss, argparse.Namespace(**{**vars(args), "method": method}))
     result = report(args, timing, rss)
+    result["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("seconds", "speedup_object_over_tensor", "rank0_parts_s")}, indent=2))
