@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 import torch.distributed as dist
 
+from luffy_megatron.train import transport
 from luffy_megatron.train.samples import Sample
 from luffy_megatron.train.transport import broadcast_samples, pack_samples, rank0_batch, unpack_samples
 from tests.dist_utils import run_distributed
@@ -154,8 +157,28 @@ def test_a_failure_on_rank0_reaches_rank1_as_rank_failure():
     assert rank0[3] == rank1[3] == "ok 64 {'m': 1.0}"
 
 
-def test_without_a_process_group_nothing_is_sent():
+def test_one_process_sends_nothing(monkeypatch):
     samples = make_batch(7)
-    assert broadcast_samples(samples) is samples and broadcast_samples(None) == []
     result = (samples, {"a": 1.0})
+    assert broadcast_samples(samples) is samples and broadcast_samples(None) == []  # no process group
     assert rank0_batch(lambda: result, "x") is result
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for name in ("broadcast", "broadcast_object_list"):
+            monkeypatch.setattr(dist, name, lambda *a, **k: pytest.fail("a collective at world size 1"))
+        assert broadcast_samples(samples) is samples and rank0_batch(lambda: result, "x") is result
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()
+
+
+def test_the_buffers_live_where_the_backend_moves_them(monkeypatch):
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert transport._device() == torch.device("cpu")
+        monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+        assert transport._device() == torch.device("cuda", 3)
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()

@@ -135,7 +135,7 @@ def unpack_samples(header: np.ndarray, buffers: dict[int, np.ndarray]) -> list[S
 
 def _send(packed: PackedSamples | None, samples: list[Sample] | None) -> list[Sample]:
     """Broadcast ``packed`` from global rank 0 (which passes it and gets ``samples`` back); the others rebuild."""
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    dev = _device()
     header = torch.zeros(2 * len(_FIELDS), dtype=torch.int64, device=dev)
     if packed is not None:
         header.copy_(torch.from_numpy(packed.header))
@@ -193,6 +193,11 @@ def _floats(lists: list[list[float]]) -> np.ndarray:
 
 def _length(values: list | None) -> int:
     return -1 if values is None else len(values)
+
+
+def _device() -> torch.device:
+    """Where the buffers live: NCCL moves only tensors on the current CUDA device, gloo CPU tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _single() -> bool:
