@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,12 +16,7 @@ from luffy_megatron.train import transport
 from luffy_megatron.train.samples import Sample
 from luffy_megatron.train.transport import broadcast_samples, pack_samples, rank0_batch, unpack_samples
 from tests.dist_utils import run_distributed
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-try:
-    from bench_step_batch import step_batch
-finally:
-    sys.path.pop(0)
+from tools.bench_step_batch import step_batch
 
 
 def make_batch(seed: int, wide: bool = False) -> list[Sample]:
