@@ -23,8 +23,6 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from luffy_megatron.fault_config import FaultToleranceConfig
-
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key."""
@@ -85,6 +83,23 @@ class RolloutBackend(str, Enum):
 
     HF = "hf"
     SGLANG = "sglang"
+
+
+class RolloutIS(str, Enum):
+    """``algorithm.rollout_is`` (null = off): how on-policy tokens are corrected for the rollout engine being the
+    behaviour policy (formulas in :mod:`luffy_megatron.algo.rollout_is`)."""
+
+    TOKEN_TIS = "token_tis"
+    SEQ_TIS = "seq_tis"
+    SEQ_MASK = "seq_mask"
+
+
+class DynamicSamplingSignal(str, Enum):
+    """``algorithm.dynamic_sampling_signal``: which rewards of a group must differ for it to be kept
+    (:mod:`luffy_megatron.train.dynamic_sampling`)."""
+
+    ON_POLICY = "on_policy"
+    GROUP = "group"
 
 
 def choices(options: type[Enum]) -> tuple[str, ...]:
@@ -208,7 +223,7 @@ class AlgorithmConfig:
     # K of the "luffy" mode: weight K / (sequences * max response length); 64 reproduces the paper's run (see
     # luffy_megatron.algo.aggregation).
     luffy_micro_batch_seqs: int = 64
-    # Rollout importance sampling of on-policy tokens: null | token_tis | seq_tis | seq_mask (see algo/rollout_is.py).
+    # Rollout importance sampling of on-policy tokens: null | RolloutIS (see algo/rollout_is.py).
     rollout_is: str | None = None
     rollout_is_cap: float = 2.0
     # DAPO dynamic sampling; signal on_policy | group: does a trace's reward count? (see train/dynamic_sampling.py)
@@ -308,6 +323,28 @@ class LoggingConfig:
     wandb_project: str | None = None
     wandb_run_name: str | None = None
     progress_bar: bool = True
+
+
+@dataclass
+class FaultToleranceConfig:
+    """``fault_tolerance``: surviving time limits, preemption and dead rollout servers, and failing fast otherwise
+    (docs/training.md, "Long jobs on Slurm")."""
+
+    # Signals that ask the trainer to finish its current step, checkpoint and leave the requeue marker.
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    # A file whose appearance asks the same (the sbatch examples create it on Slurm's warning signal); null = none.
+    stop_file: str | None = None
+    # Written (step and cause) when the trainer stopped early with a checkpoint; the batch script then requeues.
+    # null = <checkpoint.save_dir>/REQUEUE.
+    requeue_marker: str | None = None
+    # A collective that waits longer fails the rank (a peer hangs); it must cover the longest rollout phase, which
+    # the other ranks spend waiting for rank 0.
+    collective_timeout_min: float = 30.0
+    # Rollout servers (SGLang): health-check timeout, and how long the run may have no healthy server before it fails.
+    health_timeout_s: float = 10.0
+    servers_grace_s: float = 600.0
+    # Restart a launched server that died (servers given as URLs are waited for instead).
+    restart_servers: bool = True
 
 
 @dataclass

@@ -3,13 +3,15 @@
 :func:`validate` runs once, before any model is built, and raises :class:`~luffy_megatron.config.ConfigError` whose
 message starts with the offending key. The names an option accepts come from the table of the code that dispatches
 on it: the enumerations of :mod:`luffy_megatron.config` (reshapes, aggregation modes, KL types, weight-sync modes,
-system-prompt modes, rollout backends). Nothing here imports torch, so a configuration error answers at once.
+system-prompt modes, rollout backends, rollout IS modes, dynamic-sampling signals). Nothing here imports torch, so a
+configuration error answers at once.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from luffy_megatron.config import (
     CheckpointConfig,
     ConfigError,
     DataConfig,
+    DynamicSamplingSignal,
+    FaultToleranceConfig,
     KLType,
     ModelConfig,
     OptimizerConfig,
@@ -27,14 +31,13 @@ from luffy_megatron.config import (
     Reshape,
     RolloutBackend,
     RolloutConfig,
+    RolloutIS,
     RunConfig,
     SystemPrompt,
     WeightSync,
     choices,
     read_hf_config,
 )
-from luffy_megatron.config_rollout import rollout_problems
-from luffy_megatron.fault_config import validate_fault_tolerance
 
 __all__ = ["validate", "validate_parallel"]
 
@@ -58,9 +61,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     check_optimizer(cfg.optimizer)
     _positive(cfg.trainer, "trainer", ("total_steps", "val_n"))
     check_checkpoint(cfg.checkpoint)
-    for key, msg in rollout_problems(cfg):
-        _fail(key, msg)
-    validate_fault_tolerance(cfg.fault_tolerance, _fail)
+    check_rollout_efficiency(cfg)
+    check_fault_tolerance(cfg.fault_tolerance)
 
 
 def check_model(m: ModelConfig) -> dict:
@@ -132,6 +134,27 @@ def check_algorithm(a: AlgorithmConfig) -> None:
     if a.kl_coeff > 0:
         # The loss supports k1/k3 penalties; the trainer does not build a reference model yet.
         _fail("algorithm.kl_coeff", "the trainer has no reference model yet: set it to 0 (the paper's recipe)")
+
+
+def check_rollout_efficiency(cfg: RunConfig) -> None:
+    """Rollout importance sampling, dynamic sampling and one-step-off asynchronous rollout."""
+    a, t = cfg.algorithm, cfg.trainer
+    if a.rollout_is is not None:
+        _choice(a.rollout_is, "algorithm.rollout_is", choices(RolloutIS))
+    if not a.rollout_is_cap > 1:
+        _fail("algorithm.rollout_is_cap", f"must be > 1, got {a.rollout_is_cap}")
+    _choice(a.dynamic_sampling_signal, "algorithm.dynamic_sampling_signal", choices(DynamicSamplingSignal))
+    _positive(a, "algorithm", ("dynamic_sampling_max_rounds",))
+    _positive(t, "trainer", ("async_rollout_threads",))
+    if t.async_rollout and cfg.rollout.backend == RolloutBackend.SGLANG and cfg.rollout.sglang.colocate:
+        _fail("trainer.async_rollout", "needs servers of their own: set rollout.sglang.colocate=false")
+
+
+def check_fault_tolerance(ft: FaultToleranceConfig) -> None:
+    for name in ft.stop_signals:
+        if not isinstance(getattr(signal, name, None), signal.Signals) or name in ("SIGKILL", "SIGSTOP"):
+            _fail("fault_tolerance.stop_signals", f"{name!r} is not a signal that can be caught (e.g. SIGUSR1)")
+    _positive(ft, "fault_tolerance", ("collective_timeout_min", "health_timeout_s", "servers_grace_s"))
 
 
 def check_data(d: DataConfig, dp: int, max_positions: int | None) -> None:

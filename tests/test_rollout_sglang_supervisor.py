@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from luffy_megatron.config import SGLangConfig
-from luffy_megatron.fault_config import FaultToleranceConfig
+from luffy_megatron.config import FaultToleranceConfig, SGLangConfig
 from luffy_megatron.platform.distributed import free_port
 from luffy_megatron.rollout import RolloutError, SamplingParams
 from luffy_megatron.rollout.hf_engine import HFEngine

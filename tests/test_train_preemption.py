@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from luffy_megatron.config import ConfigError, load_config
+from luffy_megatron.config import ConfigError, FaultToleranceConfig, load_config
 from luffy_megatron.config_checks import validate
-from luffy_megatron.fault_config import FaultToleranceConfig
 from luffy_megatron.train.checkpoint import latest_checkpoint
 from luffy_megatron.train.preemption import StopRequest
 from tests.fixtures_models import tiny_checkpoint, write_train_assets

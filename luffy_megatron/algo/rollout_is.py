@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from luffy_megatron.config_rollout import ROLLOUT_IS_MODES
+from luffy_megatron.config import RolloutIS, choices
 
 __all__ = ["RolloutISWeights", "rollout_is_weights"]
 
@@ -43,7 +43,7 @@ class RolloutISWeights:
     def metrics(self, mode: str, corrected: Tensor, count: Tensor) -> tuple[dict[str, tuple[Tensor, Tensor]], Tensor]:
         """``({key: (sum, count)}, max ratio)`` over the ``corrected`` tokens, each counted ``count`` times."""
         n = (corrected * count).sum()
-        limited_key = "rollout_is/masked_frac" if mode == "seq_mask" else "rollout_is/clipped_frac"
+        limited_key = "rollout_is/masked_frac" if mode == RolloutIS.SEQ_MASK else "rollout_is/clipped_frac"
         sums = {
             "rollout_is/weight_mean": ((self.weight * corrected * count).sum(), n),
             limited_key: ((self.limited & corrected).float().mul(count).sum(), n),
@@ -63,14 +63,14 @@ def rollout_is_weights(
         rollout_logp: the engine's log-prob of the token (any value where not ``corrected``).
         corrected: bool, on-policy response tokens that have engine log-probs.
         seq_ids: int64, the index of each token's sequence (e.g. the row index of a [B, T] batch).
-        mode: one of :data:`~luffy_megatron.config_rollout.ROLLOUT_IS_MODES`.
+        mode: a :class:`~luffy_megatron.config.RolloutIS` value.
         cap: ``C`` > 1.
     """
-    if mode not in ROLLOUT_IS_MODES:
-        raise ValueError(f"rollout_is: {mode!r} is not one of {list(ROLLOUT_IS_MODES)}")
+    if mode not in choices(RolloutIS):
+        raise ValueError(f"rollout_is: {mode!r} is not one of {list(choices(RolloutIS))}")
     zero = torch.zeros((), dtype=torch.float32, device=old_logp.device)
     delta = torch.where(corrected, old_logp.float() - rollout_logp.float(), zero)
-    if mode == "token_tis":
+    if mode == RolloutIS.TOKEN_TIS:
         ratio = torch.exp(delta.clamp(max=_MAX_LOG_RATIO))
         limited = corrected & (ratio > cap)
         weight = torch.where(corrected, ratio.clamp(max=cap), zero + 1.0)
@@ -80,7 +80,7 @@ def rollout_is_weights(
     seq_sum = torch.zeros(size, dtype=torch.float32, device=delta.device).index_add_(0, flat_ids, flat_delta)
     seq_len = torch.zeros(size, dtype=torch.float32, device=delta.device)
     seq_len.index_add_(0, flat_ids, corrected.reshape(-1).float())
-    if mode == "seq_tis":
+    if mode == RolloutIS.SEQ_TIS:
         seq_ratio = torch.exp(seq_sum.clamp(max=_MAX_LOG_RATIO))
         seq_weight, seq_limited = seq_ratio.clamp(max=cap), seq_ratio > cap
     else:  # seq_mask: geometric mean of the sequence's token ratios

@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from luffy_megatron.config import RolloutBackend, RolloutConfig, choices
-from luffy_megatron.fault_config import FaultToleranceConfig
+from luffy_megatron.config import FaultToleranceConfig, RolloutBackend, RolloutConfig, choices
 from luffy_megatron.rollout.base import RolloutEngine
 from luffy_megatron.rollout.hf_engine import HFEngine
 from luffy_megatron.rollout.sglang.engine import SGLangEngine

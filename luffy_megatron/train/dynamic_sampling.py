@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import replace
 
-from luffy_megatron.config_rollout import DYNAMIC_SAMPLING_SIGNALS
+from luffy_megatron.config import DynamicSamplingSignal, choices
 from luffy_megatron.rollout.base import sample_seed
 from luffy_megatron.train.samples import Sample
 
@@ -32,9 +32,9 @@ RoundFn = Callable[[int], tuple[list[Sample], dict[str, float]]]
 
 def has_signal(group: list[Sample], signal: str) -> bool:
     """Whether the rewards that ``signal`` counts (see the module docstring) are not all equal."""
-    if signal not in DYNAMIC_SAMPLING_SIGNALS:
-        raise ValueError(f"dynamic_sampling_signal: {signal!r} is not one of {list(DYNAMIC_SAMPLING_SIGNALS)}")
-    rewards = {s.reward for s in group if signal == "group" or not s.off_policy}
+    if signal not in choices(DynamicSamplingSignal):
+        raise ValueError(f"dynamic_sampling_signal: {signal!r} is not one of {list(choices(DynamicSamplingSignal))}")
+    rewards = {s.reward for s in group if signal == DynamicSamplingSignal.GROUP or not s.off_policy}
     return len(rewards) > 1
 
 

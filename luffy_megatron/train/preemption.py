@@ -17,7 +17,7 @@ from types import FrameType
 
 import torch.distributed as dist
 
-from luffy_megatron.fault_config import FaultToleranceConfig
+from luffy_megatron.config import FaultToleranceConfig
 
 
 class StopRequest:

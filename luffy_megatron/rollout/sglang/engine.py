@@ -38,8 +38,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from luffy_megatron.config import SGLangConfig, WeightSync, choices
-from luffy_megatron.fault_config import FaultToleranceConfig
+from luffy_megatron.config import FaultToleranceConfig, SGLangConfig, WeightSync, choices
 from luffy_megatron.models.tokenizer import HF_CONFIG_FILES, read_eos_token_ids
 from luffy_megatron.platform.distributed import free_port
 from luffy_megatron.rollout.base import (

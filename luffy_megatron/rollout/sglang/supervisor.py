@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from luffy_megatron.config import SGLangConfig
-from luffy_megatron.fault_config import FaultToleranceConfig
+from luffy_megatron.config import FaultToleranceConfig, SGLangConfig
 from luffy_megatron.rollout.base import RolloutError
 from luffy_megatron.rollout.sglang.client import SGLangClient
 from luffy_megatron.rollout.sglang.launcher import ServerProcess, start_server, stop_processes
