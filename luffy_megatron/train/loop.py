@@ -14,8 +14,9 @@
 With ``trainer.async_rollout`` (luffy_megatron.train.async_rollout) the rollout..advantages part of step k + 1 runs in
 the background during step k's update, and the weight sync moves to the start of the next step.
 
-Global rank 0 owns the data, the rollout engine and the reward pool; the samples are broadcast to every rank, and
-all ranks run the Megatron parts together.
+Global rank 0 owns the data, the rollout engine and the reward pool; the samples travel to every rank as a few flat
+tensors (luffy_megatron.train.transport: one broadcast per dtype, no pickling), the step's rollout metrics as one
+small object, and all ranks run the Megatron parts together.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from luffy_megatron.train.dynamic_sampling import collect_groups, round_seed
 from luffy_megatron.train.policy import MegatronPolicy
 from luffy_megatron.train.preemption import StopRequest
 from luffy_megatron.train.samples import Sample, assemble_groups, group_metrics, mean_or_zero, split_mini_batches
+from luffy_megatron.train.transport import rank0_batch
 
 _REWARD_CACHE_SIZE = 200_000
 
@@ -117,7 +119,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
 def rl_step(cfg: RunConfig, run: RunState, policy) -> dict[str, float]:
     timers = Timers()
     start = time.perf_counter()
-    samples, extra = rank0_call(
+    samples, extra = rank0_batch(
         lambda: take_rollout(cfg, run, timers), f"step {run.step}: rollout or reward", "nothing was trained"
     )
     if cfg.trainer.async_rollout:
