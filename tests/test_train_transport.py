@@ -4,6 +4,7 @@ failure on rank 0 reaches the other ranks as RankFailure before any tensor is se
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import struct
 
@@ -150,28 +151,37 @@ def test_a_failure_on_rank0_reaches_rank1_as_rank_failure():
     assert rank0[3] == rank1[3] == "ok 64 {'m': 1.0}"
 
 
-def test_one_process_sends_nothing(monkeypatch):
-    samples = make_batch(7)
-    result = (samples, {"a": 1.0})
-    assert broadcast_samples(samples) is samples and broadcast_samples(None) == []  # no process group
-    assert rank0_batch(lambda: result, "x") is result
+@contextlib.contextmanager
+def world_of_one():
+    """A gloo process group of one in this process; an earlier in-process test (e.g. gpu_check's) may have left one."""
+    if dist.is_initialized():
+        assert dist.get_world_size() == 1
+        yield
+        return
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        for name in ("broadcast", "broadcast_object_list"):
-            monkeypatch.setattr(dist, name, lambda *a, **k: pytest.fail("a collective at world size 1"))
-        assert broadcast_samples(samples) is samples and rank0_batch(lambda: result, "x") is result
+        yield
     finally:
-        monkeypatch.undo()
         dist.destroy_process_group()
 
 
+def test_one_process_sends_nothing(monkeypatch):
+    samples = make_batch(7)
+    result = (samples, {"a": 1.0})
+    if not dist.is_initialized():  # no process group at all
+        assert broadcast_samples(samples) is samples and broadcast_samples(None) == []
+        assert rank0_batch(lambda: result, "x") is result
+    with world_of_one():
+        for name in ("broadcast", "broadcast_object_list"):
+            monkeypatch.setattr(dist, name, lambda *a, **k: pytest.fail("a collective at world size 1"))
+        assert broadcast_samples(samples) is samples and rank0_batch(lambda: result, "x") is result
+        monkeypatch.undo()
+
+
 def test_the_buffers_live_where_the_backend_moves_them(monkeypatch):
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
+    with world_of_one():
         assert transport._device() == torch.device("cpu")
         monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
         assert transport._device() == torch.device("cuda", 3)
-    finally:
         monkeypatch.undo()
-        dist.destroy_process_group()

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing so that --help answers without loading torch and megatron-core.
     from luffy_megatron.config import ConfigError
     from luffy_megatron.convert import ConversionError, convert_hf_to_megatron
-    from luffy_megatron.platform import RankFailure, report_error, settle
+    from luffy_megatron.platform import RankFailure, report_error, settle, shutdown_distributed
 
     try:
         out = convert_hf_to_megatron(
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         report_error("convert_hf_to_megatron", exc)  # one line, from the rank where it happened
         settle()
         return 2
+    shutdown_distributed()
     if os.environ.get("RANK", "0") == "0":
         print(f"wrote {out}")
     return 0

@@ -14,6 +14,7 @@ from luffy_megatron.platform.distributed import (
     is_rank0,
     read_dist_env,
     setup_platform,
+    shutdown_distributed,
 )
 from luffy_megatron.platform.rank0 import (
     RankFailure,
@@ -42,4 +43,5 @@ __all__ = [
     "report_error",
     "settle",
     "setup_platform",
+    "shutdown_distributed",
 ]

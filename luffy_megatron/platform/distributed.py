@@ -110,5 +110,19 @@ def destroy_model_parallel() -> None:
         parallel_state.destroy_model_parallel()
 
 
+def shutdown_distributed() -> None:
+    """The end of a finished run: wait for every rank, then destroy the model-parallel and default process groups.
+
+    A group left to the interpreter's exit is torn down while a peer may already be gone: a gloo rank can then abort
+    ("terminate called without an active exception") and turn a finished job into a failed one; torch also warns
+    about NCCL groups that were not destroyed.
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    destroy_model_parallel()
+    dist.destroy_process_group()
+
+
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0

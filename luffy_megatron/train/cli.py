@@ -58,7 +58,7 @@ def run(cfg: RunConfig) -> int:
     # trainer imports torch, megatron-core and transformers (about 6 s).
     from luffy_megatron.convert import ConversionError
     from luffy_megatron.data import DataError
-    from luffy_megatron.platform import RankFailure, report_error, settle
+    from luffy_megatron.platform import RankFailure, report_error, settle, shutdown_distributed
     from luffy_megatron.rollout.base import RolloutError, WeightSyncError
     from luffy_megatron.train.checkpoint import CheckpointError
     from luffy_megatron.train.loop import train
@@ -69,6 +69,7 @@ def run(cfg: RunConfig) -> int:
         report_error(PROG, e)  # on the rank where it happened
         settle()
         return 1
+    shutdown_distributed()
     return 0
 
 
