@@ -32,7 +32,8 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _single() -> bool:
+def single_process() -> bool:
+    """True without a process group or with a group of one: nothing to send."""
     return not dist.is_initialized() or dist.get_world_size() == 1
 
 
@@ -42,7 +43,7 @@ def rank0_call(fn: Callable[[], T], what: str, note: str = "") -> T:
     If ``fn`` raises, rank 0 re-raises it and every other rank raises :class:`RankFailure` ("``what`` failed on
     rank 0 (Type: message); ``note``"). The result must be picklable.
     """
-    if _single():
+    if single_process():
         return fn()
     box: list[Any] = [None]
     failure: Exception | None = None
@@ -73,7 +74,7 @@ def every_rank_call(fn: Callable[[], T], what: str, note: str = "") -> T:
         result = fn()
     except Exception as e:  # gathered below so that no rank waits in a later collective
         failure = e
-    if _single():
+    if single_process():
         if failure is not None:
             raise failure
         return result  # type: ignore[return-value]
@@ -106,7 +107,7 @@ def report_error(prog: str, exc: BaseException) -> None:
 def settle(timeout_s: float = 30.0) -> None:
     """Wait (at most ``timeout_s``) until every rank gets here, so that the rank that reports a failure is not killed
     by the launcher (torchrun stops all ranks when the first one exits) before it has printed."""
-    if _single():
+    if single_process():
         return
     waiter = threading.Thread(target=dist.barrier, daemon=True)
     waiter.start()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from luffy_megatron.platform import rank0_call
+from luffy_megatron.platform.rank0 import rank0_call, single_process
 from luffy_megatron.train.samples import Sample
 
 _DTYPES = (np.int32, np.int64, np.float32, np.float64)  # a field's dtype code is its index here
@@ -51,7 +51,7 @@ def broadcast_samples(samples: list[Sample] | None, what: str = "packing the sam
     """Rank 0's ``samples`` on every rank (collective: every rank calls it, rank 0 with its list, the others with
     ``None``). Rank 0 gets its own list back. A failure while rank 0 packs reaches every rank as with
     :func:`~luffy_megatron.platform.rank0_call`."""
-    if _single():
+    if single_process():
         return samples if samples is not None else []
     packed: list[PackedSamples] = []
     rank0_call(lambda: packed.append(pack_samples(samples or [])), what)
@@ -63,7 +63,7 @@ def rank0_batch(fn: Callable[[], tuple[list[Sample], dict]], what: str, note: st
     its metrics travel as an object, its samples as flat tensors. A failure of ``fn`` (or of packing its samples)
     raises on rank 0 and as :class:`~luffy_megatron.platform.RankFailure` everywhere else, before any tensor is
     sent."""
-    if _single():
+    if single_process():
         return fn()
     held: list[tuple[list[Sample], PackedSamples]] = []
 
@@ -198,7 +198,3 @@ def _length(values: list | None) -> int:
 def _device() -> torch.device:
     """Where the buffers live: NCCL moves only tensors on the current CUDA device, gloo CPU tensors."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _single() -> bool:
-    return not dist.is_initialized() or dist.get_world_size() == 1
