@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,3 +33,15 @@ def test_timeline_png_from_overlapping_windows_and_a_clear_error_without_them(tm
     old = _write(tmp_path / "old.jsonl", [{"step": 1, "reward/on_policy": 0.0}])
     with pytest.raises(SystemExit, match="no timeline"):
         plot_metrics.main([old, "--timeline", "--out", str(tmp_path / "x.png")])
+
+
+def test_curves_png_from_the_command_line(tmp_path: Path) -> None:
+    """As users run it (a script, not an import): the curve plot of a two-step run."""
+    records = [{"step": s, "reward/on_policy": 0.1 * s, "actor/entropy": 2.0 - 0.1 * s} for s in (1, 2)]
+    f = _write(tmp_path / "metrics.jsonl", records)
+    out = tmp_path / "curves.png"
+    script = Path(plot_metrics.__file__)
+    cmd = [sys.executable, str(script), f, "--keys", "reward/on_policy", "actor/entropy", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.stat().st_size > 5_000

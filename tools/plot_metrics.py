@@ -76,6 +76,20 @@ def plot_timeline(files: list[str], labels: list[str], out: str, steps: int = 12
     return _save(fig, out, title)
 
 
+def _save(fig, out: str | Path, title: str | None) -> Path:
+    """Title, lay out and write ``fig`` as a PNG (parent folders created); close it."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Plot metrics.jsonl training curves to a PNG.",
@@ -105,17 +119,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _save(fig, out: str | Path, title: str | None) -> Path:
-    """Title, lay out and write ``fig`` as a PNG (parent folders created); close it."""
-    import matplotlib.pyplot as plt
-
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
