@@ -185,3 +185,12 @@ def test_the_buffers_live_where_the_backend_moves_them(monkeypatch):
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
         assert transport._device() == torch.device("cuda", 3)
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("arg", [["--prompts", "0"], ["--n", "1"], ["--repeats", "0"], ["--scale", "0"]])
+def test_benchmark_rejects_sizes_it_cannot_send(arg, capsys):
+    from tools.bench_step_batch import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(arg)
+    assert exc.value.code == 2 and f"{arg[0]} must be >= " in capsys.readouterr().err

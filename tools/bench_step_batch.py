@@ -214,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-s", type=float, default=900.0, help="give up on a process pair after this long")
     ap.add_argument("--out", default="docs/results/bench_step_batch.json", help="JSON report to write")
     args = ap.parse_args(argv)
+    for name, low in (("prompts", 1), ("n", 2), ("scale", 1), ("repeats", 1)):
+        if getattr(args, name) < low:
+            ap.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    if args.timeout_s <= 0:
+        ap.error(f"--timeout-s must be positive, got {args.timeout_s}")
     load_before = os.getloadavg()[0]
     timing = run_pair(time_methods, args)
     rss = {}
