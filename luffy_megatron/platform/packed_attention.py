@@ -24,12 +24,17 @@ from torch import Tensor
 __all__ = ["PackedDotProductAttention", "packed_seq_params"]
 
 
-def packed_seq_params(cu_seqlens: Tensor) -> PackedSeqParams:
-    """``PackedSeqParams`` of one packed row: ``cu_seqlens`` [segments + 1] (int32, starting at 0, ending at T)."""
+def packed_seq_params(cu_seqlens: Tensor, device: torch.device | None = None) -> PackedSeqParams:
+    """``PackedSeqParams`` of one packed row: ``cu_seqlens`` [segments + 1] (int32, starting at 0, ending at T).
+
+    Pass the host tensor and the model's ``device``: the checks and the longest segment are read on the host, so a
+    forward step does not wait for the GPU.
+    """
     cu = cu_seqlens.to(torch.int32)
     if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or bool((cu[1:] <= cu[:-1]).any()):
         raise ValueError(f"cu_seqlens: expected strictly increasing offsets from 0, got {cu.tolist()}")
     max_len = int((cu[1:] - cu[:-1]).max())
+    cu = cu.to(device) if device is not None else cu
     return PackedSeqParams(
         qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len
     )

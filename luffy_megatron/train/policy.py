@@ -182,7 +182,7 @@ class MegatronPolicy:
         def forward_step(data_iterator: Iterator[FlatMicroBatch], model: torch.nn.Module):
             mb = next(data_iterator)
             dev = next(model.parameters()).device
-            packed = None if mb.cu_seqlens is None else packed_seq_params(mb.cu_seqlens.to(dev))
+            packed = None if mb.cu_seqlens is None else packed_seq_params(mb.cu_seqlens, dev)
             out = model(mb.tokens.to(dev), mb.position_ids.to(dev), attention_mask=None, packed_seq_params=packed)
             return out, partial(loss_fn, mb)
 
