@@ -119,14 +119,14 @@ def token_accounting(policy, samples) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from luffy_megatron.platform import device
     from luffy_megatron.train.batch import micro_batch_tokens
     from luffy_megatron.train.samples import pack_micro_batches
 
     mbs = policy._micro_batches(samples, count_tokens=True)
     logged = policy.take_token_stats()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    built = torch.tensor([float(sum(mb.num_tokens for mb in mbs))], dtype=torch.float64, device=device)
-    biggest = torch.tensor([float(max(mb.num_tokens for mb in mbs))], dtype=torch.float64, device=device)
+    built = torch.tensor([float(sum(mb.num_tokens for mb in mbs))], dtype=torch.float64, device=device())
+    biggest = torch.tensor([float(max(mb.num_tokens for mb in mbs))], dtype=torch.float64, device=device())
     dist.all_reduce(built, group=ps.get_data_parallel_group())
     dist.all_reduce(biggest, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
     lengths = [s.num_tokens for s in samples]

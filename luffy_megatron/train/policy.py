@@ -32,6 +32,7 @@ from luffy_megatron.algo import (
 from luffy_megatron.algo.rollout_is import rollout_is_weights
 from luffy_megatron.config import RunConfig
 from luffy_megatron.models.builder import ModelSpec, build_gpt_model, build_transformer_config
+from luffy_megatron.platform import device
 from luffy_megatron.platform.packed_attention import packed_seq_params
 from luffy_megatron.train.batch import (
     FlatMicroBatch,
@@ -211,8 +212,7 @@ class MegatronPolicy:
         resp_lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.long)
         starts = torch.cat([torch.zeros(1, dtype=torch.long), resp_lengths.cumsum(0)])
         # On the collective's device (NCCL reduces GPU tensors only).
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        flat = torch.zeros(int(starts[-1]), dtype=torch.float32, device=device)
+        flat = torch.zeros(int(starts[-1]), dtype=torch.float32, device=device())
         owner = self.is_last_stage and (self.tp_group is None or dist.get_rank(self.tp_group) == 0)
 
         def loss_fn(mb: FlatMicroBatch, logits: torch.Tensor):
@@ -347,7 +347,6 @@ def _reduce_metric_sums(local: MetricSums, maxes: dict[str, float]) -> dict[str,
         for k, v in rank_maxes.items():
             top[k] = max(top.get(k, float("-inf")), v)
     return {**total.compute(), **top}
-    return total.compute()
 
 
 def _ranks_within(ids: torch.Tensor) -> torch.Tensor:
