@@ -23,10 +23,9 @@ from luffy_megatron.train.batch import (
     flatten_padded,
     micro_batch_tokens,
     pack_micro_batch,
-    round_up,
     segment_positions,
 )
-from luffy_megatron.train.samples import Sample, make_micro_batch, pack_micro_batches
+from luffy_megatron.train.samples import Sample, make_micro_batch, pack_micro_batches, round_up
 from tests import upstream
 from tests.dist_utils import run_distributed
 from tests.fixtures_models import tiny_checkpoint

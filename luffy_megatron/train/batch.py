@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from luffy_megatron.train.samples import MicroBatch, Sample
+from luffy_megatron.train.samples import MicroBatch, Sample, round_up
 
 __all__ = [
     "FlatMicroBatch",
@@ -26,13 +26,8 @@ __all__ = [
     "flatten_padded",
     "micro_batch_tokens",
     "pack_micro_batch",
-    "round_up",
     "segment_positions",
 ]
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 @dataclass

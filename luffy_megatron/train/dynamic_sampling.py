@@ -24,7 +24,7 @@ from dataclasses import replace
 
 from luffy_megatron.config import DynamicSamplingSignal, choices
 from luffy_megatron.rollout.base import sample_seed
-from luffy_megatron.train.samples import Sample
+from luffy_megatron.train.samples import Sample, by_group
 
 #: One generation round: ``round -> (scored samples of a fresh batch, their additive metrics)``.
 RoundFn = Callable[[int], tuple[list[Sample], dict[str, float]]]
@@ -58,7 +58,7 @@ def collect_groups(draw: RoundFn, target: int, max_rounds: int, signal: str) -> 
         rounds += 1
         for k, v in extra.items():
             totals[k] += v
-        groups = _by_group(samples)
+        groups = by_group(samples)
         consumed += len(groups)
         filtered = [g for g in groups if not has_signal(g, signal)]
         num_filtered += len(filtered)
@@ -74,10 +74,3 @@ def collect_groups(draw: RoundFn, target: int, max_rounds: int, signal: str) -> 
         "dynamic_sampling/groups_padded": float(min(padded, len(filtered))),
     }
     return out, metrics
-
-
-def _by_group(samples: list[Sample]) -> list[list[Sample]]:
-    groups: dict[int, list[Sample]] = defaultdict(list)
-    for s in samples:
-        groups[s.group_id].append(s)
-    return [groups[g] for g in sorted(groups)]

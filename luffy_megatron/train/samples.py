@@ -214,7 +214,7 @@ def pack_micro_batches(
         batches: list[list[int]] = []
         loads: list[int] = []
         for i in ids:
-            fits = (k for k, used in enumerate(loads) if -(-(used + lengths[i]) // alignment) * alignment <= max_tokens)
+            fits = (k for k, used in enumerate(loads) if round_up(used + lengths[i], alignment) <= max_tokens)
             k = next(fits, len(batches))
             if k == len(batches):
                 batches.append([])
@@ -224,7 +224,7 @@ def pack_micro_batches(
         return batches
 
     plan = [(first_fit if packed else split)(ids) for ids in rank_samples]
-    target = -(-max(1, max(len(p) for p in plan)) // count_multiple) * count_multiple
+    target = round_up(max(1, max(len(p) for p in plan)), count_multiple)
     for p in plan:  # equalise the count: split the largest micro-batches until every rank has `target`
         while len(p) < target:
             big = max(range(len(p)), key=lambda k: len(p[k])) if p else None
@@ -237,14 +237,24 @@ def pack_micro_batches(
     return plan
 
 
-def split_mini_batches(samples: list[Sample], num: int) -> list[list[Sample]]:
-    """Consecutive groups of prompts (a group is never split across optimiser steps)."""
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= ``n``."""
+    return -(-n // multiple) * multiple
+
+
+def by_group(samples: list[Sample]) -> list[list[Sample]]:
+    """The samples of each group (prompt), in order of group id; each group keeps its samples' order."""
     groups: dict[int, list[Sample]] = defaultdict(list)
     for s in samples:
         groups[s.group_id].append(s)
-    ids = sorted(groups)
-    per = math.ceil(len(ids) / num)
-    return [[s for g in ids[i : i + per] for s in groups[g]] for i in range(0, len(ids), per)]
+    return [groups[g] for g in sorted(groups)]
+
+
+def split_mini_batches(samples: list[Sample], num: int) -> list[list[Sample]]:
+    """Consecutive groups of prompts (a group is never split across optimiser steps)."""
+    groups = by_group(samples)
+    per = math.ceil(len(groups) / num)
+    return [[s for g in groups[i : i + per] for s in g] for i in range(0, len(groups), per)]
 
 
 def group_metrics(samples: list[Sample]) -> dict[str, float]:
