@@ -26,6 +26,7 @@ from luffy_megatron.config import (
     FaultToleranceConfig,
     KLType,
     ModelConfig,
+    OnPolicyBaseline,
     OptimizerConfig,
     ParallelConfig,
     Reshape,
@@ -126,6 +127,7 @@ def check_algorithm(a: AlgorithmConfig) -> None:
     _choice(a.on_policy_reshape, "algorithm.on_policy_reshape", choices(Reshape))
     _choice(a.loss_agg_mode, "algorithm.loss_agg_mode", choices(AggMode))
     _choice(a.kl_type, "algorithm.kl_type", choices(KLType))
+    _choice(a.on_policy_baseline, "algorithm.on_policy_baseline", choices(OnPolicyBaseline))
     positive = ("off_policy_reshape_gamma", "on_policy_reshape_gamma", "adv_eps", "logprob_chunk_tokens")
     _positive(a, "algorithm", (*positive, "luffy_micro_batch_seqs"))
     if a.clip_eps <= 0 or a.clip_eps >= 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 
 import pytest
@@ -86,3 +87,57 @@ def test_bad_input():
         compute_advantages(torch.zeros(3), torch.zeros(3, dtype=torch.long), stat_mask=torch.ones(3))
     with pytest.raises(ValueError, match="rewards: 1 non-finite"):
         compute_advantages(torch.tensor([0.0, float("nan"), 1.0]), torch.zeros(3, dtype=torch.long))
+
+
+def test_on_policy_baseline_centres_on_policy_samples_on_their_own_mean():
+    # Group 0: three failed rollouts next to a correct trace (LUFFY's common case). Group 1: one rollout solved it.
+    rewards = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 0])
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    off = torch.tensor([True, False, False, False, True, False, False, False])
+    adv = compute_advantages(rewards, ids, baseline_mask=~off)
+    expect = torch.tensor([3 / 4, 0, 0, 0, 1 / 2, 2 / 3, -1 / 3, -1 / 3])
+    torch.testing.assert_close(adv, expect, rtol=0, atol=1e-12)
+    assert (adv[1:4] == 0).all()  # exactly: no shared advantage when every rollout failed
+    luffy = compute_advantages(rewards, ids, use_std=True)
+    scaled = compute_advantages(rewards, ids, use_std=True, baseline_mask=~off)
+    assert torch.equal(scaled[off], luffy[off])  # traces keep LUFFY's advantage
+    std = torch.tensor([0.5, 0.5773502691896258])  # the whole group's, as LUFFY's
+    torch.testing.assert_close(scaled[~off], expect[~off] / (std[ids[~off]] + 1e-6))
+    with pytest.raises(ValueError, match="baseline_mask: shape"):
+        compute_advantages(rewards, ids, baseline_mask=~off[:4])
+
+
+def _expected_on_policy_gradient(mu, logits, trace_reward, own_baseline):
+    """Exact E over m = 3 rollouts y_i ~ mu of sum_i A_i * d log pi(y_i) / d logits, one-token responses with
+    reward REWARD[y], in a group with one trace of reward ``trace_reward`` (every outcome enumerated)."""
+    pi = torch.softmax(logits, 0)
+    reward = torch.tensor([1.0, 0.0, 0.0, 0.5, 0.0], dtype=torch.float64)
+    off = torch.tensor([True, False, False, False])
+    grad = torch.zeros_like(logits)
+    for ys in itertools.product(range(len(reward)), repeat=3):
+        rewards = torch.cat([torch.tensor([trace_reward], dtype=torch.float64), reward[list(ys)]])
+        adv = compute_advantages(
+            rewards, torch.zeros(4, dtype=torch.long), baseline_mask=~off if own_baseline else None
+        )
+        p = float(mu[list(ys)].prod())
+        for a, y in zip(adv[1:].tolist(), ys):
+            grad += p * a * (torch.nn.functional.one_hot(torch.tensor(y), len(reward)).double() - pi)
+    return grad
+
+
+def test_on_policy_baseline_keeps_the_expected_gradient_and_drops_the_traces_share_under_staleness():
+    """Fresh rollouts: both baselines give the same expected on-policy gradient up to the factor (1 - 1/m) / (1 - 1/n)
+    of each sample's own reward in its baseline (m = 3 rollouts, n = 4 samples). Stale rollouts (mu != pi, no
+    rollout IS): LUFFY's gradient moves with the trace's reward by -(m / n) (mu - pi), the on-policy baseline's not."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, generator=g, dtype=torch.float64)
+    pi = torch.softmax(logits, 0)
+    fresh = [_expected_on_policy_gradient(pi, logits, 1.0, b) for b in (False, True)]
+    assert fresh[0].abs().max() > 1e-3
+    torch.testing.assert_close(fresh[1], fresh[0] * (1 - 1 / 3) / (1 - 1 / 4), rtol=1e-12, atol=1e-14)
+    mu = torch.softmax(logits + torch.randn(5, generator=g, dtype=torch.float64), 0)
+    group = [_expected_on_policy_gradient(mu, logits, t, False) for t in (0.0, 1.0)]
+    own = [_expected_on_policy_gradient(mu, logits, t, True) for t in (0.0, 1.0)]
+    torch.testing.assert_close(group[1] - group[0], -(3 / 4) * (mu - pi), rtol=1e-12, atol=1e-14)
+    assert (group[1] - group[0]).abs().max() > 1e-2
+    torch.testing.assert_close(own[1], own[0], rtol=0, atol=1e-15)

@@ -105,6 +105,7 @@ def test_valid_config_passes_and_derives_dp(model_dir, data_file):
         (["trainer.async_rollout_threads=0"], 1, "trainer.async_rollout_threads", "must be positive"),
         (["trainer.async_rollout=true", "rollout.backend=sglang", "rollout.sglang.urls=[http://h:1]",
           "rollout.sglang.colocate=true"], 1, "trainer.async_rollout", "colocate=false"),
+        (["algorithm.on_policy_baseline=trace"], 1, "algorithm.on_policy_baseline", "not one of"),
         (["algorithm.rollout_is=tis"], 1, "algorithm.rollout_is", "not one of"),
         (["algorithm.rollout_is=token_tis", "algorithm.rollout_is_cap=1.0"], 1, "algorithm.rollout_is_cap", "> 1"),
     ],

@@ -5,6 +5,9 @@ LUFFY run uses verl's ``grpo`` estimator with ``algorithm.grpo_use_std=False``);
 unbiased group standard deviation plus ``eps``. A group of a single sample gets mean 0 and std 1 (as verl does).
 ``stat_mask`` restricts the samples that enter mean and std (the "RL with SFT loss" ablation uses verl's
 ``grpo_split``: statistics over the on-policy samples only), while every sample still receives an advantage.
+``baseline_mask`` centres its samples on the mean of the ``baseline_mask`` samples of their group instead, keeping the
+scale (``algorithm.on_policy_baseline=on_policy`` passes the on-policy samples: each trace keeps LUFFY's advantage,
+each on-policy sample loses the share of the trace's reward in its baseline; docs/algorithm.md says why).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ def compute_advantages(
     use_std: bool = False,
     eps: float = 1e-6,
     stat_mask: Tensor | None = None,
+    baseline_mask: Tensor | None = None,
 ) -> Tensor:
     """Per-sample advantages.
 
@@ -31,6 +35,8 @@ def compute_advantages(
         use_std: divide by (unbiased std of the group + eps).
         eps: added to the std.
         stat_mask: [S] bool, samples that enter the group statistics (default: all).
+        baseline_mask: [S] bool, samples centred on the mean of the ``baseline_mask`` samples of their group (a
+            group of one such sample: mean 0) instead of the ``stat_mask`` mean; the std stays the ``stat_mask`` one.
 
     Returns:
         [S] advantages, dtype of ``rewards``. Statistics are accumulated in float64 (no Python loop over samples);
@@ -46,12 +52,13 @@ def compute_advantages(
         raise ValueError(f"group_ids: expected an integer tensor, got {_describe(group_ids)}")
     if tuple(group_ids.shape) != tuple(rewards.shape):
         raise ValueError(f"group_ids: shape {tuple(group_ids.shape)} does not match rewards {tuple(rewards.shape)}")
+    for name, mask in (("stat_mask", stat_mask), ("baseline_mask", baseline_mask)):
+        if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool):
+            raise ValueError(f"{name}: expected a bool tensor, got {_describe(mask)}")
+        if mask is not None and tuple(mask.shape) != tuple(rewards.shape):
+            raise ValueError(f"{name}: shape {tuple(mask.shape)} does not match rewards {tuple(rewards.shape)}")
     if stat_mask is None:
         stat_mask = torch.ones_like(rewards, dtype=torch.bool)
-    elif not isinstance(stat_mask, Tensor) or stat_mask.dtype != torch.bool:
-        raise ValueError(f"stat_mask: expected a bool tensor, got {_describe(stat_mask)}")
-    elif tuple(stat_mask.shape) != tuple(rewards.shape):
-        raise ValueError(f"stat_mask: shape {tuple(stat_mask.shape)} does not match rewards {tuple(rewards.shape)}")
     if rewards.numel() == 0:
         return rewards.clone()
     if not bool(torch.isfinite(rewards).all()):
@@ -60,28 +67,35 @@ def compute_advantages(
     _, inv = torch.unique(group_ids, return_inverse=True)
     num_groups = int(inv.max()) + 1
     r = rewards.double()
-    w = stat_mask.double()
-    count = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, inv, w)
+    count, mean, equal = _group_stats(r, inv, stat_mask, num_groups)
     if bool((count == 0).any()):
         bad = group_ids[(count == 0)[inv]][0].item()
         raise ValueError(f"stat_mask: group {bad} has no sample that enters the group statistics")
-    total = torch.zeros_like(count).index_add_(0, inv, r * w)
-    mean = total / count
-    # Exact mean when all included rewards of a group are equal (no rounding residue -> exactly zero advantage).
-    big = torch.finfo(torch.float64).max
-    lo = torch.full_like(count, big).scatter_reduce_(0, inv, torch.where(stat_mask, r, big), "amin")
-    hi = torch.full_like(count, -big).scatter_reduce_(0, inv, torch.where(stat_mask, r, -big), "amax")
-    mean = torch.where(lo == hi, lo, mean)
-    single = count == 1
-    mean = torch.where(single, torch.zeros_like(mean), mean)
     dev = r - mean[inv]
+    if baseline_mask is not None:
+        _, baseline, _ = _group_stats(r, inv, baseline_mask, num_groups)
+        dev = torch.where(baseline_mask, r - baseline[inv], dev)
     if not use_std:
         return dev.to(rewards.dtype)
-    sq = torch.zeros_like(count).index_add_(0, inv, (r - (total / count)[inv]).square() * w)
+    sq = torch.zeros_like(count).index_add_(0, inv, (r - mean[inv]).square() * stat_mask.double())
     std = torch.sqrt(sq / (count - 1).clamp_min(1))
-    std = torch.where(lo == hi, torch.zeros_like(std), std)
-    std = torch.where(single, torch.ones_like(std), std)
+    std = torch.where(equal, torch.zeros_like(std), std)
+    std = torch.where(count == 1, torch.ones_like(std), std)
     return (dev / (std[inv] + eps)).to(rewards.dtype)
+
+
+def _group_stats(r: Tensor, inv: Tensor, mask: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per group, over its ``mask`` samples: their count, their mean (exact when their rewards are all equal, so
+    that those get exactly zero advantage; 0 for a group of one, as verl does) and whether their rewards are equal."""
+    w = mask.double()
+    count = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, inv, w)
+    total = torch.zeros_like(count).index_add_(0, inv, r * w)
+    big = torch.finfo(torch.float64).max
+    lo = torch.full_like(count, big).scatter_reduce_(0, inv, torch.where(mask, r, big), "amin")
+    hi = torch.full_like(count, -big).scatter_reduce_(0, inv, torch.where(mask, r, -big), "amax")
+    equal = lo == hi
+    mean = torch.where(equal, lo, total / count.clamp_min(1))
+    return count, torch.where(count == 1, torch.zeros_like(mean), mean), equal
 
 
 def _describe(x: object) -> str:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from luffy_megatron.algo import compute_advantages
-from luffy_megatron.config import RunConfig, read_hf_config, to_dict
+from luffy_megatron.config import OnPolicyBaseline, RunConfig, read_hf_config, to_dict
 from luffy_megatron.convert import load_hf_weights, load_megatron_checkpoint, write_hf_folder
 from luffy_megatron.convert.export import iter_hf_weights
 from luffy_megatron.data import PromptDataset, PromptSampler
@@ -221,6 +221,7 @@ def score_round(
         eps=cfg.algorithm.adv_eps,
         # The "RL with SFT loss" ablation baselines on-policy samples only (the paper's grpo_split).
         stat_mask=~off if cfg.algorithm.sft_loss else None,
+        baseline_mask=~off if cfg.algorithm.on_policy_baseline == OnPolicyBaseline.ON_POLICY else None,
     )
     for s, r, a in zip(samples, rewards, adv.tolist()):
         s.reward, s.advantage = r, a
