@@ -96,11 +96,11 @@ class RolloutIS(str, Enum):
 
 class OnPolicyBaseline(str, Enum):
     """``algorithm.on_policy_baseline``: what an on-policy sample's reward is compared with
-    (:mod:`luffy_megatron.algo.advantages`). ``group`` is LUFFY's: the mean of the whole group, traces included.
-    ``on_policy``: the mean of the group's on-policy samples; traces keep LUFFY's advantage either way."""
+    (:mod:`luffy_megatron.algo.advantages`). ``group_mean`` is LUFFY's: the mean of the whole group, traces included.
+    ``on_policy_mean``: the mean of the group's on-policy samples; traces keep LUFFY's advantage either way."""
 
-    GROUP = "group"
-    ON_POLICY = "on_policy"
+    GROUP_MEAN = "group_mean"
+    ON_POLICY_MEAN = "on_policy_mean"
 
 
 class DynamicSamplingSignal(str, Enum):
@@ -206,9 +206,9 @@ class AlgorithmConfig:
     # Advantages: A = r - mean(group); divided by (std + eps) when use_std.
     adv_use_std: bool = False
     adv_eps: float = 1e-6
-    # OnPolicyBaseline: the mean an on-policy sample is centred on (group = LUFFY's, traces included; on_policy =
-    # the group's on-policy samples only: no shared advantage when they all fail, see docs/algorithm.md).
-    on_policy_baseline: str = "group"
+    # OnPolicyBaseline: the mean an on-policy sample is centred on. group_mean = LUFFY's, traces included;
+    # on_policy_mean = the group's on-policy samples only (no shared advantage when they all fail; docs/algorithm.md).
+    on_policy_baseline: str = "group_mean"
     # Policy shaping of off-policy tokens: f(p) with p = exp(logp); p_div_p is p / (p + gamma).
     off_policy_reshape: str = "p_div_p"
     off_policy_reshape_gamma: float = 0.1

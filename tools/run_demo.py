@@ -8,7 +8,7 @@ Arms: ``luffy`` (policy shaping p/(p+0.1)), ``grpo`` (n_off=0, PPO clip), ``luff
 shaping ablation; not run by default), ``luffy_async`` (LUFFY with one-step-off asynchronous rollout and token-level
 truncated IS, cap 10; not run by default; it uses two threads, so compare its step time with ``--sequential``),
 ``luffy_async_no_is`` (the same without the IS correction), ``luffy_on_baseline`` and ``luffy_async_on_baseline``
-(``luffy`` and ``luffy_async`` with ``algorithm.on_policy_baseline=on_policy``; not run by default).
+(``luffy`` and ``luffy_async`` with ``algorithm.on_policy_baseline=on_policy_mean``; not run by default).
 
 Each seed gets its own model, task and runs under ``OUT/seed<S>/``; ``OUT/results.md`` has the table of all seeds.
 
@@ -43,7 +43,7 @@ ARMS = {
     "luffy_async_no_is": ["trainer.async_rollout=true", "trainer.async_rollout_threads=1"],
 }
 # On-policy samples centred on the mean of the group's rollouts, traces left out (docs/algorithm.md).
-ARMS["luffy_on_baseline"] = ["algorithm.on_policy_baseline=on_policy"]
+ARMS["luffy_on_baseline"] = ["algorithm.on_policy_baseline=on_policy_mean"]
 ARMS["luffy_async_on_baseline"] = [*ARMS["luffy_async"], *ARMS["luffy_on_baseline"]]
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu_luffy.yaml"
 VAL_KEY = "val/all/avg@1"

@@ -6,7 +6,7 @@ unbiased group standard deviation plus ``eps``. A group of a single sample gets 
 ``stat_mask`` restricts the samples that enter mean and std (the "RL with SFT loss" ablation uses verl's
 ``grpo_split``: statistics over the on-policy samples only), while every sample still receives an advantage.
 ``baseline_mask`` centres its samples on the mean of the ``baseline_mask`` samples of their group instead, keeping the
-scale (``algorithm.on_policy_baseline=on_policy`` passes the on-policy samples: each trace keeps LUFFY's advantage,
+scale (``algorithm.on_policy_baseline=on_policy_mean`` passes the on-policy samples: each trace keeps LUFFY's advantage,
 each on-policy sample loses the share of the trace's reward in its baseline; docs/algorithm.md says why).
 """
 

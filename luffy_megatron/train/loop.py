@@ -221,7 +221,7 @@ def score_round(
         eps=cfg.algorithm.adv_eps,
         # The "RL with SFT loss" ablation baselines on-policy samples only (the paper's grpo_split).
         stat_mask=~off if cfg.algorithm.sft_loss else None,
-        baseline_mask=~off if cfg.algorithm.on_policy_baseline == OnPolicyBaseline.ON_POLICY else None,
+        baseline_mask=~off if cfg.algorithm.on_policy_baseline == OnPolicyBaseline.ON_POLICY_MEAN else None,
     )
     for s, r, a in zip(samples, rewards, adv.tolist()):
         s.reward, s.advantage = r, a
