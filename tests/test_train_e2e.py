@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,22 +196,33 @@ def test_kill_9_during_training_then_resume(assets, reference):
     assert_same_step(reference[3], metrics(out)[3])
 
 
-def test_kill_9_during_a_save_then_resume(assets, reference):
-    """Kill the trainer while a checkpoint is being written: the half-written one is never loaded."""
-    out = assets / "killed_in_save"
-    ckpt = out / "ckpt"
-    args = overrides(assets, out, 50, f"checkpoint.save_dir={ckpt}", "checkpoint.save_interval=1")
+def _kill_during_a_save(args: list[str], ckpt: Path) -> list[str]:
+    """Start a run, SIGKILL it while a save after step 2 is in progress (step 3's, or a later one's); the names of
+    the interrupted saves ([] if the kill landed after the save had finished)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(train_cmd(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 600
-    # Wait for a save in progress after step 2 is complete (step 3's, or a later one's), then kill it there.
     while not (any(ckpt.glob("*.incomplete")) and (ckpt / "step_000002" / "trainer_state.json").is_file()):
         assert proc.poll() is None and time.time() < deadline, "no save in progress was caught"
         time.sleep(0.002)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    interrupted = sorted(p.name for p in ckpt.glob("*.incomplete"))
-    assert interrupted, "the kill landed after the save finished"
+    return sorted(p.name for p in ckpt.glob("*.incomplete"))
+
+
+def test_kill_9_during_a_save_then_resume(assets, reference):
+    """Kill the trainer while a checkpoint is being written: the half-written one is never loaded."""
+    out = assets / "killed_in_save"
+    ckpt = out / "ckpt"
+    # A save of the tiny model takes milliseconds, so the kill can land just after it finished: then start again.
+    for _ in range(5):
+        shutil.rmtree(out, ignore_errors=True)
+        interrupted = _kill_during_a_save(
+            overrides(assets, out, 50, f"checkpoint.save_dir={ckpt}", "checkpoint.save_interval=1"), ckpt
+        )
+        if interrupted:
+            break
+    assert interrupted, "the kill landed after the save finished, 5 times"
     from luffy_megatron.train.checkpoint import latest_checkpoint
 
     resume_step = int(latest_checkpoint(ckpt).name.split("_")[1])
