@@ -17,11 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_runs_both_arms_and_writes_its_report(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     cmd = [sys.executable, str(ROOT / "tools" / "run_demo.py"), "--out", str(out), "--steps", "2"]
-    cmd += ["--val-interval", "1"]
+    cmd += ["--val-interval", "1", "--override", "optimizer.lr=2e-3"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary_seed1.json").read_text())
     assert set(summary["arms"]) == {"luffy", "grpo"}
+    assert summary["overrides"] == ["optimizer.lr=2e-3"]
+    for arm in ("luffy", "grpo"):  # --override reaches every arm, after the arm's own options
+        rows = [json.loads(line) for line in (out / "seed1" / arm / "metrics.jsonl").open()]
+        assert [r["actor/lr"] for r in rows] == [2e-3, 2e-3]
     for arm in summary["arms"].values():
         assert arm["steps"] == 2 and arm["final_val_greedy"] is not None
     # the untrained model never solves the task, and on-policy GRPO gets no reward to learn from
@@ -48,3 +52,20 @@ def test_prepare_only_makes_the_paths_the_demo_config_names(tmp_path: Path) -> N
     for path in (*cfg.data.train_files, *cfg.data.val_files):
         assert (tmp_path / path).is_file(), path
     assert not (tmp_path / "outputs" / "demo" / "seed1" / "luffy").exists()  # nothing was trained
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("optimizer.lr=-1", "optimizer.lr"),
+        ("optimiser.lr=1e-4", "optimiser"),
+        ("algorithm.rollout_is=tis", "rollout_is"),
+    ],
+)
+def test_a_bad_override_is_rejected_before_any_arm_trains(tmp_path: Path, override: str, named: str) -> None:
+    out = tmp_path / "demo"
+    cmd = [sys.executable, str(ROOT / "tools" / "run_demo.py"), "--out", str(out), "--override", override]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "arm luffy" in proc.stderr and named in proc.stderr, proc.stderr[-3000:]
+    assert not (out / "seed1" / "luffy").exists()

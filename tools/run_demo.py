@@ -11,6 +11,7 @@ truncated IS, cap 10; not run by default; it uses two threads, so compare its st
 (``luffy`` and ``luffy_async`` with ``algorithm.on_policy_baseline=on_policy_mean``; not run by default).
 
 Each seed gets its own model, task and runs under ``OUT/seed<S>/``; ``OUT/results.md`` has the table of all seeds.
+``--override KEY=VALUE ...`` changes the config of every arm alike (checked before any arm starts).
 
 example:
   python tools/run_demo.py --out outputs/demo --seeds 1 2 3 --arms luffy grpo
@@ -67,40 +68,53 @@ def prepare(out: Path, seed: int) -> tuple[Path, Path]:
     return model_dir, task_dir
 
 
+def arm_overrides(
+    arm: str, run_dir: Path, model_dir: Path, task_dir: Path, args: argparse.Namespace, seed: int
+) -> list[str]:
+    """The ``luffy-train`` overrides of one arm: the seed's model and task, the run settings, the arm's own options,
+    then ``--override``."""
+    return [
+        f"model.hf_path={model_dir}",
+        f"data.train_files=[{task_dir / 'train.parquet'}]",
+        f"data.val_files=[{task_dir / 'val.parquet'}]",
+        f"logging.out_dir={run_dir}",
+        "logging.progress_bar=false",  # this driver shows one bar per arm
+        f"trainer.total_steps={args.steps}",
+        f"trainer.val_interval={args.val_interval}",
+        f"trainer.seed={seed}",
+        f"rollout.seed={seed}",
+        f"data.seed={seed}",
+        "checkpoint.export_hf_at_end=true",  # OUT/<arm>/hf_final, for luffy-eval
+        *ARMS[arm],
+        *args.override,
+    ]
+
+
 def run_arms(
-    arms: list[str], out: Path, model_dir: Path, task_dir: Path, steps: int, seed: int, val_interval: int
+    arms: list[str], out: Path, model_dir: Path, task_dir: Path, args: argparse.Namespace, seed: int
 ) -> dict[str, float]:
-    """Train the arms concurrently (one thread each); returns wall seconds per arm."""
+    """Check every arm's config, then train the arms concurrently (one thread each); returns wall seconds per arm."""
+    from luffy_megatron.config import ConfigError, load_config
+    from luffy_megatron.config_checks import validate
     from luffy_megatron.platform.distributed import free_port  # each arm's process group needs its own port
 
+    overrides = {arm: arm_overrides(arm, out / arm, model_dir, task_dir, args, seed) for arm in arms}
+    for arm, arm_args in overrides.items():
+        try:
+            validate(load_config(CONFIG, arm_args), world_size=1)
+        except ConfigError as e:
+            raise SystemExit(f"arm {arm}: {e}") from None
     procs = {}
     for arm in arms:
         run_dir = out / arm
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        args = [
-            sys.executable,
-            "-m",
-            "luffy_megatron.train.cli",
-            str(CONFIG),
-            f"model.hf_path={model_dir}",
-            f"data.train_files=[{task_dir / 'train.parquet'}]",
-            f"data.val_files=[{task_dir / 'val.parquet'}]",
-            f"logging.out_dir={run_dir}",
-            "logging.progress_bar=false",  # this driver shows one bar per arm
-            f"trainer.total_steps={steps}",
-            f"trainer.val_interval={val_interval}",
-            f"trainer.seed={seed}",
-            f"rollout.seed={seed}",
-            f"data.seed={seed}",
-            "checkpoint.export_hf_at_end=true",  # OUT/<arm>/hf_final, for luffy-eval
-            *ARMS[arm],
-        ]
+        cmd = [sys.executable, "-m", "luffy_megatron.train.cli", str(CONFIG), *overrides[arm]]
         env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
         log = (run_dir / "train.log").open("w")
-        procs[arm] = (subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env), time.time(), log)
+        procs[arm] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time(), log)
         print(f"started {arm}: log in {run_dir / 'train.log'}", flush=True)
-    finished = _progress(procs, out, steps)
+    finished = _progress(procs, out, args.steps)
     seconds = {}
     for arm, (proc, start, log) in procs.items():
         code = proc.wait()
@@ -175,8 +189,8 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     groups = [[a] for a in args.arms] if args.sequential else [args.arms]
     seconds = {}
     for arms in groups:
-        seconds.update(run_arms(arms, run_root, model_dir, task_dir, args.steps, seed, args.val_interval))
-    summary = {"seed": seed, "arms": summarise(args.arms, run_root, seconds)}
+        seconds.update(run_arms(arms, run_root, model_dir, task_dir, args, seed))
+    summary = {"seed": seed, "overrides": args.override, "arms": summarise(args.arms, run_root, seconds)}
     (out / f"summary_seed{seed}.json").write_text(json.dumps(summary, indent=1))
     held_out = evaluate_arms(args.arms, run_root, task_dir)
     (out / f"eval_seed{seed}.md").write_text(held_out)
@@ -234,6 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         "--sequential", action="store_true", help="run the arms one after another (for step times), not side by side"
     )
     parser.add_argument("--val-interval", type=int, default=50, help="held-out evaluation every N steps")
+    parser.add_argument(
+        "--override",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for every arm, after the arm's own (e.g. optimizer.lr=2.5e-4)",
+    )
     parser.add_argument(
         "--prepare-only", action="store_true", help="only make each seed's model and task (OUT/seed<S>/), then stop"
     )
