@@ -119,3 +119,29 @@ def replace_copy(sample: Sample) -> Sample:
     from dataclasses import replace
 
     return replace(sample)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        # LUFFY: every sample, the trace included, is centred on its group's mean (0.25 and 0.75).
+        ({}, [-0.25, -0.25, -0.25, 0.75, 0.25, -0.75, 0.25, 0.25]),
+        # on-policy baseline: rollouts centred on their own mean (0 and 2/3), the trace keeps LUFFY's advantage.
+        ({"on_policy_baseline": "on_policy_mean"}, [0, 0, 0, 0.75, 1 / 3, -2 / 3, 1 / 3, 0.25]),
+        # "RL with SFT loss": statistics over the rollouts only, for every sample.
+        ({"sft_loss": True}, [0, 0, 0, 1, 1 / 3, -2 / 3, 1 / 3, 1 / 3]),
+        # divided by the unbiased std of each group (0.5 and 0.5) plus eps.
+        ({"adv_use_std": True, "adv_eps": 0.0}, [-0.5, -0.5, -0.5, 1.5, 0.5, -1.5, 0.5, 0.5]),
+    ],
+)
+def test_assign_advantages_follows_the_algorithm_config(options: dict, expected: list[float]) -> None:
+    """The loop's advantages of two mixed groups (three rollouts + one correct trace each) under each option."""
+    from luffy_megatron.config import AlgorithmConfig
+    from luffy_megatron.train.loop import assign_advantages
+
+    rollout = ([4], [-0.5], "stop")
+    samples = assemble_groups([0, 1], [[1], [2]], [[7], [8]], [[rollout] * 3, [rollout] * 3], n_off=1)
+    rewards = [0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    assign_advantages(AlgorithmConfig(**options), samples, rewards)
+    assert [s.reward for s in samples] == rewards
+    assert [s.advantage for s in samples] == pytest.approx(expected, abs=1e-12)

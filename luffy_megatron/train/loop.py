@@ -34,7 +34,7 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from luffy_megatron.algo import compute_advantages
-from luffy_megatron.config import OnPolicyBaseline, RunConfig, read_hf_config, to_dict
+from luffy_megatron.config import AlgorithmConfig, OnPolicyBaseline, RunConfig, read_hf_config, to_dict
 from luffy_megatron.convert import load_hf_weights, load_megatron_checkpoint, write_hf_folder
 from luffy_megatron.convert.export import iter_hf_weights
 from luffy_megatron.data import PromptDataset, PromptSampler
@@ -213,19 +213,24 @@ def score_round(
         samples, counts = generate_groups(cfg, run, batch, step, round_index)
     with timers("reward"):
         rewards = score_samples(cfg, run, samples, batch)
+    assign_advantages(cfg.algorithm, samples, rewards)
+    return samples, counts
+
+
+def assign_advantages(a: AlgorithmConfig, samples: list[Sample], rewards: list[float]) -> None:
+    """Set each sample's reward and its group-normalised advantage (the statistics ``a`` asks for)."""
     off = torch.tensor([s.off_policy for s in samples])
     adv = compute_advantages(
         torch.tensor(rewards, dtype=torch.float64),
         torch.tensor([s.group_id for s in samples]),
-        use_std=cfg.algorithm.adv_use_std,
-        eps=cfg.algorithm.adv_eps,
+        use_std=a.adv_use_std,
+        eps=a.adv_eps,
         # The "RL with SFT loss" ablation baselines on-policy samples only (the paper's grpo_split).
-        stat_mask=~off if cfg.algorithm.sft_loss else None,
-        baseline_mask=~off if cfg.algorithm.on_policy_baseline == OnPolicyBaseline.ON_POLICY_MEAN else None,
+        stat_mask=~off if a.sft_loss else None,
+        baseline_mask=~off if a.on_policy_baseline == OnPolicyBaseline.ON_POLICY_MEAN else None,
     )
-    for s, r, a in zip(samples, rewards, adv.tolist()):
-        s.reward, s.advantage = r, a
-    return samples, counts
+    for s, r, value in zip(samples, rewards, adv.tolist()):
+        s.reward, s.advantage = r, value
 
 
 def generate_groups(
