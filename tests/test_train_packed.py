@@ -92,6 +92,19 @@ def test_packed_micro_batch_holds_the_padded_rows_loss_inputs():
     assert packed.targets[ends].eq(-1).all() and not packed.response_mask[ends].any()
 
 
+def test_a_step_batch_of_some_samples_packs_the_same_micro_batch():
+    """A data-parallel rank builds its StepBatch from its own samples only; its micro-batches name the mini-batch's
+    sample indices and hold exactly what the whole mini-batch's StepBatch gives."""
+    samples = luffy_like_samples(vocab=50)
+    whole = pack_micro_batch(StepBatch.from_samples(samples), [7, 2, 11], pad_id=-1, alignment=8)
+    mine = StepBatch.from_samples(samples, [5, 7, 2, 11])
+    part = pack_micro_batch(mine, [1, 2, 3], pad_id=-1, alignment=8)
+    assert mine.sample_ids == [5, 7, 2, 11] and part.sample_ids == [7, 2, 11]
+    for field in dataclasses.fields(whole):
+        a, b = getattr(whole, field.name), getattr(part, field.name)
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, field.name
+
+
 def test_an_empty_packed_micro_batch_is_one_aligned_row_of_padding():
     mb = pack_micro_batch(StepBatch.from_samples(luffy_like_samples(vocab=50)), [], pad_id=0, alignment=4)
     assert mb.tokens.shape == (1, 4) and mb.cu_seqlens.tolist() == [0, 4] and not mb.response_mask.any()

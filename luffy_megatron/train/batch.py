@@ -34,6 +34,7 @@ __all__ = [
 class StepBatch:
     """Samples of a mini-batch as flat tensors (``S`` samples, ``T`` tokens in all)."""
 
+    sample_ids: list[int]  # [S]: each row's index in the mini-batch
     tokens: Tensor  # [T] int64: every sample's prompt + response, back to back
     offsets: Tensor  # [S + 1] int64: sample i is tokens[offsets[i]:offsets[i + 1]]
     prompt_lengths: Tensor  # [S] int64
@@ -45,7 +46,11 @@ class StepBatch:
     rollout_logprobs: Tensor  # [T] fp32, likewise
 
     @classmethod
-    def from_samples(cls, samples: list[Sample]) -> StepBatch:
+    def from_samples(cls, samples: list[Sample], ids: list[int] | None = None) -> StepBatch:
+        """``samples[i] for i in ids`` (default: all), in that order; each row remembers its ``i``."""
+        ids = list(range(len(samples))) if ids is None else list(ids)
+        samples = [samples[i] for i in ids]
+
         def per_token(attr: str) -> list[float]:
             out: list[float] = []
             for s in samples:
@@ -55,6 +60,7 @@ class StepBatch:
 
         lengths = torch.tensor([s.num_tokens for s in samples], dtype=torch.long)
         return cls(
+            sample_ids=ids,
             tokens=torch.tensor([t for s in samples for t in s.prompt_ids + s.response_ids], dtype=torch.long),
             offsets=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
             prompt_lengths=torch.tensor([len(s.prompt_ids) for s in samples], dtype=torch.long),
@@ -100,7 +106,8 @@ class FlatMicroBatch:
 
 
 def pack_micro_batch(batch: StepBatch, ids: list[int], pad_id: int, alignment: int = 1) -> FlatMicroBatch:
-    """Samples ``ids`` of ``batch`` in one packed row, padded to a multiple of ``alignment`` (one token if empty).
+    """Rows ``ids`` of ``batch`` in one packed row, padded to a multiple of ``alignment`` (one token if empty); its
+    ``sample_ids`` are the rows' mini-batch indices.
 
     The padding, when there is any, is one more segment of ``cu_seqlens``; it carries no loss.
     """
@@ -126,7 +133,7 @@ def pack_micro_batch(batch: StepBatch, ids: list[int], pad_id: int, alignment: i
         return padded(torch.where(resp, values[nxt], 0.0), 0.0)
 
     return FlatMicroBatch(
-        sample_ids=list(ids),
+        sample_ids=[batch.sample_ids[i] for i in ids],
         tokens=padded(batch.tokens[index], pad_id).unsqueeze(0),
         position_ids=segment_positions(cu).unsqueeze(0),
         cu_seqlens=cu.to(torch.int32),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import partial
+from itertools import accumulate, pairwise
 from typing import Any
 
 import torch
@@ -141,9 +142,13 @@ class MegatronPolicy:
             stats["real"] += sum(lengths)
             stats["computed"] += sum(sizes)
             stats["max_micro_batch"] = max(stats["max_micro_batch"], *sizes)
-        if p.pack_sequences:
-            batch = StepBatch.from_samples(samples)
-            return [pack_micro_batch(batch, ids, self.pad_id, self.alignment) for ids in plan[self.dp_rank]]
+        if p.pack_sequences:  # this rank's samples only, as one StepBatch whose rows follow its micro-batches
+            mine = plan[self.dp_rank]
+            batch = StepBatch.from_samples(samples, [i for ids in mine for i in ids])
+            bounds = list(accumulate((len(ids) for ids in mine), initial=0))
+            return [
+                pack_micro_batch(batch, list(range(a, b)), self.pad_id, self.alignment) for a, b in pairwise(bounds)
+            ]
         mbs = [make_micro_batch(samples, ids, self.pad_id) for ids in plan[self.dp_rank]]
         if p.pp > 1:
             # Padded rows keep one shape per step under PP: every micro-batch is padded to the largest.
