@@ -88,9 +88,14 @@ def sequence_lengths(response_mask: Tensor, seq_index: Tensor | None = None) -> 
         if response_mask.dim() == 1:
             raise ValueError("seq_index: required for a flattened [N] response_mask (which sequence owns each token)")
         return response_mask.reshape(-1, response_mask.shape[-1]).sum(-1)
-    _check_seq_index(seq_index, response_mask)
+    _check_seq_index(seq_index, response_mask, check_values=True)
     num = int(seq_index.max()) + 1 if seq_index.numel() else 0
-    return torch.zeros(num, dtype=torch.long, device=seq_index.device).index_add_(0, seq_index, response_mask.long())
+    return _count_per_sequence(response_mask, seq_index, num)
+
+
+def _count_per_sequence(response_mask: Tensor, seq_index: Tensor, size: int) -> Tensor:
+    """[size] response tokens of each sequence index (every index must be below ``size``)."""
+    return torch.zeros(size, dtype=torch.long, device=seq_index.device).index_add_(0, seq_index, response_mask.long())
 
 
 def aggregation_weights(
@@ -113,13 +118,14 @@ def aggregation_weights(
         counts: global-batch counts (:meth:`GlobalCounts.from_masks`, before micro-batching).
         max_response_length: ``L_max`` of the ``luffy`` mode (the configured maximum response length).
         seq_index: [N] int64 sequence of each token, indices into ``seq_lengths`` (required for packed [N]; rows of
-            a [B, T] mask by default).
+            a [B, T] mask by default). Without ``seq_lengths`` every index must be below N (true of any numbering of
+            the micro-batch's sequences from 0).
         seq_lengths: [S] full response length of each sequence (default: counted from this micro-batch's mask,
             correct when no sequence is split across micro-batches).
         off_policy_mask: same shape bool, True on off-policy (trace) tokens (for the SFT term's weights).
         luffy_micro_batch_seqs: ``K`` of the ``luffy`` mode.
-        check_counts: raise ValueError when this micro-batch has more response tokens than ``counts`` (one host
-            sync; the trainer passes ``algorithm.debug_checks``).
+        check_counts: raise ValueError when this micro-batch has more response tokens than ``counts`` or
+            ``seq_index`` holds a negative index (host syncs; the trainer passes ``algorithm.debug_checks``).
 
     Returns:
         :class:`LossWeights` of fp32 tensors shaped like ``response_mask``.
@@ -155,6 +161,8 @@ def aggregation_weights(
     else:
         off_mean = (off_policy_mask & response_mask).float() * _inv(counts.num_off_policy_tokens)
 
+    if seq_index is not None:
+        _check_seq_index(seq_index, response_mask, check_values=check_counts)
     policy = POLICY_WEIGHTS[mode](
         _PolicyWeightInputs(
             response_mask, mask, counts, max_response_length, luffy_micro_batch_seqs, seq_index, seq_lengths
@@ -200,10 +208,9 @@ def _seq_mean_token_mean(x: _PolicyWeightInputs) -> Tensor:
         rows = response_mask.reshape(-1, response_mask.shape[-1])
         row_lengths = rows.sum(-1) if seq_lengths is None else seq_lengths
         lengths = row_lengths.to(torch.float64)[:, None].expand(rows.shape).reshape(response_mask.shape)
-    else:
-        _check_seq_index(seq_index, response_mask)
+    else:  # checked by aggregation_weights; sized by the token count, not max(seq_index) (no host sync)
         if seq_lengths is None:
-            seq_lengths = sequence_lengths(response_mask.reshape(-1), seq_index.reshape(-1))
+            seq_lengths = _count_per_sequence(response_mask.reshape(-1), seq_index.reshape(-1), seq_index.numel())
         lengths = seq_lengths.to(torch.float64)[seq_index]
     per_tok = torch.where(lengths > 0, 1.0 / lengths.clamp_min(1), torch.zeros_like(lengths))
     return x.mask * (per_tok * _inv(x.counts.num_seqs)).float()
@@ -226,12 +233,13 @@ def _check_mask(name: str, mask: Tensor) -> None:
         raise TypeError(f"{name}: expected a torch.bool tensor, got {got}")
 
 
-def _check_seq_index(seq_index: Tensor, response_mask: Tensor) -> None:
+def _check_seq_index(seq_index: Tensor, response_mask: Tensor, *, check_values: bool) -> None:
+    """dtype and shape (free); with ``check_values`` also no negative index (a host sync)."""
     if not isinstance(seq_index, Tensor) or seq_index.dtype != torch.int64:
         raise TypeError(f"seq_index: expected an int64 tensor, got {getattr(seq_index, 'dtype', type(seq_index))}")
     if seq_index.shape != response_mask.shape:
         raise ValueError(
             f"seq_index: shape {tuple(seq_index.shape)} does not match response_mask {tuple(response_mask.shape)}"
         )
-    if seq_index.numel() and int(seq_index.min()) < 0:
+    if check_values and seq_index.numel() and int(seq_index.min()) < 0:
         raise ValueError("seq_index: negative sequence index")

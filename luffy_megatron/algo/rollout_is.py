@@ -62,7 +62,8 @@ def rollout_is_weights(
         old_logp: log-prob of each token under the policy before the update.
         rollout_logp: the engine's log-prob of the token (any value where not ``corrected``).
         corrected: bool, on-policy response tokens that have engine log-probs.
-        seq_ids: int64, the index of each token's sequence (e.g. the row index of a [B, T] batch).
+        seq_ids: int64, the index of each token's sequence (e.g. the row index of a [B, T] batch), from 0 and
+            below the token count (true of any numbering of the batch's sequences from 0).
         mode: a :class:`~luffy_megatron.config.RolloutIS` value.
         cap: ``C`` > 1.
     """
@@ -76,7 +77,7 @@ def rollout_is_weights(
         weight = torch.where(corrected, ratio.clamp(max=cap), zero + 1.0)
         return RolloutISWeights(weight, ratio, limited)
     flat_ids, flat_delta = seq_ids.reshape(-1), delta.reshape(-1)
-    size = int(flat_ids.max()) + 1 if flat_ids.numel() else 1
+    size = max(flat_ids.numel(), 1)  # a bound on the sequence count that needs no host sync
     seq_sum = torch.zeros(size, dtype=torch.float32, device=delta.device).index_add_(0, flat_ids, flat_delta)
     seq_len = torch.zeros(size, dtype=torch.float32, device=delta.device)
     seq_len.index_add_(0, flat_ids, corrected.reshape(-1).float())
