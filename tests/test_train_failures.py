@@ -33,7 +33,7 @@ def failing_step(rank: int, world: int) -> str:
     from luffy_megatron.config import RunConfig
     from luffy_megatron.train.loop import RunState, rl_step
 
-    run = RunState(step=1, dataset=_Dataset(), sampler=_Sampler(), engine=_DeadEngine(), reward_cache={})
+    run = RunState(step=1, dataset=_Dataset(), sampler=_Sampler(), engine=_DeadEngine())
     try:
         rl_step(RunConfig(), run, _NoPolicy())
     except Exception as e:
@@ -56,7 +56,7 @@ def failing_async_step(rank: int, world: int) -> str:
 
     cfg = RunConfig()
     cfg.trainer.async_rollout = True
-    run = RunState(step=2, engine_step=1, reward_cache={})
+    run = RunState(step=2, engine_step=1)
     if rank == 0:
         run.prefetch = RolloutPrefetcher()
         run.prefetch.start(2, 0, lambda: _DeadEngine().generate([[1, 2]], None))

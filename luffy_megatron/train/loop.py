@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from luffy_megatron.metrics.perf import mfu, model_flops, peak_flops
 from luffy_megatron.models.builder import model_spec
 from luffy_megatron.models.tokenizer import load_tokenizer, pad_token_id
 from luffy_megatron.platform import init_distributed, init_model_parallel, rank0_call
-from luffy_megatron.reward import RewardPool
+from luffy_megatron.reward import RewardMemo, RewardPool
 from luffy_megatron.rollout.base import SamplingParams
 from luffy_megatron.train.async_rollout import RolloutPrefetcher, build_engine, produce_batch
 from luffy_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -52,8 +52,6 @@ from luffy_megatron.train.policy import MegatronPolicy
 from luffy_megatron.train.preemption import StopRequest
 from luffy_megatron.train.samples import Sample, assemble_groups, group_metrics, mean_or_zero, split_mini_batches
 from luffy_megatron.train.transport import rank0_batch
-
-_REWARD_CACHE_SIZE = 200_000
 
 
 @dataclass
@@ -69,7 +67,7 @@ class RunState:
     rewards: Any = None
     logger: Any = None
     weight_version: int = 0
-    reward_cache: dict | None = None
+    reward_memo: RewardMemo = field(default_factory=RewardMemo)
     engine_step: int = 0  # policy updates contained in the engine's weights (every rank)
     prefetch: Any = None  # RolloutPrefetcher with trainer.async_rollout (rank 0)
 
@@ -263,14 +261,9 @@ def score_samples(cfg: RunConfig, run: RunState, samples: list[Sample], batch: l
         (t, by_group[s.group_id].ground_truth, by_group[s.group_id].prompt_ends_with_think)
         for t, s in zip(texts, samples)
     ]
-    cache = run.reward_cache
-    todo = sorted({k for k in keys if k not in cache})
-    if todo:
-        scores = run.rewards.score([k[0] for k in todo], [k[1] for k in todo], [k[2] for k in todo])
-        if len(cache) + len(todo) > _REWARD_CACHE_SIZE:
-            cache.clear()
-        cache.update(zip(todo, scores))
-    return [float(cache[k]) for k in keys]
+    return run.reward_memo.rewards(
+        keys, lambda todo: run.rewards.score([k[0] for k in todo], [k[1] for k in todo], [k[2] for k in todo])
+    )
 
 
 def sync_weights(run: RunState, policy, updates: int | None = None) -> None:
@@ -343,7 +336,7 @@ def setup(cfg: RunConfig) -> tuple[RunState, Any]:
     tokenizer = load_tokenizer(cfg.model.hf_path)
     spec = model_spec(read_hf_config(cfg.model.hf_path), p.tp)
     policy = MegatronPolicy(cfg, spec, pad_token_id(tokenizer))
-    run = RunState(step=0, tokenizer=tokenizer, reward_cache={})
+    run = RunState(step=0, tokenizer=tokenizer)
 
     resume_from = (
         latest_checkpoint(cfg.checkpoint.save_dir) if cfg.checkpoint.save_dir and cfg.checkpoint.resume else None
