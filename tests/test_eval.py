@@ -256,3 +256,17 @@ def test_sglang_backend_gives_the_in_process_samples(model_dir, tmp_path):
 def test_help_shows_examples():
     proc = subprocess.run([sys.executable, "-m", "luffy_megatron.eval.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: luffy-eval") and "examples:" in proc.stdout
+
+
+def test_rows_with_traces_load_whole_and_without_a_trace_warning(model_dir, tmp_path, caplog):
+    """Evaluation never uses a row's trace, so it neither cuts traces nor warns that it did."""
+    from transformers import AutoTokenizer
+
+    from luffy_megatron.data.synthetic import write_task
+    from luffy_megatron.eval.data import load_rows
+
+    write_task(tmp_path / "task", num_train=4, num_val=16, seed=1, system_prompt=None)
+    with caplog.at_level("WARNING"):
+        rows = load_rows([str(tmp_path / "task" / "val.parquet")], AutoTokenizer.from_pretrained(model_dir))
+    assert len(rows) == 16
+    assert not [r.message for r in caplog.records if "traces" in r.message]

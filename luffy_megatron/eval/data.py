@@ -71,7 +71,7 @@ def load_rows(
         _check_file(path)
     cfg = DataConfig(
         max_prompt_length=2**31 - 1,  # never drop a benchmark prompt
-        max_response_length=2,
+        max_response_length=2**31 - 1,  # traces are not used: never cut them (nor warn that they were)
         system_prompt="keep" if keep_system_prompt else "remove",
     )
     dataset = PromptDataset(cfg, files, tokenizer, progress=False)
