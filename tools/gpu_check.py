@@ -14,17 +14,25 @@ Stages, in order (each skipped with its reason when the machine cannot run it or
    on CPU at V=4,099, T=512 (fp32, tolerance 1e-4).
 5. ``luffy_train``: 20 LUFFY steps (``luffy_megatron.train.cli`` under torchrun, one process per GPU) of a
    Qwen2-0.5B-shaped model made offline from its config (random weights, the synthetic addition task) with TE, bf16,
-   the distributed optimizer and NCCL; rollouts by a colocated SGLang server when sglang is installed (memory
-   released during training, tensor weight sync), else by the in-process engine on CPU with 32-token responses;
-   tokens/s and MFU from the loop's metrics (steps 3-20); the final policy exported as HF.
+   packed micro-batches (as in the GPU recipes of configs/), the distributed optimizer and NCCL; rollouts by a
+   colocated SGLang server on CUDA that the trainer launches itself from its torchrun worker when sglang is
+   installed (memory released during training, tensor weight sync), else by the in-process engine on CPU with
+   32-token responses; tokens/s and MFU from the loop's metrics (steps 3-20); the final policy exported as HF. A
+   server the trainer leaves running (found by ``MARK_ENV`` in its environment) is killed and fails the stage.
 6. ``sglang_sync`` (sglang installed): a real server on the GPU(s), colocated (memory released and resumed), tensor
    sync (and distributed sync on a second GPU when there is one) of perturbed weights with GB/s, and the rollout
    vs trainer log-prob gap after the sync (the trainer side is ``transformers`` in bf16 holding the synced weights;
    mean gap <= 0.1 and <= a tenth of the gap before the sync).
 7. ``sglang_export``: the step-20 HF export loads in SGLang and generates.
 
-Without a GPU the CPU-runnable stages run and the tool exits 0 (non-zero only when a stage fails).
-Usage: ``python tools/gpu_check.py [--out outputs/gpu_check] [--budget-s 600] [--stages roundtrip fused_logprob]``
+Without a GPU the CPU-runnable stages run and the tool exits 0 (non-zero only when a stage fails). The JSON report
+is rewritten (atomically) after every stage, so a run killed part-way leaves the stages it finished.
+
+The default budget, 480 s, leaves 120 s under a 10-minute wall-clock limit on the whole command (the machines it is
+meant for kill it there): the margin covers what the budget does not count (interpreter start-up and imports before
+the clock starts, stopping servers, writing the report) and a stage that overruns its estimate (``NEED_S``, checked
+only when the stage starts).
+Usage: ``python tools/gpu_check.py [--out outputs/gpu_check] [--budget-s 480] [--stages roundtrip fused_logprob]``
 """
 
 from __future__ import annotations
@@ -59,6 +67,20 @@ QWEN2_05B = dict(family="qwen2", vocab_size=151936, hidden_size=896, layers=24, 
 #: gap). The gap after a sync must be at most GAP_TOL (mean |log-prob difference|, bf16 on both sides).
 EMBED_SCALE, GAP_TOL = 4.0, 0.1
 SMALL = dict(family="qwen2", vocab_size=397, hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=160)
+#: The default ``--budget-s``: 120 s under a 10-minute wall-clock limit on the whole command (module docstring).
+DEFAULT_BUDGET_S = 480.0
+#: Seconds each stage needs at least on a GPU (skipped when less is left); together within DEFAULT_BUDGET_S.
+NEED_S = {
+    "te_spec_build": 20.0,
+    "roundtrip": 20.0,
+    "logits_vs_hf": 20.0,
+    "fused_logprob": 30.0,
+    "luffy_train": 150.0,
+    "sglang_sync": 120.0,
+    "sglang_export": 60.0,
+}
+#: Set (to a value unique to the run) in the environment of the SGLang server the trainer launches in ``luffy_train``.
+MARK_ENV = "LUFFY_GPU_CHECK_RUN"
 
 
 class Skip(Exception):
@@ -124,6 +146,7 @@ def stage_te_spec_build(ctx: Ctx) -> dict:
     from luffy_megatron.config import read_hf_config
     from luffy_megatron.models.builder import build_gpt_model, build_transformer_config, model_spec
 
+    ctx.need(NEED_S["te_spec_build"])
     _megatron(ctx)
     spec = model_spec(read_hf_config(_small_model(ctx)))
     chunks = build_gpt_model(spec, build_transformer_config(spec, dtype="bfloat16"), use_transformer_engine=True)
@@ -141,7 +164,7 @@ def stage_roundtrip(ctx: Ctx) -> dict:
 
     from luffy_megatron.convert import convert_hf_to_megatron, convert_megatron_to_hf
 
-    ctx.need(20)
+    ctx.need(NEED_S["roundtrip"])
     src = _small_model(ctx)
     mcore = convert_hf_to_megatron(src, ctx.out / "roundtrip_megatron", overwrite=True)
     back = convert_megatron_to_hf(mcore, ctx.out / "roundtrip_hf", overwrite=True)
@@ -180,7 +203,7 @@ def _megatron_logits(hf_dir: Path, dtype: str, tokens: torch.Tensor) -> torch.Te
 def stage_logits_vs_hf(ctx: Ctx) -> dict:
     from transformers import AutoModelForCausalLM
 
-    ctx.need(20)
+    ctx.need(NEED_S["logits_vs_hf"])
     _megatron(ctx)
     hf_dir = _small_model(ctx)
     tokens = torch.randint(0, 397, (2, 96), generator=torch.Generator().manual_seed(0))
@@ -228,7 +251,7 @@ def _peak_extra(fn: Callable[[], Any]) -> int:
 def stage_fused_logprob(ctx: Ctx) -> dict:
     from luffy_megatron.algo.logprob import vocab_parallel_logprob_entropy
 
-    ctx.need(30 if ctx.cuda else 5)
+    ctx.need(NEED_S["fused_logprob"] if ctx.cuda else 5)
     vocab, tokens = (151936, 8192) if ctx.cuda else (4099, 512)
     dev, dtype, tol = ("cuda", torch.bfloat16, 2e-3) if ctx.cuda else ("cpu", torch.float32, 1e-4)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -293,6 +316,27 @@ def _run_logged(cmd: list[str], log: Path, timeout_s: float, env: dict | None = 
         raise AssertionError(f"exit code {rc}; log {log}:\n{log.read_text()[-3000:]}")
 
 
+def _marked_pids(mark: str) -> list[int]:
+    """The processes whose environment holds ``MARK_ENV=mark`` (a launched server and its children)."""
+    tag, pids = f"{MARK_ENV}={mark}".encode(), []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):  # gone, or another user's
+            if tag in environ.read_bytes().split(b"\0"):
+                pids.append(int(environ.parent.name))
+    return pids
+
+
+def _stop_marked(mark: str, grace_s: float) -> list[int]:
+    """Kill the processes marked ``mark`` that are still alive after ``grace_s``; returns their ids."""
+    deadline = time.monotonic() + grace_s
+    while (pids := _marked_pids(mark)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+    return pids
+
+
 def stage_luffy_train(ctx: Ctx) -> dict:
     if not ctx.cuda:
         raise Skip("no CUDA device: this stage trains with TE, bf16 and NCCL (the CPU loop runs in make demo/test)")
@@ -302,33 +346,43 @@ def stage_luffy_train(ctx: Ctx) -> dict:
     from luffy_megatron.metrics.logger import read_jsonl
     from luffy_megatron.platform.distributed import free_port
 
-    left = ctx.need(150)
+    left = ctx.need(NEED_S["luffy_train"])
     model = _qwen05b(ctx)
     task = ctx.out / "task"
     if not (task / "train.parquet").is_file():
         write_task(task, num_train=2000, num_val=64, seed=1, system_prompt=None)
     run_dir = ctx.out / "luffy_train"
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    mark = f"{os.getpid()}-{time.time_ns()}"
     overrides = [
         f"model.hf_path={model}", "model.dtype=bfloat16", "model.use_transformer_engine=true",
         "parallel.use_distributed_optimizer=true", "parallel.backend=nccl", "parallel.max_tokens_per_micro_batch=16384",
+        "parallel.pack_sequences=true",
         f"data.train_files=[{task / 'train.parquet'}]", "data.val_files=[]", "trainer.val_interval=0",
         f"trainer.total_steps={ctx.steps}", f"logging.out_dir={run_dir}", "logging.progress_bar=false",
         "checkpoint.export_hf_at_end=true", "reward.num_workers=2",
     ]  # fmt: skip
-    if has("sglang"):  # rollouts by a colocated SGLang server on GPU 0, weights synced through CUDA IPC
-        overrides += ["rollout.backend=sglang", "rollout.sglang.launch=true", "rollout.sglang.colocate=true",
-                      "rollout.sglang.weight_sync=tensor", "rollout.sglang.mem_fraction_static=0.3",
+    if has("sglang"):  # a colocated server on GPU 0 that the torchrun worker launches, weights synced by CUDA IPC
+        overrides += ["rollout.backend=sglang", "rollout.sglang.launch=true", "rollout.sglang.device=cuda",
+                      "rollout.sglang.colocate=true", "rollout.sglang.weight_sync=tensor",
+                      "rollout.sglang.weight_sync_backend=auto", "rollout.sglang.mem_fraction_static=0.3",
                       f"rollout.sglang.base_port={free_port()}", "rollout.sglang.context_length=2048",
-                      "data.max_response_length=256", "data.train_batch_size=16",
-                      "data.mini_batch_size=16"]  # fmt: skip
+                      f"rollout.sglang.startup_timeout_s={min(left - 60, 300):.0f}",
+                      f"rollout.sglang.env.{MARK_ENV}={mark}", "data.max_response_length=256",
+                      "data.train_batch_size=16", "data.mini_batch_size=16"]  # fmt: skip
     else:  # the in-process engine generates on CPU: short responses keep 20 steps within the budget
         overrides += ["rollout.backend=hf", "data.max_response_length=32", "data.train_batch_size=8",
                       "data.mini_batch_size=8"]  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ctx.gpus}", "-m",
            "luffy_megatron.train.cli", str(REPO / "configs" / "tiny_cpu_luffy.yaml"), *overrides]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "8"}
-    _run_logged(cmd, ctx.out / "luffy_train.log", min(left - 10, 420), env)
+    try:
+        _run_logged(cmd, ctx.out / "luffy_train.log", min(left - 10, 420), env)
+    except BaseException:  # a trainer killed at the timeout cannot stop its server (which has its own session)
+        _stop_marked(mark, grace_s=0)
+        raise
+    if leftover := _stop_marked(mark, grace_s=10):
+        raise AssertionError(f"the trainer exited with its SGLang server still running (now killed: {leftover})")
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "perf/tokens_per_s" in r]
     if len(rows) != ctx.steps:
         raise AssertionError(f"{len(rows)} of {ctx.steps} steps logged")
@@ -397,7 +451,7 @@ def stage_sglang_sync(ctx: Ctx) -> dict:
     from transformers import AutoModelForCausalLM
 
     _sglang_ready(ctx)
-    ctx.need(120)
+    ctx.need(NEED_S["sglang_sync"])
     model = _qwen05b(ctx)
     base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).cuda().eval()
     trainer = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).cuda().eval()
@@ -441,7 +495,7 @@ def stage_sglang_export(ctx: Ctx) -> dict:
     export = ctx.shared.get("export")
     if export is None or not (Path(export) / "config.json").is_file():
         raise Skip("no HF export: the luffy_train stage did not run or failed")
-    ctx.need(60)
+    ctx.need(NEED_S["sglang_export"])
     engine = _server(ctx, Path(export), "sglang_export", 0, "tensor")
     try:
         # Per-prompt counts as the trainer sends them (a prompt with a trace gets one sample fewer).
@@ -513,15 +567,24 @@ def _short(v: Any) -> str:
     return str(v)[:60]
 
 
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Write ``report`` as JSON atomically: a reader (or a kill) never sees a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="example: make gpu-check, or python tools/gpu_check.py --stages roundtrip fused_logprob --out /tmp/gc",
     )
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "gpu_check", help="work folder and JSON report")
-    ap.add_argument("--budget-s", type=float, default=600.0, help="total time budget (stages past it are skipped)")
+    ap.add_argument(
+        "--budget-s", type=float, default=DEFAULT_BUDGET_S, help="total time budget (stages past it are skipped)"
+    )
     ap.add_argument("--steps", type=int, default=20, help="LUFFY steps of the training stage")
-    ap.add_argument("--stages", nargs="*", choices=sorted(STAGES), default=list(STAGES), help="stages to run")
+    ap.add_argument("--stages", nargs="+", choices=sorted(STAGES), default=list(STAGES), help="stages to run")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -529,16 +592,22 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda:
         print("no CUDA device found: running the CPU-runnable stages only")
     ctx = Ctx(args.out, time.monotonic() + args.budget_s, args.steps, cuda, torch.cuda.device_count())
-    results = []
-    for name in (n for n in STAGES if n in args.stages):
+    names = [n for n in STAGES if n in args.stages]
+    path = args.out / "gpu_check.json"
+    # Written before the first stage and after every stage, so that a run killed part-way leaves the stages it did;
+    # ok: every stage ran and none failed.
+    report = dict(machine=machine(), budget_s=args.budget_s, stages=[], pending=names, ok=False)
+    write_report(path, report)
+    results: list[StageResult] = []
+    for name in names:
         print(f"[gpu-check] {name} ...", flush=True)
         results.append(run_stage(name, STAGES[name], ctx))
         print(f"[gpu-check] {name}: {results[-1].status} ({results[-1].seconds:.1f}s)", flush=True)
+        pending = names[len(results) :]
+        ok = not pending and all(r.status != "fail" for r in results)
+        report.update(stages=[asdict(r) for r in results], pending=pending, ok=ok)
+        write_report(path, report)
     print_table(results)
-    report = {"machine": machine(), "budget_s": args.budget_s, "stages": [asdict(r) for r in results],
-              "ok": all(r.status != "fail" for r in results)}  # fmt: skip
-    path = args.out / "gpu_check.json"
-    path.write_text(json.dumps(report, indent=1, default=str))
     print(f"\nreport: {path}")
     return 0 if report["ok"] else 1
 
