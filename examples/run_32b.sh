@@ -25,6 +25,10 @@ fi
 HERE=$(dirname "$(scontrol show job "${SLURM_JOB_ID:?submit with sbatch}" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")
 source "$HERE/slurm_common.sh"
 TRAIN_NODES=2
-launch_rollout_servers 2 2 4          # node index, servers, TP per server: 2 x TP 4 fill a node's 8 GPUs
-launch_rollout_servers 3 2 4
-run_step run_trainer_nodes "$TRAIN_NODES" 8 "$CONFIG" "rollout.sglang.urls=[$SERVER_URLS]" "$@"
+# GPUs per SGLang server, for the servers and the trainer alike: its weight-update group has a rank per server GPU.
+SERVER_TP=4
+for node in 2 3; do  # the rollout nodes: 2 servers of TP 4 fill each one's 8 GPUs
+    launch_rollout_servers "$node" $((8 / SERVER_TP)) "$SERVER_TP"
+done
+run_step run_trainer_nodes "$TRAIN_NODES" 8 "$CONFIG" "rollout.sglang.launch=false" \
+    "rollout.sglang.tp_size=$SERVER_TP" "rollout.sglang.urls=[$SERVER_URLS]" "$@"

@@ -24,5 +24,8 @@ fi
 # sbatch runs a copy of this script from its spool directory: slurm_common.sh is next to the original.
 HERE=$(dirname "$(scontrol show job "${SLURM_JOB_ID:?submit with sbatch}" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")
 source "$HERE/slurm_common.sh"
-launch_rollout_servers 1 4 2          # node index, servers, TP per server
-run_step run_trainer 0 8 "$CONFIG" "rollout.sglang.launch=false" "rollout.sglang.urls=[$SERVER_URLS]" "$@"
+# GPUs per SGLang server, for the servers and the trainer alike: its weight-update group has a rank per server GPU.
+SERVER_TP=2
+launch_rollout_servers 1 $((8 / SERVER_TP)) "$SERVER_TP"  # node index, servers (filling its 8 GPUs), TP per server
+run_step run_trainer 0 8 "$CONFIG" "rollout.sglang.launch=false" "rollout.sglang.tp_size=$SERVER_TP" \
+    "rollout.sglang.urls=[$SERVER_URLS]" "$@"

@@ -19,9 +19,11 @@ trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 # Trainer overrides every script passes: the key's variable and the fault_tolerance files.
 TRAINER_OVERRIDES=("rollout.sglang.api_key_env=SGLANG_API_KEY" "${FT_OVERRIDES[@]}")
 
-# launch_rollout_servers NODE_INDEX NUM_SERVERS TP: start SGLang servers on one node (background job steps). A
-# server that exits is started again after SERVER_RESTART_DELAY seconds (default 30); the trainer waits for it and
-# re-syncs its weights before it serves again.
+# launch_rollout_servers NODE_INDEX NUM_SERVERS TP: start SGLang servers on one node (background job steps) on GPUs
+# 0 to NUM_SERVERS x TP - 1, and add their URLs to SERVER_URLS. The trainer needs the same rollout.sglang.tp_size:
+# server i's TP rank r joins its weight-update group as rank 1 + i x TP + r. A server that exits is started again
+# after SERVER_RESTART_DELAY seconds (default 30); the trainer waits for it and re-syncs its weights before it serves
+# again.
 launch_rollout_servers() {
     local node=${NODES[$1]} count=$2 tp=$3 i gpus port
     for ((i = 0; i < count; i++)); do
@@ -48,6 +50,7 @@ launch_rollout_servers() {
 run_trainer() {
     local node=${NODES[$1]} gpus=$2 config=$3
     shift 3
+    # shellcheck disable=SC2086  # TORCHRUN_ARGS may hold several flags
     srun --nodes=1 --ntasks=1 -w "$node" --overlap --kill-on-bad-exit=1 \
         "$PYTHON" -m torch.distributed.run ${TORCHRUN_ARGS:-} --nnodes 1 --nproc-per-node "$gpus" \
         --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \

@@ -2,8 +2,10 @@
 missing, needs root). The tiny CPU example trains two steps with TP 2 under ``sbatch --wait``; a configuration error
 fails the job with the key named in its output; run_7b.sh and run_32b.sh run for real (their own #SBATCH headers) on
 simulated 8-GPU nodes with a stub ``$PYTHON`` that records on which node, with which GPUs, arguments and API key each
-SGLang server and trainer was started; each job makes its own key, which its servers demand and which is never
-printed. All jobs are submitted at once and run side by side. Nothing here needs a GPU.
+SGLang server and trainer was started: the trainer, its config resolved from that command line, attaches to exactly
+the servers started, at their TP. eval.sh runs the same way with luffy-eval stubbed. Each job makes its own key, which
+its servers demand and which is never printed. All jobs are submitted at once and run side by side. Nothing here needs
+a GPU.
 A machine that cannot run Slurm skips these tests as the ``slurm`` tier (tests/tiers.py); CI requires them."""
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from luffy_megatron.config import SGLangConfig, load_config
 from luffy_megatron.rollout.hf_engine import HFEngine
+from luffy_megatron.train.cli import parse_args
 from tests.dist_utils import free_port
 from tests.fixtures_models import write_train_assets
 from tests.sglang_test_server import SGLangTestServer, tiny_model
@@ -29,13 +33,16 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 MODEL_PATH = "/models/stub-model"
+# The jobs of the examples that start SGLang servers for a trainer (launch_rollout_servers of slurm_common.sh).
+TRAINER_SERVER_JOBS = {"7b": "run_7b.sh", "7b_restart": "run_7b.sh", "32b": "run_32b.sh"}
 
 STUB = """#!/usr/bin/env bash
 # Stands in for $PYTHON: records how it was started (node, GPUs, API key, arguments). Servers are recorded as server.*
 # and run until the job ends (with STUB_SERVERS_DIE_ONCE, each port's first one exits at once), trainers
-# (-m torch.distributed.run) as trainer.*: they wait for the expected number of server starts.
+# (-m torch.distributed.run) as trainer.*: they wait for the expected number of server starts; luffy-eval as eval.*.
 role=server
 [[ ${2:-} == torch.distributed.run ]] && role=trainer
+[[ ${2:-} == luffy_megatron.eval.cli ]] && role=eval
 f="$STUB_LOG_DIR/$role.${SLURMD_NODENAME:-none}.$$"
 { echo "node=${SLURMD_NODENAME:-}"; echo "cuda=${CUDA_VISIBLE_DEVICES-unset}"; echo "key=${SGLANG_API_KEY-unset}"
   printf 'arg=%s\\n' "$@"; } > "$f.tmp"
@@ -115,7 +122,8 @@ def submit_gpu_script(cluster, root: Path, script: str, servers: int, *args: str
 @pytest.fixture(scope="module")
 def jobs(cluster, assets, tmp_path_factory):
     """Every job, submitted at once so they run side by side: the tiny CPU example twice on the host node (4 CPUs,
-    2 each; a good run and one with ``parallel.tp=3``), then run_7b.sh and run_32b.sh on the GPU partition."""
+    2 each; a good run and one with ``parallel.tp=3``), then run_7b.sh, run_32b.sh and eval.sh (at TP 1 and 2) on
+    the GPU partition."""
     root = tmp_path_factory.mktemp("jobs")
     tiny = EXAMPLES / "run_tiny_cpu_slurm.sh"
     tiny_options = (f"--output={root}/%x-%j.out",)
@@ -142,6 +150,9 @@ def jobs(cluster, assets, tmp_path_factory):
     procs["32b"], calls["32b"] = submit_gpu_script(
         cluster, root / "32b", "run_32b.sh", 4, "configs/luffy_qwen2.5_32b.yaml", "data.train_files=[/data/a b.parquet]"
     )
+    for name, env in (("eval", {}), ("eval_tp2", {"EVAL_TP": "2"})):
+        (root / name).mkdir()
+        procs[name], calls[name] = submit_gpu_script(cluster, root / name, "eval.sh", 0, **env)
     results = {}
     for name, proc in procs.items():
         job_id, rc, info = cluster.finish(proc, timeout=420)
@@ -149,6 +160,7 @@ def jobs(cluster, assets, tmp_path_factory):
         if name in calls:
             results[name]["servers"] = read_calls(calls[name], "server")
             results[name]["trainers"] = read_calls(calls[name], "trainer")
+            results[name]["evals"] = read_calls(calls[name], "eval")
     return results
 
 
@@ -259,6 +271,65 @@ def test_run_32b_places_servers_and_two_trainer_nodes(cluster, jobs):
         assert len(urls) == 1 and urls[0].count("http://") == 4, args
         assert args[-1] == "data.train_files=[/data/a b.parquet]", f"an override with a space: {shlex.join(args)}"
     assert sorted(ranks) == ["0", "1"], trainers
+
+
+def trainer_sglang(trainer: dict) -> SGLangConfig:
+    """The trainer's rollout.sglang as luffy_megatron.train.cli resolves its recorded command line (the config of this
+    checkout, then the overrides)."""
+    args = trainer["args"]
+    cli = parse_args(args[args.index("luffy_megatron.train.cli") + 1 :])
+    return load_config(ROOT / cli.config, cli.overrides).rollout.sglang
+
+
+@pytest.mark.parametrize("name", sorted(TRAINER_SERVER_JOBS))
+def test_trainer_and_servers_agree_on_tp_and_gpus(cluster, jobs, name):
+    """The trainer's weight-update group holds its rank 0 and, for TP rank r of server URL i, rank
+    1 + i x rollout.sglang.tp_size + r (SGLangEngine.init_distributed). So every server must run at the TP of the
+    trainer's resolved config, the trainer must attach to exactly the servers started (and launch none), and URLs x TP
+    must be the GPUs those servers occupy, each GPU once."""
+    _, servers, trainers = gpu_job(cluster, jobs, name)
+    started: dict[str, tuple[str, str]] = {}  # URL -> (node, GPUs); a restarted server comes back on the same ones
+    for s in servers:
+        url = f"http://{arg_after(s['args'], '--host')}:{arg_after(s['args'], '--port')}"
+        assert started.setdefault(url, (s["node"], s["cuda"])) == (s["node"], s["cuda"]), (url, servers)
+    gpus = [(node, gpu) for node, cuda in started.values() for gpu in cuda.split(",")]
+    tps = {arg_after(s["args"], "--tp-size") for s in servers}
+    assert trainers, name
+    for t in trainers:
+        sglang = trainer_sglang(t)
+        assert not sglang.launch and sorted(sglang.urls) == sorted(started), (sglang, started)
+        assert tps == {str(sglang.tp_size)}, f"servers at TP {tps}, trainer rollout.sglang.tp_size={sglang.tp_size}"
+        assert len(sglang.urls) * sglang.tp_size == len(gpus) == len(set(gpus)), (sglang, started)
+
+
+def test_every_example_that_starts_servers_is_checked():
+    """A new script that starts servers needs a job above and its place in TRAINER_SERVER_JOBS (or beside eval.sh)."""
+    scripts = {p.name: p.read_text() for p in EXAMPLES.glob("*.sh") if p.name != "slurm_common.sh"}
+    starts = {name for name, text in scripts.items() if "launch_rollout_servers" in text}
+    assert starts == set(TRAINER_SERVER_JOBS.values()), starts
+    assert {name for name, text in scripts.items() if "--sglang-launch" in text} == {"eval.sh"}
+
+
+@pytest.mark.parametrize("name", ["7b", "32b"])
+def test_configs_naming_a_script_state_its_server_tp(jobs, name):
+    """The script passes its TP to the trainer; a config it is documented with (the config names the script) states
+    the same, so that the config read alone describes the servers it runs with."""
+    script = TRAINER_SERVER_JOBS[name]
+    [tp] = {arg_after(s["args"], "--tp-size") for s in jobs[name]["servers"]}
+    configs = [p for p in sorted((ROOT / "configs").glob("*.yaml")) if f"examples/{script}" in p.read_text()]
+    assert configs, script
+    assert {p.name: str(load_config(p).rollout.sglang.tp_size) for p in configs} == {p.name: tp for p in configs}
+
+
+@pytest.mark.parametrize(("name", "tp"), [("eval", 1), ("eval_tp2", 2)])
+def test_eval_servers_fill_the_node_at_its_tp(cluster, jobs, name, tp):
+    """eval.sh has luffy-eval start the servers (--sglang-launch: server i on GPUs i x TP to (i + 1) x TP - 1), as many
+    as fill the node at EVAL_TP GPUs each."""
+    gpu_job(cluster, jobs, name)
+    [ev] = jobs[name]["evals"]
+    args = ev["args"]
+    assert "--sglang-launch" in args and arg_after(args, "--sglang-tp") == str(tp), args
+    assert int(arg_after(args, "--sglang-servers")) * tp == len(ev["cuda"].split(",")) == 8, ev
 
 
 def test_each_job_makes_an_api_key_that_servers_demand_and_nothing_prints(cluster, jobs):
