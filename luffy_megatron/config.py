@@ -70,6 +70,21 @@ class WeightSync(str, Enum):
     TENSOR = "tensor"
 
 
+class ServerDevice(str, Enum):
+    """``rollout.sglang.device`` of launched servers; ``cpu`` is SGLang's CPU engine (small models, tests, CI)."""
+
+    CUDA = "cuda"
+    CPU = "cpu"
+
+
+class GroupBackend(str, Enum):
+    """``rollout.sglang.weight_sync_backend``; ``auto``: NCCL where the trainer has CUDA, else gloo."""
+
+    AUTO = "auto"
+    NCCL = "nccl"
+    GLOO = "gloo"
+
+
 class SystemPrompt(str, Enum):
     """``data.system_prompt``: what happens to each prompt's system message."""
 
@@ -178,8 +193,13 @@ class SGLangConfig:
     weight_sync: str = "distributed"
     weight_sync_dir: str | None = None
     weight_bucket_mb: int = 512
+    weight_sync_backend: str = "auto"
     # Colocated servers release their memory during training.
     colocate: bool = False
+    # Launched servers: device, Python (null: the trainer's), environment (added to the trainer's less torchrun's).
+    device: str = "cuda"
+    python: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
 
 

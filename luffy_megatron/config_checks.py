@@ -24,6 +24,7 @@ from luffy_megatron.config import (
     DataConfig,
     DynamicSamplingSignal,
     FaultToleranceConfig,
+    GroupBackend,
     KLType,
     ModelConfig,
     OnPolicyBaseline,
@@ -34,6 +35,7 @@ from luffy_megatron.config import (
     RolloutConfig,
     RolloutIS,
     RunConfig,
+    ServerDevice,
     SystemPrompt,
     WeightSync,
     choices,
@@ -112,6 +114,8 @@ def check_rollout(r: RolloutConfig) -> None:
         _fail("rollout.n_off", f"{r.n_off} must be smaller than rollout.n = {r.n} (at least one on-policy sample)")
     s = r.sglang
     _choice(s.weight_sync, "rollout.sglang.weight_sync", choices(WeightSync))
+    _choice(s.weight_sync_backend, "rollout.sglang.weight_sync_backend", choices(GroupBackend))
+    _choice(s.device, "rollout.sglang.device", choices(ServerDevice))
     if r.backend == RolloutBackend.SGLANG and not s.launch and not s.urls:
         _fail("rollout.sglang.urls", "give server URLs or set rollout.sglang.launch=true")
     if r.backend == RolloutBackend.SGLANG and s.weight_sync == WeightSync.DISK and not s.weight_sync_dir:

@@ -19,6 +19,8 @@ from luffy_megatron.config import (
     RunConfig,
     SystemPrompt,
     WeightSync,
+    GroupBackend,
+    ServerDevice,
     choices,
     load_config,
 )
@@ -195,6 +197,8 @@ def test_option_names_come_from_the_dispatch_tables(model_dir, data_file):
     options += [f"algorithm.kl_type={n}" for n in choices(KLType)]
     options += [f"data.system_prompt={n}" for n in choices(SystemPrompt)]
     options += [f"rollout.sglang.weight_sync={n}" for n in choices(WeightSync)]
+    options += [f"rollout.sglang.weight_sync_backend={n}" for n in choices(GroupBackend)]
+    options += [f"rollout.sglang.device={n}" for n in choices(ServerDevice)]
     for option in options:
         extra = ("data.system_prompt_text=Be brief.", "rollout.sglang.weight_sync_dir=weights")
         validate(valid(model_dir, data_file, option, *extra), world_size=1)

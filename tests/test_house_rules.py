@@ -15,6 +15,11 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "luffy_megatron"
 MAX_FILE_LINES = 450
 MAX_FUNCTION_LINES = 90
+# "path" -> why it is longer than MAX_FILE_LINES (it must still stay under MAX_NAMED_FILE_LINES).
+LONG_FILES: dict[str, str] = {
+    "luffy_megatron/config.py": "the one typed configuration tree: every key with its comment and every option family",
+}
+MAX_NAMED_FILE_LINES = 500
 # "path:function" -> why it is longer than MAX_FUNCTION_LINES. Empty: none is.
 LONG_FUNCTIONS: dict[str, str] = {}
 
@@ -24,8 +29,11 @@ def sources() -> dict[str, str]:
 
 
 def test_no_file_over_the_limit():
-    long = {path: text.count("\n") for path, text in sources().items() if text.count("\n") > MAX_FILE_LINES}
+    lines = {path: text.count("\n") for path, text in sources().items()}
+    long = {path: n for path, n in lines.items() if n > MAX_FILE_LINES and path not in LONG_FILES}
     assert long == {}, f"files over {MAX_FILE_LINES} lines: {long}"
+    named = {path: lines[path] for path in LONG_FILES if lines[path] > MAX_NAMED_FILE_LINES}
+    assert named == {}, f"files over {MAX_NAMED_FILE_LINES} lines even with a reason: {named}"
 
 
 def test_no_function_over_the_limit():
