@@ -18,7 +18,7 @@ __all__ = ["ENGINES", "build_rollout_engine"]
 
 
 def _hf(
-    cfg: RolloutConfig, hf_path: str, dtype: str, eos_token_ids: list[int] | None, device: str, ft: Any
+    cfg: RolloutConfig, hf_path: str, dtype: str, eos_token_ids: list[int] | None, device: str, ft: Any, log_dir: Any
 ) -> RolloutEngine:
     return HFEngine.from_pretrained(
         hf_path, dtype=dtype, device=device, batch_size=cfg.hf_batch_size, eos_token_ids=eos_token_ids
@@ -26,12 +26,14 @@ def _hf(
 
 
 def _sglang(
-    cfg: RolloutConfig, hf_path: str, dtype: str, eos_token_ids: list[int] | None, device: str, ft: Any
+    cfg: RolloutConfig, hf_path: str, dtype: str, eos_token_ids: list[int] | None, device: str, ft: Any, log_dir: Any
 ) -> RolloutEngine:
-    return SGLangEngine.from_config(cfg.sglang, hf_path, eos_token_ids=eos_token_ids, fault_tolerance=ft)
+    return SGLangEngine.from_config(
+        cfg.sglang, hf_path, eos_token_ids=eos_token_ids, fault_tolerance=ft, log_dir=log_dir
+    )
 
 
-#: ``rollout.backend`` -> builder(cfg, hf_path, dtype, eos_token_ids, device, fault_tolerance).
+#: ``rollout.backend`` -> builder(cfg, hf_path, dtype, eos_token_ids, device, fault_tolerance, log_dir).
 ENGINES: dict[RolloutBackend, Callable[..., RolloutEngine]] = {RolloutBackend.HF: _hf, RolloutBackend.SGLANG: _sglang}
 
 
@@ -43,13 +45,14 @@ def build_rollout_engine(
     eos_token_ids: list[int] | None = None,
     device: str = "cpu",
     fault_tolerance: FaultToleranceConfig | None = None,
+    log_dir: str | None = None,
 ) -> RolloutEngine:
     """The engine named by ``cfg.backend``: ``hf`` (in-process transformers) or ``sglang`` (HTTP servers).
 
     ``dtype``/``device`` apply to the HF engine (fp32 on CPU by default); SGLang takes its dtype from
     ``cfg.sglang.dtype``. ``eos_token_ids`` default to the model's ``generation_config`` / ``config``. SGLang servers
-    are supervised as ``fault_tolerance`` says.
+    are supervised as ``fault_tolerance`` says; the servers and router it launches log to ``log_dir``.
     """
     if cfg.backend not in ENGINES:
         raise ValueError(f"rollout.backend: {cfg.backend!r} is not one of {list(choices(RolloutBackend))}")
-    return ENGINES[cfg.backend](cfg, hf_path, dtype, eos_token_ids, device, fault_tolerance)
+    return ENGINES[cfg.backend](cfg, hf_path, dtype, eos_token_ids, device, fault_tolerance, log_dir)

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from luffy_megatron.config import RunConfig
@@ -103,4 +104,5 @@ def build_engine(cfg: RunConfig) -> RolloutEngine:
     if cfg.trainer.async_rollout and cfg.rollout.backend == "hf":
         return ProcessEngine(cfg.model.hf_path, num_threads=cfg.trainer.async_rollout_threads,
                              batch_size=cfg.rollout.hf_batch_size)  # fmt: skip
-    return build_rollout_engine(cfg.rollout, cfg.model.hf_path, fault_tolerance=cfg.fault_tolerance)
+    log_dir = str(Path(cfg.logging.out_dir) / "rollout_servers")  # the logs of servers and router this run launches
+    return build_rollout_engine(cfg.rollout, cfg.model.hf_path, fault_tolerance=cfg.fault_tolerance, log_dir=log_dir)

@@ -272,8 +272,7 @@ def sync_weights(run: RunState, policy, updates: int | None = None) -> None:
     run.weight_version += 1
     run.engine_step = run.step if updates is None else updates
     stream = (pair for bucket in iter_hf_weights(policy.modules, policy.spec) for pair in bucket)
-    if run.engine is not None:
-        run.engine.resume_memory()
+    if run.engine is not None:  # colocated servers take back their memory inside the update, weights first
         run.engine.update_weights(stream, version=run.weight_version)
     else:
         for _ in stream:  # the collectives of the gather need every rank

@@ -293,12 +293,13 @@ class MegatronPolicy:
             sums.add_mean("train_rollout_logprob_gap", (gap * gap_mask).sum(), gap_mask.sum())
             # Counted on the device, read once per step in _finish_step (the host syncs only there).
             sums.add_total(_NONFINITE, (~torch.isfinite(loss.detach())).sum())
-            store: dict[str, Any] = {"sums": sums}
+            # The largest gap shows a weight sync that did not reach the engine (its tokens come from older weights).
+            store: dict[str, Any] = {"sums": sums, "maxes": {"train_rollout_logprob_gap_max": (gap * gap_mask).max()}}
             if is_w is not None:
                 is_sums, ratio_max = is_w.metrics(alg.rollout_is, corrected, mult)
                 for key, (total, count) in is_sums.items():
                     sums.add_mean(key, total, count)
-                store["maxes"] = {"rollout_is/ratio_max": ratio_max}
+                store["maxes"]["rollout_is/ratio_max"] = ratio_max
             return loss * scale, store
 
         return self._finish_step(self._run(mbs, loss_fn, forward_only=False), num_trained=len(trained))

@@ -84,7 +84,7 @@ def parse_sample(item: Any, rid: str) -> SampleResult:
         tokens = [int(e[1]) for e in lps]
         logprobs = [float(e[0]) for e in lps]
     except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise RetryableError(f"malformed /generate answer for rid {rid!r}: {e!r}") from e
+        raise RetryableError(f"malformed /generate answer for rid {rid!r}: {e!r}; answer: {str(item)[:300]}") from e
     if meta.get("id", rid) != rid:
         raise RetryableError(f"answer id {meta.get('id')!r} does not match rid {rid!r}")
     trimmed_stop = finish == "stop" and output_ids == tokens[:-1]
@@ -200,15 +200,27 @@ class SGLangClient:
         candidates = [u for u in self.generate_urls if u not in exclude] or self.generate_urls
         return min(candidates, key=lambda u: (self._failures[u], self._inflight[u], random.random()))
 
+    async def _post_generate(self, url: str, chunk: list[SampleRequest]) -> list[Any]:
+        """The raw answers for ``chunk``: one batched request to a server; one request per sample to a router
+        (sglang-router's ``/generate`` takes one ``sampling_params`` object and one ``rid`` string per request)."""
+        if url in self.server_urls:
+            answer = await self.request(url, "/generate", generate_body(chunk))
+            if not isinstance(answer, list) or len(answer) != len(chunk):
+                raise RetryableError(
+                    f"/generate on {url}: expected a list of {len(chunk)} answers, got: {str(answer)[:300]}"
+                )
+            return answer
+        answers = await asyncio.gather(
+            *(self.request(url, "/generate", generate_body([r], batched=False)) for r in chunk), return_exceptions=True
+        )
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+            if not isinstance(answer, dict):
+                raise RetryableError(f"/generate on router {url}: expected one answer object, got: {str(answer)[:300]}")
+        return answers
+
     async def _generate_chunk(self, chunk: list[SampleRequest]) -> list[SampleResult]:
-        body = {
-            "input_ids": [r.input_ids for r in chunk],
-            "sampling_params": [r.sampling_params for r in chunk],
-            "rid": [r.rid for r in chunk],
-            "return_logprob": True,
-            "logprob_start_len": -1,
-            "stream": False,
-        }
         tried: set[str] = set()
         errors: list[str] = []
         for attempt in range(self.max_retries + 1):
@@ -218,9 +230,7 @@ class SGLangClient:
             try:
                 assert self._sem is not None
                 async with self._sem:
-                    answer = await self.request(url, "/generate", body)
-                if not isinstance(answer, list) or len(answer) != len(chunk):
-                    raise RetryableError(f"/generate on {url}: expected a list of {len(chunk)} answers")
+                    answer = await self._post_generate(url, chunk)
                 results = [parse_sample(item, r.rid) for item, r in zip(answer, chunk)]
                 self._failures[url] = 0
                 for res in results:
@@ -243,11 +253,18 @@ class SGLangClient:
         )
 
     async def _quiet_abort(self, url: str, rids: list[str]) -> None:
-        for rid in rids:
-            try:
-                await self.request(url, "/abort_request", {"rid": rid}, timeout_s=5.0)
-            except Exception:  # best effort: the server may be dead
-                return
+        """Abort ``rids`` where they run: on ``url`` when it is a server, on every server behind a router (which has
+        no ``/abort_request`` of its own)."""
+        targets = [url] if url in self.server_urls else self.server_urls
+
+        async def abort_on(server: str) -> None:
+            for rid in rids:
+                try:
+                    await self.request(server, "/abort_request", {"rid": rid}, timeout_s=5.0)
+                except Exception:  # best effort: the server may be dead
+                    return
+
+        await asyncio.gather(*(abort_on(server) for server in targets))
 
     async def generate(self, requests: Sequence[SampleRequest]) -> dict[str, SampleResult]:
         """Generate every request; the answer holds each ``rid`` exactly once or the call raises."""
@@ -351,6 +368,19 @@ class LoopThread:
             self._thread.join(timeout=5)
         if not self.loop.is_running():
             self.loop.close()
+
+
+def generate_body(chunk: Sequence[SampleRequest], *, batched: bool = True) -> dict:
+    """The ``/generate`` body of ``chunk``: lists of ``input_ids``, ``sampling_params`` and ``rid`` (a server's batched
+    form), or the one sample's values themselves (``batched=False``, the only form sglang-router accepts)."""
+    if not batched and len(chunk) != 1:
+        raise ValueError(f"an unbatched /generate body holds one sample, got {len(chunk)}")
+    body: dict[str, Any] = {"return_logprob": True, "logprob_start_len": -1, "stream": False}
+    if not batched:
+        one = chunk[0]
+        return {**body, "input_ids": one.input_ids, "sampling_params": one.sampling_params, "rid": one.rid}
+    ids, params, rids = [r.input_ids for r in chunk], [r.sampling_params for r in chunk], [r.rid for r in chunk]
+    return {**body, "input_ids": ids, "sampling_params": params, "rid": rids}
 
 
 def sampling_params_body(params: SamplingParams, seed: int | None, stop_token_ids: Iterable[int]) -> dict:

@@ -17,14 +17,14 @@ later update succeeds:
   tensors, after SGLang's ``monkey_patch_torch_reductions``), base64-encoded, and posted to
   ``/update_weights_from_tensor``, serialized once per server and TP rank (each consumes its own CUDA-IPC references).
 
-With ``colocate``, :meth:`SGLangEngine.release_memory` frees the servers' weights, KV cache and CUDA graphs after
-generation and :meth:`SGLangEngine.resume_memory` takes them back before the next weight update.
+With ``colocate``, :meth:`SGLangEngine.release_memory` pauses the (idle) servers and frees their weights, KV cache and
+CUDA graphs after generation; the next weight update takes the weights back before its first bucket and the KV cache
+and CUDA graphs after its last (:meth:`SGLangEngine.resume_memory` takes all back without an update).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import shutil
 import time
@@ -36,10 +36,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 from luffy_megatron.config import FaultToleranceConfig, SGLangConfig, WeightSync, choices
-from luffy_megatron.models.tokenizer import HF_CONFIG_FILES, read_eos_token_ids
+from luffy_megatron.models.tokenizer import read_eos_token_ids
 from luffy_megatron.platform.distributed import free_port
 from luffy_megatron.rollout.base import (
     RolloutEngine,
@@ -53,6 +52,7 @@ from luffy_megatron.rollout.base import (
 from luffy_megatron.rollout.sglang.client import LoopThread, SampleRequest, SGLangClient, sampling_params_body
 from luffy_megatron.rollout.sglang.launcher import (
     ServerProcess,
+    check_server_tp,
     launch_router,
     launch_servers,
     read_api_key,
@@ -64,11 +64,16 @@ from luffy_megatron.rollout.sglang.weights import (
     GROUP_NAME,
     init_weights_update_group,
     iter_buckets,
+    resolve_group_backend,
     serialize_named_tensors,
     trainer_address,
+    write_hf_folder,
 )
 
 logger = logging.getLogger(__name__)
+#: SGLang's memory tags (``sglang.srt.constants.GPU_MEMORY_ALL_TYPES``) and the one that holds the weights.
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
+WEIGHTS_TAG = "weights"
 
 
 class SGLangEngine(RolloutEngine):
@@ -112,7 +117,7 @@ class SGLangEngine(RolloutEngine):
         self.supervisor = supervisor
         self.weight_version: int | None = None
         self._stale = False
-        self._released = False
+        self._released: set[str] = set()  # memory tags the (colocated) servers have released
         self._group: Any = None
         self._group_name = GROUP_NAME  # a fresh name per group: one that was not destroyed never blocks the next
         self._group_urls: list[str] = []
@@ -150,6 +155,7 @@ class SGLangEngine(RolloutEngine):
                 router = launch_router(cfg, server_urls, api_key=api_key, log_dir=log_dir, env=env)
                 procs.append(router)
                 generate_urls = [router.url]
+            check_server_tp(server_urls, cfg.tp_size, api_key)
         except BaseException:
             stop_processes(procs)
             raise
@@ -178,6 +184,7 @@ class SGLangEngine(RolloutEngine):
             eos_token_ids=eos_token_ids,
             processes=procs,
             master_address=trainer_address(server_urls),
+            group_backend=resolve_group_backend(cfg.weight_sync_backend),
             supervisor=supervisor,
         )
 
@@ -255,12 +262,14 @@ class SGLangEngine(RolloutEngine):
             self._drop_group([u for u in self._group_urls if u in self.client.server_urls and u not in fresh])
         self._stale = True
         try:
+            self._resume(WEIGHTS_TAG)  # colocated: weights first; the KV cache stays free while the buckets arrive
             self.pause()
             self._flush()
             if self.weight_sync == WeightSync.DISK:
                 nbytes = self._sync_disk(named_tensors, version)
             else:
                 nbytes = self._in_session(named_tensors, version)
+            self._resume(*MEMORY_TAGS)
             self._run(self.client.post_all("/continue_generation", {}))
         except WeightSyncError:
             raise
@@ -304,29 +313,8 @@ class SGLangEngine(RolloutEngine):
     def _sync_disk(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         assert self.weight_sync_dir is not None
         t0 = time.perf_counter()
-        root = Path(self.weight_sync_dir)
-        final = root / f"v{version}"
-        tmp = root / f".v{version}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        nbytes = 0
-        index: dict[str, str] = {}
-        for k, (bucket, _) in enumerate(iter_buckets(named_tensors, self.bucket_bytes)):
-            fname = f"model-{k:05d}.safetensors"
-            tensors = {name: t.detach().contiguous().cpu() for name, t in bucket}
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-            for name, t in tensors.items():
-                index[name] = fname
-                nbytes += t.numel() * t.element_size()
-        (tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": nbytes}, "weight_map": index}, indent=1)
-        )
-        if self.hf_path:
-            for cfg_name in HF_CONFIG_FILES:
-                if (Path(self.hf_path) / cfg_name).is_file():
-                    shutil.copy(Path(self.hf_path) / cfg_name, tmp / cfg_name)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        folder = Path(self.weight_sync_dir) / f"v{version}"
+        final, nbytes = write_hf_folder(named_tensors, folder, self.bucket_bytes, self.hf_path)
         self._phases["write_s"] = time.perf_counter() - t0
         body = {"model_path": str(final), "weight_version": str(version), "flush_cache": True,
                 "abort_all_requests": False}  # fmt: skip
@@ -368,10 +356,13 @@ class SGLangEngine(RolloutEngine):
         try:
             self._group = init_weights_update_group(self.master_address, port, 0, world, self._group_name,
                                                     self.group_backend)  # fmt: skip
-            self._group_urls = list(urls)
-        finally:
-            for f in futures:
-                f.result()
+        except BaseException:
+            for f in futures:  # the servers' side waits for a store that is not there: do not wait for it
+                f.cancel()
+            raise
+        for f in futures:
+            f.result()
+        self._group_urls = list(urls)
 
     def _submit(self, coro: Any) -> Future:
         return asyncio.run_coroutine_threadsafe(coro, self._loop.loop)
@@ -409,16 +400,29 @@ class SGLangEngine(RolloutEngine):
         self._run(self.client.post_all("/continue_generation", {}))
 
     def release_memory(self) -> None:
-        """Colocated servers free weights, KV cache and CUDA graphs (they must be idle); no-op unless colocated."""
+        """Colocated servers free weights, KV cache and CUDA graphs; no-op unless colocated. SGLang asserts that the
+        scheduler is idle, so generation is paused first (aborting what is left, e.g. the first copy of a retried
+        sample) and the cache flushed; the servers stay paused until everything is resumed."""
         if self.colocate and not self._released:
-            self._run(self.client.post_all("/release_memory_occupation", {"tags": None}))
-            self._released = True
+            self.pause()
+            self._flush()
+            self._run(self.client.post_all("/release_memory_occupation", {"tags": list(MEMORY_TAGS)}))
+            self._released = set(MEMORY_TAGS)
 
     def resume_memory(self) -> None:
-        """Undo :meth:`release_memory` (no-op when nothing is released)."""
-        if self.colocate and self._released:
-            self._run(self.client.post_all("/resume_memory_occupation", {"tags": None}))
-            self._released = False
+        """Undo :meth:`release_memory` (no-op when nothing is released): weights, then KV cache and CUDA graphs, then
+        generation continues."""
+        if self._released:
+            self._resume(WEIGHTS_TAG)
+            self._resume(*(t for t in MEMORY_TAGS if t != WEIGHTS_TAG))
+            self.resume()
+
+    def _resume(self, *tags: str) -> None:
+        """Take back the released ``tags`` among ``tags``."""
+        todo = [t for t in tags if t in self._released]
+        if todo:
+            self._run(self.client.post_all("/resume_memory_occupation", {"tags": todo}))
+            self._released -= set(todo)
 
     def health(self) -> dict:
         """Per-server ``/health`` results."""
