@@ -161,6 +161,8 @@ def check_fault_tolerance(ft: FaultToleranceConfig) -> None:
         if not isinstance(getattr(signal, name, None), signal.Signals) or name in ("SIGKILL", "SIGSTOP"):
             _fail("fault_tolerance.stop_signals", f"{name!r} is not a signal that can be caught (e.g. SIGUSR1)")
     _positive(ft, "fault_tolerance", ("collective_timeout_min", "health_timeout_s", "servers_grace_s"))
+    if ft.health_interval_s < 0:
+        _fail("fault_tolerance.health_interval_s", f"must be >= 0, got {ft.health_interval_s}")
 
 
 def check_data(d: DataConfig, dp: int, max_positions: int | None) -> None:

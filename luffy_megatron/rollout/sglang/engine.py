@@ -10,9 +10,8 @@ later update succeeds:
   into ``weight_sync_dir/v{version}``; every server loads it with ``/update_weights_from_disk``. Needs a filesystem
   shared by trainer and servers.
 - ``distributed``: once, ``/init_weights_update_group`` puts the trainer (rank 0) and every server GPU
-  (rank ``1 + i * tp_size + tp_rank``) into one NCCL group; per bucket, ``/update_weights_from_distributed`` carries
-  names/dtypes/shapes by HTTP while the trainer broadcasts the tensors from rank 0. The trainer joins the group the
-  way SGLang's servers do (``init_custom_process_group``: the rendezvous store wrapped in ``PrefixStore(group_name)``).
+  (rank ``1 + i * tp_size + tp_rank``) into one NCCL (or gloo) group around a store the trainer hosts; per bucket,
+  ``/update_weights_from_distributed`` carries names/dtypes/shapes while the trainer broadcasts the tensors.
 - ``tensor``: colocated servers; each bucket is pickled with torch's ``ForkingPickler`` (CUDA-IPC handles for GPU
   tensors, after SGLang's ``monkey_patch_torch_reductions``), base64-encoded, and posted to
   ``/update_weights_from_tensor``, serialized once per server and TP rank (each consumes its own CUDA-IPC references).
@@ -271,6 +270,7 @@ class SGLangEngine(RolloutEngine):
                 nbytes = self._in_session(named_tensors, version)
             self._resume(*MEMORY_TAGS)
             self._run(self.client.post_all("/continue_generation", {}))
+            self._set_paused(False)
         except WeightSyncError:
             raise
         except Exception as e:
@@ -408,6 +408,7 @@ class SGLangEngine(RolloutEngine):
             self._flush()
             self._run(self.client.post_all("/release_memory_occupation", {"tags": list(MEMORY_TAGS)}))
             self._released = set(MEMORY_TAGS)
+            self._set_paused(True)
 
     def resume_memory(self) -> None:
         """Undo :meth:`release_memory` (no-op when nothing is released): weights, then KV cache and CUDA graphs, then
@@ -416,6 +417,12 @@ class SGLangEngine(RolloutEngine):
             self._resume(WEIGHTS_TAG)
             self._resume(*(t for t in MEMORY_TAGS if t != WEIGHTS_TAG))
             self.resume()
+            self._set_paused(False)
+
+    def _set_paused(self, paused: bool) -> None:
+        """Tell the supervisor whether the servers are paused (they then cannot answer ``/health``)."""
+        if self.supervisor is not None:
+            self.supervisor.paused = paused
 
     def _resume(self, *tags: str) -> None:
         """Take back the released ``tags`` among ``tags``."""

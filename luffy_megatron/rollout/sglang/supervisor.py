@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -72,6 +73,7 @@ class ServerSupervisor:
         health_timeout_s: float = 10.0,
         grace_s: float = 600.0,
         router: bool = False,
+        health_interval_s: float = 0.0,
     ) -> None:
         self.client = client
         self.servers = servers
@@ -79,6 +81,11 @@ class ServerSupervisor:
         self.health_timeout_s = health_timeout_s
         self.grace_s = grace_s
         self.router = router
+        self.health_interval_s = health_interval_s
+        self._healthy_at: dict[str, float] = {}  # when each serving server last answered its probe
+        #: Set by the engine while its servers are paused (colocated, memory released): they cannot generate, so only
+        #: their processes are checked.
+        self.paused = False
 
     def serving(self) -> list[Server]:
         return [s for s in self.servers if s.state == SERVING]
@@ -92,23 +99,38 @@ class ServerSupervisor:
             "rollout/servers_restarted": float(sum(s.restarts for s in self.servers)),
         }
 
-    def check(self) -> bool:
-        """Probe every server and move it between states; True when a server went down."""
-        went_down = False
-        for s in self.servers:
-            if s.state == SERVING:
-                cause = self._dead_cause(s)
-                if cause is not None:
-                    self._mark_down(s, cause)
-                    went_down = True
-            else:
-                self._revive(s)
-        return went_down
+    def check(self, force: bool = False) -> bool:
+        """Probe the servers (concurrently) and move them between states; True when a server went down. A serving
+        server that answered less than ``health_interval_s`` ago is only checked for a process exit, unless
+        ``force``."""
+        now = time.monotonic()
+        serving = self.serving()
 
-    def _dead_cause(self, s: Server) -> str | None:
+        def cause(s: Server) -> str | None:
+            recent = not force and now - self._healthy_at.get(s.url, float("-inf")) < self.health_interval_s
+            return self._dead_cause(s, probe=not recent)
+
+        with ThreadPoolExecutor(max(1, len(serving))) as pool:
+            causes = list(pool.map(cause, serving))
+        for s, c in zip(serving, causes):
+            if c is not None:
+                self._mark_down(s, c)
+        for s in self.servers:
+            if s not in serving:
+                self._revive(s)
+        return any(c is not None for c in causes)
+
+    def _dead_cause(self, s: Server, probe: bool = True) -> str | None:
         if s.process is not None and s.process.proc.poll() is not None:
             return f"process exited with code {s.process.proc.returncode}"
-        return probe_health(s.url, self.health_timeout_s)
+        if not probe or self.paused:  # a paused server answers neither /health nor /ready; requests will show it
+            return None
+        cause = probe_health(s.url, self.health_timeout_s)
+        if cause is None:
+            self._healthy_at[s.url] = time.monotonic()
+        else:
+            self._healthy_at.pop(s.url, None)
+        return cause
 
     def _mark_down(self, s: Server, cause: str) -> None:
         s.state, s.cause, s.down_since = DOWN, cause, time.monotonic()
@@ -136,7 +158,7 @@ class ServerSupervisor:
         try:
             return generate()
         except RolloutError as e:
-            if not self.check():
+            if not self.check(force=True):
                 raise
             logger.warning("a rollout server died during generation (%s); generating the batch again", e)
         self.ensure_serving(version, folder, run)
@@ -222,4 +244,5 @@ def supervise(
     launched = {p.url: p for p in procs}
     servers = [Server(url, i, launched.get(url)) for i, url in enumerate(server_urls)]
     return ServerSupervisor(client, servers, restart=restart, health_timeout_s=ft.health_timeout_s,
-                            grace_s=ft.servers_grace_s, router=cfg.use_router)  # fmt: skip
+                            grace_s=ft.servers_grace_s, router=cfg.use_router,
+                            health_interval_s=ft.health_interval_s)  # fmt: skip
