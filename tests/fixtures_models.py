@@ -1,8 +1,9 @@
-"""Tiny checkpoints and Megatron helpers shared by the model and conversion tests.
+"""Tiny checkpoints and Megatron helpers shared by the model, conversion and rollout tests.
 
-:func:`tiny_checkpoint` writes (once per test session) small random HF checkpoints covering the odd cases: vocabulary
-not divisible by 128, GQA ratios 1, 2 and 4, tied and untied embeddings, a head_dim that is not hidden/heads. The other
-helpers run inside ``run_distributed`` workers.
+:func:`tiny_model` / :func:`save_tiny_model` are the rollout tests' tokenizer-free 2-layer Qwen2 (in memory, or as an
+HF folder that the engines and real SGLang servers load). :func:`tiny_checkpoint` writes (once per test session) small
+random HF checkpoints covering the odd cases: vocabulary not divisible by 128, GQA ratios 1, 2 and 4, tied and untied
+embeddings, a head_dim that is not hidden/heads. The other helpers run inside ``run_distributed`` workers.
 """
 
 from __future__ import annotations
@@ -27,6 +28,30 @@ TINY_VARIANTS: dict[str, dict[str, Any]] = {
 }
 FAMILIES = tuple(TINY_VARIANTS)
 _ROOT: Path | None = None
+
+
+def tiny_model(
+    seed: int = 0, vocab: int = 32, eos: int = 1, scale: float = 1.0, max_positions: int = 256
+) -> torch.nn.Module:
+    """A random 2-layer Qwen2 (fp32); ``scale`` multiplies the output head to make distributions peaked."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_positions, tie_word_embeddings=False, eos_token_id=eos,
+        pad_token_id=0,
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return model
+
+
+def save_tiny_model(path: str | Path, seed: int = 0, **kw: Any) -> str:
+    """Write :func:`tiny_model` as an HF folder; returns the path."""
+    tiny_model(seed, **kw).save_pretrained(str(path))
+    return str(path)
 
 
 def tiny_checkpoint(name: str) -> Path:

@@ -11,7 +11,7 @@ from luffy_megatron.config import RolloutConfig
 from luffy_megatron.rollout import SamplingParams, WeightSyncError
 from luffy_megatron.rollout.factory import build_rollout_engine
 from luffy_megatron.rollout.hf_engine import CPU_DECODE_ATTENTION, HFEngine, next_token_distribution
-from tests.sglang_test_server import save_tiny_model, tiny_model
+from tests.fixtures_models import save_tiny_model, tiny_model
 
 PROMPT = [5, 9, 3, 17]
 

@@ -12,7 +12,7 @@ from luffy_megatron.rollout import RolloutError, SamplingParams, WeightSyncError
 from luffy_megatron.rollout.hf_engine import HFEngine
 from luffy_megatron.rollout.process_engine import ProcessEngine
 from luffy_megatron.train.async_rollout import RolloutPrefetcher
-from tests.sglang_test_server import save_tiny_model, tiny_model
+from tests.fixtures_models import save_tiny_model, tiny_model
 
 PROMPTS = [[3, 4, 5, 6, 7, 8, 9], [7, 8], [11, 12, 13, 14]]
 PARAMS = SamplingParams(n=3, temperature=1.0, max_new_tokens=16, seed=5)
