@@ -1,17 +1,28 @@
-"""A local stand-in for an SGLang server, backed by the in-process HF engine.
+"""A stand-in for an SGLang server, backed by the in-process HF engine, kept only for what the real server cannot do.
 
-It speaks the subset of SGLang's HTTP API documented in ``docs/rollout.md`` and takes its truth from the pinned SGLang
-wheel (``tests/upstream.py``): the ``/generate`` and weight request fields (``io_struct``), SGLang's own API-key
-decision per route (``decide_request_auth``), the ``sampling_params``
-keys (``SamplingParams``), the weight-update session with upstream's rejection message, exact ``rid`` matching of
-``/abort_request``, tensor payloads read with SGLang's own ``SafeUnpickler`` (one distinct payload per TP rank), and
-weight-update groups joined with SGLang's own ``init_custom_process_group``. It is stricter than SGLang in one way:
-unknown fields of weight requests are answered with 400 (SGLang ignores them silently). It injects faults on demand:
-5xx answers, malformed JSON, slow answers, a wrong number of answers, and dying mid-batch (all connections cut, port
-closed). Every request body is recorded for field-by-field checks of what the client sends.
+Ordinary behaviour (generation, weight sync in every mode, colocated release and resume, the API key, exact-rid
+aborts, stop tokens, attaching, launching, restarts) is tested against the real SGLang server and sglang-router: the
+``sglang`` test tier (``tests/sglang_real.py``, SGLang's CPU engine). What the real server cannot do, and this one is
+for:
 
-In tests: ``server = SGLangTestServer(engine, api_key=...); url = server.start()``. As a process (for launcher tests):
-``python tests/sglang_test_server.py --model-path DIR --host 127.0.0.1 --port P`` accepts SGLang's launch flags.
+1. Fault injection (:class:`Faults`, per server, switched on and off mid-test): 5xx answers, malformed JSON, slow
+   answers (before answering, or per decode step, to land a kill mid-generation), a wrong number of answers, dying
+   mid-batch (on the N-th ``/generate``, or :meth:`SGLangTestServer.kill`: every connection cut, port closed), failed
+   weight loads on one server, and answers whose ``output_ids`` lack the matched stop token (SGLang 0.5.23 keeps it).
+2. Request recording: every request (path, body, ``Authorization``) is kept in ``requests``, so that tests check the
+   exact requests the client sends and their order, including layouts the CPU server cannot run (``tp_size`` 2: one
+   tensor payload per TP rank, weight-group ranks ``1 + i * tp_size``) and a "router" that records what reaches it.
+
+Where those tests rely on the protocol, it follows the pinned SGLang wheel (``tests/upstream.py``): the ``/generate``
+and weight request fields (``io_struct``; unknown weight-request fields are answered with 400, where SGLang ignores
+them), the ``sampling_params`` keys, SGLang's own API-key decision per route (``decide_request_auth``), the
+weight-update session with upstream's rejection message, exact ``rid`` matching of ``/abort_request``, tensor
+payloads read with SGLang's own ``SafeUnpickler``, and weight-update groups joined with SGLang's own
+``init_custom_process_group``.
+
+In tests: ``server = SGLangTestServer(engine, api_key=...); url = server.start()``. As a process (servers that die
+under the supervisor): ``python -m tests.sglang_test_server --model-path DIR --host 127.0.0.1 --port P
+[--step-delay-s S] [--join-weight-groups]`` accepts SGLang's launch flags.
 """
 
 from __future__ import annotations
@@ -35,6 +46,10 @@ from aiohttp import web
 
 from luffy_megatron.rollout.base import SamplingParams
 from luffy_megatron.rollout.hf_engine import HFEngine
+from tests.fixtures_models import save_tiny_model, tiny_model
+
+# The model helpers live in tests/fixtures_models.py; they are re-exported for the tests that import them from here.
+__all__ = ["Faults", "SGLangTestServer", "main", "save_tiny_model", "schema", "tiny_model"]
 
 UNSUPPORTED_HERE = frozenset(
     ["stop", "stop_regex", "json_schema", "regex", "ebnf", "structural_tag", "logit_bias", "custom_params"]
@@ -84,7 +99,6 @@ class Faults:
     step_delay_s: float = 0.0  # sleep per decode step (slow generation; abortable)
     die_on_request: int | None = None  # cut all connections and close the port on the N-th /generate (1-based)
     fail_weight_update: bool = False  # weight updates answer 400 {success: false}
-    unhealthy: bool = False  # /health answers 503
     trim_stop: bool = False  # leave the matched stop token out of output_ids (it stays in output_token_logprobs)
 
 
@@ -114,6 +128,7 @@ class SGLangTestServer:
     generate_count: int = 0
     dead: bool = False
     join_groups: bool = False  # join weight-update process groups for real (gloo on CPU) instead of recording them
+    tp_size: int = 1  # reported by /server_info, as SGLang reports its --tp-size
 
     def __post_init__(self) -> None:
         self._aborted: set[str] = set()
@@ -229,10 +244,12 @@ class SGLangTestServer:
     # ------------------------------------------------------------------ handlers
     async def _get(self, request: web.Request) -> web.Response:
         if request.path.startswith("/health"):
-            return web.Response(status=503 if self.faults.unhealthy else 200)
+            return web.Response()
         if request.path == "/flush_cache":
             return await self._flush_cache(request)
-        return web.json_response({"weight_version": self.weight_version, "is_generation": True})
+        return web.json_response(
+            {"weight_version": self.weight_version, "is_generation": True, "tp_size": self.tp_size}
+        )
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = request[BODY]
@@ -411,9 +428,6 @@ class SGLangTestServer:
         blobs = body.get("serialized_named_tensors")
         if not isinstance(blobs, list) or not blobs:
             return web.json_response({"success": False, "message": "serialized_named_tensors: list"}, status=400)
-        if len(set(blobs)) != len(blobs):
-            msg = "serialized_named_tensors: each TP rank needs its own serialization"
-            return web.json_response({"success": False, "message": msg}, status=400)
         unpickler = schema()["common"]["SafeUnpickler"]
         try:  # every TP rank reads its own payload, with SGLang's allow-list
             per_rank = [unpickler(io.BytesIO(base64.b64decode(b, validate=True))).load() for b in blobs]
@@ -534,39 +548,18 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--tp-size", type=int, default=1)
     ap.add_argument("--join-weight-groups", action="store_true", help="really join weight-update groups (gloo)")
     ap.add_argument("--step-delay-s", type=float, default=0.0, help="sleep per decode step (slow generation)")
     args, _ = ap.parse_known_args()
     torch.set_num_threads(1)
     server = SGLangTestServer(HFEngine.from_pretrained(args.model_path), api_key=args.api_key, host=args.host,
-                              port=args.port, join_groups=args.join_weight_groups,
+                              port=args.port, join_groups=args.join_weight_groups, tp_size=args.tp_size,
                               faults=Faults(step_delay_s=args.step_delay_s))  # fmt: skip
     server.start()
     print(f"serving on {server.url}", flush=True)
     while not server.dead:
         time.sleep(0.5)
-
-
-def tiny_model(seed: int = 0, vocab: int = 32, eos: int = 1, scale: float = 1.0) -> torch.nn.Module:
-    """A random 2-layer Qwen2 (fp32); ``scale`` multiplies the output head to make distributions peaked."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=eos,
-        pad_token_id=0,
-    )  # fmt: skip
-    model = Qwen2ForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(scale)
-    return model
-
-
-def save_tiny_model(path: str | Path, seed: int = 0, **kw: Any) -> str:
-    """Write :func:`tiny_model` as an HF folder; returns the path."""
-    tiny_model(seed, **kw).save_pretrained(str(path))
-    return str(path)
 
 
 if __name__ == "__main__":

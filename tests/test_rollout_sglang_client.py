@@ -1,12 +1,18 @@
-"""SGLang client and engine against the protocol-faithful local test server (tests/sglang_test_server.py)."""
+"""SGLang client and engine. Ordinary behaviour runs against the real SGLang server (the ``sglang`` tier, on SGLang's
+CPU engine; one server with an API key shared by this file): generation equal to the in-process engine (greedy: the CPU
+engine ignores ``sampling_seed``), per-prompt counts, stop tokens, exact-rid aborts, the API key, disk weight updates,
+attaching from a config, the asynchronous loop and the colocated loop. Faults, and the exact requests the client sends,
+run against the stand-in (``tests/sglang_test_server.py``)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +21,7 @@ from luffy_megatron.config import RolloutConfig, SGLangConfig
 from luffy_megatron.rollout import RolloutError, SamplingParams, WeightSyncError, sample_seed
 from luffy_megatron.rollout.factory import build_rollout_engine
 from luffy_megatron.rollout.hf_engine import HFEngine
+from luffy_megatron.rollout.sglang import client as client_mod
 from luffy_megatron.rollout.sglang.client import (
     SAMPLING_KEYS,
     RequestRejected,
@@ -23,11 +30,20 @@ from luffy_megatron.rollout.sglang.client import (
     SGLangClient,
     parse_sample,
 )
-from luffy_megatron.rollout.sglang.engine import SGLangEngine
-from luffy_megatron.rollout.sglang.weights import iter_buckets
-from tests.sglang_test_server import SGLangTestServer, schema, tiny_model
+from luffy_megatron.rollout.sglang.engine import MEMORY_TAGS, SGLangEngine
+from luffy_megatron.rollout.sglang.launcher import launch_servers, stop_processes
+from luffy_megatron.rollout.sglang.weights import iter_buckets, serialize_named_tensors
+from tests.fixtures_models import save_tiny_model, tiny_model
+from tests.sglang_real import cpu_server_config, free_port_block, sglang_python
+from tests.sglang_test_server import SGLangTestServer, schema
 
 PROMPTS = [[3, 4, 5], [7, 8], [9, 10, 11, 12], [13]]
+#: The real server's starting model (long enough a context for the abort test's long answers).
+REAL_MODEL = dict(seed=21, scale=4.0, max_positions=2048)
+GREEDY = SamplingParams(n=2, temperature=0.0, max_new_tokens=8)
+#: Log-probs of SGLang's CPU engine (fp32, torch-native attention) vs transformers' fp32 forward.
+LOGPROB_TOL = 1e-4
+KEY_ENV = "LUFFY_TEST_SGLANG_CLIENT_KEY"
 
 
 @pytest.fixture(scope="module")
@@ -60,28 +76,99 @@ def _engine(servers: list[SGLangTestServer], tmp_path=None, **kw) -> SGLangEngin
                                                            "samples_per_request")}  # fmt: skip
     client_kw.setdefault("backoff_s", 0.01)
     client = SGLangClient([s.url for s in servers], **client_kw)
-    return SGLangEngine(client, weight_sync_dir=str(tmp_path) if tmp_path else None,
-                        weight_sync=kw.pop("weight_sync", "disk" if tmp_path else "tensor"), eos_token_ids=[1],
-                        **kw)  # fmt: skip
+    return SGLangEngine(
+        client,
+        weight_sync_dir=str(tmp_path) if tmp_path else None,
+        weight_sync=kw.pop("weight_sync", "disk" if tmp_path else "tensor"),
+        eos_token_ids=[1],
+        **kw,
+    )
 
 
 def _generate_bodies(server: SGLangTestServer) -> list[dict]:
     return [r.body for r in server.requests if r.path == "/generate"]
 
 
-def test_generate_matches_in_process_engine_and_request_bodies(servers, model) -> None:
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """One real SGLang server (CPU engine) started with an API key, shared by this file's real-server tests; a test
+    that compares with a model first loads that model (:func:`_load`)."""
+    python = sglang_python()
+    root = tmp_path_factory.mktemp("real_sglang")
+    model_dir = save_tiny_model(root / "model", **REAL_MODEL)
+    key = "sk-real-" + os.urandom(6).hex()
+    cfg = cpu_server_config(python, free_port_block(), api_key_env=KEY_ENV)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY_ENV, key)
+        (proc,) = launch_servers(cfg, model_dir, log_dir=str(root / "logs"))
+    try:
+        yield SimpleNamespace(url=proc.url, key=key, model_dir=model_dir, proc=proc)
+    finally:
+        stop_processes([proc])
+
+
+def _real_engine(real: SimpleNamespace, **kw) -> SGLangEngine:
+    """An engine on the real server (tensor sync unless told otherwise)."""
+    client_kw = {k: kw.pop(k) for k in list(kw) if k in ("max_retries", "samples_per_request")}
+    client = SGLangClient([real.url], api_key=real.key, backoff_s=0.01, **client_kw)
+    return SGLangEngine(
+        client, weight_sync=kw.pop("weight_sync", "tensor"), eos_token_ids=[1], hf_path=real.model_dir, **kw
+    )
+
+
+def _load(engine: SGLangEngine, model: torch.nn.Module, version: int) -> None:
+    """Put ``model`` on the server (tensor sync), whatever mode the engine is in."""
+    mode, engine.weight_sync = engine.weight_sync, "tensor"
+    try:
+        engine.update_weights(model.state_dict().items(), version=version)
+    finally:
+        engine.weight_sync = mode
+
+
+def _ids(out: list) -> list:
+    return [[o.output_ids for o in row] for row in out]
+
+
+def _assert_same_greedy(got: list, ref: list) -> None:
+    assert _ids(got) == _ids(ref)
+    assert [[o.finish_reason for o in r] for r in got] == [[o.finish_reason for o in r] for r in ref]
+    gap = max(abs(a - b) for g, f in zip(got, ref) for x, y in zip(g, f) for a, b in zip(x.logprobs, y.logprobs))
+    assert gap < LOGPROB_TOL, gap
+
+
+@pytest.mark.slow
+def test_real_server_generation_equals_the_in_process_engine(real) -> None:
+    """Batched straight to the server, 5 samples per request: greedy tokens, finish reasons and log-probs are the
+    in-process engine's; sampled, every sample comes back once and well formed."""
+    model = tiny_model(**REAL_MODEL)
+    engine = _real_engine(real, samples_per_request=5)
+    try:
+        _load(engine, model, 1)
+        greedy = SamplingParams(n=3, temperature=0.0, max_new_tokens=10)
+        _assert_same_greedy(
+            engine.generate(PROMPTS, greedy), HFEngine(model, eos_token_ids=[1]).generate(PROMPTS, greedy)
+        )
+        params = SamplingParams(n=3, temperature=0.8, top_p=0.9, top_k=20, max_new_tokens=10, seed=4)
+        out = engine.generate(PROMPTS, params)
+        assert [(o.prompt_index, o.sample_index) for r in out for o in r] == [
+            (i, j) for i in range(4) for j in range(3)
+        ]
+        for o in (o for row in out for o in row):
+            assert 0 < len(o.output_ids) == len(o.logprobs) <= 10 and all(lp <= 0 for lp in o.logprobs)
+            assert o.finish_reason == "length" or (o.finish_reason == "stop" and o.output_ids[-1] == 1)
+            assert o.finish_reason == "stop" or len(o.output_ids) == 10
+            assert o.meta == {"url": real.url, "server_weight_version": "1"} and o.weight_version == 1
+    finally:
+        engine.close()
+
+
+def test_generate_request_bodies_field_by_field(servers) -> None:
+    """What the client sends (request recording): 12 samples, 5 per request, each with its own rid and seed."""
     (server,) = servers(1)
     engine = _engine([server], samples_per_request=5)
     params = SamplingParams(n=3, temperature=0.8, top_p=0.9, top_k=20, max_new_tokens=10, seed=4)
     out = engine.generate(PROMPTS, params)
-    ref = HFEngine(model, eos_token_ids=[1]).generate(PROMPTS, params)
-    assert [[o.output_ids for o in row] for row in out] == [[o.output_ids for o in row] for row in ref]
-    for row, rrow in zip(out, ref):
-        for o, r in zip(row, rrow):
-            assert o.finish_reason == r.finish_reason and len(o.logprobs) == len(o.output_ids)
-            assert torch.allclose(torch.tensor(o.logprobs), torch.tensor(r.logprobs), atol=1e-5)
     assert [o.prompt_index for row in out for o in row] == [i for i in range(4) for _ in range(3)]
-
     bodies = _generate_bodies(server)
     assert len(bodies) == 3  # 12 samples, 5 per request
     rids = []
@@ -105,17 +192,20 @@ def test_generate_matches_in_process_engine_and_request_bodies(servers, model) -
     engine.close()
 
 
-def test_unknown_sampling_key_rejected_by_server_and_client(servers) -> None:
-    (server,) = servers(1)
-    client = SGLangClient([server.url], max_retries=0)
+@pytest.mark.slow
+def test_unknown_sampling_key_rejected_by_server_and_client(real) -> None:
+    client = SGLangClient([real.url], api_key=real.key, max_retries=0)
 
     async def go() -> None:
-        with pytest.raises(RequestRejected, match="400.*unexpected keyword"):
-            await client.request(server.url, "/generate", {"input_ids": [1, 2], "sampling_params": {"temprature": 1}})
+        with pytest.raises(RequestRejected, match="400.*unknown field `temprature`"):
+            await client.request(real.url, "/generate", {"input_ids": [1, 2], "sampling_params": {"temprature": 1}})
         with pytest.raises(RolloutError, match="not in the documented"):
             await client.generate([SampleRequest("a", [1, 2], {"best_of": 2})])
-        single = await client.request(server.url, "/generate", {"input_ids": [2, 3], "return_logprob": True,
-                                                               "sampling_params": {"max_new_tokens": 3}})  # fmt: skip
+        single = await client.request(
+            real.url,
+            "/generate",
+            {"input_ids": [2, 3], "return_logprob": True, "sampling_params": {"max_new_tokens": 3}},
+        )
         assert isinstance(single, dict) and len(single["meta_info"]["output_token_logprobs"]) == len(
             single["output_ids"]
         )
@@ -124,42 +214,53 @@ def test_unknown_sampling_key_rejected_by_server_and_client(servers) -> None:
     asyncio.run(go())
 
 
-def test_per_prompt_counts_send_exactly_those_requests_with_the_full_requests_seeds(servers, model) -> None:
-    (server,) = servers(1)
-    engine = _engine([server], samples_per_request=4)
-    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=9)
+@pytest.mark.slow
+def test_per_prompt_counts_send_exactly_those_requests_with_the_full_requests_seeds(real, monkeypatch) -> None:
+    sent: list[SampleRequest] = []
+
+    def recording(chunk, *, batched=True):  # what the client puts in its /generate bodies
+        sent.extend(chunk)
+        return body(chunk, batched=batched)
+
+    body = client_mod.generate_body
+    monkeypatch.setattr(client_mod, "generate_body", recording)
+    model = tiny_model(**REAL_MODEL)
+    engine = _real_engine(real, samples_per_request=4)
     counts = [3, 4, 0, 2]
-    out = engine.generate(PROMPTS, params, counts)
-    ref = HFEngine(model, eos_token_ids=[1]).generate(PROMPTS, params)
-    assert [len(r) for r in out] == counts
-    assert [[o.output_ids for o in r] for r in out] == [[o.output_ids for o in r[:c]] for r, c in zip(ref, counts)]
-    sent = [sp["sampling_seed"] for b in _generate_bodies(server) for sp in b["sampling_params"]]
-    expected = [sample_seed(9, i, j) for i, c in enumerate(counts) for j in range(c)]
-    assert sorted(sent) == sorted(expected) and len(sent) == sum(counts)
-    engine.close()
+    try:
+        _load(engine, model, 1)
+        out = engine.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=9), counts)
+        assert [[o.sample_index for o in r] for r in out] == [list(range(c)) for c in counts]
+        expected = [sample_seed(9, i, j) for i, c in enumerate(counts) for j in range(c)]
+        assert sorted(r.sampling_params["sampling_seed"] for r in sent) == sorted(expected)
+        assert len({r.rid for r in sent}) == len(sent) == sum(counts)
+        greedy = SamplingParams(n=4, temperature=0.0, max_new_tokens=12)
+        ref = HFEngine(model, eos_token_ids=[1]).generate(PROMPTS, greedy)
+        assert _ids(engine.generate(PROMPTS, greedy, counts)) == [r[:c] for r, c in zip(_ids(ref), counts)]
+    finally:
+        engine.close()
 
 
-def test_async_rollout_generates_from_a_background_thread_then_syncs_at_the_boundary(servers, model) -> None:
+@pytest.mark.slow
+def test_async_rollout_generates_from_a_background_thread_then_syncs_at_the_boundary(real) -> None:
     """The asynchronous loop's use of the servers: a batch generated in the rollout thread, then a weight update."""
     from luffy_megatron.train.async_rollout import RolloutPrefetcher
 
-    (server,) = servers(1)
-    engine = _engine([server])
-    params = SamplingParams(n=2, max_new_tokens=8, seed=3)
+    model, new = tiny_model(**REAL_MODEL), tiny_model(seed=6, scale=4.0)
+    engine = _real_engine(real)
     prefetcher = RolloutPrefetcher()
     try:
-        prefetcher.start(2, 0, lambda: ([], {"ids": engine.generate(PROMPTS, params, [2, 1, 2, 1])}))
+        _load(engine, model, 1)
+        prefetcher.start(2, 0, lambda: ([], {"ids": engine.generate(PROMPTS, GREEDY, [2, 1, 2, 1])}))
         batch = prefetcher.take(2)
-        ref = HFEngine(model, eos_token_ids=[1]).generate(PROMPTS, params, [2, 1, 2, 1])
-        assert [[o.output_ids for o in r] for r in batch.metrics["ids"]] == [[o.output_ids for o in r] for r in ref]
-        new = tiny_model(seed=6, scale=4.0)
-        engine.update_weights(new.state_dict().items(), version=1)
-        prefetcher.start(3, 1, lambda: ([], {"ids": engine.generate(PROMPTS, params)}))
+        assert _ids(batch.metrics["ids"]) == _ids(
+            HFEngine(model, eos_token_ids=[1]).generate(PROMPTS, GREEDY, [2, 1, 2, 1])
+        )
+        engine.update_weights(new.state_dict().items(), version=2)
+        prefetcher.start(3, 1, lambda: ([], {"ids": engine.generate(PROMPTS, GREEDY)}))
         after = prefetcher.take(3).metrics["ids"]
-        assert [[o.output_ids for o in r] for r in after] == [
-            [o.output_ids for o in r] for r in HFEngine(new, eos_token_ids=[1]).generate(PROMPTS, params)
-        ]
-        assert all(o.weight_version == 1 for r in after for o in r)
+        assert _ids(after) == _ids(HFEngine(new, eos_token_ids=[1]).generate(PROMPTS, GREEDY))
+        assert all(o.weight_version == 2 for r in after for o in r)
     finally:
         prefetcher.close()
         engine.close()
@@ -176,7 +277,34 @@ def test_transient_faults_are_retried(servers, fault) -> None:
     engine.close()
 
 
+@pytest.mark.slow
+def test_a_matched_stop_token_ends_the_sample_and_stays_in_it(real) -> None:
+    """A stop token greedy decoding reaches ends the sample there, as in the in-process engine; the real server keeps
+    it in ``output_ids`` (the stand-in's ``trim_stop`` fault sends answers without it, checked below)."""
+    model = tiny_model(**REAL_MODEL)
+    hf = HFEngine(model, eos_token_ids=[1])
+    free = hf.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=12))
+    stop = free[0][0].output_ids[2]
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, stop_token_ids=(stop,))
+    engine = _real_engine(real)
+    try:
+        _load(engine, model, 1)
+        out = engine.generate(PROMPTS, params)
+        _assert_same_greedy(out, hf.generate(PROMPTS, params))
+        first = out[0][0]
+        assert first.finish_reason == "stop" and first.output_ids[-1] == stop and len(first.output_ids) <= 3
+        body = client_mod.generate_body(
+            [SampleRequest("raw", PROMPTS[0], {"max_new_tokens": 12, "temperature": 0.0, "stop_token_ids": [stop]})]
+        )
+        (raw,) = engine._run(engine.client.request(real.url, "/generate", body))
+        assert raw["output_ids"] == first.output_ids, "SGLang 0.5.23 does not trim the stop token from output_ids"
+    finally:
+        engine.close()
+
+
 def test_trimmed_stop_token_restored_from_logprobs(servers, model) -> None:
+    """A server that leaves the matched stop token out of ``output_ids`` (a fault only the stand-in sends): the token
+    comes back from ``output_token_logprobs``."""
     (server,) = servers(1)
     server.faults.trim_stop = True
     engine = _engine([server])
@@ -261,74 +389,63 @@ def test_server_killed_mid_batch_no_prompt_lost_or_duplicated(servers, tmp_path)
     engine.close()
 
 
-def test_abort_request_matches_the_rid_exactly(model) -> None:
+@pytest.mark.slow
+def test_abort_request_matches_the_rid_exactly(real) -> None:
     """SGLang looks the rid up exactly (``rid_to_state.get(rid)``): a prefix aborts nothing."""
-    server = SGLangTestServer(HFEngine(model, eos_token_ids=[]))  # never stops by itself
-    server.start()
-    server.faults.step_delay_s = 0.02
-    client = SGLangClient([server.url])
+    client = SGLangClient([real.url], api_key=real.key)
+    long = {"max_new_tokens": 1500, "ignore_eos": True}
 
     async def go() -> None:
-        reqs = [SampleRequest("job-1", [2, 3], {"max_new_tokens": 40}),
-                SampleRequest("job-2", [2, 4], {"max_new_tokens": 40})]  # fmt: skip
+        reqs = [SampleRequest("job-1", [2, 3], dict(long)), SampleRequest("job-2", [2, 4], dict(long))]
         task = asyncio.ensure_future(client.generate(reqs))
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.5)
         await client.abort(rid="job-")  # a prefix: not a rid, nothing happens
         await client.abort(rid="job-1")
-        res = await asyncio.wait_for(task, 30)
-        assert res["job-1"].finish_reason == "abort" and 0 < len(res["job-1"].output_ids) < 40
-        assert res["job-2"].finish_reason == "length" and len(res["job-2"].output_ids) == 40
+        res = await asyncio.wait_for(task, 120)
+        assert res["job-1"].finish_reason == "abort" and 0 < len(res["job-1"].output_ids) < 1500
+        assert res["job-2"].finish_reason == "length" and len(res["job-2"].output_ids) == 1500
         await client.close()
 
     asyncio.run(go())
-    bodies = [r.body for r in server.requests if r.path == "/abort_request"]
-    assert bodies == [{"rid": "job-", "abort_all": False}, {"rid": "job-1", "abort_all": False}]
-    server.stop()
 
 
-def test_api_key_required_and_never_logged(servers, caplog) -> None:
-    secret = "sk-test-Zq81"
-    (server,) = servers(1, api_key=secret)
-    server.faults.status_5xx = 1
-    bad = _engine([server], api_key="wrong", max_retries=0)
+@pytest.mark.slow
+def test_api_key_required_and_never_logged(real, caplog) -> None:
+    bad = SGLangEngine(SGLangClient([real.url], api_key="wrong", max_retries=0), weight_sync="tensor")
     with pytest.raises(RolloutError, match="401"):
         bad.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))
     bad.close()
     caplog.set_level(logging.DEBUG)
-    engine = _engine([server], api_key=secret)
+    dead = "http://127.0.0.1:9"  # tried first: its failure is logged, then the server answers
+    client = SGLangClient([dead, real.url], [real.url], api_key=real.key, backoff_s=0.01)
+    client._failures[real.url] = 1
+    engine = SGLangEngine(client, weight_sync="tensor", eos_token_ids=[1])
     out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=3))
-    assert len(out) == 4
-    assert all(r.authorization == f"Bearer {secret}" for r in server.requests[-2:])
-    assert secret not in caplog.text and secret not in repr(engine.client)
-    assert "retry" in caplog.text or "failed" in caplog.text  # the 5xx was logged, without the key
+    assert len(out) == 4 and {o.meta["url"] for r in out for o in r} == {real.url}
+    assert "generate attempt 1 failed" in caplog.text and dead in caplog.text
+    assert real.key not in caplog.text and real.key not in repr(engine.client)
     engine.close()
 
 
-def test_weight_update_from_disk_changes_outputs(servers, tmp_path) -> None:
-    a, b = servers(2)
-    engine = _engine([a, b], tmp_path)
-    params = SamplingParams(n=2, max_new_tokens=8, seed=3)
-    before = engine.generate(PROMPTS, params)
-    new = tiny_model(seed=99, scale=4.0)
-    engine.bucket_bytes = 20_000  # several shards
-    engine.update_weights(new.state_dict().items(), version=7)
-    after = engine.generate(PROMPTS, params)
-    ref = HFEngine(new, eos_token_ids=[1]).generate(PROMPTS, params)
-    assert [[o.output_ids for o in r] for r in after] == [[o.output_ids for o in r] for r in ref]
-    assert [[o.output_ids for o in r] for r in after] != [[o.output_ids for o in r] for r in before]
-    assert {o.meta["server_weight_version"] for r in after for o in r} == {"7"}
-    assert engine.weight_version == 7 and all(o.weight_version == 7 for r in after for o in r)
-    for s in (a, b):
-        paths = [r.path for r in s.requests if r.path != "/generate"]
-        assert paths == ["/pause_generation", "/flush_cache", "/update_weights_from_disk", "/continue_generation"]
-        body = next(r.body for r in s.requests if r.path == "/update_weights_from_disk")
-        assert body == {"model_path": str(tmp_path / "v7"), "weight_version": "7", "flush_cache": True,
-                        "abort_all_requests": False}  # fmt: skip
-        assert next(r.body for r in s.requests if r.path == "/pause_generation") == {"mode": "abort"}
-    assert len(list((tmp_path / "v7").glob("*.safetensors"))) > 1
-    engine.update_weights(new.state_dict().items(), version=8)
-    assert not (tmp_path / "v7").exists() and (tmp_path / "v8").is_dir()
-    engine.close()
+@pytest.mark.slow
+def test_weight_update_from_disk_changes_outputs(real, tmp_path) -> None:
+    old, new = tiny_model(**REAL_MODEL), tiny_model(seed=99, scale=4.0)
+    engine = _real_engine(real, weight_sync="disk", weight_sync_dir=str(tmp_path))
+    try:
+        _load(engine, old, 6)
+        before = engine.generate(PROMPTS, GREEDY)
+        engine.bucket_bytes = 20_000  # several shards
+        engine.update_weights(new.state_dict().items(), version=7)
+        after = engine.generate(PROMPTS, GREEDY)
+        _assert_same_greedy(after, HFEngine(new, eos_token_ids=[1]).generate(PROMPTS, GREEDY))
+        assert _ids(after) != _ids(before)
+        assert {o.meta["server_weight_version"] for r in after for o in r} == {"7"}
+        assert engine.weight_version == 7 and all(o.weight_version == 7 for r in after for o in r)
+        assert len(list((tmp_path / "v7").glob("*.safetensors"))) > 1
+        engine.update_weights(new.state_dict().items(), version=8)
+        assert not (tmp_path / "v7").exists() and (tmp_path / "v8").is_dir()
+    finally:
+        engine.close()
 
 
 def test_failed_weight_update_on_one_server_raises_and_blocks_generation(servers, tmp_path, model) -> None:
@@ -346,36 +463,78 @@ def test_failed_weight_update_on_one_server_raises_and_blocks_generation(servers
     engine.close()
 
 
-def test_weight_update_from_tensor_and_memory_release(servers) -> None:
+def test_weight_update_and_memory_requests_in_order(servers, tmp_path) -> None:
+    """What the engine sends (request recording), at ``tp_size`` 2: a disk update; colocated release (paused and
+    flushed first: SGLang asserts an idle scheduler) and resume (weights first, then KV cache and CUDA graphs); then a
+    release followed by a tensor update, which takes the weights back before its first bucket and the rest after its
+    last, one payload per TP rank."""
     (server,) = servers(1)
-    engine = _engine([server], colocate=True, tp_size=2)
-    engine.bucket_bytes = 20_000  # several buckets, each a partial load on the server
+    engine = _engine([server], tmp_path, colocate=True, tp_size=2)
     new = tiny_model(seed=5, scale=4.0)
-    engine.release_memory()
-    assert server.released == {"kv_cache", "weights", "cuda_graph"}
-    engine.resume_memory()
-    assert not server.released
-    engine.update_weights(((k, v.clone()) for k, v in new.state_dict().items()), version=3)
-    params = SamplingParams(n=1, max_new_tokens=6, seed=1)
-    ref = HFEngine(new, eos_token_ids=[1]).generate(PROMPTS, params)
-    assert [[o.output_ids for o in r] for r in engine.generate(PROMPTS, params)] == [
-        [o.output_ids for o in r] for r in ref
+
+    def sent() -> list[tuple[str, object]]:
+        out = [(r.path, r.body) for r in server.requests if r.path != "/generate"]
+        server.requests.clear()
+        return out
+
+    engine.update_weights(new.state_dict().items(), version=7)
+    assert sent() == [
+        ("/pause_generation", {"mode": "abort"}),
+        ("/flush_cache", None),
+        (
+            "/update_weights_from_disk",
+            {
+                "model_path": str(tmp_path / "v7"),
+                "weight_version": "7",
+                "flush_cache": True,
+                "abort_all_requests": False,
+            },
+        ),
+        ("/continue_generation", {}),
     ]
-    bodies = [r.body for r in server.requests if r.path == "/update_weights_from_tensor"]
-    assert len(bodies) > 2
-    assert set(bodies[-1]) == {"serialized_named_tensors", "flush_cache", "abort_all_requests", "weight_version"}
-    assert len(bodies[-1]["serialized_named_tensors"]) == 2 and bodies[-1]["weight_version"] == "3"
-    assert all("weight_version" not in b and b["flush_cache"] is False for b in bodies[:-1])
-    assert bodies[-1]["flush_cache"] is True and server.weight_version == "3"
-    assert all(len(set(b["serialized_named_tensors"])) == 2 for b in bodies)  # one serialization per TP rank
-    assert [r.body for r in server.requests if r.path == "/release_memory_occupation"] == [{"tags": None}]
-    paths = [r.path for r in server.requests if r.path != "/generate"]
-    n = len(bodies)
-    assert paths == ["/release_memory_occupation", "/resume_memory_occupation", "/pause_generation", "/flush_cache",
-                     "/begin_weight_update", *["/update_weights_from_tensor"] * n, "/end_weight_update",
-                     "/continue_generation"]  # fmt: skip
+    tags, weights, rest = {"tags": list(MEMORY_TAGS)}, {"tags": ["weights"]}, {"tags": ["kv_cache", "cuda_graph"]}
+    engine.release_memory()
+    engine.release_memory()  # released already: no request
+    assert server.released == set(MEMORY_TAGS) and server.paused
+    engine.resume_memory()
     engine.resume_memory()  # nothing released: no request
-    assert [r.path for r in server.requests].count("/resume_memory_occupation") == 1
+    assert not server.released and not server.paused
+    assert sent() == [
+        ("/pause_generation", {"mode": "abort"}),
+        ("/flush_cache", None),
+        ("/release_memory_occupation", tags),
+        ("/resume_memory_occupation", weights),
+        ("/resume_memory_occupation", rest),
+        ("/continue_generation", {}),
+    ]
+
+    engine.release_memory()
+    engine.weight_sync = "tensor"
+    engine.bucket_bytes = 20_000  # several buckets, each a partial load on the server
+    engine.update_weights(((k, v.clone()) for k, v in new.state_dict().items()), version=8)
+    requests = sent()
+    bodies = [b for p, b in requests if p == "/update_weights_from_tensor"]
+    n = len(bodies)
+    assert n > 2
+    assert [(p, b) for p, b in requests if p != "/update_weights_from_tensor"] == [
+        ("/pause_generation", {"mode": "abort"}),
+        ("/flush_cache", None),
+        ("/release_memory_occupation", tags),
+        ("/resume_memory_occupation", weights),
+        ("/pause_generation", {"mode": "abort"}),
+        ("/flush_cache", None),
+        ("/begin_weight_update", {}),
+        ("/end_weight_update", {}),
+        ("/resume_memory_occupation", rest),
+        ("/continue_generation", {}),
+    ]
+    assert [p for p, _ in requests][7 : 7 + n] == ["/update_weights_from_tensor"] * n  # between begin and end
+    assert set(bodies[-1]) == {"serialized_named_tensors", "flush_cache", "abort_all_requests", "weight_version"}
+    assert bodies[-1]["weight_version"] == "8" and bodies[-1]["flush_cache"] is True and server.weight_version == "8"
+    assert all("weight_version" not in b and b["flush_cache"] is False for b in bodies[:-1])
+    assert all(len(b["serialized_named_tensors"]) == 2 for b in bodies)  # one payload per TP rank
+    params = SamplingParams(n=1, max_new_tokens=6, seed=1)
+    assert _ids(engine.generate(PROMPTS, params)) == _ids(HFEngine(new, eos_token_ids=[1]).generate(PROMPTS, params))
     engine.close()
 
 
@@ -392,21 +551,32 @@ def test_failed_tensor_update_closes_the_session_and_the_next_one_works(servers,
     engine.close()
 
 
+@pytest.mark.parametrize("server_kind", [pytest.param("real", marks=pytest.mark.slow), "stand-in"])
 @pytest.mark.parametrize("path", ["/update_weights_from_tensor", "/update_weights_from_distributed"])
-def test_test_server_rejects_loads_outside_a_session_like_sglang(servers, path) -> None:
+def test_loads_outside_a_session_are_refused_with_sglangs_message(servers, request, server_kind, path) -> None:
+    """The real server, and the stand-in like it, refuse bucket loads outside ``begin/end_weight_update`` with the
+    message of the pinned wheel."""
     import urllib.error
     import urllib.request
 
     from tests import upstream
 
-    (server,) = servers(1)
-    body = {"serialized_named_tensors": ["x"]} if "tensor" in path else {"names": [], "dtypes": [], "shapes": []}
-    if "distributed" in path:
+    headers = {"Content-Type": "application/json"}
+    if server_kind == "real":
+        real = request.getfixturevalue("real")
+        url, headers["Authorization"] = real.url, f"Bearer {real.key}"
+    else:
+        (server,) = servers(1)
+        url = server.url
         server.groups["weight_update_group"] = {}
-    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    body = (
+        {"serialized_named_tensors": [serialize_named_tensors([("model.norm.weight", torch.ones(32))])]}
+        if "tensor" in path
+        else {"names": [], "dtypes": [], "shapes": []}
+    )
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST", headers=headers)
     with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(req, timeout=10)
+        urllib.request.urlopen(req, timeout=30)
     answer = json.loads(err.value.read())
     assert err.value.code == 400 and answer["success"] is False
     assert answer["message"] == upstream.session_messages()[path]
@@ -414,7 +584,9 @@ def test_test_server_rejects_loads_outside_a_session_like_sglang(servers, path) 
 
 
 def test_distributed_sync_http_protocol(servers, model) -> None:
-    """The HTTP half of NCCL weight sync; the broadcasts run over gloo here (NCCL needs GPUs)."""
+    """What the engine sends for NCCL weight sync (request recording) to two servers at ``tp_size`` 2, a layout the CPU
+    server cannot run: ranks ``1 + i * tp_size``, one group name, the buckets' names, dtypes and shapes, the version
+    on the last. The group and broadcasts are faked; real ones run in tests/test_sglang_real.py."""
     a, b = servers(2)
     engine = _engine([a, b], weight_sync="distributed", tp_size=2, bucket_mb=1, group_backend="gloo")
     calls: list[tuple[int, int, str]] = []
@@ -493,60 +665,65 @@ def test_iter_buckets() -> None:
     assert list(iter_buckets([], 10)) == []
 
 
-def test_engine_from_config_attach_and_bad_url(servers, tmp_path, monkeypatch) -> None:
-    (server,) = servers(1, api_key="k-123")
-    monkeypatch.setenv("MY_SGLANG_KEY", "k-123")
-    cfg = SGLangConfig(urls=[server.url], api_key_env="MY_SGLANG_KEY", weight_sync="disk",
+@pytest.mark.slow
+def test_engine_from_config_attach_and_bad_url(real, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MY_SGLANG_KEY", real.key)
+    cfg = SGLangConfig(urls=[real.url], api_key_env="MY_SGLANG_KEY", weight_sync="disk",
                        weight_sync_dir=str(tmp_path), startup_timeout_s=5)  # fmt: skip
-    engine = build_rollout_engine(RolloutConfig(backend="sglang", sglang=cfg), str(tmp_path), eos_token_ids=[1])
-    assert isinstance(engine, SGLangEngine) and engine.client.server_urls == [server.url]
+    engine = build_rollout_engine(RolloutConfig(backend="sglang", sglang=cfg), real.model_dir, eos_token_ids=[1])
+    assert isinstance(engine, SGLangEngine) and engine.client.server_urls == [real.url] and not engine.processes
     assert engine.health()["ok"] and len(engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))) == 4
-    assert "k-123" not in repr(engine.client)
+    assert real.key not in repr(engine.client)
     engine.close()
+    assert real.proc.proc.poll() is None, "closing an attached engine leaves the server running"
     cfg = SGLangConfig(urls=["http://127.0.0.1:9"], startup_timeout_s=1.5)
     with pytest.raises(RolloutError, match=r"not healthy after .*http://127\.0\.0\.1:9"):
         SGLangEngine.from_config(cfg, hf_path=str(tmp_path))
     monkeypatch.delenv("MY_SGLANG_KEY")
     with pytest.raises(RolloutError, match="MY_SGLANG_KEY is not set"):
-        SGLangEngine.from_config(SGLangConfig(urls=[server.url], api_key_env="MY_SGLANG_KEY"), hf_path=".")
+        SGLangEngine.from_config(SGLangConfig(urls=[real.url], api_key_env="MY_SGLANG_KEY"), hf_path=".")
 
 
-def test_no_thread_leak_after_close(servers) -> None:
-    (server,) = servers(1)
+@pytest.mark.slow
+def test_no_thread_leak_after_close(real) -> None:
     before = threading.active_count()
-    engine = _engine([server])
+    engine = _real_engine(real)
     engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))
     engine.close()
     time.sleep(0.1)
-    assert threading.active_count() <= before + 1  # executor threads of the server may linger
+    assert threading.active_count() <= before
 
 
-def test_colocated_servers_release_memory_between_generation_and_weight_sync(servers, model, monkeypatch) -> None:
-    """The loop's own functions: generation, release; (training); resume, then the session-framed update."""
-    from types import SimpleNamespace
-
+@pytest.mark.slow
+def test_colocated_servers_release_memory_between_generation_and_weight_sync(real, monkeypatch) -> None:
+    """The loop's own functions on a colocated real server: generation then release; a second dynamic-sampling round
+    (resume, generate, release); (training); the weight sync takes the memory back and the new weights serve."""
     import luffy_megatron.train.loop as loop
     from luffy_megatron.config import RunConfig
     from luffy_megatron.train.loop import generate_groups, sync_weights
 
-    (server,) = servers(1)
-    engine = _engine([server], colocate=True)
-    cfg = RunConfig()
-    cfg.rollout.n, cfg.rollout.n_off, cfg.data.max_response_length = 3, 1, 4
-    run = SimpleNamespace(engine=engine, step=1, weight_version=0)
-    traces = [[5, 1], None, [6, 1], None]  # two prompts with a trace: 2 samples each, the others 3
-    batch = [SimpleNamespace(index=i, prompt_ids=p, trace_ids=t) for i, (p, t) in enumerate(zip(PROMPTS, traces))]
-    samples, counts = generate_groups(cfg, run, batch, step=1)
-    assert len(samples) == 12 and sum(s.off_policy for s in samples) == 2
-    assert counts == {"rollout/samples_generated": 10.0, "rollout/samples_discarded": 0.0}
-    assert sum(len(b["rid"]) for b in _generate_bodies(server)) == 10
-    assert server.released == {"kv_cache", "weights", "cuda_graph"}
+    engine = _real_engine(real, colocate=True)
     new = tiny_model(seed=6, scale=4.0)
-    monkeypatch.setattr(loop, "iter_hf_weights", lambda modules, spec: iter([list(new.state_dict().items())]))
-    sync_weights(run, SimpleNamespace(modules=None, spec=None))
-    assert not server.released and server.weight_version == "1"
-    paths = [r.path for r in server.requests if r.path != "/generate"]
-    assert paths[:5] == ["/release_memory_occupation", "/resume_memory_occupation", "/pause_generation",
-                         "/flush_cache", "/begin_weight_update"]  # fmt: skip
-    assert paths[-2:] == ["/end_weight_update", "/continue_generation"]
-    engine.close()
+    try:
+        _load(engine, tiny_model(**REAL_MODEL), 0)
+        cfg = RunConfig()
+        cfg.rollout.n, cfg.rollout.n_off, cfg.data.max_response_length = 3, 1, 4
+        run = SimpleNamespace(engine=engine, step=1, weight_version=0)
+        traces = [[5, 1], None, [6, 1], None]  # two prompts with a trace: 2 samples each, the others 3
+        batch = [SimpleNamespace(index=i, prompt_ids=p, trace_ids=t) for i, (p, t) in enumerate(zip(PROMPTS, traces))]
+        for round_index in (0, 1):
+            samples, counts = generate_groups(cfg, run, batch, step=1, round_index=round_index)
+            assert len(samples) == 12 and sum(s.off_policy for s in samples) == 2
+            assert counts == {"rollout/samples_generated": 10.0, "rollout/samples_discarded": 0.0}
+            assert all(0 < len(s.response_ids) <= 4 for s in samples if not s.off_policy)
+            assert engine._released == set(MEMORY_TAGS)
+        monkeypatch.setattr(loop, "iter_hf_weights", lambda modules, spec: iter([list(new.state_dict().items())]))
+        sync_weights(run, SimpleNamespace(modules=None, spec=None))
+        assert not engine._released and engine.weight_version == 1
+        out = engine.generate(PROMPTS, GREEDY)
+        _assert_same_greedy(out, HFEngine(new, eos_token_ids=[1]).generate(PROMPTS, GREEDY))
+        assert {o.meta["server_weight_version"] for r in out for o in r} == {"1"}
+    finally:
+        if engine._released:  # leave the shared server serving
+            engine.resume_memory()
+        engine.close()

@@ -31,7 +31,8 @@ from luffy_megatron.rollout.sglang.client import SGLangClient, sampling_params_b
 from luffy_megatron.rollout.sglang.engine import SGLangEngine
 from luffy_megatron.rollout.sglang.weights import init_weights_update_group, serialize_named_tensors
 from tests import upstream
-from tests.sglang_test_server import SGLangTestServer, tiny_model
+from tests.fixtures_models import tiny_model
+from tests.sglang_test_server import SGLangTestServer
 
 SGLANG_PKG = "sglang/srt/"
 
@@ -305,9 +306,11 @@ def test_tensor_payloads_one_per_rank_accepted_by_sglang_safe_unpickler() -> Non
     unpickler = upstream.upstream_common()["SafeUnpickler"]
     named = [("model.embed_tokens.weight", torch.randn(8, 4)), ("lm_head.weight", torch.randn(8, 4).bfloat16())]
     payloads = [serialize_named_tensors(named) for _ in range(2)]
-    assert payloads[0] != payloads[1]  # each rank gets its own references
     import base64
 
+    # CPU tensors travel as named shared-memory files, which any process may open (a server died on the default file
+    # descriptors); CUDA tensors would be a fresh IPC reference per serialization.
+    assert all(b"rebuild_storage_filename" in base64.b64decode(p) for p in payloads)
     for p in payloads:
         got = unpickler(io.BytesIO(base64.b64decode(p))).load()
         assert [n for n, _ in got] == [n for n, _ in named]
