@@ -1,10 +1,10 @@
-"""SGLang launcher: command lines (host, flags, key redaction), health waiting, real subprocess servers."""
+"""SGLang launcher: command lines (host, flags, key redaction), health waiting, and real SGLang servers (the ``sglang``
+tier, on SGLang's CPU engine) it starts as subprocesses."""
 
 from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import pytest
 
@@ -21,16 +21,15 @@ from luffy_megatron.rollout.sglang.launcher import (
     stop_processes,
     wait_healthy,
 )
-from tests.sglang_test_server import save_tiny_model, tiny_model
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.fixtures_models import save_tiny_model, tiny_model
+from tests.sglang_real import cpu_server_config, free_port_block, sglang_python
 
 
 def test_server_command_flags_and_redaction() -> None:
     cfg = SGLangConfig(tp_size=2, mem_fraction_static=0.6, context_length=4096, colocate=True, extra_args=["--x"])
     cmd = server_command(cfg, "/m", 1, api_key="sk-secret")
     assert cmd[1:3] == ["-m", "sglang.launch_server"]
-    flags = dict(zip(cmd[3::2], cmd[4::2]))
+    flags = {a: b for a, b in zip(cmd, cmd[1:]) if a.startswith("--")}
     assert flags["--host"] == "127.0.0.1" and flags["--port"] == "30010" and flags["--base-gpu-id"] == "2"
     assert flags["--tp-size"] == "2" and flags["--mem-fraction-static"] == "0.6" and flags["--dtype"] == "bfloat16"
     assert "--skip-tokenizer-init" in cmd and "--enable-memory-saver" in cmd and cmd[-1] == "--x"
@@ -40,6 +39,10 @@ def test_server_command_flags_and_redaction() -> None:
     assert redact(["a", "--api-key=abc"]) == "a --api-key=<redacted>"
     no_key = server_command(SGLangConfig(), "/m", 0)
     assert "--api-key" not in no_key and "--enable-memory-saver" not in no_key
+    cpu = server_command(SGLangConfig(device="cpu", python="/venv/bin/python", colocate=True), "/m", 1)
+    assert cpu[0] == "/venv/bin/python" and "--base-gpu-id" not in cpu and "--enable-memory-saver" not in cpu
+    assert {"--device": "cpu", "--attention-backend": "torch_native"}.items() <= dict(zip(cpu, cpu[1:])).items()
+    assert "--disable-cuda-graph" in cpu
     rc = router_command(SGLangConfig(router_port=29001), ["http://a:1", "http://b:2"])
     assert rc[1:5] == ["-m", "sglang_router.launch_router", "--worker-urls", "http://a:1"] and "29001" in rc
 
@@ -51,39 +54,41 @@ def test_wait_healthy_names_the_url() -> None:
 
 @pytest.mark.slow
 def test_real_processes_gloo_weight_sync_and_kill(tmp_path, monkeypatch, caplog) -> None:
-    """Two server processes started by the launcher (the test server stands in for ``sglang.launch_server``):
-    distributed weight sync with real broadcasts over gloo, then one server SIGKILLed between batches."""
+    """Two real SGLang servers (CPU engine) started by the launcher with an API key, never printed: distributed
+    weight sync with real broadcasts over gloo (one group, made once and reused), then one server SIGKILLed between
+    batches: the other serves every sample, and a weight update refuses to update only some servers."""
+    python = sglang_python()
     model = save_tiny_model(tmp_path / "model", seed=3)
     monkeypatch.setenv("TEST_SGLANG_KEY", "sk-proc-77")
-    base = 20000 + os.getpid() % 20000
-    cfg = SGLangConfig(launch=True, num_servers=2, base_port=base, api_key_env="TEST_SGLANG_KEY",
-                       startup_timeout_s=180, extra_args=["--join-weight-groups"])  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cfg = cpu_server_config(python, free_port_block(), num_servers=2, api_key_env="TEST_SGLANG_KEY")
     caplog.set_level("INFO")
-    procs = launch_servers(cfg, model, log_dir=str(tmp_path / "logs"), module="tests.sglang_test_server", env=env)
+    procs = launch_servers(cfg, model, log_dir=str(tmp_path / "logs"))
     try:
         assert "sk-proc-77" not in caplog.text and "<redacted>" in caplog.text
         client = SGLangClient([p.url for p in procs], api_key="sk-proc-77", backoff_s=0.05, samples_per_request=2)
         engine = SGLangEngine(client, weight_sync="distributed", group_backend="gloo", eos_token_ids=[1])
         engine.bucket_bytes = 20_000  # several buckets
-        params = SamplingParams(n=2, max_new_tokens=5, seed=1)
+        params = SamplingParams(n=2, max_new_tokens=5, temperature=0.0)  # greedy: the CPU engine ignores seeds
         prompts = [[2 + i, 3] for i in range(10)]
         new = tiny_model(seed=8, scale=4.0)
-        ref = HFEngine(new, eos_token_ids=[1]).generate(prompts, params)
+        ref = [[o.output_ids for o in r] for r in HFEngine(new, eos_token_ids=[1]).generate(prompts, params)]
+        groups = []
         for version in (1, 2):  # the group is created once and reused
             engine.update_weights(new.state_dict().items(), version=version)
+            groups.append(engine._group)
+        assert groups[0] is groups[1] is not None
         first = engine.generate(prompts, params)
-        assert [[o.output_ids for o in r] for r in first] == [[o.output_ids for o in r] for r in ref]
+        assert [[o.output_ids for o in r] for r in first] == ref
         assert {o.meta["server_weight_version"] for r in first for o in r} == {"2"}
-        os.kill(procs[0].proc.pid, signal.SIGKILL)
+        assert {o.meta["url"] for r in first for o in r} == {p.url for p in procs}
+        os.killpg(procs[0].proc.pid, signal.SIGKILL)  # the server and its scheduler
         procs[0].proc.wait(10)
         second = engine.generate(prompts, params)
-        assert [[o.output_ids for o in r] for r in second] == [[o.output_ids for o in r] for r in ref]
+        assert [[o.output_ids for o in r] for r in second] == ref
         assert {o.meta["url"] for r in second for o in r} == {procs[1].url}
         assert engine.health()["servers"] == {procs[0].url: False, procs[1].url: True}
         with pytest.raises(WeightSyncError, match=procs[0].url):  # never update only some servers
             engine.update_weights(new.state_dict().items(), version=3)
-        engine.processes = []
         engine._group = None  # the peer is gone; skip destroying the group
         engine.close()
     finally:
