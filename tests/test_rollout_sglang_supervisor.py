@@ -21,7 +21,9 @@ from luffy_megatron.rollout.hf_engine import HFEngine
 from luffy_megatron.rollout.sglang.client import SGLangClient
 from luffy_megatron.rollout.sglang.engine import SGLangEngine
 from luffy_megatron.rollout.sglang.supervisor import Server, ServerSupervisor, probe_health
-from tests.sglang_test_server import SGLangTestServer, save_tiny_model, tiny_model
+from tests.fixtures_models import save_tiny_model, tiny_model
+from tests.sglang_real import cpu_server_config, free_port_block, sglang_python
+from tests.sglang_test_server import SGLangTestServer
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = SamplingParams(n=2, max_new_tokens=6, seed=1)
@@ -96,20 +98,31 @@ def test_a_server_killed_mid_generation_restarts_and_serves_the_trainers_weights
 
 @pytest.mark.slow
 def test_every_server_dead_in_disk_mode_restarts_them_with_the_last_weights(tmp_path) -> None:
+    """The real SGLang server (CPU engine) SIGKILLed after a disk-mode update: the next generation waits for the
+    restarted server, which loads the last weights from disk before it serves."""
     model = save_tiny_model(tmp_path / "model", seed=3)
-    cfg = SGLangConfig(launch=True, num_servers=2, base_port=free_port(), startup_timeout_s=180, weight_sync="disk",
-                       weight_sync_dir=str(tmp_path / "w"), samples_per_request=4, retry_backoff_s=0.05)  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    ft = FaultToleranceConfig(health_timeout_s=2.0, servers_grace_s=120)
-    engine = SGLangEngine.from_config(cfg, model, eos_token_ids=[1], log_dir=str(tmp_path / "logs"),
-                                      fault_tolerance=ft, module="tests.sglang_test_server", env=env)  # fmt: skip
+    cfg = cpu_server_config(
+        sglang_python(),
+        free_port_block(),
+        weight_sync="disk",
+        weight_sync_dir=str(tmp_path / "w"),
+        samples_per_request=4,
+        retry_backoff_s=0.05,
+    )
+    ft = FaultToleranceConfig(health_timeout_s=2.0, servers_grace_s=300)
+    engine = SGLangEngine.from_config(cfg, model, eos_token_ids=[1], log_dir=str(tmp_path / "logs"), fault_tolerance=ft)
+    greedy = SamplingParams(n=2, max_new_tokens=6, temperature=0.0)  # the CPU engine ignores sampling seeds
     try:
         engine.update_weights(weights(1).state_dict().items(), version=1)
         for s in engine.supervisor.servers:
-            os.kill(s.process.proc.pid, signal.SIGKILL)
+            os.killpg(s.process.proc.pid, signal.SIGKILL)  # the server and its scheduler
             s.process.proc.wait(10)
-        out, stats = step(engine, 1)  # waits for a restarted server, loads version 1 from disk, then generates
-        assert stats["rollout/servers_healthy"] >= 1 and stats["rollout/servers_restarted"] == 2
+        out = engine.generate(PROMPTS, greedy)  # waits for the restarted server, which loads version 1 from disk
+        ref = HFEngine(weights(1), eos_token_ids=[1]).generate(PROMPTS, greedy)
+        assert [[o.output_ids for o in row] for row in out] == [[o.output_ids for o in row] for row in ref]
+        assert {o.meta["server_weight_version"] for row in out for o in row} == {"1"}
+        stats = engine.step_metrics()
+        assert stats["rollout/servers_healthy"] == 1 and stats["rollout/servers_restarted"] == 1
     finally:
         engine.close()
 
