@@ -1,7 +1,9 @@
-"""Rollout servers that die and come back (luffy_megatron.rollout.sglang.supervisor), with the fault-injecting test
-server: launched servers SIGKILLed mid-generation are restarted and serve again only with the trainer's weights
-(disk and distributed weight sync, real processes), every server dead (restored from the weights on disk, or a clear
-failure after the grace period), and the router left out once a server died."""
+"""Rollout servers that die and come back (luffy_megatron.rollout.sglang.supervisor). With the fault-injecting
+stand-in (tests/sglang_test_server.py): launched servers SIGKILLed mid-generation (slow answers land the kill) are
+restarted and serve again only with the trainer's weights (disk and distributed weight sync, real processes, and under
+luffy-train), injected deaths mid-call, every URL server dead past the grace period (a clear failure), and the router
+left out once a server died. With the real SGLang server (the ``sglang`` tier): every server dead in disk mode,
+restarted and restored from the weights on disk. tests/test_sglang_real.py kills a real server mid-generation."""
 
 from __future__ import annotations
 
