@@ -110,8 +110,9 @@ def server_command(
     cmd = [cfg.python or sys.executable, "-m", module, "--model-path", str(model_path), "--host", cfg.host]
     cmd += ["--port", str(port), "--tp-size", str(cfg.tp_size), "--mem-fraction-static", str(cfg.mem_fraction_static)]
     cmd += ["--dtype", cfg.dtype, "--skip-tokenizer-init"]
-    if cfg.device == ServerDevice.CPU:  # SGLang's CPU engine: no CUDA graphs, torch-native attention
-        cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph"]
+    if cfg.device == ServerDevice.CPU:  # SGLang's CPU engine: torch-native attention, no CUDA graphs, and a scheduler
+        # that sleeps when idle instead of polling (it shares the cores with the trainer)
+        cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--sleep-on-idle"]
     else:
         cmd += ["--base-gpu-id", str(index * cfg.tp_size)]
     if cfg.context_length is not None:
