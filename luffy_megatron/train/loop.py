@@ -40,6 +40,7 @@ from luffy_megatron.convert.export import iter_hf_weights
 from luffy_megatron.data import PromptDataset, PromptSampler
 from luffy_megatron.metrics.logger import MetricsLogger, Timers
 from luffy_megatron.metrics.perf import mfu, model_flops, peak_flops
+from luffy_megatron.metrics.reduce import reduce_mini_batches
 from luffy_megatron.models.builder import model_spec
 from luffy_megatron.models.tokenizer import load_tokenizer, pad_token_id
 from luffy_megatron.platform import init_distributed, init_model_parallel, rank0_call
@@ -140,7 +141,7 @@ def rl_step(cfg: RunConfig, run: RunState, policy) -> dict[str, float]:
         with timers("weight_sync"):
             sync_weights(run, policy)
 
-    metrics = {(k if "/" in k else f"actor/{k}"): sum(v) / len(v) for k, v in train_metrics.items()}
+    metrics = {(k if "/" in k else f"actor/{k}"): v for k, v in reduce_mini_batches(train_metrics).items()}
     metrics.update(extra)
     metrics.update({"timeline/update_start": update_start, "timeline/update_end": update_end})
     step_s = time.perf_counter() - start
