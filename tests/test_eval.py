@@ -1,5 +1,6 @@
 """luffy-eval: pass@k against brute force, the tables, scoring with a scripted engine (incl. choice letters), the
-in-process engine end to end with a kill and resume, on-the-fly Megatron conversion, and one-line input errors."""
+in-process engine end to end with a kill and resume, on-the-fly Megatron conversion, one-line input errors, and the
+sglang backend on real SGLang CPU servers it launches (with and without sglang-router) matching the hf backend."""
 
 from __future__ import annotations
 
@@ -220,6 +221,9 @@ def test_bad_input_gives_one_error_line(model_dir, tmp_path, capsys):
     assert "cannot load the tokenizer" in _error(["--model", str(bad_model), "--data", str(FIXTURE), *out], capsys)
     assert "--n: invalid value 0" in _error([*model, "--data", str(FIXTURE), *out, "--n", "0"], capsys)
     assert "--compare" in _error(["--compare", str(tmp_path)], capsys)
+    sglang = [*model, "--data", str(FIXTURE), *out, "--backend", "sglang", "--sglang-launch", "--sglang-set"]
+    assert "Key 'devce' not in 'SGLangConfig'" in _error([*sglang, "device=cpu", "devce=cpu"], capsys)
+    assert "rollout.sglang.device: 'gpu' is not one of" in _error([*sglang, "rollout.sglang.device=gpu"], capsys)
 
 
 def test_rerun_with_other_settings_is_refused(model_dir, tmp_path, capsys, monkeypatch):
@@ -234,23 +238,51 @@ def test_rerun_with_other_settings_is_refused(model_dir, tmp_path, capsys, monke
     assert os.listdir(out) == ["run.json"]
 
 
-@pytest.mark.slow
-def test_sglang_backend_gives_the_in_process_samples(model_dir, tmp_path):
-    """``--backend sglang --sglang-url`` against the protocol-faithful test server (backed by the in-process engine):
-    the seeded samples, scores and tables equal the in-process backend's."""
-    from luffy_megatron.rollout.hf_engine import HFEngine
-    from tests.sglang_test_server import SGLangTestServer
+GREEDY_ARGS = ["--n", "1", "--temperature", "0", "--max-new-tokens", "24", "--chunk-size", "4", "--quiet"]
 
-    server = SGLangTestServer(HFEngine.from_pretrained(model_dir))
-    url = server.start()
-    try:
-        args = ["--model", str(model_dir), "--data", str(FIXTURE), "--sources", "aime", "gpqa", *EVAL_ARGS]
-        assert cli.main([*args, "--out", str(tmp_path / "hf")]) == 0
-        assert cli.main([*args, "--out", str(tmp_path / "sg"), "--backend", "sglang", "--sglang-url", url]) == 0
-    finally:
-        server.stop()
-    assert (tmp_path / "sg" / "samples.jsonl").read_text() == (tmp_path / "hf" / "samples.jsonl").read_text()
-    assert len(server.requests) > 0
+
+@pytest.mark.slow
+def test_sglang_launch_with_and_without_router_gives_the_hf_backends_greedy_tokens(model_dir, tmp_path, monkeypatch):
+    """``luffy-eval --backend sglang --sglang-launch`` (real SGLang CPU servers it starts itself, then the same behind
+    sglang-router) generates the hf backend's greedy tokens, token for token, and so the same answers and avg@1."""
+    from luffy_megatron.rollout.sglang.engine import SGLangEngine
+    from tests.sglang_real import cpu_server_overrides, free_port_block, sglang_python
+
+    python = sglang_python()
+    build, tokens, generate_urls = runner.build_engine, {}, {}
+
+    def recording(opts, path):  # the CLI's own engine; records what it generates
+        engine = build(opts, path)
+        generate, out = engine.generate, tokens.setdefault(Path(opts.out).name, [])
+        if isinstance(engine, SGLangEngine):
+            generate_urls[Path(opts.out).name] = (engine.client.generate_urls, engine.client.server_urls)
+
+        def record(prompts, params, counts=None):
+            got = generate(prompts, params, counts)
+            out.extend([o.output_ids for o in row] for row in got)
+            return got
+
+        engine.generate = record
+        return engine
+
+    monkeypatch.setattr(runner, "build_engine", recording)
+    args = ["--model", str(model_dir), "--data", str(FIXTURE), "--sources", "aime", "gpqa", "math", *GREEDY_ARGS]
+    assert cli.main([*args, "--out", str(tmp_path / "hf")]) == 0
+    for name, with_router in (("sglang", []), ("router", ["--sglang-router"])):
+        cpu = ["--sglang-set", *cpu_server_overrides(python, free_port_block())]
+        launch = ["--backend", "sglang", "--sglang-launch", *with_router, *cpu]
+        assert cli.main([*args, "--out", str(tmp_path / name), *launch]) == 0
+    (servers,), direct = generate_urls["sglang"]
+    (router,), behind = generate_urls["router"]
+    assert servers == direct[0] and router not in behind, "the second run generated through sglang-router"
+    assert [len(row) for row in tokens["hf"]] == [1] * 11 and any(ids for row in tokens["hf"] for ids in row)
+    assert tokens["sglang"] == tokens["hf"] and tokens["router"] == tokens["hf"]
+    samples = {name: (tmp_path / name / "samples.jsonl").read_text() for name in tokens}
+    assert samples["sglang"] == samples["hf"] and samples["router"] == samples["hf"]
+    results = {name: json.loads((tmp_path / name / "results.json").read_text())["sources"] for name in tokens}
+    avg = {name: {src: r["avg@k"] for src, r in res.items()} for name, res in results.items()}
+    assert avg["sglang"] == avg["hf"] == avg["router"] and set(avg["hf"]) == {"aime", "gpqa", "math"}
+    assert (tmp_path / "sglang" / "sglang_logs" / "sglang_0.log").is_file()
 
 
 def test_help_shows_examples():

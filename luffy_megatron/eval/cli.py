@@ -4,6 +4,9 @@ examples:
   luffy-eval --model hf_out --data valid.all.parquet --out eval/luffy                  # the paper's settings
   luffy-eval --model ckpt/mcore --data valid.all.parquet --out eval/x --unique --n 32   # avg@32 everywhere
   luffy-eval --model hf_out --data valid.gpqa.parquet --out eval/ood --backend sglang --sglang-launch
+  luffy-eval --model hf_out --data valid.all.parquet --out eval/cpu --backend sglang --sglang-launch \
+      --sglang-set device=cpu dtype=float32 python=/opt/sglang/bin/python env.OMP_NUM_THREADS=4 \
+      'extra_args=[--max-total-tokens,16384]'                                       # SGLang's CPU engine
   luffy-eval --compare eval/luffy eval/grpo                                            # tables side by side
 """
 
@@ -15,7 +18,7 @@ from pathlib import Path
 
 from luffy_megatron.config import DTYPES, RolloutBackend, choices
 from luffy_megatron.data import DataError
-from luffy_megatron.eval.runner import RESULTS_MD, EvalOptions, compare, run_eval
+from luffy_megatron.eval.runner import RESULTS_MD, EvalOptions, compare, run_eval, sglang_config
 from luffy_megatron.eval.score import THINK_FORMATS
 from luffy_megatron.eval.store import EvalError
 
@@ -53,6 +56,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sglang-servers", type=int, default=1)
     p.add_argument("--sglang-tp", type=int, default=1)
     p.add_argument("--sglang-router", action="store_true", help="put sglang-router in front of the servers")
+    p.add_argument(
+        "--sglang-set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other rollout.sglang setting of the training config, as a training override (the 'rollout.sglang.' "
+        "prefix may be left out): e.g. device=cpu, python=PATH (the servers' interpreter), env.NAME=VALUE, "
+        "dtype=float32 (launched servers default to bfloat16), base_port=P, router_port=P, "
+        "extra_args=[--flag,value] (more server flags), startup_timeout_s=S; applied after the --sglang-* flags; "
+        "launched servers log to OUT/sglang_logs",
+    )
     p.add_argument("--compare", nargs="+", metavar="DIR", help="print finished runs' tables side by side and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -78,7 +93,9 @@ def options(args: argparse.Namespace) -> EvalOptions:
         raise EvalError("--backend sglang needs --sglang-url URL... or --sglang-launch")
     keys = set(EvalOptions.__dataclass_fields__)
     values = {k: v for k, v in vars(args).items() if k in keys}
-    return EvalOptions(**values, reward_timeout_s=args.reward_timeout)
+    opts = EvalOptions(**values, reward_timeout_s=args.reward_timeout)
+    sglang_config(opts)  # a bad --sglang-set fails here, before any model is loaded
+    return opts
 
 
 def main(argv: list[str] | None = None) -> int:

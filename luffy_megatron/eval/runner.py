@@ -14,9 +14,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
+from yaml import YAMLError
 
-from luffy_megatron.config import RolloutConfig, SGLangConfig
+from luffy_megatron.config import ConfigError, RolloutConfig, SGLangConfig
+from luffy_megatron.config_checks import check_rollout
 from luffy_megatron.eval.data import EvalRow, load_rows
 from luffy_megatron.eval.metrics import render_tables, summarise
 from luffy_megatron.eval.score import score_sample
@@ -58,6 +62,7 @@ class EvalOptions:
     sglang_servers: int = 1
     sglang_tp: int = 1
     sglang_router: bool = False
+    sglang_set: list[str] = field(default_factory=list)
 
     def settings(self) -> dict:
         """What fixes the samples: a rerun into the same folder must match these."""
@@ -99,22 +104,48 @@ def load_tokenizer(path: Path):
     return tok
 
 
-def build_engine(opts: EvalOptions, hf_path: Path) -> RolloutEngine:
-    """The in-process HF engine or SGLang servers (launched here or given as URLs, optionally behind the router)."""
-    sglang = SGLangConfig(
+SGLANG_PREFIX = "rollout.sglang."
+SGLANG_LOGS = "sglang_logs"
+
+
+def sglang_config(opts: EvalOptions) -> SGLangConfig:
+    """The servers' settings: the ``--sglang-*`` flags, then each ``--sglang-set KEY=VALUE`` (a ``rollout.sglang``
+    setting of the training config, typed and checked as there); a bad one is an :class:`EvalError`."""
+    items = []
+    for item in opts.sglang_set:
+        key, eq, _ = item.partition("=")
+        if not eq or not key.removeprefix(SGLANG_PREFIX):
+            raise EvalError(f"--sglang-set {item}: not of the form KEY=VALUE")
+        items.append(item.removeprefix(SGLANG_PREFIX))
+    flags = SGLangConfig(
         urls=list(opts.sglang_urls),
         launch=opts.sglang_launch,
         num_servers=opts.sglang_servers,
         tp_size=opts.sglang_tp,
         use_router=opts.sglang_router,
     )
-    cfg = RolloutConfig(backend=opts.backend, hf_batch_size=opts.batch_size, sglang=sglang)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(flags), OmegaConf.from_dotlist(items))
+        sglang = OmegaConf.to_object(merged)
+        check_rollout(RolloutConfig(backend=opts.backend, sglang=sglang))  # type: ignore[arg-type]
+    except (OmegaConfBaseException, YAMLError, ConfigError) as e:
+        raise EvalError(f"--sglang-set {' '.join(opts.sglang_set)}: {str(e).splitlines()[0]}") from e
+    assert isinstance(sglang, SGLangConfig)
+    return sglang
+
+
+def build_engine(opts: EvalOptions, hf_path: Path) -> RolloutEngine:
+    """The in-process HF engine or SGLang servers (launched here, logging to ``OUT/sglang_logs``, or given as URLs,
+    optionally behind the router)."""
+    cfg = RolloutConfig(backend=opts.backend, hf_batch_size=opts.batch_size, sglang=sglang_config(opts))
     # Lazy: the engines load torch, transformers and aiohttp, which luffy-eval --help and its argument and data errors
     # do without.
     from luffy_megatron.rollout.factory import build_rollout_engine
 
     try:
-        return build_rollout_engine(cfg, str(hf_path), dtype=opts.dtype, device=opts.device)
+        return build_rollout_engine(
+            cfg, str(hf_path), dtype=opts.dtype, device=opts.device, log_dir=str(Path(opts.out) / SGLANG_LOGS)
+        )
     except (OSError, ValueError) as e:
         raise EvalError(f"--model {hf_path}: cannot load the model: {str(e).splitlines()[0]}") from e
 
