@@ -69,3 +69,21 @@ def test_a_bad_override_is_rejected_before_any_arm_trains(tmp_path: Path, overri
     assert proc.returncode != 0
     assert "arm luffy" in proc.stderr and named in proc.stderr, proc.stderr[-3000:]
     assert not (out / "seed1" / "luffy").exists()
+
+
+def test_the_sglang_arm_trains_with_a_real_server_it_launches(tmp_path: Path) -> None:
+    """``luffy_sglang``: rollouts and validation from the real SGLang server (CPU engine), distributed weight sync;
+    after each sync the server's log-probs are the trainer's."""
+    from luffy_megatron.metrics.logger import read_jsonl
+    from tests.sglang_real import sglang_python
+
+    sglang_python()  # the sglang tier: skipped (or failed under LUFFY_REQUIRE_ALL_TIERS=1) without it
+    out = tmp_path / "demo"
+    cmd = [sys.executable, str(ROOT / "tools" / "run_demo.py"), "--out", str(out), "--steps", "2", "--val-interval",
+           "2", "--arms", "luffy_sglang"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = read_jsonl(out / "seed1" / "luffy_sglang" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and "val/all/avg@1" in rows[-1]
+    assert all(r["actor/train_rollout_logprob_gap_max"] < 5e-5 for r in rows)
+    assert (out / "seed1" / "luffy_sglang" / "rollout_servers" / "sglang_0.log").is_file()

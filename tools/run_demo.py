@@ -8,7 +8,9 @@ Arms: ``luffy`` (policy shaping p/(p+0.1)), ``grpo`` (n_off=0, PPO clip), ``luff
 shaping ablation; not run by default), ``luffy_async`` (LUFFY with one-step-off asynchronous rollout and token-level
 truncated IS, cap 10; not run by default; it uses two threads, so compare its step time with ``--sequential``),
 ``luffy_async_no_is`` (the same without the IS correction), ``luffy_on_baseline`` and ``luffy_async_on_baseline``
-(``luffy`` and ``luffy_async`` with ``algorithm.on_policy_baseline=on_policy_mean``; not run by default).
+(``luffy`` and ``luffy_async`` with ``algorithm.on_policy_baseline=on_policy_mean``; not run by default),
+``luffy_sglang`` (``luffy`` with rollouts from a real SGLang server on its CPU engine; needs ``make sglang-venv``;
+not run by default).
 
 Each seed gets its own model, task and runs under ``OUT/seed<S>/``; ``OUT/results.md`` has the table of all seeds.
 ``--override KEY=VALUE ...`` changes the config of every arm alike (checked before any arm starts).
@@ -46,7 +48,23 @@ ARMS = {
 # On-policy samples centred on the mean of the group's rollouts, traces left out (docs/algorithm.md).
 ARMS["luffy_on_baseline"] = ["algorithm.on_policy_baseline=on_policy_mean"]
 ARMS["luffy_async_on_baseline"] = [*ARMS["luffy_async"], *ARMS["luffy_on_baseline"]]
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu_luffy.yaml"
+REPO = Path(__file__).resolve().parents[1]
+#: ``luffy_sglang``: LUFFY with rollouts from a real SGLang server that the trainer launches on SGLang's CPU engine
+#: (``make sglang-venv``; with the CPU import stand-ins of tests/sglang_cpu) and distributed weight sync over gloo.
+#: SGLang ignores sampling seeds on CPU, so these runs do not repeat exactly.
+SGLANG_PYTHON = REPO / ".venv-sglang" / "bin" / "python"
+ARMS["luffy_sglang"] = [
+    "rollout.backend=sglang",
+    "rollout.sglang.launch=true",
+    "rollout.sglang.weight_sync=distributed",
+    "rollout.sglang.device=cpu",
+    "rollout.sglang.dtype=float32",
+    f"rollout.sglang.python={SGLANG_PYTHON}",
+    f"rollout.sglang.env.PYTHONPATH={REPO / 'tests' / 'sglang_cpu'}",
+    "rollout.sglang.env.OMP_NUM_THREADS=1",
+    "rollout.sglang.extra_args=[--max-total-tokens,32768]",
+]
+CONFIG = REPO / "configs" / "tiny_cpu_luffy.yaml"
 VAL_KEY = "val/all/avg@1"
 STEPS = 700
 # ~0.32M parameters; the tokenizer is byte-level BPE over ASCII with merges from the task's text (under 128 tokens:
@@ -73,6 +91,8 @@ def arm_overrides(
 ) -> list[str]:
     """The ``luffy-train`` overrides of one arm: the seed's model and task, the run settings, the arm's own options,
     then ``--override``."""
+    from luffy_megatron.platform.distributed import free_port
+
     return [
         f"model.hf_path={model_dir}",
         f"data.train_files=[{task_dir / 'train.parquet'}]",
@@ -86,6 +106,7 @@ def arm_overrides(
         f"data.seed={seed}",
         "checkpoint.export_hf_at_end=true",  # OUT/<arm>/hf_final, for luffy-eval
         *ARMS[arm],
+        *([f"rollout.sglang.base_port={free_port()}"] if arm == "luffy_sglang" else []),  # ports of its own
         *args.override,
     ]
 
@@ -98,6 +119,8 @@ def run_arms(
     from luffy_megatron.config_checks import validate
     from luffy_megatron.platform.distributed import free_port  # each arm's process group needs its own port
 
+    if "luffy_sglang" in arms and not SGLANG_PYTHON.is_file():
+        raise SystemExit(f"arm luffy_sglang: {SGLANG_PYTHON} is missing; build it with `make sglang-venv`")
     overrides = {arm: arm_overrides(arm, out / arm, model_dir, task_dir, args, seed) for arm in arms}
     for arm, arm_args in overrides.items():
         try:
