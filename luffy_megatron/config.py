@@ -415,11 +415,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-    if overrides:
+    for item in overrides or []:  # one at a time, so that the error names the override that does not parse
         try:
-            sources.append(("command line", OmegaConf.from_dotlist(list(overrides))))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"cannot parse overrides {overrides}: {e}") from e
+            sources.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+        except Exception as e:  # omegaconf's grammar errors, and YAML's for values such as "[a,"
+            raise ConfigError(f"cannot parse override {item!r}: {e}") from e
     for origin, src in sources:
         try:
             merged = OmegaConf.merge(merged, src)

@@ -14,13 +14,13 @@ from luffy_megatron.algo.options import KL_PENALTIES, OFF_POLICY_RESHAPES, ON_PO
 from luffy_megatron.config import (
     AggMode,
     ConfigError,
+    GroupBackend,
     KLType,
     Reshape,
     RunConfig,
+    ServerDevice,
     SystemPrompt,
     WeightSync,
-    GroupBackend,
-    ServerDevice,
     choices,
     load_config,
 )
@@ -211,3 +211,9 @@ def test_config_checks_do_not_import_torch():
     code = "import sys, luffy_megatron.config_checks; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out
+
+
+def test_an_override_that_does_not_parse_is_one_config_error_naming_it():
+    """A YAML syntax error inside an override's value (an unclosed list) is a ConfigError, not a parser traceback."""
+    with pytest.raises(ConfigError, match=r"cannot parse override 'rollout.sglang.extra_args=\[a,'"):
+        load_config(None, ["model.hf_path=m", "rollout.sglang.extra_args=[a,"])
