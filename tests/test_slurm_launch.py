@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 
 from luffy_megatron.config import SGLangConfig, load_config
-from luffy_megatron.rollout.hf_engine import HFEngine
+from luffy_megatron.rollout.sglang.launcher import launch_servers, stop_processes
 from luffy_megatron.train.cli import parse_args
 from tests.dist_utils import free_port
-from tests.fixtures_models import write_train_assets
-from tests.sglang_test_server import SGLangTestServer, tiny_model
+from tests.fixtures_models import save_tiny_model, write_train_assets
+from tests.sglang_real import cpu_server_config, free_port_block, sglang_python
 from tests.slurm_cluster import require_slurm
 
 pytestmark = pytest.mark.slow
@@ -332,11 +332,11 @@ def test_eval_servers_fill_the_node_at_its_tp(cluster, jobs, name, tp):
     assert int(arg_after(args, "--sglang-servers")) * tp == len(ev["cuda"].split(",")) == 8, ev
 
 
-def test_each_job_makes_an_api_key_that_servers_demand_and_nothing_prints(cluster, jobs):
+def test_each_job_makes_an_api_key_that_servers_demand_and_nothing_prints(cluster, jobs, tmp_path, monkeypatch):
     """Without SGLANG_API_KEY exported, run_7b.sh and run_32b.sh make one key per job: the servers get it as
     --api-key, the trainer in its environment (named by rollout.sglang.api_key_env); the job output, the scripts'
     logs/ and the Slurm daemons' logs never hold it. A server started with those flags answers 401 without it
-    (SGLang's own decide_request_auth, through the test server)."""
+    (a real SGLang server on its CPU engine, the sglang tier)."""
     keys = {}
     for name in ("7b", "32b"):
         job = jobs[name]
@@ -350,8 +350,10 @@ def test_each_job_makes_an_api_key_that_servers_demand_and_nothing_prints(cluste
         keys[name] = key
     assert keys["7b"] != keys["32b"], "one key per job"
 
-    server = SGLangTestServer(HFEngine(tiny_model(), eos_token_ids=[1]), api_key=keys["7b"])
-    url = server.start()
+    monkeypatch.setenv("LUFFY_TEST_JOB_KEY", keys["7b"])
+    cfg = cpu_server_config(sglang_python(), free_port_block(), api_key_env="LUFFY_TEST_JOB_KEY")
+    [server] = launch_servers(cfg, save_tiny_model(tmp_path / "model"), log_dir=str(tmp_path / "logs"))
+    url = server.url
     body = json.dumps({"input_ids": [2, 3], "sampling_params": {"max_new_tokens": 2}}).encode()
     try:
         for headers, status in (({}, 401), ({"Authorization": "Bearer wrong"}, 401),
@@ -364,10 +366,10 @@ def test_each_job_makes_an_api_key_that_servers_demand_and_nothing_prints(cluste
             except urllib.error.HTTPError as e:
                 got = e.code
             assert got == status, (headers.keys(), got)
-        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        with urllib.request.urlopen(url + "/health", timeout=60) as r:
             assert r.status == 200, "health checks need no key"
     finally:
-        server.stop()
+        stop_processes([server])
 
 
 def test_a_server_step_that_exits_is_started_again(cluster, jobs):
