@@ -21,8 +21,8 @@ from luffy_megatron.rollout.hf_engine import HFEngine
 from luffy_megatron.rollout.sglang.engine import SGLangEngine
 from luffy_megatron.rollout.sglang.launcher import check_server_tp
 from luffy_megatron.rollout.sglang.supervisor import probe_health
+from tests.fixtures_models import save_tiny_model, tiny_model
 from tests.sglang_real import cpu_server_config, free_port_block, sglang_python
-from tests.sglang_test_server import save_tiny_model, tiny_model
 
 pytestmark = pytest.mark.slow
 KEY_ENV = "LUFFY_TEST_SGLANG_KEY"
