@@ -18,6 +18,7 @@ from luffy_megatron.rollout.sglang.launcher import (
     redact,
     router_command,
     server_command,
+    server_env,
     stop_processes,
     wait_healthy,
 )
@@ -45,6 +46,16 @@ def test_server_command_flags_and_redaction() -> None:
     assert "--disable-cuda-graph" in cpu
     rc = router_command(SGLangConfig(router_port=29001), ["http://a:1", "http://b:2"])
     assert rc[1:5] == ["-m", "sglang_router.launch_router", "--worker-urls", "http://a:1"] and "29001" in rc
+
+
+def test_servers_do_not_inherit_torchruns_environment() -> None:
+    """What a torchrun worker has (its agent-store switch above all) is not passed on; the config's env is added."""
+    torchrun = "MASTER_ADDR MASTER_PORT RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK ROLE_RANK ROLE_NAME"
+    worker = {name: "1" for name in torchrun.split()}
+    worker.update(TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RUN_ID="x", PATH="/bin", CUDA_VISIBLE_DEVICES="0")
+    env = server_env(SGLangConfig(env={"OMP_NUM_THREADS": "4"}), worker)
+    assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0", "OMP_NUM_THREADS": "4"}
+    assert server_env(SGLangConfig(device="cpu"), {})["SGLANG_USE_CPU_ENGINE"] == "1"
 
 
 def test_wait_healthy_names_the_url() -> None:
