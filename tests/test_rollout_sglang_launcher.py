@@ -43,7 +43,9 @@ def test_server_command_flags_and_redaction() -> None:
     cpu = server_command(SGLangConfig(device="cpu", python="/venv/bin/python", colocate=True), "/m", 1)
     assert cpu[0] == "/venv/bin/python" and "--base-gpu-id" not in cpu and "--enable-memory-saver" not in cpu
     assert {"--device": "cpu", "--attention-backend": "torch_native"}.items() <= dict(zip(cpu, cpu[1:])).items()
-    assert "--disable-cuda-graph" in cpu
+    assert {"--cuda-graph-backend-decode": "disabled", "--cuda-graph-backend-prefill": "disabled"}.items() <= dict(
+        zip(cpu, cpu[1:])
+    ).items()
     rc = router_command(SGLangConfig(router_port=29001), ["http://a:1", "http://b:2"])
     assert rc[1:5] == ["-m", "sglang_router.launch_router", "--worker-urls", "http://a:1"] and "29001" in rc
 

@@ -79,10 +79,11 @@ def sglang_server_flags() -> dict[str, tuple[bool, list | None]]:
     return flags
 
 
-def test_server_command_flags_exist_in_sglang_arguments() -> None:
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_server_command_flags_exist_in_sglang_arguments(device: str) -> None:
     flags = sglang_server_flags()
     assert len(flags) > 300 and flags["--skip-tokenizer-init"][0] and not flags["--tp-size"][0]  # the parse found them
-    cfg = SGLangConfig(context_length=8192, colocate=True, tp_size=2)
+    cfg = SGLangConfig(context_length=8192, colocate=True, tp_size=2, device=device)
     cmd = launcher.server_command(cfg, "/models/qwen", 1, api_key="secret")
     assert cmd[1:3] == ["-m", "sglang.launch_server"] and "def " in upstream.source("sglang", "sglang/launch_server.py")
     args = cmd[3:]
@@ -96,7 +97,9 @@ def test_server_command_flags_exist_in_sglang_arguments() -> None:
         switch, choices = flags[arg]
         assert has_value != switch, f"{arg}: {'a switch' if switch else 'takes a value'} in SGLang"
         assert choices is None or args[i + 1] in choices, f"{arg} {args[i + 1]}: SGLang accepts {choices}"
-    assert {"--enable-memory-saver", "--context-length", "--api-key", "--base-gpu-id", "--dtype"} <= set(seen)
+    on_device = {"cuda": {"--enable-memory-saver", "--base-gpu-id"},
+                 "cpu": {"--device", "--attention-backend", "--cuda-graph-backend-decode", "--sleep-on-idle"}}  # fmt: skip
+    assert {"--context-length", "--api-key", "--dtype", *on_device[device]} <= set(seen)
     assert flags["--dtype"][1] and "bfloat16" in flags["--dtype"][1]
 
 

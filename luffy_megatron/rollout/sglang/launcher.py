@@ -112,7 +112,8 @@ def server_command(
     cmd += ["--dtype", cfg.dtype, "--skip-tokenizer-init"]
     if cfg.device == ServerDevice.CPU:  # SGLang's CPU engine: torch-native attention, no CUDA graphs, and a scheduler
         # that sleeps when idle instead of polling (it shares the cores with the trainer)
-        cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--sleep-on-idle"]
+        cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--sleep-on-idle"]
+        cmd += ["--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled"]
     else:
         cmd += ["--base-gpu-id", str(index * cfg.tp_size)]
     if cfg.context_length is not None:
