@@ -51,7 +51,7 @@ demo: $(STAMP)
 # full eval parquet) are skipped and listed with the reason at the end; LUFFY_REQUIRE_ALL_TIERS=1 makes them fail.
 test: $(STAMP) $(SGLANG_STAMP)
 	$(PY) -m ruff check luffy_megatron tools tests examples
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -q -m "not slow"
