@@ -727,3 +727,29 @@ def test_colocated_servers_release_memory_between_generation_and_weight_sync(rea
         if engine._released:  # leave the shared server serving
             engine.resume_memory()
         engine.close()
+
+
+def test_through_a_router_each_sample_is_its_own_request_and_an_unreadable_answer_is_shown() -> None:
+    """sglang-router takes one sampling_params object and one rid per request; an answer the client cannot read is
+    reported with its body (here: the router's 422 text is a 4xx, a list is not one answer object)."""
+    router, server = "http://router:1", "http://server:2"
+    client = SGLangClient([router], [server], max_retries=0)
+    sent: list[tuple[str, str, dict]] = []
+
+    async def fake_request(url, path, body=None, **kw):
+        sent.append((url, path, body))
+        return [{"unexpected": "list"}] if path == "/generate" else {"success": True}
+
+    async def generate_then_close(reqs: list[SampleRequest]) -> None:
+        try:
+            await client.generate(reqs)
+        finally:
+            await client.close()
+
+    client.request = fake_request  # type: ignore[method-assign]
+    reqs = [SampleRequest(f"r{i}", [5, 6], {"max_new_tokens": 2}) for i in range(2)]
+    with pytest.raises(RolloutError, match=r"expected one answer object, got: \[\{'unexpected': 'list'\}\]"):
+        asyncio.run(generate_then_close(reqs))
+    generated = [(u, b["rid"], b["sampling_params"]) for u, path, b in sent if path == "/generate"]
+    assert generated == [(router, "r0", {"max_new_tokens": 2}), (router, "r1", {"max_new_tokens": 2})]
+    assert {u for u, path, _ in sent if path == "/abort_request"} <= {server}  # the router has no /abort_request
