@@ -97,8 +97,8 @@ def test_server_command_flags_exist_in_sglang_arguments(device: str) -> None:
         switch, choices = flags[arg]
         assert has_value != switch, f"{arg}: {'a switch' if switch else 'takes a value'} in SGLang"
         assert choices is None or args[i + 1] in choices, f"{arg} {args[i + 1]}: SGLang accepts {choices}"
-    on_device = {"cuda": {"--enable-memory-saver", "--base-gpu-id"},
-                 "cpu": {"--device", "--attention-backend", "--cuda-graph-backend-decode", "--sleep-on-idle"}}  # fmt: skip
+    cpu_flags = {"--device", "--attention-backend", "--cuda-graph-backend-decode", "--sleep-on-idle"}
+    on_device = {"cuda": {"--enable-memory-saver", "--base-gpu-id"}, "cpu": cpu_flags}
     assert {"--context-length", "--api-key", "--dtype", *on_device[device]} <= set(seen)
     assert flags["--dtype"][1] and "bfloat16" in flags["--dtype"][1]
 
