@@ -375,8 +375,8 @@ class FaultToleranceConfig:
     # Rollout servers (SGLang): health-check timeout, and how long the run may have no healthy server before it fails.
     health_timeout_s: float = 10.0
     servers_grace_s: float = 600.0
-    # A serving server is asked /health (a one-token generation, >= 1 s) at most this often; a process exit or a
-    # failed request is seen at once.
+    # Before a generation a serving server is asked /health (a one-token generation, >= 1 s) at most this often; a
+    # process exit or a failed request is seen at once, and every weight update asks every server.
     health_interval_s: float = 30.0
     # Restart a launched server that died (servers given as URLs are waited for instead).
     restart_servers: bool = True

@@ -134,15 +134,16 @@ def test_a_server_killed_mid_run_is_restarted_resynced_and_loses_no_sample(model
                             weight_sync_backend="gloo", retry_backoff_s=0.05)  # fmt: skip
     ft = FaultToleranceConfig(health_timeout_s=5.0, servers_grace_s=300.0)
     eng = SGLangEngine.from_config(cfg, model_dir, log_dir=str(tmp_path / "logs"), fault_tolerance=ft)
-    many = SamplingParams(n=8, max_new_tokens=64, temperature=1.0)
+    many = SamplingParams(n=8, max_new_tokens=128, temperature=1.0)  # ~50k tokens: seconds of generation
     try:
         first, second = eng.supervisor.servers
         eng.update_weights(tiny_model(seed=1, scale=4.0).state_dict().items(), version=1)
         killer = threading.Timer(1.0, os.killpg, (first.process.proc.pid, signal.SIGKILL))
         killer.start()
-        out = eng.generate(PROMPTS * 4, many)  # the first server dies under this call
+        out = eng.generate(PROMPTS * 16, many)  # the first server dies under this call
+        assert killer.finished.is_set(), "the kill came after the generation: make the generation longer"
         killer.join()
-        assert [sorted(o.sample_index for o in r) for r in out] == [list(range(8))] * len(PROMPTS) * 4
+        assert [sorted(o.sample_index for o in r) for r in out] == [list(range(8))] * len(PROMPTS) * 16
         eng.update_weights(tiny_model(seed=2, scale=4.0).state_dict().items(), version=2)  # sees the death
         assert first.restarts == 1 and first.process.proc.poll() is None
         assert eng.client.server_urls == [second.url]

@@ -187,8 +187,9 @@ class ServerSupervisor:
 
     def members_for_update(self) -> list[Server]:
         """Probe; a weight update goes to the serving servers and the revived ones, which are returned (they serve once
-        it succeeded, :meth:`joined`)."""
-        self.check()
+        it succeeded, :meth:`joined`). Every server is asked ``/health`` here, whenever it was last asked: a death
+        missed before an update fails the update."""
+        self.check(force=True)
         joining = self.rejoining()
         self.client.set_urls(self.client.generate_urls, [s.url for s in self.serving() + joining])
         return joining
