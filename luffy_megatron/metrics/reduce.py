@@ -18,6 +18,7 @@ def _mean(values: list[float]) -> float:
 MINI_BATCH_REDUCTION: dict[str, Callable[[list[float]], float]] = {
     "rollout_is/ratio_max": max,
     "train_rollout_logprob_gap_max": max,
+    "policy_shift_max": max,
     "update_skipped": max,  # 1 when any optimiser step of the RL step was skipped
     "trained_samples": sum,
     "actor/response_tokens": sum,

@@ -294,7 +294,13 @@ class MegatronPolicy:
             # Counted on the device, read once per step in _finish_step (the host syncs only there).
             sums.add_total(_NONFINITE, (~torch.isfinite(loss.detach())).sum())
             # The largest gap shows a weight sync that did not reach the engine (its tokens come from older weights).
-            store: dict[str, Any] = {"sums": sums, "maxes": {"train_rollout_logprob_gap_max": (gap * gap_mask).max()}}
+            # The largest change of a sampled token's log-prob since the rollout (0 in a step's first mini-batch):
+            # what a sync that never reached the engine would leave as its gap.
+            shift = (old.detach().float() - logp.detach().float()).abs() * (resp & ~off)
+            store: dict[str, Any] = {
+                "sums": sums,
+                "maxes": {"train_rollout_logprob_gap_max": (gap * gap_mask).max(), "policy_shift_max": shift.max()},
+            }
             if is_w is not None:
                 is_sums, ratio_max = is_w.metrics(alg.rollout_is, corrected, mult)
                 for key, (total, count) in is_sums.items():
