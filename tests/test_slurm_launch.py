@@ -26,6 +26,7 @@ from luffy_megatron.rollout.sglang.launcher import launch_servers, stop_processe
 from luffy_megatron.train.cli import parse_args
 from tests.dist_utils import free_port
 from tests.fixtures_models import save_tiny_model, write_train_assets
+from tests.learning import assert_learns
 from tests.sglang_real import cpu_server_config, free_port_block, sglang_python
 from tests.slurm_cluster import require_slurm
 
@@ -83,7 +84,7 @@ def tiny_overrides(assets: Path, out: Path, *extra: str) -> list[str]:
         "trainer.val_interval=0",
         "data.train_batch_size=4",
         "data.mini_batch_size=4",
-        "data.max_response_length=12",
+        "data.max_response_length=28",  # the fixture's expert traces (27 tokens and EOS) fit: the run learns
         "data.max_prompt_length=32",
         "rollout.n=4",
         "rollout.hf_batch_size=16",
@@ -128,10 +129,8 @@ def jobs(cluster, assets, tmp_path_factory):
     tiny = EXAMPLES / "run_tiny_cpu_slurm.sh"
     tiny_options = (f"--output={root}/%x-%j.out",)
     procs = {
-        # 12-token responses hold no complete answer, so every advantage is 0: train them anyway (TP=2 loss, entropy).
         "good": cluster.submit(
-            tiny, "configs/tiny_cpu_luffy.yaml",
-            *tiny_overrides(assets, root / "good", "algorithm.skip_zero_advantage=false"),
+            tiny, "configs/tiny_cpu_luffy.yaml", *tiny_overrides(assets, root / "good"),
             cwd=ROOT, env=job_env(cluster), options=tiny_options,
         ),
         "bad": cluster.submit(  # no CONFIG argument: the default one
@@ -177,6 +176,7 @@ def test_tiny_cpu_example_trains_two_steps_with_tp2(cluster, jobs):
     assert sorted(rows) == [1, 2], log[-3000:]
     for row in rows.values():
         assert math.isfinite(row["actor/loss"]) and math.isfinite(row["actor/entropy"]), row
+    assert_learns(rows.values(), most=1.0)
 
 
 def test_config_error_fails_the_job_and_names_the_key(jobs):
@@ -284,7 +284,7 @@ def trainer_sglang(trainer: dict) -> SGLangConfig:
 @pytest.mark.parametrize("name", sorted(TRAINER_SERVER_JOBS))
 def test_trainer_and_servers_agree_on_tp_and_gpus(cluster, jobs, name):
     """The trainer's weight-update group holds its rank 0 and, for TP rank r of server URL i, rank
-    1 + i x rollout.sglang.tp_size + r (SGLangEngine.init_distributed). So every server must run at the TP of the
+    1 + i x rollout.sglang.tp_size + r (DistributedSync.init). So every server must run at the TP of the
     trainer's resolved config, the trainer must attach to exactly the servers started (and launch none), and URLs x TP
     must be the GPUs those servers occupy, each GPU once."""
     _, servers, trainers = gpu_job(cluster, jobs, name)
