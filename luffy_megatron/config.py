@@ -333,7 +333,7 @@ class TrainerConfig:
     val_n: int = 1
     val_temperature: float = 0.6
     val_max_prompts: int | None = None
-    # One-step-off async rollout (train/async_rollout.py); torch threads of the HF engine's process (null: half).
+    # One-step-off async rollout (train/producer.py); torch threads of the HF engine's process (null: half).
     async_rollout: bool = False
     async_rollout_threads: int | None = None
 

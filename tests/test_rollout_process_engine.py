@@ -11,7 +11,7 @@ import torch
 from luffy_megatron.rollout import RolloutError, SamplingParams, WeightSyncError
 from luffy_megatron.rollout.hf_engine import HFEngine
 from luffy_megatron.rollout.process_engine import ProcessEngine
-from luffy_megatron.train.async_rollout import RolloutPrefetcher
+from luffy_megatron.train.producer import RolloutPrefetcher
 from tests.fixtures_models import save_tiny_model, tiny_model
 
 PROMPTS = [[3, 4, 5, 6, 7, 8, 9], [7, 8], [11, 12, 13, 14]]

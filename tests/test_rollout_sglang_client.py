@@ -244,7 +244,7 @@ def test_per_prompt_counts_send_exactly_those_requests_with_the_full_requests_se
 @pytest.mark.slow
 def test_async_rollout_generates_from_a_background_thread_then_syncs_at_the_boundary(real) -> None:
     """The asynchronous loop's use of the servers: a batch generated in the rollout thread, then a weight update."""
-    from luffy_megatron.train.async_rollout import RolloutPrefetcher
+    from luffy_megatron.train.producer import RolloutPrefetcher
 
     model, new = tiny_model(**REAL_MODEL), tiny_model(seed=6, scale=4.0)
     engine = _real_engine(real)
@@ -698,9 +698,9 @@ def test_no_thread_leak_after_close(real) -> None:
 def test_colocated_servers_release_memory_between_generation_and_weight_sync(real, monkeypatch) -> None:
     """The loop's own functions on a colocated real server: generation then release; a second dynamic-sampling round
     (resume, generate, release); (training); the weight sync takes the memory back and the new weights serve."""
-    import luffy_megatron.train.loop as loop
+    import luffy_megatron.train.producer as producer
     from luffy_megatron.config import RunConfig
-    from luffy_megatron.train.loop import generate_groups, sync_weights
+    from luffy_megatron.train.producer import generate_groups, sync_weights
 
     engine = _real_engine(real, colocate=True)
     new = tiny_model(seed=6, scale=4.0)
@@ -717,7 +717,7 @@ def test_colocated_servers_release_memory_between_generation_and_weight_sync(rea
             assert counts == {"rollout/samples_generated": 10.0, "rollout/samples_discarded": 0.0}
             assert all(0 < len(s.response_ids) <= 4 for s in samples if not s.off_policy)
             assert engine._released == set(MEMORY_TAGS)
-        monkeypatch.setattr(loop, "iter_hf_weights", lambda modules, spec: iter([list(new.state_dict().items())]))
+        monkeypatch.setattr(producer, "iter_hf_weights", lambda modules, spec: iter([list(new.state_dict().items())]))
         sync_weights(run, SimpleNamespace(modules=None, spec=None))
         assert not engine._released and engine.weight_version == 1
         out = engine.generate(PROMPTS, GREEDY)

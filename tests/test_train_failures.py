@@ -31,7 +31,8 @@ class _NoPolicy:
 
 def failing_step(rank: int, world: int) -> str:
     from luffy_megatron.config import RunConfig
-    from luffy_megatron.train.loop import RunState, rl_step
+    from luffy_megatron.train.loop import rl_step
+    from luffy_megatron.train.run_state import RunState
 
     run = RunState(step=1, dataset=_Dataset(), sampler=_Sampler(), engine=_DeadEngine())
     try:
@@ -51,8 +52,9 @@ def test_rollout_failure_on_rank0_fails_every_rank():
 def failing_async_step(rank: int, world: int) -> str:
     """Step 2 of an asynchronous run whose background rollout (started during step 1) failed."""
     from luffy_megatron.config import RunConfig
-    from luffy_megatron.train.async_rollout import RolloutPrefetcher
-    from luffy_megatron.train.loop import RunState, rl_step
+    from luffy_megatron.train.loop import rl_step
+    from luffy_megatron.train.producer import RolloutPrefetcher
+    from luffy_megatron.train.run_state import RunState
 
     cfg = RunConfig()
     cfg.trainer.async_rollout = True
@@ -81,7 +83,7 @@ def setup_with_unreadable_data(rank: int, world: int, assets: str) -> str:
     from pathlib import Path
 
     from luffy_megatron.config import load_config
-    from luffy_megatron.train.loop import setup
+    from luffy_megatron.train.run_state import setup
 
     root = Path(assets)
     cfg = load_config(

@@ -137,7 +137,7 @@ def replace_copy(sample: Sample) -> Sample:
 def test_assign_advantages_follows_the_algorithm_config(options: dict, expected: list[float]) -> None:
     """The loop's advantages of two mixed groups (three rollouts + one correct trace each) under each option."""
     from luffy_megatron.config import AlgorithmConfig
-    from luffy_megatron.train.loop import assign_advantages
+    from luffy_megatron.train.producer import assign_advantages
 
     rollout = ([4], [-0.5], "stop")
     samples = assemble_groups([0, 1], [[1], [2]], [[7], [8]], [[rollout] * 3, [rollout] * 3], n_off=1)

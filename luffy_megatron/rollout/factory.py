@@ -1,4 +1,4 @@
-"""The rollout engine a config names.
+"""The rollout engine a config names, and the one a training run uses.
 
 Apart from :mod:`luffy_megatron.rollout.base`, the interface, so that the engines import the interface and never the
 reverse. Importing it loads both engines' dependencies (transformers, aiohttp).
@@ -7,14 +7,16 @@ reverse. Importing it loads both engines' dependencies (transformers, aiohttp).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from luffy_megatron.config import FaultToleranceConfig, RolloutBackend, RolloutConfig, choices
+from luffy_megatron.config import FaultToleranceConfig, RolloutBackend, RolloutConfig, RunConfig, choices
 from luffy_megatron.rollout.base import RolloutEngine
 from luffy_megatron.rollout.hf_engine import HFEngine
+from luffy_megatron.rollout.process_engine import ProcessEngine
 from luffy_megatron.rollout.sglang.engine import SGLangEngine
 
-__all__ = ["ENGINES", "build_rollout_engine"]
+__all__ = ["ENGINES", "build_rollout_engine", "build_run_engine"]
 
 
 def _hf(
@@ -56,3 +58,15 @@ def build_rollout_engine(
     if cfg.backend not in ENGINES:
         raise ValueError(f"rollout.backend: {cfg.backend!r} is not one of {list(choices(RolloutBackend))}")
     return ENGINES[cfg.backend](cfg, hf_path, dtype, eos_token_ids, device, fault_tolerance, log_dir)
+
+
+def build_run_engine(cfg: RunConfig) -> RolloutEngine:
+    """The rollout engine of a training run: with ``trainer.async_rollout`` the HF engine runs in its own process
+    (:class:`~luffy_megatron.rollout.process_engine.ProcessEngine`); launched SGLang servers and their router log to
+    ``logging.out_dir/rollout_servers``."""
+    if cfg.trainer.async_rollout and cfg.rollout.backend == RolloutBackend.HF:
+        return ProcessEngine(
+            cfg.model.hf_path, num_threads=cfg.trainer.async_rollout_threads, batch_size=cfg.rollout.hf_batch_size
+        )
+    log_dir = str(Path(cfg.logging.out_dir) / "rollout_servers")
+    return build_rollout_engine(cfg.rollout, cfg.model.hf_path, fault_tolerance=cfg.fault_tolerance, log_dir=log_dir)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from luffy_megatron.config import RunConfig
 from luffy_megatron.platform.rank0 import describe, every_rank_call, rank0_call
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -35,6 +36,14 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def should_save(cfg: RunConfig, step: int) -> bool:
+    """Whether RL step ``step`` ends with a checkpoint (every ``checkpoint.save_interval`` steps and the last)."""
+    c = cfg.checkpoint
+    if not c.save_dir:
+        return False
+    return step == cfg.trainer.total_steps or (c.save_interval > 0 and step % c.save_interval == 0)
 
 
 def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
