@@ -1,9 +1,10 @@
 """The update's hot path has no host sync unless ``algorithm.debug_checks`` is on.
 
-One micro-batch goes through the calls the trainer makes per micro-batch (fused log-prob/entropy, aggregation
-weights, the mixed-policy loss, backward) with the switches the trainer passes. A torch-function mode records every
-tensor -> Python conversion (``item``, ``tolist``, ``int()``/``float()``/``bool()`` of a tensor, ``.cpu()``): on a
-GPU each one waits for the device. Responses have a realistic length mix (a few tokens up to the full budget).
+One micro-batch, built as the trainer builds it (right-padded rows or one packed row), goes through the calls the
+trainer makes per micro-batch: the fused log-prob/entropy, :func:`~luffy_megatron.algo.micro_batch_loss` (the loss
+``MegatronPolicy.train_mini_batch`` runs), the count of non-finite losses, backward. A torch-function mode records
+every tensor -> Python conversion (``item``, ``tolist``, ``int()``/``float()``/``bool()`` of a tensor, ``.cpu()``): on
+a GPU each one waits for the device. Responses have a realistic length mix (a few tokens up to the full budget).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from luffy_megatron.algo import AGG_MODES, GlobalCounts, aggregation_weights, mixed_policy_loss
+from luffy_megatron.algo import AGG_MODES, GlobalCounts, micro_batch_loss
 from luffy_megatron.algo.logprob import vocab_parallel_logprob_entropy
-from luffy_megatron.algo.rollout_is import rollout_is_weights
 from luffy_megatron.config import AlgorithmConfig, RolloutIS, choices
+from luffy_megatron.train.batch import StepBatch, flatten_padded, pack_micro_batch
+from luffy_megatron.train.samples import Sample, make_micro_batch
 
 SYNCS = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy"}
 
@@ -37,48 +39,34 @@ class HostSyncs(TorchFunctionMode):
 
 
 def micro_batch_update(cfg: AlgorithmConfig, debug: bool, packed: bool = False) -> list[str]:
-    """What ``MegatronPolicy.train_mini_batch``'s ``loss_fn`` does for one micro-batch, then backward; ``packed``:
-    flat [N] tensors with a ``seq_index``, as a packed micro-batch gives them."""
+    """One micro-batch's update with ``algorithm.debug_checks = debug``; ``packed``: one packed row, else right-padded
+    rows. The host conversions it made."""
     g = torch.Generator().manual_seed(3)
-    lengths = torch.tensor([3, 41, 7, 128, 19, 96, 1, 64])  # response tokens per row
-    rows, cols, vocab = len(lengths), int(lengths.max()) + 5, 50
-    resp = (torch.arange(cols)[None] >= 5) & (torch.arange(cols)[None] < 5 + lengths[:, None])
-    off = torch.zeros_like(resp)
-    off[:2] = True
-    off &= resp
-    counts = GlobalCounts(int(resp.sum()) * 3, rows * 3, int(off.sum()) * 3)  # this is one of three micro-batches
-    logits = torch.randn(rows * cols, vocab, generator=g, requires_grad=True)
-    target = torch.randint(0, vocab, (rows * cols,), generator=g)
-    adv = torch.randn(rows, 1, generator=g).expand(rows, cols) * resp
-    mult = torch.ones(rows, cols)
-    rollout_logp = -torch.rand(rows, cols, generator=g) * 2
-    seq = torch.arange(rows)[:, None].expand(rows, cols)
-    shape = (-1,) if packed else (rows, cols)
-    resp, off, adv, mult, rollout_logp, seq = (t.reshape(shape) for t in (resp, off, adv, mult, rollout_logp, seq))
+    lengths = [3, 41, 7, 128, 19, 96, 1, 64]  # response tokens per sample; the first two are traces
+    vocab = 50
+    samples = []
+    for i, n in enumerate(lengths):
+        off = i < 2
+        response = torch.randint(0, vocab, (n,), generator=g).tolist()
+        old = (-torch.rand(n, generator=g) * 2).tolist()
+        rollout = None if off else (-torch.rand(n, generator=g) * 2).tolist()
+        advantage = float(torch.randn((), generator=g))
+        samples.append(Sample(i, i // 4, [1, 2, 3, 4, 5], response, off, "stop", rollout, 0.0, advantage, old))
+    ids = list(range(len(samples)))
+    if packed:
+        mb = pack_micro_batch(StepBatch.from_samples(samples), ids, pad_id=0)
+    else:
+        mb = flatten_padded(make_micro_batch(samples, ids, pad_id=0))
+    # This is one of three micro-batches of the mini-batch.
+    counts = GlobalCounts(sum(lengths) * 3, len(lengths) * 3, (lengths[0] + lengths[1]) * 3)
+    logits = torch.randn(mb.targets.numel(), vocab, generator=g, requires_grad=True)
+    cfg = replace(cfg, debug_checks=debug)
     with HostSyncs() as rec:
         logp, ent = vocab_parallel_logprob_entropy(
-            logits, target, chunk_tokens=256, check_targets=debug, check_finite=debug
+            logits, mb.targets, chunk_tokens=256, check_targets=debug, check_finite=debug
         )
-        logp, ent = logp.view(shape), ent.view(shape)
-        weights = aggregation_weights(
-            cfg.loss_agg_mode,
-            resp,
-            counts,
-            max_response_length=160,
-            seq_index=seq if packed else None,
-            off_policy_mask=off,
-            luffy_micro_batch_seqs=cfg.luffy_micro_batch_seqs,
-            check_counts=debug,
-        )
-        old = logp.detach()
-        is_w = None
-        if cfg.rollout_is is not None:
-            is_w = rollout_is_weights(old, rollout_logp, resp & ~off, seq, cfg.rollout_is, cfg.rollout_is_cap)
-            is_w.metrics(cfg.rollout_is, resp & ~off, mult)
-        loss, _ = mixed_policy_loss(
-            logp, old, adv, resp, off, cfg, token_weights=weights, entropy=ent, multiplicity=mult,
-            rollout_is_weight=None if is_w is None else is_w.weight, check_finite=debug,
-        )  # fmt: skip
+        loss, _ = micro_batch_loss(mb, logp, ent, cfg, counts, max_response_length=160, use_old_logprobs=packed)
+        (~torch.isfinite(loss.detach())).sum()  # the trainer's count of non-finite losses, read once per step
         loss.backward()
     return rec.calls
 

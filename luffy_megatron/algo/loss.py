@@ -62,15 +62,17 @@ class MetricSums:
 
     ``sums[k] / counts[k]`` is a token mean (e.g. mean off-policy probability over all off-policy tokens of the
     step); ``totals[k]`` is additive (weighted loss contributions: their sum over micro-batches and DP ranks is the
-    global-batch value). Combine micro-batches with :meth:`add`, ranks with :meth:`all_reduce`, read with
-    :meth:`compute`. Keys depend on the config and on which inputs the loss was given; ranks that compute no loss
-    (off the last pipeline stage) hold none, so :meth:`all_reduce` suits a group whose ranks all ran the same loss
-    (e.g. data-parallel ranks of the last stage), and the trainer gathers across all ranks by key instead.
+    global-batch value); ``maxes[k]`` is a maximum. Combine micro-batches with :meth:`add`, ranks with
+    :meth:`all_reduce`, read with :meth:`compute`. Keys depend on the config and on which inputs the loss was given;
+    ranks that compute no loss (off the last pipeline stage) hold none, so :meth:`all_reduce` suits a group whose
+    ranks all ran the same loss (e.g. data-parallel ranks of the last stage), and the trainer gathers across all ranks
+    by key instead. :data:`luffy_megatron.metrics.reduce.METRIC_REDUCTIONS` declares which kind each metric is.
     """
 
     sums: dict[str, Tensor] = field(default_factory=dict)
     counts: dict[str, Tensor] = field(default_factory=dict)
     totals: dict[str, Tensor] = field(default_factory=dict)
+    maxes: dict[str, Tensor] = field(default_factory=dict)
 
     def add_mean(self, key: str, total: Tensor, count: Tensor) -> None:
         self.sums[key] = self.sums.get(key, 0) + total.detach().double()
@@ -79,34 +81,47 @@ class MetricSums:
     def add_total(self, key: str, value: Tensor) -> None:
         self.totals[key] = self.totals.get(key, 0) + value.detach().double()
 
+    def add_max(self, key: str, value: Tensor) -> None:
+        """Keep the larger of ``value`` and what ``key`` holds (a NaN stays NaN)."""
+        value = value.detach().double()
+        self.maxes[key] = torch.maximum(self.maxes[key], value) if key in self.maxes else value
+
     def add(self, other: MetricSums) -> MetricSums:
         """Accumulate another micro-batch's metrics into this one (in place); returns self."""
         for k, v in other.sums.items():
             self.add_mean(k, v, other.counts[k])
         for k, v in other.totals.items():
             self.add_total(k, v)
+        for k, v in other.maxes.items():
+            self.add_max(k, v)
         return self
 
     def all_reduce(self, group: dist.ProcessGroup | None = None) -> MetricSums:
-        """SUM-reduce every entry over ``group`` (one collective); in place, returns self."""
-        keys = sorted(self.sums)
-        tkeys = sorted(self.totals)
+        """SUM-reduce the means and totals over ``group`` (one collective), MAX-reduce the maxima (one more); in
+        place, returns self."""
+        keys, tkeys, mkeys = sorted(self.sums), sorted(self.totals), sorted(self.maxes)
         flat = [self.sums[k] for k in keys] + [self.counts[k] for k in keys] + [self.totals[k] for k in tkeys]
-        if not flat or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        if not dist.is_initialized() or dist.get_world_size(group) == 1:
             return self
-        buf = torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in flat])
-        dist.all_reduce(buf, group=group)
-        n = len(keys)
-        for i, k in enumerate(keys):
-            self.sums[k], self.counts[k] = buf[i], buf[n + i]
-        for i, k in enumerate(tkeys):
-            self.totals[k] = buf[2 * n + i]
+        if flat:
+            buf = torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in flat])
+            dist.all_reduce(buf, group=group)
+            n = len(keys)
+            for i, k in enumerate(keys):
+                self.sums[k], self.counts[k] = buf[i], buf[n + i]
+            for i, k in enumerate(tkeys):
+                self.totals[k] = buf[2 * n + i]
+        if mkeys:
+            top = torch.stack([self.maxes[k] for k in mkeys])
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+            self.maxes.update(zip(mkeys, top))
         return self
 
     def compute(self) -> dict[str, float]:
-        """Plain floats: token means (0.0 where no token was counted) and totals."""
+        """Plain floats: token means (0.0 where no token was counted), totals and maxima."""
         out = {k: (float(self.sums[k] / self.counts[k]) if float(self.counts[k]) > 0 else 0.0) for k in self.sums}
         out.update({k: float(v) for k, v in self.totals.items()})
+        out.update({k: float(v) for k, v in self.maxes.items()})
         return out
 
 

@@ -1,30 +1,95 @@
-"""How the metrics of one RL step's optimiser steps (its mini-batches) combine into the step's value.
+"""How each metric of the policy update combines into an RL step's value.
 
-Within an optimiser step, micro-batches and ranks are already combined where the metric is computed (token means as
-sums over counts, totals as sums, maxima as maxima: ``train.policy``). Across mini-batches a metric is a mean unless
-:data:`MINI_BATCH_REDUCTION` says otherwise.
+An update metric is computed per micro-batch, on every rank that computes a loss, for every optimiser step (mini-batch)
+of an RL step. :data:`METRIC_REDUCTIONS` declares for each one how it combines
+
+- within an optimiser step, over its micro-batches and ranks (``train.policy``, through
+  :class:`~luffy_megatron.algo.MetricSums`): ``mean`` is a token mean (sums over counts, ``add_mean``), ``sum`` a total
+  (``add_total``), ``max`` a maximum (``add_max``); None marks a value the policy computes once per optimiser step,
+  the same on every rank (gradient norm, learning rate);
+- over the optimiser steps of the RL step (:func:`reduce_mini_batches`): ``mean``, ``sum`` or ``max``.
+
+Names are the policy's: the loop adds ``actor/`` to those without a ``/``. The rest of a step's metrics (rollout,
+reward, timing) are computed once per RL step on one rank and do not combine.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+class Reduce(str, Enum):
+    """How values combine."""
+
+    MEAN = "mean"
+    SUM = "sum"
+    MAX = "max"
 
 
-#: Metrics (as the policy names them) that are not means over mini-batches.
-MINI_BATCH_REDUCTION: dict[str, Callable[[list[float]], float]] = {
-    "rollout_is/ratio_max": max,
-    "train_rollout_logprob_gap_max": max,
-    "policy_shift_max": max,
-    "update_skipped": max,  # 1 when any optimiser step of the RL step was skipped
-    "trained_samples": sum,
-    "actor/response_tokens": sum,
+@dataclass(frozen=True)
+class Reduction:
+    """``optimiser_step``: over the micro-batches and ranks of one optimiser step (None: one value per step);
+    ``mini_batches``: over the optimiser steps of an RL step."""
+
+    optimiser_step: Reduce | None
+    mini_batches: Reduce
+
+
+TOKEN_MEAN = Reduction(Reduce.MEAN, Reduce.MEAN)
+LOSS_TERM = Reduction(Reduce.SUM, Reduce.MEAN)  # a weighted sum over the mini-batch; the step reports the mean loss
+COUNT = Reduction(Reduce.SUM, Reduce.SUM)
+MAXIMUM = Reduction(Reduce.MAX, Reduce.MAX)
+PER_STEP_MEAN = Reduction(None, Reduce.MEAN)
+
+#: Every metric the policy update reports, with its reduction.
+METRIC_REDUCTIONS: dict[str, Reduction] = {
+    # algo.loss: the mixed-policy loss
+    "actor/loss": LOSS_TERM,
+    "actor/pg_loss": LOSS_TERM,
+    "actor/sft_loss": LOSS_TERM,
+    "actor/entropy_loss": LOSS_TERM,
+    "actor/kl_loss": LOSS_TERM,
+    "actor/response_tokens": COUNT,
+    "actor/on_pg_loss": TOKEN_MEAN,
+    "actor/off_pg_loss": TOKEN_MEAN,
+    "actor/pg_clipfrac": TOKEN_MEAN,
+    "actor/ppo_kl": TOKEN_MEAN,
+    "actor/on_policy_prob": TOKEN_MEAN,
+    "actor/off_policy_prob": TOKEN_MEAN,
+    "actor/off_ratio_mean": TOKEN_MEAN,
+    "actor/off_ratio_max_clip_frac": TOKEN_MEAN,
+    "actor/off_ratio_min_clip_frac": TOKEN_MEAN,
+    "actor/sft_nll": TOKEN_MEAN,
+    "actor/entropy": TOKEN_MEAN,
+    "actor/kl_ref": TOKEN_MEAN,
+    # algo.micro_batch_loss: rollout importance sampling and the engine's log-probs
+    "rollout_is/weight_mean": TOKEN_MEAN,
+    "rollout_is/clipped_frac": TOKEN_MEAN,
+    "rollout_is/masked_frac": TOKEN_MEAN,
+    "rollout_is/ratio_max": MAXIMUM,
+    "train_rollout_logprob_gap": TOKEN_MEAN,
+    "train_rollout_logprob_gap_max": MAXIMUM,
+    "policy_shift_max": MAXIMUM,
+    # train.policy: the optimiser step
+    "grad_norm": PER_STEP_MEAN,
+    "lr": PER_STEP_MEAN,
+    "update_skipped": Reduction(None, Reduce.MAX),  # 1 when any optimiser step of the RL step was skipped
+    "trained_samples": Reduction(None, Reduce.SUM),
+}
+
+_COMBINE: dict[Reduce, Callable[[list[float]], float]] = {
+    Reduce.MEAN: lambda values: sum(values) / len(values),
+    Reduce.SUM: sum,
+    Reduce.MAX: max,
 }
 
 
 def reduce_mini_batches(per_mini_batch: dict[str, list[float]]) -> dict[str, float]:
-    """Each metric's values over the mini-batches as the step's value (:data:`MINI_BATCH_REDUCTION`, else the mean)."""
-    return {name: MINI_BATCH_REDUCTION.get(name, _mean)(values) for name, values in per_mini_batch.items()}
+    """Each metric's values over the mini-batches as the step's value; a metric missing from
+    :data:`METRIC_REDUCTIONS` is an error (declare it there)."""
+    undeclared = sorted(set(per_mini_batch) - set(METRIC_REDUCTIONS))
+    if undeclared:
+        raise KeyError(f"metrics without a reduction in luffy_megatron.metrics.reduce.METRIC_REDUCTIONS: {undeclared}")
+    return {name: _COMBINE[METRIC_REDUCTIONS[name].mini_batches](values) for name, values in per_mini_batch.items()}

@@ -23,14 +23,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from luffy_megatron.algo import (
-    GlobalCounts,
-    MetricSums,
-    aggregation_weights,
-    mixed_policy_loss,
-    vocab_parallel_logprob_entropy,
-)
-from luffy_megatron.algo.rollout_is import rollout_is_weights
+from luffy_megatron.algo import GlobalCounts, MetricSums, micro_batch_loss, vocab_parallel_logprob_entropy
 from luffy_megatron.config import RunConfig
 from luffy_megatron.models.builder import ModelSpec, build_gpt_model, build_transformer_config
 from luffy_megatron.platform import device
@@ -263,63 +256,30 @@ class MegatronPolicy:
         scale = len(mbs) * self.dp_size
 
         def loss_fn(mb: FlatMicroBatch, logits: torch.Tensor):
-            dev = logits.device
             logp, ent = self._token_logprobs(mb, logits, with_entropy=True, checks=alg.debug_checks)
-            resp, off = mb.response_mask.to(dev), mb.off_policy_mask.to(dev)
-            weights = aggregation_weights(
-                alg.loss_agg_mode,
-                resp,
+            loss, sums = micro_batch_loss(
+                mb,
+                logp,
+                ent,
+                alg,
                 counts,
                 max_response_length=self.cfg.data.max_response_length,
-                seq_index=mb.seq_index.to(dev),
-                off_policy_mask=off,
-                luffy_micro_batch_seqs=alg.luffy_micro_batch_seqs,
-                check_counts=alg.debug_checks,
+                use_old_logprobs=use_old_logprobs,
             )
-            old = mb.old_logprobs.to(dev) if use_old_logprobs else logp.detach()
-            mult = mb.multiplicity.to(dev)
-            corrected = mb.has_rollout_logprobs.to(dev) & ~off
-            rollout_logp = mb.rollout_logprobs.to(dev)
-            is_w = None
-            if alg.rollout_is is not None:
-                seq = mb.seq_index.to(dev)
-                is_w = rollout_is_weights(old, rollout_logp, corrected, seq, alg.rollout_is, alg.rollout_is_cap)
-            loss, sums = mixed_policy_loss(
-                logp, old, mb.advantages.to(dev), resp, off, alg, token_weights=weights, entropy=ent, multiplicity=mult,
-                rollout_is_weight=None if is_w is None else is_w.weight, check_finite=alg.debug_checks,
-            )  # fmt: skip
-            gap_mask = corrected * mult
-            gap = (old.detach().float() - rollout_logp).abs()
-            sums.add_mean("train_rollout_logprob_gap", (gap * gap_mask).sum(), gap_mask.sum())
             # Counted on the device, read once per step in _finish_step (the host syncs only there).
             sums.add_total(_NONFINITE, (~torch.isfinite(loss.detach())).sum())
-            # The largest gap shows a weight sync that did not reach the engine (its tokens come from older weights).
-            # The largest change of a sampled token's log-prob since the rollout (0 in a step's first mini-batch):
-            # what a sync that never reached the engine would leave as its gap.
-            shift = (old.detach().float() - logp.detach().float()).abs() * (resp & ~off)
-            store: dict[str, Any] = {
-                "sums": sums,
-                "maxes": {"train_rollout_logprob_gap_max": (gap * gap_mask).max(), "policy_shift_max": shift.max()},
-            }
-            if is_w is not None:
-                is_sums, ratio_max = is_w.metrics(alg.rollout_is, corrected, mult)
-                for key, (total, count) in is_sums.items():
-                    sums.add_mean(key, total, count)
-                store["maxes"]["rollout_is/ratio_max"] = ratio_max
-            return loss * scale, store
+            return loss * scale, sums
 
         return self._finish_step(self._run(mbs, loss_fn, forward_only=False), num_trained=len(trained))
 
-    def _finish_step(self, stores: list[dict], num_trained: int) -> dict[str, float]:
+    def _finish_step(self, stores: list[MetricSums], num_trained: int) -> dict[str, float]:
         """The step's metrics, reduced over ranks, then the optimizer and scheduler step; a non-finite micro-batch
         loss stops every rank before the weights change."""
-        local, maxes = MetricSums(), {}
+        local = MetricSums()
         if self.is_last_stage and (self.tp_group is None or dist.get_rank(self.tp_group) == 0):
-            for store in stores:
-                local.add(store["sums"])
-                for k, v in store.get("maxes", {}).items():
-                    maxes[k] = max(maxes.get(k, float("-inf")), float(v))
-        metrics = _reduce_metric_sums(local, maxes)
+            for sums in stores:
+                local.add(sums)
+        metrics = _reduce_metric_sums(local)
         bad = int(metrics.pop(_NONFINITE, 0.0))
         if bad:
             raise FloatingPointError(
@@ -338,27 +298,23 @@ class MegatronPolicy:
 _NONFINITE = "nonfinite_micro_batch_losses"
 
 
-def _reduce_metric_sums(local: MetricSums, maxes: dict[str, float]) -> dict[str, float]:
-    """Sum every rank's metric accumulators (ranks off the last pipeline stage hold none) and compute the means;
-    ``maxes`` are reduced by max."""
-    payload = (
-        {k: float(v) for k, v in local.sums.items()},
-        {k: float(v) for k, v in local.counts.items()},
-        {k: float(v) for k, v in local.totals.items()},
-        maxes,
+def _reduce_metric_sums(local: MetricSums) -> dict[str, float]:
+    """Every rank's micro-batch metrics (ranks off the last pipeline stage hold none) combined key by key, as
+    :class:`MetricSums` declares: token means as sums over counts, totals as sums, maxima as maxima."""
+    payload = tuple(
+        {k: float(v) for k, v in part.items()} for part in (local.sums, local.counts, local.totals, local.maxes)
     )
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, payload)
     total = MetricSums()
-    top: dict[str, float] = {}
-    for sums, counts, totals, rank_maxes in gathered:
+    for sums, counts, totals, maxes in gathered:
         for k, v in sums.items():
             total.add_mean(k, torch.tensor(v), torch.tensor(counts[k]))
         for k, v in totals.items():
             total.add_total(k, torch.tensor(v))
-        for k, v in rank_maxes.items():
-            top[k] = max(top.get(k, float("-inf")), v)
-    return {**total.compute(), **top}
+        for k, v in maxes.items():
+            total.add_max(k, torch.tensor(v))
+    return total.compute()
 
 
 def _ranks_within(ids: torch.Tensor) -> torch.Tensor:
