@@ -3,6 +3,15 @@
 Problem ``47+85=`` (zero-padded operands of ``digits`` digits), expert trace
 ``<think>\\n7+5=12;4+8+1=13\\n</think>\\n\\boxed{132}`` (column sums from the right, ``+1`` for a carry), ground truth
 ``132``, data source ``synthetic_add``. Train and validation problems are disjoint draws from all operand pairs.
+
+Out-of-distribution split (:func:`generate_ood`, data source ``synthetic_add_ood``): one more column, both operands
+of ``digits + 1`` digits without a leading zero (``347+185=``), traced and rewarded the same way. Training never shows
+such a problem, a third column, or an answer of ``digits + 2`` digits. A model that learned the traced procedure (add
+a column with the carry, move one column left, box the digits) extends it by one column; memorised problem-answer
+pairs have nothing to look up, and a model that learned only a fixed two-column layout stops a column short. It is a
+test of length generalisation too: the trace is longer than any in training. The split draws from its own random
+stream, so adding it changes no training or validation draw, and its text uses only in-distribution characters
+(digits are single tokens in the demo's tokenizer), so no token is new.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 DATA_SOURCE = "synthetic_add"
+OOD_DATA_SOURCE = "synthetic_add_ood"
 DEFAULT_SYSTEM_PROMPT = "Add the numbers. Think inside <think> </think>, then write the sum in \\boxed{}."
 
 
@@ -34,12 +44,14 @@ def expert_trace(a: int, b: int, digits: int) -> str:
     return "<think>\n" + ";".join(steps) + "\n</think>\n\\boxed{" + str(a + b) + "}"
 
 
-def make_row(a: int, b: int, digits: int, index: int, split: str, system_prompt: str | None) -> dict[str, Any]:
+def make_row(
+    a: int, b: int, digits: int, index: int, split: str, system_prompt: str | None, data_source: str = DATA_SOURCE
+) -> dict[str, Any]:
     """One row in the paper's schema."""
     prompt = [{"role": "system", "content": system_prompt}] if system_prompt else []
     prompt.append({"role": "user", "content": problem_text(a, b, digits)})
     return {
-        "data_source": DATA_SOURCE,
+        "data_source": data_source,
         "prompt": prompt,
         "target": [{"role": "assistant", "content": expert_trace(a, b, digits)}],
         "ability": "math",
@@ -67,6 +79,22 @@ def generate(
     return train, val
 
 
+def generate_ood(
+    num: int, seed: int = 0, digits: int = 2, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+) -> list[dict[str, Any]]:
+    """``num`` distinct out-of-distribution rows for a task of ``digits``-digit operands: both operands of
+    ``digits + 1`` digits without a leading zero, split ``ood``, data source :data:`OOD_DATA_SOURCE`. The draw has its
+    own random stream (seeded by ``seed``), independent of :func:`generate`'s."""
+    if digits < 1:
+        raise ValueError(f"digits must be >= 1, got {digits}")
+    low, width = 10**digits, 9 * 10**digits  # the digits+1-digit operands low .. low + width - 1
+    if not 0 <= num <= width**2:
+        raise ValueError(f"num must be in [0, {width**2}] (the distinct {digits + 1}-digit pairs), got {num}")
+    picks = random.Random(f"ood:{seed}").sample(range(width**2), num)
+    pairs = [(low + p // width, low + p % width) for p in picks]
+    return [make_row(a, b, digits + 1, i, "ood", system_prompt, OOD_DATA_SOURCE) for i, (a, b) in enumerate(pairs)]
+
+
 def tokenizer_corpus(num: int = 500, seed: int = 0, digits: int = 2) -> str:
     """Chat-formatted problems and traces: the text the demo's small ASCII tokenizer is trained on."""
     rows, _ = generate(num, 0, seed, digits, system_prompt=None)
@@ -77,7 +105,7 @@ def tokenizer_corpus(num: int = 500, seed: int = 0, digits: int = 2) -> str:
 
 
 def write_parquet(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """Write rows with an explicit schema (identical for train and val, and for empty files)."""
+    """Write rows with an explicit schema (identical for every split, and for empty files)."""
 
     message = pa.struct([("content", pa.string()), ("role", pa.string())])
     schema = pa.schema(
@@ -109,3 +137,12 @@ def write_task(
     write_parquet(train, paths[0])
     write_parquet(val, paths[1])
     return paths
+
+
+def write_ood(
+    out_dir: str | Path, num: int, seed: int = 0, digits: int = 2, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+) -> Path:
+    """Write :func:`generate_ood`'s rows to ``out_dir/ood.parquet``; returns its path."""
+    path = Path(out_dir) / "ood.parquet"
+    write_parquet(generate_ood(num, seed, digits, system_prompt), path)
+    return path
