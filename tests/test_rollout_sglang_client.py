@@ -595,7 +595,7 @@ def test_distributed_sync_http_protocol(servers, model) -> None:
         calls.append((rank, world, backend))
         return object()
 
-    import luffy_megatron.rollout.sglang.engine as eng
+    import luffy_megatron.rollout.sglang.sync.distributed as eng
 
     broadcasts: list[tuple[int, ...]] = []
     orig_group = eng.init_weights_update_group
@@ -625,7 +625,7 @@ def test_distributed_sync_http_protocol(servers, model) -> None:
         assert paths == ["/pause_generation", "/flush_cache", "/begin_weight_update",
                          *["/update_weights_from_distributed"] * len(updates), "/end_weight_update",
                          "/continue_generation"]  # fmt: skip
-    engine._group = None  # the fake group is not a real process group
+    engine.sync.group = None  # the fake group is not a real process group
     engine.close()
 
 

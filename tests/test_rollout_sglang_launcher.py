@@ -88,7 +88,7 @@ def test_real_processes_gloo_weight_sync_and_kill(tmp_path, monkeypatch, caplog)
         groups = []
         for version in (1, 2):  # the group is created once and reused
             engine.update_weights(new.state_dict().items(), version=version)
-            groups.append(engine._group)
+            groups.append(engine.sync.group)
         assert groups[0] is groups[1] is not None
         first = engine.generate(prompts, params)
         assert [[o.output_ids for o in r] for r in first] == ref
@@ -102,7 +102,7 @@ def test_real_processes_gloo_weight_sync_and_kill(tmp_path, monkeypatch, caplog)
         assert engine.health()["servers"] == {procs[0].url: False, procs[1].url: True}
         with pytest.raises(WeightSyncError, match=procs[0].url):  # never update only some servers
             engine.update_weights(new.state_dict().items(), version=3)
-        engine._group = None  # the peer is gone; skip destroying the group
+        engine.sync.group = None  # the peer is gone; skip destroying the group
         engine.close()
     finally:
         stop_processes(procs, timeout_s=10)

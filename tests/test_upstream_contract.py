@@ -29,6 +29,7 @@ from luffy_megatron.rollout.sglang import engine as engine_mod
 from luffy_megatron.rollout.sglang import launcher
 from luffy_megatron.rollout.sglang.client import SGLangClient, sampling_params_body
 from luffy_megatron.rollout.sglang.engine import SGLangEngine
+from luffy_megatron.rollout.sglang.sync import SYNC_MODES
 from luffy_megatron.rollout.sglang.weights import init_weights_update_group, serialize_named_tensors
 from tests import upstream
 from tests.fixtures_models import tiny_model
@@ -136,9 +137,9 @@ def test_router_command_parses_with_sglang_router_args(monkeypatch) -> None:
 # Routes and request bodies
 # ---------------------------------------------------------------------------------------------------------------------
 def called_routes() -> set[tuple[str, str]]:
-    """``(method, path)`` of every HTTP call in the rollout client and engine source."""
+    """``(method, path)`` of every HTTP call in the rollout client, engine and weight-sync mode source."""
     calls: set[tuple[str, str]] = set()
-    for mod in (client_mod, engine_mod):
+    for mod in (client_mod, engine_mod, *{inspect.getmodule(mode) for mode in SYNC_MODES.values()}):
         for node in ast.walk(ast.parse(inspect.getsource(mod))):
             if not (isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("post_all", "post_each",
                                                                                        "request")):  # fmt: skip
@@ -178,7 +179,7 @@ def recorded(tmp_path):
     eng.update_weights(model.state_dict().items(), version=2)
     eng.weight_sync, eng.group_backend = "distributed", "gloo"
     eng.master_address = "127.0.0.1"
-    import luffy_megatron.rollout.sglang.engine as em
+    import luffy_megatron.rollout.sglang.sync.distributed as em
 
     orig = em.init_weights_update_group
     em.init_weights_update_group = lambda *a, **k: None
@@ -188,7 +189,7 @@ def recorded(tmp_path):
         eng.update_weights(model.state_dict().items(), version=3)
     finally:
         em.init_weights_update_group, torch.distributed.broadcast = orig, bcast
-    eng._group = None
+    eng.sync.group = None
     eng._run(client.abort(rid="x-1"))
     eng.close()
     server.stop()

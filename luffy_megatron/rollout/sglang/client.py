@@ -28,9 +28,21 @@ T = TypeVar("T")
 
 #: ``sampling_params`` keys this client may send; all are documented SGLang keys (unknown keys are rejected by SGLang).
 SAMPLING_KEYS = frozenset(
-    {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop_token_ids", "ignore_eos", "n", "sampling_seed",
-     "skip_special_tokens", "no_stop_trim", "min_new_tokens"}
-)  # fmt: skip
+    {
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "stop_token_ids",
+        "ignore_eos",
+        "n",
+        "sampling_seed",
+        "skip_special_tokens",
+        "no_stop_trim",
+        "min_new_tokens",
+    }
+)
 
 
 class RetryableError(Exception):

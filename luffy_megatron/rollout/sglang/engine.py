@@ -1,20 +1,10 @@
 """SGLang rollout engine: the :class:`~luffy_megatron.rollout.base.RolloutEngine` interface over HTTP servers.
 
-Weight sync (``SGLangConfig.weight_sync``), always framed as pause -> flush -> load -> continue, with the new
-``weight_version`` set by the load requests; ``distributed`` and ``tensor`` loads run inside a weight-update session
-(``/begin_weight_update`` before the first bucket, ``/end_weight_update`` after the last), which SGLang >= 0.5.21
-requires. A failure on any server raises :class:`WeightSyncError` and leaves the engine refusing to generate until a
-later update succeeds:
-
-- ``disk``: the stream is written as HF safetensors shards (``weight_bucket_mb`` each, plus the model's config files)
-  into ``weight_sync_dir/v{version}``; every server loads it with ``/update_weights_from_disk``. Needs a filesystem
-  shared by trainer and servers.
-- ``distributed``: once, ``/init_weights_update_group`` puts the trainer (rank 0) and every server GPU
-  (rank ``1 + i * tp_size + tp_rank``) into one NCCL (or gloo) group around a store the trainer hosts; per bucket,
-  ``/update_weights_from_distributed`` carries names/dtypes/shapes while the trainer broadcasts the tensors.
-- ``tensor``: colocated servers; each bucket is pickled with torch's ``ForkingPickler`` (CUDA-IPC handles for GPU
-  tensors, after SGLang's ``monkey_patch_torch_reductions``), base64-encoded, and posted to
-  ``/update_weights_from_tensor``, serialized once per server and TP rank (each consumes its own CUDA-IPC references).
+Weight sync (``SGLangConfig.weight_sync``: one module of :mod:`luffy_megatron.rollout.sglang.sync` per mode, looked up
+in ``SYNC_MODES``) is always framed here as pause -> flush -> load -> continue, with the new ``weight_version`` set by
+the load requests; ``distributed`` and ``tensor`` loads run inside a weight-update session (``/begin_weight_update``
+before the first bucket, ``/end_weight_update`` after the last), which SGLang >= 0.5.21 requires. A failure on any
+server raises :class:`WeightSyncError` and leaves the engine refusing to generate until a later update succeeds.
 
 With ``colocate``, :meth:`SGLangEngine.release_memory` pauses the (idle) servers and frees their weights, KV cache and
 CUDA graphs after generation; the next weight update takes the weights back before its first bucket and the KV cache
@@ -23,22 +13,16 @@ and CUDA graphs after its last (:meth:`SGLangEngine.resume_memory` takes all bac
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import shutil
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from luffy_megatron.config import FaultToleranceConfig, SGLangConfig, WeightSync, choices
 from luffy_megatron.models.tokenizer import read_eos_token_ids
-from luffy_megatron.platform.distributed import free_port
 from luffy_megatron.rollout.base import (
     RolloutEngine,
     RolloutError,
@@ -59,15 +43,8 @@ from luffy_megatron.rollout.sglang.launcher import (
     wait_healthy,
 )
 from luffy_megatron.rollout.sglang.supervisor import ServerSupervisor, supervise
-from luffy_megatron.rollout.sglang.weights import (
-    GROUP_NAME,
-    init_weights_update_group,
-    iter_buckets,
-    resolve_group_backend,
-    serialize_named_tensors,
-    trainer_address,
-    write_hf_folder,
-)
+from luffy_megatron.rollout.sglang.sync import SYNC_MODES, SyncMode
+from luffy_megatron.rollout.sglang.weights import resolve_group_backend, trainer_address
 
 logger = logging.getLogger(__name__)
 #: SGLang's memory tags (``sglang.srt.constants.GPU_MEMORY_ALL_TYPES``) and the one that holds the weights.
@@ -117,14 +94,11 @@ class SGLangEngine(RolloutEngine):
         self.weight_version: int | None = None
         self._stale = False
         self._released: set[str] = set()  # memory tags the (colocated) servers have released
-        self._group: Any = None
-        self._group_name = GROUP_NAME  # a fresh name per group: one that was not destroyed never blocks the next
-        self._group_urls: list[str] = []
-        self._loop = LoopThread()
-        self._last_dir: Path | None = None
+        self._syncs: dict[WeightSync, SyncMode] = {}  # the modes used so far
+        #: The event loop the client's coroutines run on.
+        self.loop = LoopThread()
         #: Seconds, bytes and GB/s of the last successful update (disk mode adds ``write_s`` and ``load_s``).
         self.last_sync: dict[str, float] = {}
-        self._phases: dict[str, float] = {}
 
     @classmethod
     def from_config(
@@ -170,8 +144,18 @@ class SGLangEngine(RolloutEngine):
         )
         if eos_token_ids is None:
             eos_token_ids = read_eos_token_ids(hf_path)
-        supervisor = supervise(cfg, hf_path, client, server_urls, procs, fault_tolerance,
-                               api_key=api_key, log_dir=log_dir, module=module, env=env)  # fmt: skip
+        supervisor = supervise(
+            cfg,
+            hf_path,
+            client,
+            server_urls,
+            procs,
+            fault_tolerance,
+            api_key=api_key,
+            log_dir=log_dir,
+            module=module,
+            env=env,
+        )
         return cls(
             client,
             weight_sync=cfg.weight_sync,
@@ -188,7 +172,7 @@ class SGLangEngine(RolloutEngine):
         )
 
     def _run(self, coro: Any) -> Any:
-        return self._loop.run(coro)
+        return self.loop.run(coro)
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -202,9 +186,10 @@ class SGLangEngine(RolloutEngine):
         per_prompt = sample_counts(len(prompts), params, counts)
         if self.supervisor is None:
             return self._generate_once(prompts, params, per_prompt)
-        folder = self._last_dir if self.weight_sync == WeightSync.DISK else None  # what revived servers can load
-        return self.supervisor.run_generation(lambda: self._generate_once(prompts, params, per_prompt),
-                                              self.weight_version, folder, self._run)  # fmt: skip
+        folder = self.sync.folder  # what revived servers can load
+        return self.supervisor.run_generation(
+            lambda: self._generate_once(prompts, params, per_prompt), self.weight_version, folder, self._run
+        )
 
     def _generate_once(
         self, prompts: list[list[int]], params: SamplingParams, per_prompt: list[int]
@@ -241,33 +226,28 @@ class SGLangEngine(RolloutEngine):
         return self.supervisor.step_metrics() if self.supervisor is not None else {}
 
     # ------------------------------------------------------------------ weights
-    def _drop_group(self, alive: list[str]) -> None:
-        """Leave the weight-update group (its members changed); those in ``alive`` destroy their side (best effort)."""
-        try:
-            body = {"group_name": self._group_name}
-            self._run(self.client.post_all("/destroy_weights_update_group", body, urls=alive))
-        except RolloutError as e:
-            logger.warning("destroying the old weight-update group: %s", e)
-        dist.destroy_process_group(self._group)
-        self._group = None
+    @property
+    def sync(self) -> SyncMode:
+        """The mode ``weight_sync`` names (made at its first use; each keeps its state, e.g. the update group)."""
+        mode = WeightSync(self.weight_sync)
+        if mode not in self._syncs:
+            self._syncs[mode] = SYNC_MODES[mode](self)
+        return self._syncs[mode]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Pause, flush, load the stream on every server in the configured mode, continue; raises on any failure."""
         t0 = time.perf_counter()
-        self._phases = {}
         joining = self.supervisor.members_for_update() if self.supervisor is not None else []
-        if self._group is not None and self.client.server_urls != self._group_urls:  # members changed
-            fresh = {s.url for s in joining}
-            self._drop_group([u for u in self._group_urls if u in self.client.server_urls and u not in fresh])
+        fresh = {s.url for s in joining}
+        for used in self._syncs.values():  # a mode that holds a group leaves it when the members changed
+            used.prepare(fresh)
+        sync = self.sync
         self._stale = True
         try:
             self._resume(WEIGHTS_TAG)  # colocated: weights first; the KV cache stays free while the buckets arrive
             self.pause()
             self._flush()
-            if self.weight_sync == WeightSync.DISK:
-                nbytes = self._sync_disk(named_tensors, version)
-            else:
-                nbytes = self._in_session(named_tensors, version)
+            nbytes = self._push(sync, named_tensors, version)
             self._resume(*MEMORY_TAGS)
             self._run(self.client.post_all("/continue_generation", {}))
             self._set_paused(False)
@@ -281,15 +261,16 @@ class SGLangEngine(RolloutEngine):
             self.supervisor.joined(joining)  # type: ignore[union-attr]
         dt = time.perf_counter() - t0
         self.last_sync = {"seconds": dt, "bytes": float(nbytes), "gb_per_s": nbytes / dt / 1e9 if dt > 0 else 0.0}
-        self.last_sync.update(self._phases)
+        self.last_sync.update(sync.phases)
 
-    def _in_session(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        """Distributed or tensor buckets between ``/begin_weight_update`` and ``/end_weight_update``; a session left
-        open by a failure is closed (best effort) so that the next update can begin one."""
-        sync = self._sync_distributed if self.weight_sync == WeightSync.DISTRIBUTED else self._sync_tensor
+    def _push(self, sync: SyncMode, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """``sync``'s push, between ``/begin_weight_update`` and ``/end_weight_update`` when its loads need a session;
+        a session left open by a failure is closed (best effort) so that the next update can begin one."""
+        if not sync.session:
+            return sync.push(named_tensors, version)
         try:
             self._run(self.client.post_all("/begin_weight_update", {}))
-            nbytes = sync(named_tensors, version)
+            nbytes = sync.push(named_tensors, version)
         except BaseException:
             try:
                 self._run(self.client.post_all("/end_weight_update", {}))
@@ -309,86 +290,6 @@ class SGLangEngine(RolloutEngine):
                 if attempt == self.flush_retries - 1:
                     raise WeightSyncError(f"flush_cache kept failing: {e}") from e
                 time.sleep(min(2.0, 0.1 * 2**attempt))
-
-    def _sync_disk(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        assert self.weight_sync_dir is not None
-        t0 = time.perf_counter()
-        folder = Path(self.weight_sync_dir) / f"v{version}"
-        final, nbytes = write_hf_folder(named_tensors, folder, self.bucket_bytes, self.hf_path)
-        self._phases["write_s"] = time.perf_counter() - t0
-        body = {"model_path": str(final), "weight_version": str(version), "flush_cache": True,
-                "abort_all_requests": False}  # fmt: skip
-        t1 = time.perf_counter()
-        self._run(self.client.post_all("/update_weights_from_disk", body))
-        self._phases["load_s"] = time.perf_counter() - t1
-        if self._last_dir is not None and self._last_dir != final:
-            shutil.rmtree(self._last_dir, ignore_errors=True)
-        self._last_dir = final
-        return nbytes
-
-    def _sync_tensor(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        nbytes = 0
-        for bucket, last in iter_buckets(named_tensors, self.bucket_bytes):
-            named = [(n, t.detach().contiguous()) for n, t in bucket]
-            bodies: dict[str, dict | None] = {}
-            for url in self.client.server_urls:  # each server and TP rank consumes its own CUDA-IPC references
-                payloads = [serialize_named_tensors(named) for _ in range(self.tp_size)]
-                bodies[url] = {"serialized_named_tensors": payloads, "flush_cache": last, "abort_all_requests": False}
-                if last:
-                    bodies[url]["weight_version"] = str(version)  # type: ignore[index]
-            self._run(self.client.post_each("/update_weights_from_tensor", bodies))
-            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-        return nbytes
-
-    def init_distributed(self) -> None:
-        """Join the servers' weight-update group (once): rank 0 here, server ``i`` TP rank ``r`` at ``1 + i*tp + r``."""
-        if self._group is not None:
-            return
-        urls = self.client.server_urls
-        world = 1 + len(urls) * self.tp_size
-        port = self.master_port or free_port()
-        self._group_name = f"{GROUP_NAME}_{uuid.uuid4().hex[:8]}"
-        futures: list[Future] = []
-        for i, url in enumerate(urls):
-            body = {"master_address": self.master_address, "master_port": port, "rank_offset": 1 + i * self.tp_size,
-                    "world_size": world, "group_name": self._group_name, "backend": self.group_backend}  # fmt: skip
-            futures.append(self._submit(self.client.post_all("/init_weights_update_group", body, urls=[url])))
-        try:
-            self._group = init_weights_update_group(self.master_address, port, 0, world, self._group_name,
-                                                    self.group_backend)  # fmt: skip
-        except BaseException:
-            for f in futures:  # the servers' side waits for a store that is not there: do not wait for it
-                f.cancel()
-            raise
-        for f in futures:
-            f.result()
-        self._group_urls = list(urls)
-
-    def _submit(self, coro: Any) -> Future:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop.loop)
-
-    def _sync_distributed(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        self.init_distributed()
-        device = torch.device("cuda", torch.cuda.current_device()) if self.group_backend == "nccl" else "cpu"
-        nbytes = 0
-        for bucket, last in iter_buckets(named_tensors, self.bucket_bytes):
-            body: dict[str, Any] = {
-                "names": [n for n, _ in bucket],
-                "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
-                "shapes": [list(t.shape) for _, t in bucket],
-                "group_name": self._group_name,
-                "flush_cache": last,
-            }
-            if last:
-                body["weight_version"] = str(version)
-            fut = self._submit(self.client.post_all("/update_weights_from_distributed", body))
-            try:
-                for _, t in bucket:
-                    dist.broadcast(t.detach().to(device).contiguous(), src=0, group=self._group)
-                    nbytes += t.numel() * t.element_size()
-            finally:
-                fut.result()
-        return nbytes
 
     # ------------------------------------------------------------------ control
     def pause(self) -> None:
@@ -434,17 +335,21 @@ class SGLangEngine(RolloutEngine):
     def health(self) -> dict:
         """Per-server ``/health`` results."""
         servers = {u: self._run(self.client.health(u)) for u in self.client.server_urls}
-        return {"ok": all(servers.values()) and not self._stale, "servers": servers,
-                "weight_version": self.weight_version, "backend": "sglang"}  # fmt: skip
+        return {
+            "ok": all(servers.values()) and not self._stale,
+            "servers": servers,
+            "weight_version": self.weight_version,
+            "backend": "sglang",
+        }
 
     def close(self) -> None:
-        """Close the HTTP session, stop launched processes (restarted ones too), destroy the weight-update group."""
+        """Close the HTTP session, stop launched processes (restarted ones too), close every mode used (destroying the
+        weight-update group)."""
         restarted = [s.process for s in self.supervisor.servers] if self.supervisor is not None else []
         try:
             self._run(self.client.close())
         finally:
-            self._loop.stop()
+            self.loop.stop()
             stop_processes(self.processes + [p for p in restarted if p is not None and p not in self.processes])
-            if self._group is not None:
-                dist.destroy_process_group(self._group)
-                self._group = None
+            for used in self._syncs.values():
+                used.close()

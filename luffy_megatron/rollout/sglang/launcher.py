@@ -168,8 +168,10 @@ def launch_servers(
     """Start ``cfg.num_servers`` servers and (by default) wait until each answers ``/health``. ``env`` (default: this
     process's environment) is cleaned and extended by :func:`server_env`."""
     api_key = read_api_key(cfg)
-    procs = [start_server(cfg, model_path, i, api_key=api_key, log_dir=log_dir, module=module, env=env)
-             for i in range(cfg.num_servers)]  # fmt: skip
+    procs = [
+        start_server(cfg, model_path, i, api_key=api_key, log_dir=log_dir, module=module, env=env)
+        for i in range(cfg.num_servers)
+    ]
     if wait:
         try:
             wait_healthy([p.url for p in procs], cfg.startup_timeout_s, api_key=api_key, procs=procs)

@@ -174,13 +174,19 @@ class ServerSupervisor:
             return
         if version is not None and folder is None:
             causes = "; ".join(f"{s.url}: {s.cause}" for s in self.servers)
-            raise RolloutError(f"every rollout server is down ({causes}) and only the trainer holds weight version "
-                               f"{version} (weight_sync is not disk): resume from the last checkpoint")  # fmt: skip
+            raise RolloutError(
+                f"every rollout server is down ({causes}) and only the trainer holds weight version "
+                f"{version} (weight_sync is not disk): resume from the last checkpoint"
+            )
 
         def restore(servers: list[Server]) -> None:
             if version is not None:
-                body = {"model_path": str(folder), "weight_version": str(version), "flush_cache": True,
-                        "abort_all_requests": False}  # fmt: skip
+                body = {
+                    "model_path": str(folder),
+                    "weight_version": str(version),
+                    "flush_cache": True,
+                    "abort_all_requests": False,
+                }
                 run(self.client.post_all("/update_weights_from_disk", body, urls=[s.url for s in servers]))
 
         self.wait_for_any(restore)
@@ -240,10 +246,17 @@ def supervise(
     ft = ft or FaultToleranceConfig()
     restart = None
     if cfg.launch and ft.restart_servers:  # called with the server's index
-        restart = functools.partial(start_server, cfg, hf_path, api_key=api_key, log_dir=log_dir, module=module,
-                                    env=env)  # fmt: skip
+        restart = functools.partial(
+            start_server, cfg, hf_path, api_key=api_key, log_dir=log_dir, module=module, env=env
+        )
     launched = {p.url: p for p in procs}
     servers = [Server(url, i, launched.get(url)) for i, url in enumerate(server_urls)]
-    return ServerSupervisor(client, servers, restart=restart, health_timeout_s=ft.health_timeout_s,
-                            grace_s=ft.servers_grace_s, router=cfg.use_router,
-                            health_interval_s=ft.health_interval_s)  # fmt: skip
+    return ServerSupervisor(
+        client,
+        servers,
+        restart=restart,
+        health_timeout_s=ft.health_timeout_s,
+        grace_s=ft.servers_grace_s,
+        router=cfg.use_router,
+        health_interval_s=ft.health_interval_s,
+    )
