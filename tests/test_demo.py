@@ -1,4 +1,5 @@
-"""The CPU demo driver (``make demo``) end to end at two steps: both arms train, then the table, summary and PNG."""
+"""The CPU demo driver (``make demo``) end to end at two steps: the arms train, luffy-eval scores them in and out of
+distribution, then the report, summary and PNG."""
 
 from __future__ import annotations
 
@@ -14,30 +15,93 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_runs_both_arms_and_writes_its_report(tmp_path: Path) -> None:
+ARMS = ("luffy", "grpo", "rl_sft_loss")
+
+
+def test_demo_runs_its_arms_and_writes_its_report(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    cmd = [sys.executable, str(ROOT / "tools" / "run_demo.py"), "--out", str(out), "--steps", "2"]
-    cmd += ["--val-interval", "1", "--override", "optimizer.lr=2e-3"]
+    cmd = [sys.executable, str(ROOT / "tools" / "run_demo.py"), "--out", str(out), "--steps", "2", "--arms", *ARMS]
+    cmd += ["--val-interval", "1", "--eval-limit", "16", "--override", "optimizer.lr=2e-3"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary_seed1.json").read_text())
-    assert set(summary["arms"]) == {"luffy", "grpo"}
+    assert set(summary["arms"]) == set(ARMS)
     assert summary["overrides"] == ["optimizer.lr=2e-3"]
-    for arm in ("luffy", "grpo"):  # --override reaches every arm, after the arm's own options
+    for arm in ARMS:  # --override reaches every arm, after the arm's own options
         rows = [json.loads(line) for line in (out / "seed1" / arm / "metrics.jsonl").open()]
         assert [r["actor/lr"] for r in rows] == [2e-3, 2e-3]
+    sft_rows = [json.loads(line) for line in (out / "seed1" / "rl_sft_loss" / "metrics.jsonl").open()]
+    assert all(r["actor/sft_nll"] > 0 for r in sft_rows)  # the traces' NLL is trained on at every step
     for arm in summary["arms"].values():
-        assert arm["steps"] == 2 and arm["final_val_greedy"] is not None
+        assert arm["steps"] == 2 and arm["final_val_greedy"] is not None and arm["tokens"] > 0
+        assert {h["problems"] for h in arm["held_out"].values()} == {16}
+    assert summary["arms"]["luffy"]["tokens_trained"] > 0 and summary["arms"]["rl_sft_loss"]["tokens_trained"] > 0
     # the untrained model never solves the task, and on-policy GRPO gets no reward to learn from
     assert summary["arms"]["grpo"]["final_train_reward_on_policy"] == 0.0
     assert (out / "curves_seed1.png").stat().st_size > 10_000
-    assert "| 1 | luffy |" in proc.stdout and "| 1 | grpo |" in proc.stdout
-    assert (out / "results.md").read_text().count("\n") == 4  # header, rule, one row per arm
-    held_out = (out / "eval_seed1.md").read_text()  # luffy-eval of both arms' final models
+    assert all(f"| 1 | {arm} |" in (out / "seeds.md").read_text() for arm in ARMS)
+    report = (out / "results.md").read_text()
+    assert report in proc.stdout and report.count("| arm |") == 1  # one table
+    head = next(line for line in report.splitlines() if line.startswith("| arm |"))
+    assert "| in distribution, avg@4 (%) | out of distribution, avg@4 (%) |" in head and "tokens trained" in head
+    assert [line.split(" | ")[0] for line in report.splitlines()[-3:]] == [f"| {arm}" for arm in ARMS]
+    held_out = (out / "eval_seed1.md").read_text()  # luffy-eval of every arm's final model on both sets
     assert held_out in proc.stdout and "| synthetic_add (avg@4) | Avg. |" in held_out
-    assert "| luffy |" in held_out and "| grpo |" in held_out
+    assert "| synthetic_add_ood (avg@4) | Avg. |" in held_out
+    assert all(f"| {arm} |" in held_out for arm in ARMS)
     config = json.loads((out / "seed1" / "tiny_model" / "config.json").read_text())
     assert config["vocab_size"] == 128 and config["intermediate_size"] > 0
+    _check_the_ood_split(out / "seed1")
+
+
+def _check_the_ood_split(seed_dir: Path) -> None:
+    """The OOD set: 3-digit operands only (training has 2-digit ones), every trace rewarded, and every trace and
+    prompt within the demo's limits in the demo's own tokenizer."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from luffy_megatron.data.dataset import strip_think_prefix
+    from luffy_megatron.reward.math_reward import score_one
+    from tools.run_demo import MAX_NEW_TOKENS, NUM_OOD
+
+    def operands(rows: list[dict]) -> set[str]:
+        return {x for r in rows for x in r["prompt"][-1]["content"].rstrip("=").split("+")}
+
+    train = pq.read_table(seed_dir / "task" / "train.parquet").to_pylist()
+    ood = pq.read_table(seed_dir / "task" / "ood.parquet").to_pylist()
+    assert len(ood) == NUM_OOD and {len(x) for x in operands(train)} == {2}
+    assert {len(x) for x in operands(ood)} == {3} and not any(x.startswith("0") for x in operands(ood))
+    tokenizer = AutoTokenizer.from_pretrained(seed_dir / "tiny_model")
+    max_positions = json.loads((seed_dir / "tiny_model" / "config.json").read_text())["max_position_embeddings"]
+    for row in ood:
+        trace, truth = row["target"][0]["content"], row["reward_model"]["ground_truth"]
+        assert score_one(trace, truth, False, None) == 1.0
+        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        target = strip_think_prefix(trace, prompt)
+        response = tokenizer(target, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(response) == target  # representable: the tokens give the text back
+        assert len(response) + 1 <= MAX_NEW_TOKENS["ood"]  # and EOS
+        assert len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + MAX_NEW_TOKENS["ood"] <= max_positions
+
+
+def test_the_report_spreads_each_arm_over_the_seeds() -> None:
+    """Several seeds: one row per arm, mean (min-max) of tokens and held-out avg@k."""
+    from tools.run_demo import table
+
+    def arm(tokens: int, ind: float, ood: float) -> dict:
+        held = {"in_distribution": ind, "out_of_distribution": ood}
+        held_out = {key: {"problems": 256, "k": 4, "avg@k": v} for key, v in held.items()}
+        return {"steps": 700, "tokens_trained": tokens, "tokens": 2 * tokens, "held_out": held_out}
+
+    summaries = [
+        {"seed": 1, "arms": {"luffy": arm(1_000_000, 0.70, 0.10), "grpo": arm(0, 0.0, 0.0)}},
+        {"seed": 2, "arms": {"luffy": arm(3_000_000, 0.80, 0.30), "grpo": arm(0, 0.0, 0.0)}},
+    ]
+    lines = table(summaries).splitlines()
+    assert "seeds 1, 2, mean over seeds (min-max)" in lines[0] and "256 unseen 2-digit problems" in lines[0]
+    assert lines[-2] == "| luffy | 2.00 (1.00-3.00) | 4.00 (2.00-6.00) | 75.0 (70.0-80.0) | 20.0 (10.0-30.0) |"
+    assert lines[-1] == "| grpo | 0.00 (0.00-0.00) | 0.00 (0.00-0.00) | 0.0 (0.0-0.0) | 0.0 (0.0-0.0) |"
+    assert table(summaries[:1]).splitlines()[-2] == "| luffy | 1.00 | 2.00 | 70.0 | 10.0 |"
 
 
 def test_prepare_only_makes_the_paths_the_demo_config_names(tmp_path: Path) -> None:

@@ -1,8 +1,11 @@
-"""The CPU demo: LUFFY vs on-policy GRPO on a task the untrained model never solves.
+"""The CPU demo: LUFFY vs on-policy GRPO and the paper's baselines on a task the untrained model never solves.
 
 Makes a tiny Qwen2-style model and the synthetic addition task (expert traces in the paper's
-``<think>...</think> \\boxed{}`` format), trains each arm with ``luffy-train`` (same steps, same seed; the arms run
-side by side, one CPU thread each), then writes curves (PNG) and a table of held-out greedy accuracy.
+``<think>...</think> \\boxed{}`` format) with two held-out sets: in distribution (``val.parquet``, unseen 2-digit
+problems) and out of distribution (``ood.parquet``, 3-digit problems, a column more than training ever shows; see
+``luffy_megatron.data.synthetic``). Trains each arm with ``luffy-train`` (same steps, same seed; the arms run side by
+side, one CPU thread each), evaluates each final model on both sets with ``luffy-eval`` (avg@4), then writes curves
+(PNG) and the report: one table, arm x {in distribution, out of distribution}, with each arm's tokens trained.
 
 Arms: ``luffy`` (policy shaping p/(p+0.1)), ``grpo`` (n_off=0, PPO clip), ``luffy_no_shaping`` (f(p)=p, the paper's
 shaping ablation; not run by default), ``luffy_async`` (LUFFY with one-step-off asynchronous rollout and token-level
@@ -10,13 +13,16 @@ truncated IS, cap 10; not run by default; it uses two threads, so compare its st
 ``luffy_async_no_is`` (the same without the IS correction), ``luffy_on_baseline`` and ``luffy_async_on_baseline``
 (``luffy`` and ``luffy_async`` with ``algorithm.on_policy_baseline=on_policy_mean``; not run by default),
 ``luffy_sglang`` (``luffy`` with rollouts from a real SGLang server on its CPU engine; needs ``make sglang-venv``;
-not run by default).
+not run by default), ``rl_sft_loss`` (the paper's "RL w/ SFT loss" baseline: LUFFY's batches, the rollouts' policy
+gradient with a baseline from the rollouts alone, the trace's NLL in place of its shaped gradient; not run by
+default).
 
-Each seed gets its own model, task and runs under ``OUT/seed<S>/``; ``OUT/results.md`` has the table of all seeds.
+Each seed gets its own model, task and runs under ``OUT/seed<S>/``; ``OUT/results.md`` has the table over all seeds
+(mean and min-max), ``OUT/seeds.md`` the training curves' numbers per seed.
 ``--override KEY=VALUE ...`` changes the config of every arm alike (checked before any arm starts).
 
 example:
-  python tools/run_demo.py --out outputs/demo --seeds 1 2 3 --arms luffy grpo
+  python tools/run_demo.py --out outputs/demo --seeds 1 2 3 --arms luffy grpo rl_sft_loss
 """
 
 from __future__ import annotations
@@ -45,6 +51,11 @@ ARMS = {
     ],
     "luffy_async_no_is": ["trainer.async_rollout=true", "trainer.async_rollout_threads=1"],
 }
+# The paper's "RL w/ SFT loss" baseline as its released script sets it (exp_scripts/train_rl_sft_loss.sh): LUFFY's
+# script with use_off_policy_loss=False, use_sft_multitask_loss=True (sft_loss_coef 1.0) and the grpo_split advantage
+# (group statistics of the on-policy samples), everything else alike. Here: the trace's tokens get sft_loss_coeff x
+# NLL instead of the shaped policy gradient, and sft_loss implies the on-policy-only baseline (docs/algorithm.md).
+ARMS["rl_sft_loss"] = ["algorithm.sft_loss=true", "algorithm.sft_loss_coeff=1.0"]
 # On-policy samples centred on the mean of the group's rollouts, traces left out (docs/algorithm.md).
 ARMS["luffy_on_baseline"] = ["algorithm.on_policy_baseline=on_policy_mean"]
 ARMS["luffy_async_on_baseline"] = [*ARMS["luffy_async"], *ARMS["luffy_on_baseline"]]
@@ -67,6 +78,11 @@ ARMS["luffy_sglang"] = [
 CONFIG = REPO / "configs" / "tiny_cpu_luffy.yaml"
 VAL_KEY = "val/all/avg@1"
 STEPS = 700
+NUM_VAL = NUM_OOD = 256  # held-out problems, in and out of distribution
+EVAL_SAMPLES = 4  # luffy-eval samples per problem: avg@4
+# luffy-eval's response limits: the demo's 28 in distribution (its traces are 18-24 tokens after the prompt's
+# <think>, then EOS); out of distribution the traces are 26-34 tokens, so the same 3 spare tokens give 38.
+MAX_NEW_TOKENS = {"val": 28, "ood": 38}
 # ~0.32M parameters; the tokenizer is byte-level BPE over ASCII with merges from the task's text (under 128 tokens:
 # Megatron pads the vocabulary to 128 rows anyway); the compact chat template makes a prompt 9 tokens.
 MODEL = dict(family="qwen2", vocab_size=128, ascii_only=True, chat_template="compact", hidden_size=96, layers=2,
@@ -75,14 +91,16 @@ MODEL = dict(family="qwen2", vocab_size=128, ascii_only=True, chat_template="com
 
 def prepare(out: Path, seed: int) -> tuple[Path, Path]:
     """The tiny model and the task (made once; reused when present)."""
-    from luffy_megatron.data.synthetic import tokenizer_corpus, write_task
+    from luffy_megatron.data.synthetic import tokenizer_corpus, write_ood, write_task
     from luffy_megatron.models.tiny import make_tiny_model
 
     model_dir, task_dir = out / "tiny_model", out / "task"
     if not (model_dir / "config.json").is_file():
         make_tiny_model(model_dir, **MODEL, corpus=tokenizer_corpus(), seed=seed)
     if not (task_dir / "train.parquet").is_file():
-        write_task(task_dir, num_train=9000, num_val=256, seed=seed, system_prompt=None)
+        write_task(task_dir, num_train=9000, num_val=NUM_VAL, seed=seed, system_prompt=None)
+    if not (task_dir / "ood.parquet").is_file():  # its own random stream: train and val are the same without it
+        write_ood(task_dir, NUM_OOD, seed=seed, system_prompt=None)
     return model_dir, task_dir
 
 
@@ -170,7 +188,9 @@ def _progress(procs: dict, out: Path, steps: int) -> dict[str, float]:
 
 
 def summarise(arms: list[str], run_root: Path, seconds: dict[str, float]) -> dict:
-    """Per arm: held-out greedy accuracy (final, best), when it first passed 50% (step and seconds), train reward."""
+    """Per arm: held-out greedy accuracy (final, best), when it first passed 50% (step and seconds), train reward, and
+    the budget: ``tokens_trained`` (sum of ``perf/update_real_tokens``: the tokens the updates computed on, prompts
+    included; a step that trained no sample adds 0) and ``tokens`` (sum of ``perf/tokens``: every sample's tokens)."""
     from luffy_megatron.metrics.logger import read_jsonl
 
     rows = {}
@@ -188,21 +208,37 @@ def summarise(arms: list[str], run_root: Path, seconds: dict[str, float]) -> dic
             "steps": records[-1]["step"] if records else 0,
             "mean_step_s": round(sum(r["perf/step_s"] for r in records) / len(records), 4) if records else None,
             "seconds": round(seconds[arm], 1),
+            "tokens_trained": int(sum(r.get("perf/update_real_tokens", 0) for r in records)),
+            "tokens": int(sum(r.get("perf/tokens", 0) for r in records)),
         }
     return rows
 
 
-def evaluate_arms(arms: list[str], run_root: Path, task_dir: Path) -> str:
-    """luffy-eval on each arm's final model over the held-out problems (the paper's temperature 0.6 and top-p 1.0,
-    4 samples each, the demo's 28-token response limit); the arms' tables side by side."""
+def evaluate_arms(arms: list[str], run_root: Path, task_dir: Path, limit: int | None = None) -> tuple[str, dict]:
+    """luffy-eval on each arm's final model over both held-out sets (the paper's temperature 0.6 and top-p 1.0,
+    ``EVAL_SAMPLES`` samples per problem, ``MAX_NEW_TOKENS``; ``limit``: first problems of each set only). Returns the
+    arms' tables side by side and, per arm and set (``in_distribution``, ``out_of_distribution``), problems, k and
+    avg@k."""
     from luffy_megatron.eval import EvalOptions, compare, run_eval
 
-    dirs = [run_root / arm / "eval" for arm in arms]
-    for arm, out in zip(arms, dirs):
-        data = [str(task_dir / "val.parquet")]
-        opts = EvalOptions(str(run_root / arm / "hf_final"), data, str(out), name=arm, n=4, max_new_tokens=28)
-        run_eval(opts, progress=False)
-    return compare([str(d) for d in dirs])
+    sets = {"in_distribution": ("val", "eval"), "out_of_distribution": ("ood", "eval_ood")}
+    scores: dict[str, dict] = {arm: {} for arm in arms}
+    tables = []
+    for name, (split, folder) in sets.items():
+        for arm in arms:
+            opts = EvalOptions(
+                str(run_root / arm / "hf_final"),
+                [str(task_dir / f"{split}.parquet")],
+                str(run_root / arm / folder),
+                name=arm,
+                n=EVAL_SAMPLES,
+                max_new_tokens=MAX_NEW_TOKENS[split],
+                limit_per_source=limit,
+            )
+            (res,) = run_eval(opts, progress=False)["sources"].values()  # one data source per set
+            scores[arm][name] = {key: res[key] for key in ("problems", "k", "avg@k")}
+        tables.append(compare([str(run_root / arm / folder) for arm in arms]))
+    return "\n".join(tables), scores
 
 
 def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
@@ -214,8 +250,10 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     for arms in groups:
         seconds.update(run_arms(arms, run_root, model_dir, task_dir, args, seed))
     summary = {"seed": seed, "overrides": args.override, "arms": summarise(args.arms, run_root, seconds)}
+    held_out, scores = evaluate_arms(args.arms, run_root, task_dir, args.eval_limit)
+    for arm, arm_scores in scores.items():
+        summary["arms"][arm]["held_out"] = arm_scores
     (out / f"summary_seed{seed}.json").write_text(json.dumps(summary, indent=1))
-    held_out = evaluate_arms(args.arms, run_root, task_dir)
     (out / f"eval_seed{seed}.md").write_text(held_out)
     print(f"\nseed {seed}, held-out problems, luffy-eval of the final models:\n\n{held_out}")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -231,8 +269,8 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     return summary
 
 
-def table(summaries: list[dict]) -> str:
-    """Markdown table: one row per seed and arm."""
+def seed_table(summaries: list[dict]) -> str:
+    """The training curves' numbers, one row per seed and arm (``OUT/seeds.md``)."""
     lines = [
         "| seed | arm | held-out greedy accuracy (final) | best | first step > 50% | train s to 50% | "
         "train reward (on-policy, last step) | mean step s | s (whole run) |",
@@ -254,6 +292,46 @@ def table(summaries: list[dict]) -> str:
                 fmt(r["seconds"], ".0f"),
             ]
             lines.append(f"| {summary['seed']} | {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _spread(values: list[float], spec: str) -> str:
+    """``mean (min-max)`` over seeds, or the one value."""
+    if len(values) == 1:
+        return format(values[0], spec)
+    return f"{format(sum(values) / len(values), spec)} ({format(min(values), spec)}-{format(max(values), spec)})"
+
+
+def table(summaries: list[dict]) -> str:
+    """The report (``OUT/results.md``): one row per arm with its budget in tokens and its final model's held-out avg@k
+    in and out of distribution (%), each the mean over the seeds (min-max when there are several)."""
+    arms = list(dict.fromkeys(arm for s in summaries for arm in s["arms"]))
+    first = summaries[0]["arms"][arms[0]]
+    ind, ood = first["held_out"]["in_distribution"], first["held_out"]["out_of_distribution"]
+    seeds = [str(s["seed"]) for s in summaries]
+    over = f"seeds {', '.join(seeds)}, mean over seeds (min-max)" if len(seeds) > 1 else f"seed {seeds[0]}"
+    lines = [
+        f"Each arm's final model after {first['steps']} steps, {over}. Held-out avg@k: luffy-eval, temperature 0.6, "
+        f"k samples per problem; in distribution {ind['problems']} unseen 2-digit problems (val.parquet), out of "
+        f"distribution {ood['problems']} 3-digit problems (ood.parquet). Tokens trained: the sum of "
+        "perf/update_real_tokens (the tokens the updates computed on, prompts included; samples whose loss is "
+        "provably 0 are skipped); tokens in batches: the sum of perf/tokens (every rollout and trace).",
+        "",
+        f"| arm | tokens trained (M) | tokens in batches (M) | in distribution, avg@{ind['k']} (%) | "
+        f"out of distribution, avg@{ood['k']} (%) |",
+        "|---|---|---|---|---|",
+    ]
+    for arm in arms:
+        runs = [s["arms"][arm] for s in summaries if arm in s["arms"]]
+        cells = [
+            _spread([r["tokens_trained"] / 1e6 for r in runs], ".2f"),
+            _spread([r["tokens"] / 1e6 for r in runs], ".2f"),
+            *(
+                _spread([100 * r["held_out"][key]["avg@k"] for r in runs], ".1f")
+                for key in ("in_distribution", "out_of_distribution")
+            ),
+        ]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -279,6 +357,13 @@ def main(argv: list[str] | None = None) -> int:
         help="config overrides for every arm, after the arm's own (e.g. optimizer.lr=2.5e-4)",
     )
     parser.add_argument(
+        "--eval-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"luffy-eval on the first N problems of each held-out set only (default: all {NUM_VAL})",
+    )
+    parser.add_argument(
         "--prepare-only", action="store_true", help="only make each seed's model and task (OUT/seed<S>/), then stop"
     )
     args = parser.parse_args(argv)
@@ -290,10 +375,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {seed}: model {model_dir}, task {task_dir}")
         return 0
     summaries = [run_seed(args, seed, out) for seed in args.seeds]
-    report = table(summaries)
+    seeds, report = seed_table(summaries), table(summaries)
+    (out / "seeds.md").write_text(seeds + "\n")
     (out / "results.md").write_text(report + "\n")
-    print("\n" + report)
-    print(f"\ncurves: {out}/curves_seed<S>.png  summaries: {out}/summary_seed<S>.json  table: {out / 'results.md'}")
+    print(f"\n{seeds}\n\n{report}")
+    print(f"\ncurves: {out}/curves_seed<S>.png  summaries: {out}/summary_seed<S>.json  report: {out / 'results.md'}")
     return 0
 
 
