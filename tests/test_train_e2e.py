@@ -157,6 +157,7 @@ def test_async_rollout_resumes_exactly_with_the_batch_in_flight(assets, async_re
     run_train(overrides(assets, out, 2, *extra))
     state = json.loads((ckpt / "step_000002" / "trainer_state.json").read_text())
     assert state["pending_rollout"]["step"] == 3 and state["pending_rollout"]["weights_step"] == 1
+    assert (ckpt / "step_000002" / state["pending_rollout"]["file"]).is_file()  # binary, beside the small JSON
     run_train(overrides(assets, out, 3, *extra))
     got = metrics(out)
     assert sorted(got) == [1, 2, 3]

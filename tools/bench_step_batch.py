@@ -9,6 +9,9 @@ without) and sends it to rank 1:
 - ``object``: ``dist.broadcast_object_list`` of the sample list (what ``rank0_call`` did with the whole step);
 - ``tensor``: ``luffy_megatron.train.transport.broadcast_samples``.
 
+Also the asynchronous checkpoint's batch in flight (``pending_checkpoint``): rank 0's binary file vs the indented
+JSON the trainer state held before, bytes and seconds to write and read.
+
 Seconds: every repeat runs both methods (interleaved, the order alternating), each between two barriers; the median
 over repeats is reported (wall clock, the slower rank), with each rank's CPU time of the send (less disturbed by other
 jobs on a shared machine) and rank 0's pack / local unpack and pickle / unpickle times as a breakdown.
@@ -29,6 +32,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -136,6 +140,42 @@ def rank0_parts(samples: list[Sample], repeats: int) -> dict:
     }
 
 
+def pending_checkpoint(samples: list[Sample], folder: Path, repeats: int) -> dict:
+    """The asynchronous checkpoint's batch in flight (medians over ``repeats``): global rank 0 writing and reading
+    ``pending_rollout.npz`` (:meth:`RolloutPrefetcher.save`), vs the indented JSON of the sample list the trainer
+    state held before (``json.dumps(asdict(batch), indent=1)``)."""
+    from dataclasses import asdict
+
+    from luffy_megatron.train.producer import PENDING_FILE, RolloutPrefetcher, ScoredBatch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    times: dict[str, list[float]] = {"npz_save": [], "npz_load": [], "json_save": [], "json_load": []}
+    for _ in range(repeats):
+        writer = RolloutPrefetcher()
+        writer.start(2, 1, lambda: (samples, {}))
+        writer.wait()  # the batch the run waited for
+        t0 = time.perf_counter()
+        record = writer.save(folder)
+        t1 = time.perf_counter()
+        reader = RolloutPrefetcher()
+        reader.load(folder, record)
+        t2 = time.perf_counter()
+        text = json.dumps(asdict(ScoredBatch(2, 1, samples, {})), indent=1)
+        (folder / "pending.json").write_text(text)
+        t3 = time.perf_counter()
+        json.loads((folder / "pending.json").read_text())
+        t4 = time.perf_counter()
+        for name, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            times[name].append(seconds)
+        writer.close()
+        reader.close()
+    return {
+        "seconds_median": {k: round(statistics.median(v), 3) for k, v in times.items()},
+        "bytes": {"npz": (folder / PENDING_FILE).stat().st_size, "json": (folder / "pending.json").stat().st_size},
+        "json_lines": text.count("\n") + 1,
+    }
+
+
 def peak_rss(rank: int, args: argparse.Namespace) -> dict:
     """ru_maxrss (MiB) of this rank before and after one send of ``args.method``."""
     samples = step_batch(args.prompts, args.n, args.seed, args.scale) if rank == 0 else None
@@ -225,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     for method in METHODS:
         rss[method] = run_pair(peak_rss, argparse.Namespace(**{**vars(args), "method": method}))
     result = report(args, timing, rss)
+    with tempfile.TemporaryDirectory() as tmp:
+        batch = step_batch(args.prompts, args.n, args.seed, args.scale)
+        result["pending_checkpoint"] = pending_checkpoint(batch, Path(tmp), min(args.repeats, 3))
     result["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

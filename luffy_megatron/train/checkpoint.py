@@ -5,6 +5,7 @@ Layout of ``save_dir``::
     step_000010/              a complete checkpoint (only names of this form are ever loaded)
         model_optim/          dist_checkpointing (torch_dist) of model chunks and optimizer: reshardable
         trainer_state.json    step, scheduler, sampler, metadata; written last
+        pending_rollout.npz   an asynchronous run's batch in flight (global rank 0 writes it, never broadcast)
         rng/rank_00000.pt     python / numpy / torch / megatron RNG states of every rank
     step_000020.incomplete/   a save in progress or interrupted: ignored, removed by the next save
 
@@ -19,6 +20,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +88,18 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(save_dir: str, step: int, policy, trainer_state: dict, keep_last: int) -> Path:
-    """Save collectively (every rank calls it); returns the final directory. Raises :class:`CheckpointError`."""
+def save_checkpoint(
+    save_dir: str,
+    step: int,
+    policy,
+    trainer_state: dict,
+    keep_last: int,
+    rank0_files: Callable[[Path], dict[str, Any]] | None = None,
+) -> Path:
+    """Save collectively (every rank calls it); returns the final directory. Raises :class:`CheckpointError`.
+
+    ``rank0_files(folder)`` runs on global rank 0 alone before the state file is written: it writes files of its own
+    into the checkpoint folder and returns what to record about them in the trainer state."""
     root = Path(save_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.incomplete"
@@ -116,7 +128,8 @@ def save_checkpoint(save_dir: str, step: int, policy, trainer_state: dict, keep_
         ) from e
 
     def finish() -> Path:
-        state = dict(trainer_state, step=step, scheduler=policy.scheduler.state_dict())
+        files = rank0_files(tmp) if rank0_files is not None else {}
+        state = dict(trainer_state, **files, step=step, scheduler=policy.scheduler.state_dict())
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=_json_default))
         if final.exists():
             shutil.rmtree(final)

@@ -16,8 +16,9 @@ policy.
 Where generation runs: SGLang servers are separate processes already (they must not be colocated); the in-process HF
 engine moves into a child process with its own torch threads (:class:`~luffy_megatron.rollout.process_engine.
 ProcessEngine`). A rollout or reward failure in the background reaches the loop at the next boundary and stops the run
-there, as in the synchronous loop. A checkpoint waits for the batch in flight and records it (samples, rewards,
-advantages, metrics) in its trainer state; a resumed run trains on that batch and continues exactly.
+there, as in the synchronous loop. A checkpoint waits for the batch in flight and global rank 0 writes it (samples,
+rewards, advantages, metrics) into the checkpoint as flat binary arrays (:data:`PENDING_FILE`); a resumed run trains
+on that batch and continues exactly.
 
 Timeline: every step logs ``timeline/generate_start``, ``timeline/generate_end`` (its batch's rollout + reward),
 ``timeline/update_start`` and ``timeline/update_end`` (epoch seconds); ``tools/plot_metrics.py --timeline`` draws them.
@@ -28,10 +29,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from luffy_megatron.algo import compute_advantages
@@ -43,11 +46,14 @@ from luffy_megatron.rollout.base import SamplingParams
 from luffy_megatron.train.checkpoint import should_save
 from luffy_megatron.train.dynamic_sampling import collect_groups, round_seed
 from luffy_megatron.train.samples import Sample, assemble_groups, group_metrics
+from luffy_megatron.train.transport import pack_samples, unpack_samples
 
 if TYPE_CHECKING:
     from luffy_megatron.train.run_state import RunState
 
 Produce = Callable[[], tuple[list[Sample], dict[str, float]]]
+#: The asynchronous run's batch in flight, in a checkpoint folder (written by global rank 0 alone).
+PENDING_FILE = "pending_rollout.npz"
 
 
 @dataclass
@@ -96,17 +102,28 @@ class RolloutPrefetcher:
         batch, self._ready = self._ready, None
         return batch
 
-    def state_dict(self) -> dict[str, Any] | None:
-        """The batch in flight, as plain JSON-able values (waits for it); None when there is none."""
+    def save(self, folder: Path) -> dict[str, Any] | None:
+        """Write the batch in flight (waiting for it) to ``folder/PENDING_FILE`` as the flat arrays of
+        :func:`~luffy_megatron.train.transport.pack_samples` (binary, floats bit-exact); return its small record for
+        the trainer state, None when there is no batch."""
         self.wait()
-        return None if self._ready is None else asdict(self._ready)
+        if self._ready is None:
+            return None
+        packed = pack_samples(self._ready.samples)
+        arrays = {f"buffer_{code}": buf for code, buf in packed.buffers.items()}
+        with open(folder / PENDING_FILE, "wb") as f:
+            np.savez(f, header=packed.header, **arrays)
+        batch = self._ready
+        return {"step": batch.step, "weights_step": batch.weights_step, "metrics": batch.metrics, "file": PENDING_FILE}
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Restore a batch recorded by :meth:`state_dict`."""
-        if state is None:
+    def load(self, folder: Path, record: dict[str, Any] | None) -> None:
+        """Restore a batch written by :meth:`save` into ``folder`` (its record from the trainer state)."""
+        if record is None:
             return
-        samples = [Sample(**s) for s in state["samples"]]
-        self._ready = ScoredBatch(int(state["step"]), int(state["weights_step"]), samples, dict(state["metrics"]))
+        with np.load(folder / record["file"]) as f:
+            buffers = {int(k.removeprefix("buffer_")): f[k] for k in f.files if k.startswith("buffer_")}
+            samples = unpack_samples(f["header"], buffers)
+        self._ready = ScoredBatch(int(record["step"]), int(record["weights_step"]), samples, dict(record["metrics"]))
 
     def close(self) -> None:
         """Wait for the background thread to finish (close the engine first so that it cannot block) and drop it."""

@@ -72,25 +72,29 @@ def setup(cfg: RunConfig) -> tuple[RunState, Any]:
     else:
         load_hf_weights(policy.modules, spec, cfg.model.hf_path)
 
-    rank0_call(lambda: _setup_rank0(cfg, run, tokenizer, trainer_state), "setup")
+    rank0_call(lambda: _setup_rank0(cfg, run, tokenizer, trainer_state, resume_from), "setup")
     # The engine starts from the HF folder; after a resume or a Megatron checkpoint it must get the policy's weights.
     if resume_from is not None or cfg.model.megatron_checkpoint:
         sync_weights(run, policy)
     return run, policy
 
 
-def _setup_rank0(cfg: RunConfig, run: RunState, tokenizer: Any, trainer_state: dict[str, Any]) -> None:
+def _setup_rank0(
+    cfg: RunConfig, run: RunState, tokenizer: Any, trainer_state: dict[str, Any], resume_from: Path | None
+) -> None:
     """What only global rank 0 holds: datasets and sampler, rollout engine, reward pool, metrics logger. On a failure
     (an unreadable data file, an unreachable rollout server) what was started is closed again."""
     try:
-        _open_rank0_resources(cfg, run, tokenizer, trainer_state)
+        _open_rank0_resources(cfg, run, tokenizer, trainer_state, resume_from)
     except BaseException:
         teardown(run)
         raise
     print(f"data: {run.dataset.summary()}", flush=True)
 
 
-def _open_rank0_resources(cfg: RunConfig, run: RunState, tokenizer: Any, trainer_state: dict[str, Any]) -> None:
+def _open_rank0_resources(
+    cfg: RunConfig, run: RunState, tokenizer: Any, trainer_state: dict[str, Any], resume_from: Path | None
+) -> None:
     run.dataset = PromptDataset(cfg.data, cfg.data.train_files, tokenizer)
     run.sampler = PromptSampler(len(run.dataset), cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle)
     if "sampler" in trainer_state:
@@ -100,7 +104,8 @@ def _open_rank0_resources(cfg: RunConfig, run: RunState, tokenizer: Any, trainer
     run.engine = build_run_engine(cfg)
     if cfg.trainer.async_rollout:
         run.prefetch = RolloutPrefetcher()
-        run.prefetch.load_state_dict(trainer_state.get("pending_rollout"))
+        if resume_from is not None:
+            run.prefetch.load(resume_from, trainer_state.get("pending_rollout"))
     run.rewards = RewardPool(cfg.reward, hard_margin_s=cfg.reward.hard_margin_s)
     run.logger = MetricsLogger(cfg.logging, to_dict(cfg))
 
@@ -109,12 +114,16 @@ def save(cfg: RunConfig, run: RunState, policy) -> Path:
     """A training checkpoint of every rank's shards plus rank 0's trainer state (weight version, sampler)."""
 
     def trainer_state() -> dict[str, Any]:
-        # The batch in flight first: producing it advances the sampler.
-        pending = run.prefetch.state_dict() if run.prefetch is not None else None
-        return {"weight_version": run.weight_version, "sampler": run.sampler.state_dict(), "pending_rollout": pending}
+        if run.prefetch is not None:
+            run.prefetch.wait()  # the batch in flight first: producing it advances the sampler
+        return {"weight_version": run.weight_version, "sampler": run.sampler.state_dict()}
+
+    def pending_batch(folder: Path) -> dict[str, Any]:  # rank 0 alone: the batch never travels to other ranks
+        return {"pending_rollout": run.prefetch.save(folder) if run.prefetch is not None else None}
 
     state = rank0_call(trainer_state, "collecting the trainer state")
-    path = save_checkpoint(cfg.checkpoint.save_dir, run.step, policy, state, cfg.checkpoint.keep_last)
+    c = cfg.checkpoint
+    path = save_checkpoint(c.save_dir, run.step, policy, state, c.keep_last, rank0_files=pending_batch)
     if dist.get_rank() == 0:
         print(f"saved checkpoint {path}", flush=True)
     return path
