@@ -23,8 +23,17 @@ from luffy_megatron.rollout.base import RolloutEngine, RolloutOutput
 
 FIXTURE = Path(__file__).parent / "fixtures" / "eval_mixed_small.parquet"
 # The demo's model shape (tools/run_demo.py); random weights.
-DEMO_MODEL = dict(family="qwen2", vocab_size=128, ascii_only=True, chat_template="compact", hidden_size=96, layers=2,
-                  heads=4, kv_heads=4, intermediate_size=384)  # fmt: skip
+DEMO_MODEL = dict(
+    family="qwen2",
+    vocab_size=128,
+    ascii_only=True,
+    chat_template="compact",
+    hidden_size=96,
+    layers=2,
+    heads=4,
+    kv_heads=4,
+    intermediate_size=384,
+)
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +229,9 @@ def test_bad_input_gives_one_error_line(model_dir, tmp_path, capsys):
     (bad_model / "config.json").write_text("{not json")
     assert "cannot load the tokenizer" in _error(["--model", str(bad_model), "--data", str(FIXTURE), *out], capsys)
     assert "--n: invalid value 0" in _error([*model, "--data", str(FIXTURE), *out, "--n", "0"], capsys)
+    err = _error([*model, "--data", str(FIXTURE), *out, "--system-prompt-text", "Be brief."], capsys)
+    assert "--system-prompt-text goes with --system-prompt replace" in err
+    assert "goes with" in _error([*model, "--data", str(FIXTURE), *out, "--system-prompt", "replace"], capsys)
     assert "--compare" in _error(["--compare", str(tmp_path)], capsys)
     sglang = [*model, "--data", str(FIXTURE), *out, "--backend", "sglang", "--sglang-launch", "--sglang-set"]
     assert "Key 'devce' not in 'SGLangConfig'" in _error([*sglang, "device=cpu", "devce=cpu"], capsys)

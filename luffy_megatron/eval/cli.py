@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from luffy_megatron.config import DTYPES, RolloutBackend, choices
+from luffy_megatron.config import DTYPES, RolloutBackend, SystemPrompt, choices
 from luffy_megatron.data import DataError
 from luffy_megatron.eval.runner import RESULTS_MD, EvalOptions, compare, run_eval, sglang_config
 from luffy_megatron.eval.score import THINK_FORMATS
@@ -42,8 +42,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=d.top_k, help="default %(default)s (off)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="default %(default)s (paper)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--keep-system-prompt", action="store_true", help="keep the rows' system prompt (paper drops it)")
-    p.add_argument("--think-format", choices=THINK_FORMATS, default=d.think_format)
+    p.add_argument(
+        "--system-prompt",
+        choices=choices(SystemPrompt),
+        default=d.system_prompt,
+        help="the rows' system message, as the training config's data.system_prompt (default %(default)s, as the "
+        "paper's evaluation; replace: with --system-prompt-text)",
+    )
+    p.add_argument("--system-prompt-text", help="the system message of --system-prompt replace")
+    p.add_argument(
+        "--think-format",
+        choices=THINK_FORMATS,
+        default=d.think_format,
+        help="default %(default)s (paper); required: the training reward's check, what validation uses",
+    )
+    p.add_argument(
+        "--no-choice-letters",
+        dest="choice_letters",
+        action="store_false",
+        help="do not match a ground truth A-J as a choice letter (reward.allow_choice_letters=false)",
+    )
     p.add_argument("--limit-per-source", type=int, help="only the first N problems of each source")
     p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="rows per generation chunk (resume unit)")
     p.add_argument("--reward-timeout", type=float, default=d.reward_timeout_s, help="seconds per sample")
@@ -81,14 +99,19 @@ def options(args: argparse.Namespace) -> EvalOptions:
     if not args.data:
         raise EvalError("--data is required (one or more parquet files)")
     checks = [
-        ("--n", args.n >= 1), ("--temperature", args.temperature >= 0), ("--top-p", 0 < args.top_p <= 1),
-        ("--max-new-tokens", args.max_new_tokens >= 1), ("--chunk-size", args.chunk_size >= 1),
+        ("--n", args.n >= 1),
+        ("--temperature", args.temperature >= 0),
+        ("--top-p", 0 < args.top_p <= 1),
+        ("--max-new-tokens", args.max_new_tokens >= 1),
+        ("--chunk-size", args.chunk_size >= 1),
         ("--batch-size", args.batch_size >= 1),
         ("--limit-per-source", args.limit_per_source is None or args.limit_per_source >= 1),
-    ]  # fmt: skip
+    ]
     for flag, ok in checks:
         if not ok:
             raise EvalError(f"{flag}: invalid value {getattr(args, flag[2:].replace('-', '_'))}")
+    if (args.system_prompt == SystemPrompt.REPLACE) != (args.system_prompt_text is not None):
+        raise EvalError("--system-prompt-text goes with --system-prompt replace, and only with it")
     if args.backend == "sglang" and not (args.sglang_urls or args.sglang_launch):
         raise EvalError("--backend sglang needs --sglang-url URL... or --sglang-launch")
     keys = set(EvalOptions.__dataclass_fields__)

@@ -1,17 +1,18 @@
-"""Evaluation rows: LUFFY-schema parquet files read with the training data loader, system prompt removed as in the
-paper's evaluation, grouped into problems, optionally filtered by data source or collapsed to one row per problem."""
+"""Evaluation rows: LUFFY-schema parquet files read and rendered by the training data loader (system prompt removed
+as in the paper's evaluation by default, or kept or replaced as ``data.system_prompt`` does), grouped into problems,
+optionally filtered by data source or collapsed to one row per problem."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 
-from luffy_megatron.config import DataConfig
+from luffy_megatron.config import DataConfig, SystemPrompt
 from luffy_megatron.data import DataError, PromptDataset
+from luffy_megatron.eval.metrics import problem_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -30,11 +31,6 @@ class EvalRow:
     prompt_ids: list[int]
     ground_truth: str
     prompt_ends_with_think: bool
-
-
-def _problem_id(source: str, prompt_ids: list[int], truth: str) -> str:
-    text = f"{source}\x00{','.join(map(str, prompt_ids))}\x00{truth}"
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def _check_file(path: str) -> None:
@@ -61,18 +57,21 @@ def load_rows(
     *,
     sources: list[str] | None = None,
     unique: bool = False,
-    keep_system_prompt: bool = False,
+    system_prompt: str = SystemPrompt.REMOVE.value,
+    system_prompt_text: str | None = None,
     limit_per_source: int | None = None,
 ) -> list[EvalRow]:
     """Rows of ``files`` in file order. ``sources``: keep only these data sources (an unknown name is an error);
-    ``unique``: one row per problem (for ``--n`` samples per unique problem); ``limit_per_source``: the first that
-    many problems of each source (all their rows)."""
+    ``unique``: one row per problem (for ``--n`` samples per unique problem); ``system_prompt``,
+    ``system_prompt_text``: as ``data.system_prompt`` and ``data.system_prompt_text`` of the training config;
+    ``limit_per_source``: the first that many problems of each source (all their rows)."""
     for path in files:
         _check_file(path)
     cfg = DataConfig(
         max_prompt_length=2**31 - 1,  # never drop a benchmark prompt
         max_response_length=2**31 - 1,  # traces are not used: never cut them (nor warn that they were)
-        system_prompt="keep" if keep_system_prompt else "remove",
+        system_prompt=system_prompt,
+        system_prompt_text=system_prompt_text,
     )
     dataset = PromptDataset(cfg, files, tokenizer, progress=False)
     items = list(dataset.items)
@@ -87,7 +86,7 @@ def load_rows(
     excluded: set[str] = set()
     per_source: dict[str, int] = {}
     for it in items:
-        pid = _problem_id(it.data_source, it.prompt_ids, it.ground_truth)
+        pid = problem_id(it.data_source, it.prompt_ids, it.ground_truth)
         if pid in excluded or (unique and pid in kept):
             continue
         if pid not in kept:

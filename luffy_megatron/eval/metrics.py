@@ -9,8 +9,9 @@ problem has the same number of rows). pass@k is the unbiased estimator of Chen e
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from math import comb
 
 # The paper's column names and order (Table 1: math; Table 3: out-of-distribution).
@@ -23,6 +24,12 @@ MATH_SOURCES = {
     "olympiad_bench": "Olympiad",
 }
 OOD_SOURCES = {"arc_c": "ARC-c", "gpqa": "GPQA-diamond", "mmlu_pro": "MMLU-Pro"}
+
+
+def problem_id(source: str, prompt_ids: Sequence[int], truth: str) -> str:
+    """The problem a sample answers: a digest of (data source, rendered prompt ids, ground truth)."""
+    text = f"{source}\x00{','.join(map(str, prompt_ids))}\x00{truth}"
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -71,6 +78,12 @@ def summarise(samples: Iterable[dict]) -> dict[str, dict]:
             "status": dict(sorted(statuses[source].items())),
         }
     return out
+
+
+def source_average(per_source: dict[str, dict]) -> float:
+    """The mean of the sources' avg@k in a :func:`summarise` result (the tables' ``Avg.`` when all sources are in
+    one table); 0.0 without sources."""
+    return sum(r["avg@k"] for r in per_source.values()) / len(per_source) if per_source else 0.0
 
 
 def column_groups(sources: Iterable[str]) -> list[tuple[str, list[str]]]:

@@ -19,11 +19,11 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 from yaml import YAMLError
 
-from luffy_megatron.config import ConfigError, RolloutConfig, SGLangConfig
+from luffy_megatron.config import ConfigError, RolloutConfig, RunConfig, SGLangConfig, SystemPrompt
 from luffy_megatron.config_checks import check_rollout
 from luffy_megatron.eval.data import EvalRow, load_rows
 from luffy_megatron.eval.metrics import render_tables, summarise
-from luffy_megatron.eval.score import score_sample
+from luffy_megatron.eval.score import SCORING_VERSION, ScoreRule, score_outputs
 from luffy_megatron.eval.store import EvalError, SampleStore
 from luffy_megatron.rollout.base import RolloutEngine, SamplingParams, sample_seed
 
@@ -48,8 +48,10 @@ class EvalOptions:
     top_k: int = -1
     max_new_tokens: int = 8192
     seed: int = 0
-    keep_system_prompt: bool = False
+    system_prompt: str = SystemPrompt.REMOVE.value
+    system_prompt_text: str | None = None
     think_format: str = "paper"
+    choice_letters: bool = True
     limit_per_source: int | None = None
     chunk_size: int = 64
     reward_timeout_s: float = 5.0
@@ -64,12 +66,56 @@ class EvalOptions:
     sglang_router: bool = False
     sglang_set: list[str] = field(default_factory=list)
 
+    def rule(self) -> ScoreRule:
+        """How the samples are graded."""
+        return ScoreRule(self.think_format, self.choice_letters, self.reward_timeout_s)
+
     def settings(self) -> dict:
-        """What fixes the samples: a rerun into the same folder must match these."""
-        keys = ("data", "sources", "n", "unique", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
-                "keep_system_prompt", "think_format", "limit_per_source", "chunk_size")  # fmt: skip
+        """What fixes the samples and their scores: a rerun into the same folder must match these."""
+        keys = (
+            "data",
+            "sources",
+            "n",
+            "unique",
+            "temperature",
+            "top_p",
+            "top_k",
+            "max_new_tokens",
+            "seed",
+            "system_prompt",
+            "system_prompt_text",
+            "think_format",
+            "choice_letters",
+            "reward_timeout_s",
+            "limit_per_source",
+            "chunk_size",
+        )
         d = asdict(self)
-        return {"model": str(Path(self.model).resolve()), **{k: d[k] for k in keys}}
+        return {"model": str(Path(self.model).resolve()), "scoring": SCORING_VERSION, **{k: d[k] for k in keys}}
+
+
+def validation_options(cfg: RunConfig, model: str, out: str, name: str | None = None) -> EvalOptions:
+    """The options under which ``luffy-eval`` scores ``model`` as the run's validation does (``val/*``): its held-out
+    files, prompts (``data.system_prompt``), sampling (``trainer.val_*``, ``data.max_response_length``) and the
+    training reward's rule. ``val_max_prompts`` becomes ``limit_per_source``: the same prompts for one source of
+    distinct problems (the demo's held-out set)."""
+    t, d, r = cfg.trainer, cfg.data, ScoreRule.of_reward(cfg.reward)
+    return EvalOptions(
+        model,
+        list(d.val_files),
+        out,
+        name=name,
+        n=t.val_n,
+        temperature=t.val_temperature,
+        max_new_tokens=d.max_response_length,
+        seed=t.seed,
+        system_prompt=d.system_prompt,
+        system_prompt_text=d.system_prompt_text if d.system_prompt == SystemPrompt.REPLACE else None,
+        think_format=r.think_format,
+        choice_letters=r.choice_letters,
+        limit_per_source=t.val_max_prompts,
+        reward_timeout_s=float(cfg.reward.timeout_s),
+    )
 
 
 def resolve_model(model: str, out: Path) -> Path:
@@ -151,22 +197,9 @@ def build_engine(opts: EvalOptions, hf_path: Path) -> RolloutEngine:
 
 
 def _records(rows: list[EvalRow], outputs, tokenizer, opts: EvalOptions) -> list[dict]:
-    texts = tokenizer.batch_decode([o.output_ids for outs in outputs for o in outs], skip_special_tokens=True)
-    it = iter(texts)
-    recs = []
-    for row, outs in zip(rows, outputs):
-        for o in outs:
-            text = next(it)
-            score, status, extracted = score_sample(
-                text, row.ground_truth, row.prompt_ends_with_think, opts.think_format, opts.reward_timeout_s
-            )
-            recs.append({
-                "row_id": row.row_id, "sample": o.sample_index, "problem_id": row.problem_id,
-                "data_source": row.data_source, "response": text, "extracted": extracted,
-                "ground_truth": row.ground_truth, "score": score, "status": status,
-                "finish_reason": o.finish_reason, "response_tokens": len(o.output_ids),
-            })  # fmt: skip
-    return recs
+    recs = score_outputs(rows, outputs, tokenizer, opts.rule(), extract=True)
+    row_ids = [row.row_id for row, outs in zip(rows, outputs) for _ in outs]
+    return [{"row_id": row_id, **rec} for row_id, rec in zip(row_ids, recs)]
 
 
 def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
@@ -179,7 +212,8 @@ def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
         tokenizer,
         sources=opts.sources or None,
         unique=opts.unique,
-        keep_system_prompt=opts.keep_system_prompt,
+        system_prompt=opts.system_prompt,
+        system_prompt_text=opts.system_prompt_text,
         limit_per_source=opts.limit_per_source,
     )
     store = SampleStore(out, opts.settings())
@@ -194,9 +228,13 @@ def run_eval(opts: EvalOptions, progress: bool = True) -> dict:
         try:
             for c in todo:
                 params = SamplingParams(
-                    n=opts.n, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,
-                    max_new_tokens=opts.max_new_tokens, seed=sample_seed(opts.seed, c, 0),
-                )  # fmt: skip
+                    n=opts.n,
+                    temperature=opts.temperature,
+                    top_p=opts.top_p,
+                    top_k=opts.top_k,
+                    max_new_tokens=opts.max_new_tokens,
+                    seed=sample_seed(opts.seed, c, 0),
+                )
                 outputs = engine.generate([r.prompt_ids for r in chunks[c]], params)
                 store.append(_records(chunks[c], outputs, tokenizer, opts))
                 generated += len(chunks[c]) * opts.n
