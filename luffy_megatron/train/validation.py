@@ -1,15 +1,17 @@
-"""Validation: avg@k accuracy per data source on the held-out set, sampled by the rollout engine (global rank 0)."""
+"""Validation: ``luffy-eval``'s avg@k per data source on the held-out set, sampled by the rollout engine on global
+rank 0 and scored by luffy-eval's definition (:func:`luffy_megatron.eval.score.score_outputs`) under the training
+reward's rule. ``luffy-eval`` with :func:`luffy_megatron.eval.runner.validation_options` scores a model the same way.
+"""
 
 from __future__ import annotations
-
-from collections import defaultdict
 
 import torch.distributed as dist
 
 from luffy_megatron.config import RunConfig
+from luffy_megatron.eval.metrics import source_average, summarise
+from luffy_megatron.eval.score import ScoreRule, score_outputs
 from luffy_megatron.rollout.base import SamplingParams
 from luffy_megatron.train.run_state import RunState
-from luffy_megatron.train.samples import mean_or_zero
 
 
 def validate_policy(cfg: RunConfig, run: RunState) -> dict[str, float]:
@@ -20,7 +22,13 @@ def validate_policy(cfg: RunConfig, run: RunState) -> dict[str, float]:
 
 
 def evaluate(cfg: RunConfig, engine, rewards, tokenizer, dataset) -> dict[str, float]:
-    """avg@k accuracy per data source of ``dataset`` (plus ``all``), ``val_n`` samples per prompt."""
+    """avg@k per data source of ``dataset`` (plus ``all``), ``val_n`` samples per prompt."""
+    return val_metrics(validation_records(cfg, engine, rewards, tokenizer, dataset), cfg.trainer.val_n)
+
+
+def validation_records(cfg: RunConfig, engine, rewards, tokenizer, dataset) -> list[dict]:
+    """luffy-eval's record of each sample: ``val_n`` per prompt of the first ``val_max_prompts`` prompts, graded in
+    the reward pool ``rewards`` (``ScoreRule.of_reward(cfg.reward)``: the training reward's check)."""
     t = cfg.trainer
     count = len(dataset) if t.val_max_prompts is None else min(len(dataset), t.val_max_prompts)
     items = dataset.get_batch(list(range(count)))
@@ -32,12 +40,13 @@ def evaluate(cfg: RunConfig, engine, rewards, tokenizer, dataset) -> dict[str, f
         seed=cfg.trainer.seed,
     )
     outputs = engine.generate([it.prompt_ids for it in items], params)
-    flat = [(it, o) for it, outs in zip(items, outputs) for o in outs]
-    texts = tokenizer.batch_decode([o.output_ids for _, o in flat], skip_special_tokens=False)
-    scores = rewards.score(texts, [it.ground_truth for it, _ in flat], [it.prompt_ends_with_think for it, _ in flat])
-    per_source: dict[str, list[float]] = defaultdict(list)
-    for (it, _), s in zip(flat, scores):
-        per_source[it.data_source].append(s)
-    out = {f"val/{src}/avg@{t.val_n}": mean_or_zero(v) for src, v in sorted(per_source.items())}
-    out[f"val/all/avg@{t.val_n}"] = mean_or_zero(scores)
+    return score_outputs(items, outputs, tokenizer, ScoreRule.of_reward(cfg.reward), pool=rewards)
+
+
+def val_metrics(records: list[dict], n: int) -> dict[str, float]:
+    """``val/<source>/avg@<n>``: luffy-eval's avg@k of the source (mean over its problems of the problem's mean score;
+    k counts a problem's samples over all its rows); ``val/all/avg@<n>``: the mean over sources."""
+    per_source = summarise(records)
+    out = {f"val/{source}/avg@{n}": res["avg@k"] for source, res in per_source.items()}
+    out[f"val/all/avg@{n}"] = source_average(per_source)
     return out
