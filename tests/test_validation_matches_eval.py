@@ -163,3 +163,20 @@ def test_a_pool_grades_only_by_its_own_rule():
     pool = SimpleNamespace(config=RewardConfig(require_think_format=False, timeout_s=1.0))
     with pytest.raises(ValueError, match="grades by"):
         grade(["x"], [Row("s", [1], "1", True)], ScoreRule("required", timeout_s=1.0), pool)  # type: ignore[arg-type]
+
+
+def test_training_rewards_score_the_same_text(demo):
+    """The trainer's reward gets the scored text too: a trace or rollout that stopped on the end-of-turn token is
+    graded without it."""
+    from luffy_megatron.reward import RewardMemo
+    from luffy_megatron.train.producer import score_samples
+    from luffy_megatron.train.samples import Sample
+
+    tok = AutoTokenizer.from_pretrained(demo[0])
+    body = tok.encode("x</think> ANSWER: C", add_special_tokens=False)
+    samples = [Sample(0, 0, [1, 2], [*body, tok.eos_token_id], False, "stop"), Sample(0, 0, [1, 2], body, True)]
+    graded: list[str] = []
+    rewards = SimpleNamespace(score=lambda texts, gts, ends: graded.extend(texts) or [1.0] * len(texts))
+    run = SimpleNamespace(tokenizer=tok, reward_memo=RewardMemo(), rewards=rewards)
+    assert score_samples(run, samples, [Row("gpqa", [1, 2], "C", True)]) == [1.0, 1.0]
+    assert graded == ["x</think> ANSWER: C"]  # both samples have this text: graded once (memoised)

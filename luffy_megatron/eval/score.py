@@ -84,16 +84,14 @@ class Scorable(Protocol):
     def prompt_ends_with_think(self) -> bool: ...
 
 
-def response_texts(tokenizer: PreTrainedTokenizerBase, outputs: Sequence[RolloutOutput]) -> list[str]:
-    """The scored text of each response: its ids decoded with special tokens kept, less the last id when the response
-    stopped on it (``finish_reason == "stop"``, where engines return the stop token last) and it is a special token."""
+def response_texts(
+    tokenizer: PreTrainedTokenizerBase, responses: Sequence[list[int]], finish_reasons: Sequence[str]
+) -> list[str]:
+    """The scored text of each response (training rewards, validation and ``luffy-eval`` alike): its ids decoded with
+    special tokens kept, less the last id when the response stopped on it (``finish_reason == "stop"``, where engines
+    return the stop token last) and it is a special token."""
     special = set(tokenizer.all_special_ids)
-    ids = [
-        o.output_ids[:-1]
-        if o.finish_reason == "stop" and o.output_ids and o.output_ids[-1] in special
-        else o.output_ids
-        for o in outputs
-    ]
+    ids = [r[:-1] if reason == "stop" and r and r[-1] in special else r for r, reason in zip(responses, finish_reasons)]
     return tokenizer.batch_decode(ids, skip_special_tokens=False)
 
 
@@ -146,7 +144,7 @@ def score_outputs(
     ``items[i]``): ``data_source``, ``problem_id``, ``sample``, ``response`` (the scored text), ``ground_truth``,
     ``score``, ``status``, ``finish_reason``, ``response_tokens``, and with ``extract`` the extracted answer."""
     flat = [(it, o) for it, outs in zip(items, outputs, strict=True) for o in outs]
-    texts = response_texts(tokenizer, [o for _, o in flat])
+    texts = response_texts(tokenizer, [o.output_ids for _, o in flat], [o.finish_reason for _, o in flat])
     results = grade(texts, [it for it, _ in flat], rule, pool)
     records = []
     for (it, o), text, res in zip(flat, texts, results):

@@ -40,6 +40,7 @@ import torch
 from luffy_megatron.algo import compute_advantages
 from luffy_megatron.config import AlgorithmConfig, OnPolicyBaseline, RunConfig
 from luffy_megatron.convert.export import iter_hf_weights
+from luffy_megatron.eval.score import response_texts
 from luffy_megatron.metrics.logger import Timers
 from luffy_megatron.platform import rank0_call
 from luffy_megatron.rollout.base import SamplingParams
@@ -242,7 +243,7 @@ def generate_groups(
 def score_samples(run: RunState, samples: list[Sample], batch: list) -> list[float]:
     """Verifier rewards, memoised on (response text, ground truth): repeated answers are scored once."""
     by_group = {i: item for i, item in enumerate(batch)}
-    texts = run.tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=False)
+    texts = response_texts(run.tokenizer, [s.response_ids for s in samples], [s.finish_reason for s in samples])
     keys = [
         (t, by_group[s.group_id].ground_truth, by_group[s.group_id].prompt_ends_with_think)
         for t, s in zip(texts, samples)
