@@ -38,10 +38,17 @@ def tiny_model(
 
     torch.manual_seed(seed)
     cfg = Qwen2Config(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=max_positions, tie_word_embeddings=False, eos_token_id=eos,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        eos_token_id=eos,
         pad_token_id=0,
-    )  # fmt: skip
+    )
     model = Qwen2ForCausalLM(cfg).float().eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(scale)

@@ -16,8 +16,11 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-_CUDA_TYPES = {torch.float32: "torch.cuda.FloatTensor", torch.bfloat16: "torch.cuda.BFloat16Tensor",
-               torch.float16: "torch.cuda.HalfTensor"}  # fmt: skip
+_CUDA_TYPES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+    torch.float16: "torch.cuda.HalfTensor",
+}
 
 
 class MetaMode(TorchFunctionMode):
@@ -61,10 +64,15 @@ def measure(hf_path: str, tp: int, pp: int, vpp_n: int | None, world: int, rank:
         chunks = build_gpt_model(spec, cfg, use_transformer_engine=False, ddp_config=ddp)
     with MetaMode(redirect=False):
         opt = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=1e-6, bf16=dtype == "bfloat16", params_dtype=cfg.params_dtype,
-                            use_distributed_optimizer=use),
+            OptimizerConfig(
+                optimizer="adam",
+                lr=1e-6,
+                bf16=dtype == "bfloat16",
+                params_dtype=cfg.params_dtype,
+                use_distributed_optimizer=use,
+            ),
             chunks,
-        )  # fmt: skip
+        )
     out = {"weights": 0, "grads": 0, "master_weights": 0, "adam": 0, "buffers": []}
     for c in chunks:
         for b in c.buffers:

@@ -56,10 +56,14 @@ UNSUPPORTED_HERE = frozenset(
 )
 #: Routes of the weight-update protocol whose request bodies are checked field by field.
 WEIGHT_ROUTES = (
-    "/update_weights_from_disk", "/update_weights_from_tensor", "/init_weights_update_group",
-    "/update_weights_from_distributed", "/destroy_weights_update_group", "/begin_weight_update",
+    "/update_weights_from_disk",
+    "/update_weights_from_tensor",
+    "/init_weights_update_group",
+    "/update_weights_from_distributed",
+    "/destroy_weights_update_group",
+    "/begin_weight_update",
     "/end_weight_update",
-)  # fmt: skip
+)
 
 
 @cache
@@ -81,8 +85,14 @@ def auth_decision(method: str, path: str, authorization: str | None, api_key: st
     """SGLang's own decision (allowed, status) for a request to a server started with ``--api-key``."""
     auth = schema()["auth"]
     level = auth["AuthLevel"][auth["levels"].get(path, "NORMAL")]
-    return auth["decide_request_auth"](method=method, path=path, authorization_header=authorization,
-                                       api_key=api_key, admin_api_key=None, auth_level=level)  # fmt: skip
+    return auth["decide_request_auth"](
+        method=method,
+        path=path,
+        authorization_header=authorization,
+        api_key=api_key,
+        admin_api_key=None,
+        auth_level=level,
+    )
 
 
 BODY = web.RequestKey("body", object)
@@ -378,8 +388,7 @@ class SGLangTestServer:
             msg = f"unknown keys {sorted(unknown)}, missing required keys {sorted(missing)}"
             return body, web.json_response({"success": False, "message": msg}, status=400)
         if request.path in schema()["session"] and not self.session_open:
-            return body, web.json_response({"success": False, "message": schema()["session"][request.path]},
-                                           status=400)  # fmt: skip
+            return body, web.json_response({"success": False, "message": schema()["session"][request.path]}, status=400)
         if self.faults.fail_weight_update and request.path not in ("/begin_weight_update", "/end_weight_update"):
             return body, web.json_response({"success": False, "message": "injected load failure"}, status=400)
         return body, None
@@ -392,8 +401,9 @@ class SGLangTestServer:
             return web.json_response({"success": False, "message": f"{type(e).__name__}: {e}"}, status=400)
         if version is not None:
             self.weight_version = str(version)
-        return web.json_response({"success": True, "message": "Succeeded to update model weights.",
-                                  "num_paused_requests": 0})  # fmt: skip
+        return web.json_response(
+            {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
+        )
 
     def _load_sync(self, stream: Any, strict: bool) -> None:
         with self._lock:
@@ -442,8 +452,11 @@ class SGLangTestServer:
             return err
         opening = request.path == "/begin_weight_update"
         if opening == self.session_open:
-            msg = ("a weight-update session is already open; call end_weight_update() first" if opening
-                   else "no weight-update session is open; call begin_weight_update() first")  # fmt: skip
+            msg = (
+                "a weight-update session is already open; call end_weight_update() first"
+                if opening
+                else "no weight-update session is open; call begin_weight_update() first"
+            )
             return web.json_response({"success": False, "message": msg}, status=400)
         self.session_open = opening
         return web.json_response({"success": True, "message": "Success"})
@@ -553,9 +566,15 @@ def main() -> None:
     ap.add_argument("--step-delay-s", type=float, default=0.0, help="sleep per decode step (slow generation)")
     args, _ = ap.parse_known_args()
     torch.set_num_threads(1)
-    server = SGLangTestServer(HFEngine.from_pretrained(args.model_path), api_key=args.api_key, host=args.host,
-                              port=args.port, join_groups=args.join_weight_groups, tp_size=args.tp_size,
-                              faults=Faults(step_delay_s=args.step_delay_s))  # fmt: skip
+    server = SGLangTestServer(
+        HFEngine.from_pretrained(args.model_path),
+        api_key=args.api_key,
+        host=args.host,
+        port=args.port,
+        join_groups=args.join_weight_groups,
+        tp_size=args.tp_size,
+        faults=Faults(step_delay_s=args.step_delay_s),
+    )
     server.start()
     print(f"serving on {server.url}", flush=True)
     while not server.dead:

@@ -359,11 +359,23 @@ def _start(cluster: SlurmCluster, cpus: int, timeout: float) -> None:
     munged = Daemon("munged", "munged", munge_dir / "munged.pid")
     cluster.daemons.append(munged)
     subprocess.run(
-        ["runuser", "-u", "munge", "--", _binary("munged"), "--force", f"--socket={sock}", f"--key-file={key}",
-         f"--pid-file={munged.pid_file}", f"--seed-file={munge_dir / 'munged.seed'}",
-         f"--log-file={munge_dir / 'munged.log'}"],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
+        [
+            "runuser",
+            "-u",
+            "munge",
+            "--",
+            _binary("munged"),
+            "--force",
+            f"--socket={sock}",
+            f"--key-file={key}",
+            f"--pid-file={munged.pid_file}",
+            f"--seed-file={munge_dir / 'munged.seed'}",
+            f"--log-file={munge_dir / 'munged.log'}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     munged.read_pid()
     cred = subprocess.run([_binary("munge"), "-n", "-S", str(sock)], capture_output=True, timeout=10)
     check = subprocess.run(["unmunge", "-S", str(sock)], input=cred.stdout, capture_output=True, timeout=10)

@@ -81,8 +81,9 @@ def test_corrected_loss_matches_literal_per_token_derivation(mode, clip) -> None
     corrected = resp & ~off
     rows = torch.arange(lp.shape[0]).unsqueeze(1).expand(lp.shape)
     w = rollout_is_weights(old, roll, corrected, rows, mode, CAP)
-    loss, _ = mixed_policy_loss(lp, old.double(), adv.double(), resp, off, cfg, token_weights=tw.double(),
-                                rollout_is_weight=w.weight)  # fmt: skip
+    loss, _ = mixed_policy_loss(
+        lp, old.double(), adv.double(), resp, off, cfg, token_weights=tw.double(), rollout_is_weight=w.weight
+    )
     expected = _literal_loss(mode, cfg, lp.detach(), old, roll, adv, resp, off, tw)
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-5, abs=1e-9)
     weights = [_literal_weight(mode, old, roll, resp, off, i, t) for i in range(5) for t in range(lp.shape[1])]

@@ -98,20 +98,33 @@ def test_valid_config_passes_and_derives_dp(model_dir, data_file):
         (["optimizer.lr=0"], 1, "optimizer.lr", "positive"),
         (["rollout.backend=vllm"], 1, "rollout.backend", "not one of"),
         (["rollout.backend=sglang"], 1, "rollout.sglang.urls", "launch=true"),
-        (["rollout.backend=sglang", "rollout.sglang.launch=true", "rollout.sglang.weight_sync=disk"], 1,
-         "rollout.sglang.weight_sync_dir", "required"),
+        (
+            ["rollout.backend=sglang", "rollout.sglang.launch=true", "rollout.sglang.weight_sync=disk"],
+            1,
+            "rollout.sglang.weight_sync_dir",
+            "required",
+        ),
         (["data.max_response_length=8000"], 1, "data.max_response_length", "max_position_embeddings"),
         (["checkpoint.keep_last=0"], 1, "checkpoint.keep_last", ">= 1"),
         (["algorithm.dynamic_sampling_signal=trace"], 1, "algorithm.dynamic_sampling_signal", "not one of"),
         (["algorithm.dynamic_sampling_max_rounds=0"], 1, "algorithm.dynamic_sampling_max_rounds", "must be positive"),
         (["trainer.async_rollout_threads=0"], 1, "trainer.async_rollout_threads", "must be positive"),
-        (["trainer.async_rollout=true", "rollout.backend=sglang", "rollout.sglang.urls=[http://h:1]",
-          "rollout.sglang.colocate=true"], 1, "trainer.async_rollout", "colocate=false"),
+        (
+            [
+                "trainer.async_rollout=true",
+                "rollout.backend=sglang",
+                "rollout.sglang.urls=[http://h:1]",
+                "rollout.sglang.colocate=true",
+            ],
+            1,
+            "trainer.async_rollout",
+            "colocate=false",
+        ),
         (["algorithm.on_policy_baseline=trace"], 1, "algorithm.on_policy_baseline", "not one of"),
         (["algorithm.rollout_is=tis"], 1, "algorithm.rollout_is", "not one of"),
         (["algorithm.rollout_is=token_tis", "algorithm.rollout_is_cap=1.0"], 1, "algorithm.rollout_is_cap", "> 1"),
     ],
-)  # fmt: skip
+)
 def test_each_rule_names_its_key(model_dir, data_file, overrides, world, key, words):
     cfg = valid(model_dir, data_file, *overrides)
     with pytest.raises(ConfigError) as err:
@@ -168,9 +181,12 @@ def test_async_recipes_are_the_synchronous_ones_plus_async_rollout_and_tis(recip
     sync = dict(iter_leaves(load_config(ROOT / "configs" / f"{recipe}.yaml")))
     asyn = dict(iter_leaves(load_config(ROOT / "configs" / f"{recipe}_async.yaml")))
     changed = {k: asyn[k] for k in sync if sync[k] != asyn[k]}
-    assert changed == {"trainer.async_rollout": True, "algorithm.rollout_is": "token_tis",
-                       "checkpoint.save_dir": f"checkpoints/{recipe}_async",
-                       "logging.out_dir": f"outputs/{recipe}_async"}  # fmt: skip
+    assert changed == {
+        "trainer.async_rollout": True,
+        "algorithm.rollout_is": "token_tis",
+        "checkpoint.save_dir": f"checkpoints/{recipe}_async",
+        "logging.out_dir": f"outputs/{recipe}_async",
+    }
     assert sync["algorithm.rollout_is"] is None and not asyn["rollout.sglang.colocate"]  # the paper keeps IS off
 
 

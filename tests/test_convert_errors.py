@@ -93,8 +93,11 @@ def test_writer_checks_plan_order_and_shards(tmp_path: Path) -> None:
     writer.write("c", torch.eye(2))
     writer.close()
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert index["weight_map"] == {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors",
-                                   "c": "model-00002-of-00002.safetensors"}  # fmt: skip
+    assert index["weight_map"] == {
+        "a": "model-00001-of-00002.safetensors",
+        "b": "model-00002-of-00002.safetensors",
+        "c": "model-00002-of-00002.safetensors",
+    }
     second = load_file(tmp_path / "model-00002-of-00002.safetensors")
     assert second["b"].dtype == torch.bfloat16 and torch.equal(second["b"], torch.arange(8.0).bfloat16())
 

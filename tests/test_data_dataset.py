@@ -132,8 +132,11 @@ def test_target_formats_and_missing_targets(tok, tmp_path):
     base = {"data_source": "s", "prompt": [{"role": "user", "content": "1+1="}], "reward_model": {"ground_truth": "2"}}
     trace = "<think>\na\n</think>\n\\boxed{2}"
     # paper format (list of assistant messages), no trace (None or []): one file; a plain string trace: another
-    lists = _write(tmp_path, [dict(base, target=[{"role": "assistant", "content": trace}]),
-                              dict(base, target=None), dict(base, target=[])], "lists.parquet")  # fmt: skip
+    lists = _write(
+        tmp_path,
+        [dict(base, target=[{"role": "assistant", "content": trace}]), dict(base, target=None), dict(base, target=[])],
+        "lists.parquet",
+    )
     strings = _write(tmp_path, [dict(base, target=trace)], "str.parquet")
     ds = PromptDataset(DataConfig(), [lists, strings], tok, progress=False)
     assert [it.trace_ids is not None for it in ds.items] == [True, False, False, True]
@@ -153,8 +156,15 @@ def test_globs_hf_folders_and_dotted_keys(tok, tmp_path):
     assert len(ds) == 10
     folder = PromptDataset(DataConfig(), [str(tmp_path / "a")], tok, progress=False)  # datasets.load_dataset(dir)
     assert sorted(it.ground_truth for it in folder.items) == sorted(it.ground_truth for it in ds.items)
-    renamed = [{"q": r["prompt"], "expert": r["target"], "meta": {"answer": r["reward_model"]["ground_truth"]},
-                "src": r["data_source"]} for r in train]  # fmt: skip
+    renamed = [
+        {
+            "q": r["prompt"],
+            "expert": r["target"],
+            "meta": {"answer": r["reward_model"]["ground_truth"]},
+            "src": r["data_source"],
+        }
+        for r in train
+    ]
     datasets.Dataset.from_list(renamed).save_to_disk(str(tmp_path / "hf"))
     cfg = DataConfig(prompt_key="q", target_key="expert", ground_truth_key="meta.answer", data_source_key="src")
     hf = PromptDataset(cfg, [str(tmp_path / "hf")], tok, progress=False)

@@ -17,8 +17,15 @@ T = 1e12
 
 @pytest.mark.parametrize("seq_lens", [[37], [5, 64, 200]])
 def test_forward_flops_match_torch_flop_counter_minus_the_causal_half(seq_lens):
-    cfg = Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=300, attn_implementation="eager")  # fmt: skip
+    cfg = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        attn_implementation="eager",
+    )
     model = Qwen2ForCausalLM(cfg).eval()
     counted = 0
     for s in seq_lens:

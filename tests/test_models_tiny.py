@@ -21,8 +21,9 @@ def test_tiny_checkpoint_loads_and_follows_qwen_conventions() -> None:
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
     assert config["eos_token_id"] == tok.eos_token_id and config["pad_token_id"] == tok.pad_token_id
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 128 + 7?"}], tokenize=False,
-                                     add_generation_prompt=True)  # fmt: skip
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 128 + 7?"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.endswith("<|im_start|>assistant\n<think>\n")
     ids = tok(prompt)["input_ids"]
     pieces = tok.convert_ids_to_tokens(ids)
@@ -38,9 +39,17 @@ def test_tiny_checkpoint_loads_and_follows_qwen_conventions() -> None:
 
 def test_cli_options_shape_the_model(tmp_path: Path) -> None:
     out = make_tiny_model(
-        tmp_path / "m", "llama", vocab_size=300, hidden_size=32, layers=3, heads=4, kv_heads=1,
-        intermediate_size=48, tie_embeddings=True, split_digits=False,
-    )  # fmt: skip
+        tmp_path / "m",
+        "llama",
+        vocab_size=300,
+        hidden_size=32,
+        layers=3,
+        heads=4,
+        kv_heads=1,
+        intermediate_size=48,
+        tie_embeddings=True,
+        split_digits=False,
+    )
     config = json.loads((out / "config.json").read_text())
     assert (config["vocab_size"], config["num_hidden_layers"], config["num_key_value_heads"]) == (300, 3, 1)
     assert config["tie_word_embeddings"] is True and config["architectures"] == ["LlamaForCausalLM"]
@@ -57,8 +66,9 @@ def test_ascii_only_tokenizer_for_a_small_vocabulary(tmp_path: Path) -> None:
     assert type(tok).__name__ == "Qwen2Tokenizer" and len(tok) <= 128
     text = "Any printable ASCII: ~`!@#$%^&*()_+-={}[]|\\:;\"'<>,.?/ \t\n 0123456789 xyz"
     assert tok.decode(tok(text)["input_ids"]) == text
-    prompt = tok.apply_chat_template([{"role": "user", "content": problem_text(7, 85, 2)}], tokenize=False,
-                                     add_generation_prompt=True)  # fmt: skip
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": problem_text(7, 85, 2)}], tokenize=False, add_generation_prompt=True
+    )
     ids = tok(prompt)["input_ids"]
     pieces = tok.convert_ids_to_tokens(ids)
     assert tok.decode(ids) == prompt and "assistant" in pieces  # the task's words are merged into single tokens
@@ -73,8 +83,14 @@ def test_compact_chat_template(tmp_path: Path) -> None:
     from luffy_megatron.data.dataset import strip_think_prefix
     from luffy_megatron.data.synthetic import expert_trace, problem_text, tokenizer_corpus
 
-    out = make_tiny_model(tmp_path / "m", vocab_size=128, hidden_size=32, ascii_only=True, chat_template="compact",
-                          corpus=tokenizer_corpus(200))  # fmt: skip
+    out = make_tiny_model(
+        tmp_path / "m",
+        vocab_size=128,
+        hidden_size=32,
+        ascii_only=True,
+        chat_template="compact",
+        corpus=tokenizer_corpus(200),
+    )
     tok = AutoTokenizer.from_pretrained(out)
     messages = [{"role": "system", "content": "Add."}, {"role": "user", "content": problem_text(7, 85, 2)}]
     prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -65,12 +65,23 @@ def test_distributed_optimizer_and_recompute_save_what_they_should():
     assert no_rec["activations"] > 5 * a["activations"]
 
 
-@pytest.mark.parametrize(("recipe", "nodes", "rollout"), [("luffy_qwen2.5_math_7b.yaml", 2, 8),
-                                                         ("luffy_qwen2.5_32b.yaml", 4, 16)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("recipe", "nodes", "rollout"), [("luffy_qwen2.5_math_7b.yaml", 2, 8), ("luffy_qwen2.5_32b.yaml", 4, 16)]
+)
 def test_recipes_layouts_are_rated_feasible_on_80gb(recipe, nodes, rollout, tmp_path, capsys):
     out = tmp_path / "plan.json"
-    argv = ["--model", str(ROOT / "configs" / recipe), "--nodes", str(nodes), "--rollout-gpus", str(rollout),
-            "--gpu-mem-gb", "80", "--json", str(out)]  # fmt: skip
+    argv = [
+        "--model",
+        str(ROOT / "configs" / recipe),
+        "--nodes",
+        str(nodes),
+        "--rollout-gpus",
+        str(rollout),
+        "--gpu-mem-gb",
+        "80",
+        "--json",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     result = json.loads(out.read_text())
     from luffy_megatron.config import load_config
@@ -95,8 +106,9 @@ def test_bad_input_gives_one_error_line(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model:\n  hf_path: /nowhere/SomeModel\n")
     assert "not one of" in error(["--model", str(recipe)])
-    assert "leaves no GPU" in error(["--model", str(ROOT / "configs" / "luffy_qwen2.5_math_7b.yaml"),
-                                     "--rollout-gpus", "8"])  # fmt: skip
+    assert "leaves no GPU" in error(
+        ["--model", str(ROOT / "configs" / "luffy_qwen2.5_math_7b.yaml"), "--rollout-gpus", "8"]
+    )
 
 
 def test_help_shows_examples():

@@ -22,11 +22,20 @@ from tests.plan_measure_worker import measure_step
 
 pytestmark = pytest.mark.slow
 SHAPES = {
-    "qwen2": dict(family="qwen2", vocab_size=397, hidden_size=128, layers=4, heads=8, kv_heads=2,
-                  intermediate_size=320),
-    "llama": dict(family="llama", vocab_size=300, hidden_size=96, layers=4, heads=4, kv_heads=4,
-                  intermediate_size=256, tie_embeddings=True),
-}  # fmt: skip
+    "qwen2": dict(
+        family="qwen2", vocab_size=397, hidden_size=128, layers=4, heads=8, kv_heads=2, intermediate_size=320
+    ),
+    "llama": dict(
+        family="llama",
+        vocab_size=300,
+        hidden_size=96,
+        layers=4,
+        heads=4,
+        kv_heads=4,
+        intermediate_size=256,
+        tie_embeddings=True,
+    ),
+}
 SAMPLES, LENGTH, BUDGET = 16, 256, 1024  # 4 rows of 256 tokens per micro-batch
 # (shape, tp, pp, vpp, dp, recompute). Recomputation does not run on CPU (megatron's checkpointing asks for CUDA).
 LAYOUTS = [

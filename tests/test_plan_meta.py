@@ -68,8 +68,18 @@ def test_recipe_ranks_allocate_what_the_planner_says(recipe, dist_opt, tmp_path)
 @pytest.mark.slow
 def test_tied_embeddings_under_interleaved_pp_and_odd_dp(tmp_path):
     """Shared embedding buckets (tied weights under PP), VPP chunks and lcm(3, 128) bucket padding, every rank kind."""
-    hf = tiny_hf_config("qwen2", vocab_size=397, hidden_size=64, intermediate_size=160, layers=4, heads=8,
-                        kv_heads=2, tie_embeddings=True, eos_token_id=1, pad_token_id=0).to_dict()  # fmt: skip
+    hf = tiny_hf_config(
+        "qwen2",
+        vocab_size=397,
+        hidden_size=64,
+        intermediate_size=160,
+        layers=4,
+        heads=8,
+        kv_heads=2,
+        tie_embeddings=True,
+        eos_token_id=1,
+        pad_token_id=0,
+    ).to_dict()
     for dist_opt in (True, False):
         lay = Layout(tp=2, pp=2, dp=3, vpp=2, dist_opt=dist_opt)
         _check(hf, tmp_path, lay, [0, 3, 6, 11], "bfloat16")

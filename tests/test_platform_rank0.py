@@ -45,8 +45,10 @@ def every_rank_cases(rank: int, world: int) -> list[str]:
             raise OSError(f"disk full on rank {dist.get_rank()}")
         return dist.get_rank()
 
-    return [_outcome(lambda: every_rank_call(lambda: dist.get_rank() * 10, "a")),
-            _outcome(lambda: every_rank_call(fails_on_1_and_2, "writing shards"))]  # fmt: skip
+    return [
+        _outcome(lambda: every_rank_call(lambda: dist.get_rank() * 10, "a")),
+        _outcome(lambda: every_rank_call(fails_on_1_and_2, "writing shards")),
+    ]
 
 
 def test_every_rank_call_raises_everywhere_naming_the_lowest_failing_rank():

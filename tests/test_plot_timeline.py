@@ -24,8 +24,15 @@ def test_timeline_png_from_overlapping_windows_and_a_clear_error_without_them(tm
     for step in range(1, 9):  # generation of step k + 1 runs during the update of step k
         gen = (t0 + step - 1.0, t0 + step - 0.2)
         upd = (t0 + step - 0.1, t0 + step + 0.7)
-        records.append({"step": step, "timeline/generate_start": gen[0], "timeline/generate_end": gen[1],
-                        "timeline/update_start": upd[0], "timeline/update_end": upd[1]})  # fmt: skip
+        records.append(
+            {
+                "step": step,
+                "timeline/generate_start": gen[0],
+                "timeline/generate_end": gen[1],
+                "timeline/update_start": upd[0],
+                "timeline/update_end": upd[1],
+            }
+        )
     f = _write(tmp_path / "metrics.jsonl", records)
     out = tmp_path / "timeline.png"
     assert plot_metrics.main([f, "--timeline", "--steps", "6", "--out", str(out)]) == 0

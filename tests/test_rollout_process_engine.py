@@ -43,8 +43,9 @@ def test_same_samples_as_in_process_then_weight_update_and_errors(model_dir) -> 
         new = tiny_model(seed=13, scale=4.0)
         engine.update_weights(new.state_dict().items(), version=1)
         assert engine.weight_version == 1
-        assert _ids(engine.generate(PROMPTS, PARAMS)) == _ids(HFEngine(new, eos_token_ids=ref.eos_token_ids).generate(
-            PROMPTS, PARAMS))  # fmt: skip
+        assert _ids(engine.generate(PROMPTS, PARAMS)) == _ids(
+            HFEngine(new, eos_token_ids=ref.eos_token_ids).generate(PROMPTS, PARAMS)
+        )
         with pytest.raises(WeightSyncError, match="rollout process: WeightSyncError: update_weights: unknown"):
             engine.update_weights([("model.bogus.weight", torch.zeros(2))], version=2)
         with pytest.raises(RolloutError, match="rollout process: WeightSyncError"):

@@ -72,8 +72,11 @@ def servers(model):
 
 
 def _engine(servers: list[SGLangTestServer], tmp_path=None, **kw) -> SGLangEngine:
-    client_kw = {k: kw.pop(k) for k in list(kw) if k in ("api_key", "max_retries", "backoff_s", "request_timeout_s",
-                                                           "samples_per_request")}  # fmt: skip
+    client_kw = {
+        k: kw.pop(k)
+        for k in list(kw)
+        if k in ("api_key", "max_retries", "backoff_s", "request_timeout_s", "samples_per_request")
+    }
     client_kw.setdefault("backoff_s", 0.01)
     client = SGLangClient([s.url for s in servers], **client_kw)
     return SGLangEngine(
@@ -622,9 +625,14 @@ def test_distributed_sync_http_protocol(servers, model) -> None:
     assert a.weight_version == "4" == b.weight_version
     for s in (a, b):
         paths = [r.path for r in s.requests if r.path != "/init_weights_update_group"]
-        assert paths == ["/pause_generation", "/flush_cache", "/begin_weight_update",
-                         *["/update_weights_from_distributed"] * len(updates), "/end_weight_update",
-                         "/continue_generation"]  # fmt: skip
+        assert paths == [
+            "/pause_generation",
+            "/flush_cache",
+            "/begin_weight_update",
+            *["/update_weights_from_distributed"] * len(updates),
+            "/end_weight_update",
+            "/continue_generation",
+        ]
     engine.sync.group = None  # the fake group is not a real process group
     engine.close()
 
@@ -668,8 +676,13 @@ def test_iter_buckets() -> None:
 @pytest.mark.slow
 def test_engine_from_config_attach_and_bad_url(real, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MY_SGLANG_KEY", real.key)
-    cfg = SGLangConfig(urls=[real.url], api_key_env="MY_SGLANG_KEY", weight_sync="disk",
-                       weight_sync_dir=str(tmp_path), startup_timeout_s=5)  # fmt: skip
+    cfg = SGLangConfig(
+        urls=[real.url],
+        api_key_env="MY_SGLANG_KEY",
+        weight_sync="disk",
+        weight_sync_dir=str(tmp_path),
+        startup_timeout_s=5,
+    )
     engine = build_rollout_engine(RolloutConfig(backend="sglang", sglang=cfg), real.model_dir, eos_token_ids=[1])
     assert isinstance(engine, SGLangEngine) and engine.client.server_urls == [real.url] and not engine.processes
     assert engine.health()["ok"] and len(engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))) == 4

@@ -61,14 +61,29 @@ def urls_used(out: list) -> set[str]:
 def test_a_server_killed_mid_generation_restarts_and_serves_the_trainers_weights(tmp_path, monkeypatch, sync) -> None:
     model = save_tiny_model(tmp_path / "model", seed=3)
     monkeypatch.setenv("LUFFY_TEST_KEY", "sk-supervised")
-    cfg = SGLangConfig(launch=True, num_servers=2, base_port=free_port(), api_key_env="LUFFY_TEST_KEY",
-                       startup_timeout_s=180, weight_sync=sync, weight_sync_dir=str(tmp_path / "w"),
-                       samples_per_request=2, retry_backoff_s=0.05,
-                       extra_args=["--step-delay-s", "0.05", "--join-weight-groups"])  # fmt: skip
+    cfg = SGLangConfig(
+        launch=True,
+        num_servers=2,
+        base_port=free_port(),
+        api_key_env="LUFFY_TEST_KEY",
+        startup_timeout_s=180,
+        weight_sync=sync,
+        weight_sync_dir=str(tmp_path / "w"),
+        samples_per_request=2,
+        retry_backoff_s=0.05,
+        extra_args=["--step-delay-s", "0.05", "--join-weight-groups"],
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     ft = FaultToleranceConfig(health_timeout_s=2.0, servers_grace_s=120)
-    engine = SGLangEngine.from_config(cfg, model, eos_token_ids=[1], log_dir=str(tmp_path / "logs"),
-                                      fault_tolerance=ft, module="tests.sglang_test_server", env=env)  # fmt: skip
+    engine = SGLangEngine.from_config(
+        cfg,
+        model,
+        eos_token_ids=[1],
+        log_dir=str(tmp_path / "logs"),
+        fault_tolerance=ft,
+        module="tests.sglang_test_server",
+        env=env,
+    )
     engine.group_backend = "gloo"
     try:
         first, second = engine.supervisor.servers
@@ -133,10 +148,16 @@ def supervised(
     servers: list[SGLangTestServer], grace_s: float, router: str | None = None, max_retries: int = 3
 ) -> SGLangEngine:
     urls = [s.url for s in servers]
-    client = SGLangClient([router] if router else urls, urls, backoff_s=0.01, samples_per_request=4,
-                          max_retries=max_retries)  # fmt: skip
-    sup = ServerSupervisor(client, [Server(u, i) for i, u in enumerate(urls)], health_timeout_s=1.0, grace_s=grace_s,
-                           router=router is not None)  # fmt: skip
+    client = SGLangClient(
+        [router] if router else urls, urls, backoff_s=0.01, samples_per_request=4, max_retries=max_retries
+    )
+    sup = ServerSupervisor(
+        client,
+        [Server(u, i) for i, u in enumerate(urls)],
+        health_timeout_s=1.0,
+        grace_s=grace_s,
+        router=router is not None,
+    )
     return SGLangEngine(client, weight_sync="distributed", eos_token_ids=[1], supervisor=sup)
 
 
@@ -212,11 +233,20 @@ def test_the_trainer_keeps_training_through_a_server_death_and_logs_servers_heal
     (shim / "launch_server.py").write_text("from tests.sglang_test_server import main\n\nmain()\n")
     port = free_port()
     out = tmp_path / "run"
-    args = overrides(assets, out, 200, "rollout.backend=sglang", "rollout.sglang.launch=true",
-                     "rollout.sglang.num_servers=2", f"rollout.sglang.base_port={port}",
-                     "rollout.sglang.weight_sync=disk", f"rollout.sglang.weight_sync_dir={tmp_path / 'w'}",
-                     "rollout.sglang.startup_timeout_s=300", "rollout.sglang.samples_per_request=2",
-                     "rollout.sglang.extra_args=[--step-delay-s,0.02]")  # fmt: skip
+    args = overrides(
+        assets,
+        out,
+        200,
+        "rollout.backend=sglang",
+        "rollout.sglang.launch=true",
+        "rollout.sglang.num_servers=2",
+        f"rollout.sglang.base_port={port}",
+        "rollout.sglang.weight_sync=disk",
+        f"rollout.sglang.weight_sync_dir={tmp_path / 'w'}",
+        "rollout.sglang.startup_timeout_s=300",
+        "rollout.sglang.samples_per_request=2",
+        "rollout.sglang.extra_args=[--step-delay-s,0.02]",
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tmp_path / 'shim'}:{REPO}"}
     log = tmp_path / "train.log"
     with log.open("w") as sink:

@@ -43,8 +43,14 @@ def engine(model_dir, tmp_path_factory):
     python = sglang_python()
     os.environ[KEY_ENV] = "test-key-" + os.urandom(4).hex()
     weights = str(tmp_path_factory.mktemp("weights"))
-    cfg = cpu_server_config(python, free_port_block(), use_router=True, api_key_env=KEY_ENV, weight_sync_dir=weights,
-                            weight_sync_backend="gloo")  # fmt: skip
+    cfg = cpu_server_config(
+        python,
+        free_port_block(),
+        use_router=True,
+        api_key_env=KEY_ENV,
+        weight_sync_dir=weights,
+        weight_sync_backend="gloo",
+    )
     eng = SGLangEngine.from_config(cfg, model_dir, log_dir=str(tmp_path_factory.mktemp("logs")))
     yield eng
     eng.close()
@@ -130,8 +136,14 @@ def test_a_server_killed_mid_run_is_restarted_resynced_and_loses_no_sample(model
     """Two launched servers; one is SIGKILLed (its whole process group) while generating. Every sample comes back
     exactly once; the next weight update restarts it; once healthy it gets no work until an update reaches it, then
     serves the trainer's weight version."""
-    cfg = cpu_server_config(sglang_python(), free_port_block(), num_servers=2, weight_sync="distributed",
-                            weight_sync_backend="gloo", retry_backoff_s=0.05)  # fmt: skip
+    cfg = cpu_server_config(
+        sglang_python(),
+        free_port_block(),
+        num_servers=2,
+        weight_sync="distributed",
+        weight_sync_backend="gloo",
+        retry_backoff_s=0.05,
+    )
     ft = FaultToleranceConfig(health_timeout_s=5.0, servers_grace_s=300.0)
     eng = SGLangEngine.from_config(cfg, model_dir, log_dir=str(tmp_path / "logs"), fault_tolerance=ft)
     many = SamplingParams(n=8, max_new_tokens=128, temperature=1.0)  # ~50k tokens: seconds of generation

@@ -39,19 +39,43 @@ def train_with_sglang(assets: Path, out: Path, weight_sync: str, *extra: str) ->
 
     python = sglang_python()
     overrides = [
-        f"model.hf_path={assets / 'model'}", "model.dtype=float32",
-        f"data.train_files=[{assets / 'task' / 'train.parquet'}]", "data.val_files=[]", "trainer.val_interval=0",
-        "data.train_batch_size=8", "data.mini_batch_size=4", "data.max_response_length=28",
-        "data.max_prompt_length=32", "rollout.n=4", "reward.num_workers=1", "optimizer.lr=1e-3",
-        f"trainer.total_steps={STEPS}", f"logging.out_dir={out}", "logging.progress_bar=false",
-        "parallel.tp=2", "parallel.pack_sequences=true",
-        "rollout.backend=sglang", "rollout.sglang.launch=true", "rollout.sglang.use_router=true",
-        f"rollout.sglang.weight_sync={weight_sync}", f"rollout.sglang.weight_sync_dir={out / 'weights'}",
-        *cpu_server_overrides(python, free_port_block()), *extra,
-    ]  # fmt: skip
+        f"model.hf_path={assets / 'model'}",
+        "model.dtype=float32",
+        f"data.train_files=[{assets / 'task' / 'train.parquet'}]",
+        "data.val_files=[]",
+        "trainer.val_interval=0",
+        "data.train_batch_size=8",
+        "data.mini_batch_size=4",
+        "data.max_response_length=28",
+        "data.max_prompt_length=32",
+        "rollout.n=4",
+        "reward.num_workers=1",
+        "optimizer.lr=1e-3",
+        f"trainer.total_steps={STEPS}",
+        f"logging.out_dir={out}",
+        "logging.progress_bar=false",
+        "parallel.tp=2",
+        "parallel.pack_sequences=true",
+        "rollout.backend=sglang",
+        "rollout.sglang.launch=true",
+        "rollout.sglang.use_router=true",
+        f"rollout.sglang.weight_sync={weight_sync}",
+        f"rollout.sglang.weight_sync_dir={out / 'weights'}",
+        *cpu_server_overrides(python, free_port_block()),
+        *extra,
+    ]
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "luffy_megatron.train.cli",
-           str(ROOT / "configs" / "tiny_cpu_luffy.yaml"), *overrides]  # fmt: skip
+    cmd = [
+        torchrun,
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "luffy_megatron.train.cli",
+        str(ROOT / "configs" / "tiny_cpu_luffy.yaml"),
+        *overrides,
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

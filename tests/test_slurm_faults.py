@@ -48,8 +48,16 @@ def submit(cluster, root: Path, name: str, assets: Path, *options: str) -> int:
     args = tiny_overrides(
         assets, out, f"trainer.total_steps={STEPS}", f"checkpoint.save_dir={out}/ckpt", "checkpoint.save_interval=5"
     )
-    cmd = ["sbatch", "--parsable", f"--output={root}/{name}-%j.out", "--open-mode=append", *options, str(TINY),
-           str(ROOT / "configs" / "tiny_cpu_luffy.yaml"), *args]  # fmt: skip
+    cmd = [
+        "sbatch",
+        "--parsable",
+        f"--output={root}/{name}-%j.out",
+        "--open-mode=append",
+        *options,
+        str(TINY),
+        str(ROOT / "configs" / "tiny_cpu_luffy.yaml"),
+        *args,
+    ]
     return int(cluster.run(*cmd, cwd=root, env=job_env(cluster)).stdout.strip().split(";")[0])
 
 

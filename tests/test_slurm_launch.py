@@ -130,14 +130,21 @@ def jobs(cluster, assets, tmp_path_factory):
     tiny_options = (f"--output={root}/%x-%j.out",)
     procs = {
         "good": cluster.submit(
-            tiny, "configs/tiny_cpu_luffy.yaml", *tiny_overrides(assets, root / "good"),
-            cwd=ROOT, env=job_env(cluster), options=tiny_options,
+            tiny,
+            "configs/tiny_cpu_luffy.yaml",
+            *tiny_overrides(assets, root / "good"),
+            cwd=ROOT,
+            env=job_env(cluster),
+            options=tiny_options,
         ),
         "bad": cluster.submit(  # no CONFIG argument: the default one
-            tiny, *tiny_overrides(assets, root / "bad", "parallel.tp=3"),
-            cwd=ROOT, env=job_env(cluster), options=tiny_options,
+            tiny,
+            *tiny_overrides(assets, root / "bad", "parallel.tp=3"),
+            cwd=ROOT,
+            env=job_env(cluster),
+            options=tiny_options,
         ),
-    }  # fmt: skip
+    }
     calls = {}
     (root / "7b").mkdir()
     procs["7b"], calls["7b"] = submit_gpu_script(cluster, root / "7b", "run_7b.sh", 4, "trainer.total_steps=3")
@@ -356,10 +363,14 @@ def test_each_job_makes_an_api_key_that_servers_demand_and_nothing_prints(cluste
     url = server.url
     body = json.dumps({"input_ids": [2, 3], "sampling_params": {"max_new_tokens": 2}}).encode()
     try:
-        for headers, status in (({}, 401), ({"Authorization": "Bearer wrong"}, 401),
-                                ({"Authorization": f"Bearer {keys['7b']}"}, 200)):  # fmt: skip
-            req = urllib.request.Request(url + "/generate", data=body, headers={"Content-Type": "application/json",
-                                                                                **headers})  # fmt: skip
+        for headers, status in (
+            ({}, 401),
+            ({"Authorization": "Bearer wrong"}, 401),
+            ({"Authorization": f"Bearer {keys['7b']}"}, 200),
+        ):
+            req = urllib.request.Request(
+                url + "/generate", data=body, headers={"Content-Type": "application/json", **headers}
+            )
             try:
                 with urllib.request.urlopen(req, timeout=60) as r:
                     got = r.status

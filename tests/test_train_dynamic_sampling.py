@@ -49,9 +49,13 @@ def test_refills_until_full_then_cuts_to_the_batch_and_renumbers() -> None:
     assert sorted({s.group_id for s in samples}) == [0, 1, 2, 3]
     assert [s.prompt_index for s in samples if not s.off_policy][::2] == [0, 3, 101, 102]
     assert all(has_signal([s for s in samples if s.group_id == g], "on_policy") for g in range(4))
-    assert m == {"rollout/samples_generated": 16.0, "dynamic_sampling/groups_filtered": 4.0,
-                 "dynamic_sampling/rounds": 2.0, "dynamic_sampling/prompts_consumed": 8.0,
-                 "dynamic_sampling/groups_padded": 0.0}  # fmt: skip
+    assert m == {
+        "rollout/samples_generated": 16.0,
+        "dynamic_sampling/groups_filtered": 4.0,
+        "dynamic_sampling/rounds": 2.0,
+        "dynamic_sampling/prompts_consumed": 8.0,
+        "dynamic_sampling/groups_padded": 0.0,
+    }
     # More than needed in the last round: cut to the batch size.
     draw, _ = _rounds([[True, False, False, False], [True] * 4])
     samples, m = collect_groups(draw, target=4, max_rounds=5, signal="on_policy")

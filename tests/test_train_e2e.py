@@ -103,8 +103,17 @@ def test_dynamic_sampling_through_the_trainer(assets, signal):
     step where nothing is solved filters every group (three rounds, then padding), with ``group`` every group has
     signal (one round)."""
     out = assets / f"dynamic_{signal}"
-    run_train(overrides(assets, out, 2, "algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_max_rounds=3",
-                        f"algorithm.dynamic_sampling_signal={signal}", "data.max_response_length=64"))  # fmt: skip
+    run_train(
+        overrides(
+            assets,
+            out,
+            2,
+            "algorithm.dynamic_sampling=true",
+            "algorithm.dynamic_sampling_max_rounds=3",
+            f"algorithm.dynamic_sampling_signal={signal}",
+            "data.max_response_length=64",
+        )
+    )
     for step in metrics(out).values():
         rounds, padded = step["dynamic_sampling/rounds"], step["dynamic_sampling/groups_padded"]
         assert step["reward/off_policy"] == 1.0
@@ -121,8 +130,13 @@ def test_dynamic_sampling_through_the_trainer(assets, signal):
 
 def async_args(assets: Path) -> tuple[str, ...]:
     """Validation after step 2 waits for step 3's batch and gives the engine step 2's weights first."""
-    return ("trainer.async_rollout=true", "trainer.async_rollout_threads=1", "trainer.val_interval=2",
-            "trainer.val_max_prompts=4", f"data.val_files=[{assets / 'task' / 'val.parquet'}]")  # fmt: skip
+    return (
+        "trainer.async_rollout=true",
+        "trainer.async_rollout_threads=1",
+        "trainer.val_interval=2",
+        "trainer.val_max_prompts=4",
+        f"data.val_files=[{assets / 'task' / 'val.parquet'}]",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -248,10 +262,19 @@ def test_export_hf_at_end_loads_in_transformers(assets):
 def test_megatron_checkpoint_start_matches_hf_start(assets, reference):
     mcore = assets / "mcore"
     subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "convert_hf_to_megatron.py"), "--hf-dir", str(assets / "model"),
-         "--out", str(mcore), "--no-progress"],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "tools" / "convert_hf_to_megatron.py"),
+            "--hf-dir",
+            str(assets / "model"),
+            "--out",
+            str(mcore),
+            "--no-progress",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     out = assets / "from_mcore"
     run_train(overrides(assets, out, 1, f"model.megatron_checkpoint={mcore}"))
     assert_same_step(reference[1], metrics(out)[1])

@@ -88,9 +88,14 @@ def setup_with_unreadable_data(rank: int, world: int, assets: str) -> str:
     root = Path(assets)
     cfg = load_config(
         Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu_luffy.yaml",
-        [f"model.hf_path={root / 'model'}", f"data.train_files=[{root / 'broken.parquet'}]", "data.val_files=[]",
-         f"logging.out_dir={root / 'out'}", "parallel.tp=2"],
-    )  # fmt: skip
+        [
+            f"model.hf_path={root / 'model'}",
+            f"data.train_files=[{root / 'broken.parquet'}]",
+            "data.val_files=[]",
+            f"logging.out_dir={root / 'out'}",
+            "parallel.tp=2",
+        ],
+    )
     try:
         setup(cfg)
     except Exception as e:
@@ -121,10 +126,23 @@ def test_bad_parquet_under_torchrun_is_one_error_line_without_rank_tracebacks(tm
     root = write_train_assets(tmp_path)
     (root / "broken.parquet").write_bytes(b"PAR1 this is not a parquet file")
     config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu_luffy.yaml"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "luffy_megatron.train.cli", str(config), f"model.hf_path={root / 'model'}",
-           f"data.train_files=[{root / 'broken.parquet'}]", "data.val_files=[]", f"logging.out_dir={root / 'out'}",
-           "parallel.tp=2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "luffy_megatron.train.cli",
+        str(config),
+        f"model.hf_path={root / 'model'}",
+        f"data.train_files=[{root / 'broken.parquet'}]",
+        "data.val_files=[]",
+        f"logging.out_dir={root / 'out'}",
+        "parallel.tp=2",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "luffy-train: error:" in line]

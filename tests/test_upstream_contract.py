@@ -141,8 +141,9 @@ def called_routes() -> set[tuple[str, str]]:
     calls: set[tuple[str, str]] = set()
     for mod in (client_mod, engine_mod, *{inspect.getmodule(mode) for mode in SYNC_MODES.values()}):
         for node in ast.walk(ast.parse(inspect.getsource(mod))):
-            if not (isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("post_all", "post_each",
-                                                                                       "request")):  # fmt: skip
+            if not (
+                isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("post_all", "post_each", "request")
+            ):
                 continue
             method = next((ast.literal_eval(k.value) for k in node.keywords if k.arg == "method"), "POST")
             for a in node.args[:2]:
@@ -153,8 +154,13 @@ def called_routes() -> set[tuple[str, str]]:
 
 def test_every_route_the_client_calls_exists_with_that_method() -> None:
     calls = called_routes()
-    assert {("POST", "/begin_weight_update"), ("POST", "/update_weights_from_tensor"), ("GET", "/health"),
-            ("POST", "/generate"), ("POST", "/abort_request")} <= calls  # fmt: skip
+    assert {
+        ("POST", "/begin_weight_update"),
+        ("POST", "/update_weights_from_tensor"),
+        ("GET", "/health"),
+        ("POST", "/generate"),
+        ("POST", "/abort_request"),
+    } <= calls
     routes = upstream.routes()
     for method, path in sorted(calls):
         assert path in routes, f"{path} is not a route of sglang {upstream.pinned_version('sglang')}"
@@ -168,8 +174,9 @@ def recorded(tmp_path):
     server = SGLangTestServer(HFEngine(model, eos_token_ids=[1]))
     server.start()
     client = SGLangClient([server.url], backoff_s=0.01)
-    eng = SGLangEngine(client, weight_sync="disk", weight_sync_dir=str(tmp_path), colocate=True, tp_size=2,
-                       eos_token_ids=[1])  # fmt: skip
+    eng = SGLangEngine(
+        client, weight_sync="disk", weight_sync_dir=str(tmp_path), colocate=True, tp_size=2, eos_token_ids=[1]
+    )
     params = SamplingParams(n=2, max_new_tokens=3, temperature=0.7, top_p=0.9, top_k=5, seed=1)
     eng.generate([[3, 4], [5, 6, 7]], params, counts=[1, 2])  # per-prompt counts, as the trainer asks
     eng.release_memory()
@@ -199,10 +206,20 @@ def recorded(tmp_path):
 def test_request_bodies_are_fields_of_the_io_struct_classes(recorded) -> None:
     """Unknown fields are silently ignored by SGLang, so a misspelt key would be invisible there."""
     paths = {r.path for r in recorded}
-    assert {"/update_weights_from_disk", "/update_weights_from_tensor", "/update_weights_from_distributed",
-            "/init_weights_update_group", "/begin_weight_update", "/end_weight_update", "/pause_generation",
-            "/continue_generation", "/release_memory_occupation", "/resume_memory_occupation",
-            "/abort_request", "/generate"} <= paths  # fmt: skip
+    assert {
+        "/update_weights_from_disk",
+        "/update_weights_from_tensor",
+        "/update_weights_from_distributed",
+        "/init_weights_update_group",
+        "/begin_weight_update",
+        "/end_weight_update",
+        "/pause_generation",
+        "/continue_generation",
+        "/release_memory_occupation",
+        "/resume_memory_occupation",
+        "/abort_request",
+        "/generate",
+    } <= paths
     for r in recorded:
         if r.body is None:
             assert r.path in ("/flush_cache",), f"{r.path} sent without a body"
@@ -249,8 +266,14 @@ torch.distributed.destroy_process_group(pg)
 def _server_side(port: int, timeout: float, group: str) -> subprocess.Popen:
     code = textwrap.dedent(SERVER_SIDE).format(port=port, timeout=timeout, group=group)
     env = {**os.environ, "PYTHONPATH": str(upstream.REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=upstream.REPO, env=env)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=upstream.REPO,
+        env=env,
+    )
 
 
 def test_trainer_group_meets_sglang_init_custom_process_group_and_a_broadcast_arrives() -> None:
@@ -283,9 +306,9 @@ def test_a_trainer_side_without_prefix_store_never_meets_sglang() -> None:
         store, rank, world = next(c10d.rendezvous(f"tcp://127.0.0.1:{port}", 0, 2, timeout=timedelta(seconds=8)))
         store.set_timeout(timedelta(seconds=8))
         with pytest.raises(RuntimeError):
-            pg, _ = c10d._new_process_group_helper(2, 0, [], c10d.Backend("gloo"), store,
-                                                   group_name=group,
-                                                   timeout=timedelta(seconds=8))  # fmt: skip
+            pg, _ = c10d._new_process_group_helper(
+                2, 0, [], c10d.Backend("gloo"), store, group_name=group, timeout=timedelta(seconds=8)
+            )
             c10d._world.pg_group_ranks[pg] = {0: 0, 1: 1}
             torch.distributed.broadcast(torch.ones(5), src=0, group=pg)
         child.communicate(timeout=60)
@@ -340,8 +363,15 @@ def test_te_spec_kwargs_bind_to_megatron_core_signature() -> None:
     from luffy_megatron.models.builder import layer_spec_kwargs, model_spec
 
     for arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM"):
-        hf = {"architectures": [arch], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+        hf = {
+            "architectures": [arch],
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
         spec = model_spec(hf)
         te_sig = inspect.signature(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec)
         te_sig.bind(**layer_spec_kwargs(spec, True))
@@ -371,8 +401,16 @@ def test_builder_calls_the_te_spec_with_arguments_it_accepts(monkeypatch) -> Non
         return local(qk_layernorm=kwargs.get("qk_layernorm"), normalization="RMSNorm")
 
     monkeypatch.setattr(gpt_layer_specs, "get_gpt_layer_with_transformer_engine_spec", checked)
-    hf = {"architectures": ["Qwen3ForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}  # fmt: skip
+    hf = {
+        "architectures": ["Qwen3ForCausalLM"],
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+    }
     spec = model_spec(hf)
     chunks = build_gpt_model(spec, build_transformer_config(spec), use_transformer_engine=True)
     assert calls == [{"qk_layernorm": True}] and len(chunks) == 1
@@ -393,9 +431,11 @@ def test_fused_layer_norm_names_match_megatron_and_transformer_engine() -> None:
     registered = {
         n.args[0].value
         for n in ast.walk(ast.parse(te_src))
-        if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "register_parameter"
-        and n.args and isinstance(n.args[0], ast.Constant)
-    }  # fmt: skip
+        if isinstance(n, ast.Call)
+        and getattr(n.func, "attr", "") == "register_parameter"
+        and n.args
+        and isinstance(n.args[0], ast.Constant)
+    }
     for te_name in TE_FUSED_NORM_NAMES.values():
         assert te_name.rsplit(".", 1)[1] in registered, (te_name, sorted(registered))
 
@@ -416,19 +456,40 @@ def test_gpu_extra_resolves_for_python312_with_the_torch_sglang_pins(tmp_path) -
 
     reqs = upstream.gpu_requirements()
     pins = {canonicalize_name(r.name): upstream.pinned_version(r.name) for r in reqs}
-    names = [f"{r.name}{'[' + ','.join(sorted(r.extras)) + ']' if r.extras else ''}=={pins[canonicalize_name(r.name)]}"
-             for r in reqs]  # fmt: skip
+    names = [
+        f"{r.name}{'[' + ','.join(sorted(r.extras)) + ']' if r.extras else ''}=={pins[canonicalize_name(r.name)]}"
+        for r in reqs
+    ]
     te = pins[canonicalize_name("transformer-engine")]
     names.append(f"transformer-engine-cu13=={te}")  # the core_cu13 extra's wheel
     report = tmp_path / "report.json"
-    upstream.pip_run(["install", "--dry-run", "--no-deps", "--ignore-installed", "--quiet", "--report", str(report),
-                      "--target", str(tmp_path / "t"), *upstream.PLATFORM_ARGS, *names],
-                     "resolving the [gpu] extra for Python 3.12")  # fmt: skip
+    upstream.pip_run(
+        [
+            "install",
+            "--dry-run",
+            "--no-deps",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            str(report),
+            "--target",
+            str(tmp_path / "t"),
+            *upstream.PLATFORM_ARGS,
+            *names,
+        ],
+        "resolving the [gpu] extra for Python 3.12",
+    )
     got = {canonicalize_name(i["metadata"]["name"]): i["metadata"] for i in json.loads(report.read_text())["install"]}
     for name, version in pins.items():
         assert name in got and got[name]["version"] == version, (name, version)
-    env = {**default_environment(), "python_version": "3.12", "python_full_version": "3.12.0",
-           "sys_platform": "linux", "platform_machine": "x86_64", "platform_system": "Linux"}  # fmt: skip
+    env = {
+        **default_environment(),
+        "python_version": "3.12",
+        "python_full_version": "3.12.0",
+        "sys_platform": "linux",
+        "platform_machine": "x86_64",
+        "platform_system": "Linux",
+    }
     for meta in got.values():
         rp = meta.get("requires_python")
         assert not rp or Version("3.12.0") in __import__("packaging.specifiers").specifiers.SpecifierSet(rp)
@@ -456,8 +517,11 @@ def test_distributed_bucket_metadata_is_what_sglang_receives() -> None:
     """SGLang's receiver allocates ``torch.empty(shape, dtype=getattr(torch, dtype))`` for each name in order and
     receives it by ``broadcast(src=0)``: our dtype strings must name torch dtypes, and rank 0 must send."""
     src = upstream.source("sglang", SGLANG_PKG + "model_executor/model_runner_components/weight_updater.py")
-    fn = next(n for n in ast.walk(ast.parse(src))
-              if isinstance(n, ast.FunctionDef) and n.name == "receive_weights_from_distributed")  # fmt: skip
+    fn = next(
+        n
+        for n in ast.walk(ast.parse(src))
+        if isinstance(n, ast.FunctionDef) and n.name == "receive_weights_from_distributed"
+    )
     body = ast.unparse(fn)
     assert "zip(names, dtypes, shapes)" in body and "getattr(torch, dtype)" in body and "src=0" in body
     for dtype in (torch.bfloat16, torch.float32, torch.float16):

@@ -35,7 +35,7 @@ PLATFORM_ARGS = ["--python-version", "3.12", "--only-binary=:all:"] + [
         "manylinux_2_28_x86_64",
         "manylinux_2_17_x86_64",
         "manylinux2014_x86_64",
-    )  # fmt: skip
+    )
 ]
 
 
@@ -106,8 +106,10 @@ def wheel(name: str) -> Path:
         return hits[0]
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        pip_run(["download", "--no-deps", "--quiet", "--dest", tmp, *PLATFORM_ARGS, f"{name}=={version}"],
-                f"downloading {name}=={version}")  # fmt: skip
+        pip_run(
+            ["download", "--no-deps", "--quiet", "--dest", tmp, *PLATFORM_ARGS, f"{name}=={version}"],
+            f"downloading {name}=={version}",
+        )
         got = sorted(Path(tmp).glob("*.whl"))
         assert got, f"pip download {name}=={version} produced no wheel"
         target = folder / got[0].name
@@ -270,9 +272,11 @@ def upstream_common() -> dict[str, Any]:
     from packaging.version import Version
 
     names = ["init_custom_process_group", "SafeUnpickler", "_safe_load_torch_storage"]
-    return load_defs(source(SGLANG, COMMON), names,
-                     {"torch": torch, "pickle": pickle, "io": io,
-                      "torch_release": Version(torch.__version__).release})  # fmt: skip
+    return load_defs(
+        source(SGLANG, COMMON),
+        names,
+        {"torch": torch, "pickle": pickle, "io": io, "torch_release": Version(torch.__version__).release},
+    )
 
 
 AUTH = "sglang/srt/utils/auth.py"
@@ -287,9 +291,11 @@ def upstream_auth() -> dict[str, Any]:
     import secrets
     import typing
 
-    ns = load_defs(source(SGLANG, AUTH), ["AuthDecision", "AuthLevel", "decide_request_auth"],
-                   {"secrets": secrets, "dataclass": dataclasses.dataclass, "Enum": enum.Enum,
-                    "Optional": typing.Optional})  # fmt: skip
+    ns = load_defs(
+        source(SGLANG, AUTH),
+        ["AuthDecision", "AuthLevel", "decide_request_auth"],
+        {"secrets": secrets, "dataclass": dataclasses.dataclass, "Enum": enum.Enum, "Optional": typing.Optional},
+    )
     levels: dict[str, str] = {}
     for node in ast.walk(ast.parse(source(SGLANG, HTTP_SERVER))):
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

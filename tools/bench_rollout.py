@@ -46,9 +46,17 @@ def qwen05b_shaped(dtype: torch.dtype, layers: int, seed: int | None) -> torch.n
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=layers, num_attention_heads=14,
-        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=1e6, eos_token_id=1,
-    )  # fmt: skip
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=layers,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        rope_theta=1e6,
+        eos_token_id=1,
+    )
     with torch.device("meta"):
         model = Qwen2ForCausalLM(cfg).to(dtype).eval()
     model = model.to_empty(device="cpu")
@@ -114,8 +122,16 @@ def bench_generation(prompts: int, n: int, tokens: int, repeats: int) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=18, hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True)  # fmt: skip
+    cfg = Qwen2Config(
+        vocab_size=18,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     model = Qwen2ForCausalLM(cfg).float().eval()
     engine = HFEngine(model, eos_token_ids=[], batch_size=prompts * n)
     batch = [[2 + (i * 7 + k) % 16 for k in range(8)] for i in range(prompts)]
@@ -130,9 +146,14 @@ def bench_generation(prompts: int, n: int, tokens: int, repeats: int) -> dict:
     best = min(times)
     return {
         "params": sum(p.numel() for p in model.parameters()),
-        "prompts": prompts, "samples_per_prompt": n, "max_new_tokens": tokens, "generated_tokens": generated,
-        "seconds": best, "all_seconds": times, "tokens_per_s": generated / best,
-    }  # fmt: skip
+        "prompts": prompts,
+        "samples_per_prompt": n,
+        "max_new_tokens": tokens,
+        "generated_tokens": generated,
+        "seconds": best,
+        "all_seconds": times,
+        "tokens_per_s": generated / best,
+    }
 
 
 def main() -> None:
@@ -157,7 +178,7 @@ def main() -> None:
             "torch": torch.__version__,
             "threads": args.threads,
             "device": "cpu",
-        },  # fmt: skip
+        },
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
     if not args.skip_sync:
@@ -174,7 +195,7 @@ def main() -> None:
                 "params": sum(p.numel() for p in src.parameters()),
                 "bytes": stream_bytes(src),
                 "build_seconds": build_s,
-            },  # fmt: skip
+            },
             "in_process": bench_in_process(src, dst, args.repeats),
             "disk": bench_server_sync(src, dst, "disk", args.repeats, args.bucket_mb),
             "tensor": bench_server_sync(src, dst, "tensor", args.repeats, args.bucket_mb),

@@ -59,9 +59,21 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 #: Qwen2.5-0.5B's architecture (config.json of the public checkpoint), with random weights.
-QWEN2_05B = dict(family="qwen2", vocab_size=151936, hidden_size=896, layers=24, heads=14, kv_heads=2,
-                 intermediate_size=4864, tie_embeddings=True, rope_theta=1e6, max_position_embeddings=32768,
-                 ascii_only=True, chat_template="compact", randomize_all=False)  # fmt: skip
+QWEN2_05B = dict(
+    family="qwen2",
+    vocab_size=151936,
+    hidden_size=896,
+    layers=24,
+    heads=14,
+    kv_heads=2,
+    intermediate_size=4864,
+    tie_embeddings=True,
+    rope_theta=1e6,
+    max_position_embeddings=32768,
+    ascii_only=True,
+    chat_template="compact",
+    randomize_all=False,
+)
 #: The trainer's copy in ``sglang_sync`` has its (tied) embeddings scaled by this: peaked distributions far from the
 #: server's initial weights, with logits small enough for bf16 (a larger scale makes bf16 rounding of the logits the
 #: gap). The gap after a sync must be at most GAP_TOL (mean |log-prob difference|, bf16 on both sides).
@@ -150,8 +162,13 @@ def stage_te_spec_build(ctx: Ctx) -> dict:
     _megatron(ctx)
     spec = model_spec(read_hf_config(_small_model(ctx)))
     chunks = build_gpt_model(spec, build_transformer_config(spec, dtype="bfloat16"), use_transformer_engine=True)
-    te_modules = sorted({type(m).__name__ for m in chunks[0].modules() if type(m).__module__.startswith(
-        ("transformer_engine", "megatron.core.extensions.transformer_engine"))})  # fmt: skip
+    te_modules = sorted(
+        {
+            type(m).__name__
+            for m in chunks[0].modules()
+            if type(m).__module__.startswith(("transformer_engine", "megatron.core.extensions.transformer_engine"))
+        }
+    )
     names = [n for n, _ in chunks[0].named_parameters()]
     fused = [n for n in names if n.endswith("layer_norm_weight")]
     if not te_modules or len(fused) != 2 * spec.hf_config["num_hidden_layers"]:
@@ -223,9 +240,14 @@ def stage_logits_vs_hf(ctx: Ctx) -> dict:
     meg = (_megatron_logits(hf_dir, "bfloat16", tokens).log_softmax(-1) - ref).abs()
     hfb = (hf(torch.bfloat16).log_softmax(-1) - ref).abs()
     limit = 2 * hfb.mean().item() + 1e-3
-    out = {"dtype": "bfloat16", "megatron_bf16_mean_err": meg.mean().item(), "megatron_bf16_max_err": meg.max().item(),
-           "transformers_bf16_mean_err": hfb.mean().item(), "transformers_bf16_max_err": hfb.max().item(),
-           "limit_mean": limit}  # fmt: skip
+    out = {
+        "dtype": "bfloat16",
+        "megatron_bf16_mean_err": meg.mean().item(),
+        "megatron_bf16_max_err": meg.max().item(),
+        "transformers_bf16_mean_err": hfb.mean().item(),
+        "transformers_bf16_max_err": hfb.max().item(),
+        "limit_mean": limit,
+    }
     if out["megatron_bf16_mean_err"] > limit:
         raise AssertionError(f"Megatron bf16 log-softmax error {out} exceeds 2 x transformers' bf16 error + 1e-3")
     return out
@@ -264,8 +286,14 @@ def stage_fused_logprob(ctx: Ctx) -> dict:
     del ref_all
     err_logp = (logp.double() - ref_logp).abs().max().item()
     err_ent = (ent.double() - ref_ent).abs().max().item()
-    out: dict[str, Any] = {"vocab": vocab, "tokens": tokens, "dtype": str(dtype).removeprefix("torch."),
-                           "max_err_logp": err_logp, "max_err_entropy": err_ent, "tolerance": tol}  # fmt: skip
+    out: dict[str, Any] = {
+        "vocab": vocab,
+        "tokens": tokens,
+        "dtype": str(dtype).removeprefix("torch."),
+        "max_err_logp": err_logp,
+        "max_err_entropy": err_ent,
+        "tolerance": tol,
+    }
     if ctx.cuda:
 
         def run(fn: Callable) -> Callable[[], None]:
@@ -355,26 +383,57 @@ def stage_luffy_train(ctx: Ctx) -> dict:
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     mark = f"{os.getpid()}-{time.time_ns()}"
     overrides = [
-        f"model.hf_path={model}", "model.dtype=bfloat16", "model.use_transformer_engine=true",
-        "parallel.use_distributed_optimizer=true", "parallel.backend=nccl", "parallel.max_tokens_per_micro_batch=16384",
+        f"model.hf_path={model}",
+        "model.dtype=bfloat16",
+        "model.use_transformer_engine=true",
+        "parallel.use_distributed_optimizer=true",
+        "parallel.backend=nccl",
+        "parallel.max_tokens_per_micro_batch=16384",
         "parallel.pack_sequences=true",
-        f"data.train_files=[{task / 'train.parquet'}]", "data.val_files=[]", "trainer.val_interval=0",
-        f"trainer.total_steps={ctx.steps}", f"logging.out_dir={run_dir}", "logging.progress_bar=false",
-        "checkpoint.export_hf_at_end=true", "reward.num_workers=2",
-    ]  # fmt: skip
+        f"data.train_files=[{task / 'train.parquet'}]",
+        "data.val_files=[]",
+        "trainer.val_interval=0",
+        f"trainer.total_steps={ctx.steps}",
+        f"logging.out_dir={run_dir}",
+        "logging.progress_bar=false",
+        "checkpoint.export_hf_at_end=true",
+        "reward.num_workers=2",
+    ]
     if has("sglang"):  # a colocated server on GPU 0 that the torchrun worker launches, weights synced by CUDA IPC
-        overrides += ["rollout.backend=sglang", "rollout.sglang.launch=true", "rollout.sglang.device=cuda",
-                      "rollout.sglang.colocate=true", "rollout.sglang.weight_sync=tensor",
-                      "rollout.sglang.weight_sync_backend=auto", "rollout.sglang.mem_fraction_static=0.3",
-                      f"rollout.sglang.base_port={free_port()}", "rollout.sglang.context_length=2048",
-                      f"rollout.sglang.startup_timeout_s={min(left - 60, 300):.0f}",
-                      f"rollout.sglang.env.{MARK_ENV}={mark}", "data.max_response_length=256",
-                      "data.train_batch_size=16", "data.mini_batch_size=16"]  # fmt: skip
+        overrides += [
+            "rollout.backend=sglang",
+            "rollout.sglang.launch=true",
+            "rollout.sglang.device=cuda",
+            "rollout.sglang.colocate=true",
+            "rollout.sglang.weight_sync=tensor",
+            "rollout.sglang.weight_sync_backend=auto",
+            "rollout.sglang.mem_fraction_static=0.3",
+            f"rollout.sglang.base_port={free_port()}",
+            "rollout.sglang.context_length=2048",
+            f"rollout.sglang.startup_timeout_s={min(left - 60, 300):.0f}",
+            f"rollout.sglang.env.{MARK_ENV}={mark}",
+            "data.max_response_length=256",
+            "data.train_batch_size=16",
+            "data.mini_batch_size=16",
+        ]
     else:  # the in-process engine generates on CPU: short responses keep 20 steps within the budget
-        overrides += ["rollout.backend=hf", "data.max_response_length=32", "data.train_batch_size=8",
-                      "data.mini_batch_size=8"]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ctx.gpus}", "-m",
-           "luffy_megatron.train.cli", str(REPO / "configs" / "tiny_cpu_luffy.yaml"), *overrides]  # fmt: skip
+        overrides += [
+            "rollout.backend=hf",
+            "data.max_response_length=32",
+            "data.train_batch_size=8",
+            "data.mini_batch_size=8",
+        ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={ctx.gpus}",
+        "-m",
+        "luffy_megatron.train.cli",
+        str(REPO / "configs" / "tiny_cpu_luffy.yaml"),
+        *overrides,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "8"}
     try:
         _run_logged(cmd, ctx.out / "luffy_train.log", min(left - 10, 420), env)
@@ -390,12 +449,20 @@ def stage_luffy_train(ctx: Ctx) -> dict:
     timed = rows[2:] or rows  # the first steps include compilation and allocator warm-up
     mean = lambda key: sum(r[key] for r in timed) / len(timed)  # noqa: E731
     mfu = mean("perf/mfu") if all("perf/mfu" in r for r in timed) else None  # absent on a GPU without a peak
-    return {"gpus": ctx.gpus, "steps": len(rows), "tokens_per_s": mean("perf/tokens_per_s"),
-            "mfu": mfu, "step_s": mean("perf/step_s"), "train_s": mean("time/train_s"),
-            "weight_sync_s": mean("time/weight_sync_s"), "final_loss": rows[-1].get("actor/loss"),
-            "rollout": "sglang" if has("sglang") else "hf (CPU)", "rollout_s": mean("time/rollout_s"),
-            "mfu_peak_table": "luffy_megatron.metrics.perf.PEAK_FLOPS",
-            "export": str(run_dir / "hf_final")}  # fmt: skip
+    return {
+        "gpus": ctx.gpus,
+        "steps": len(rows),
+        "tokens_per_s": mean("perf/tokens_per_s"),
+        "mfu": mfu,
+        "step_s": mean("perf/step_s"),
+        "train_s": mean("time/train_s"),
+        "weight_sync_s": mean("time/weight_sync_s"),
+        "final_loss": rows[-1].get("actor/loss"),
+        "rollout": "sglang" if has("sglang") else "hf (CPU)",
+        "rollout_s": mean("time/rollout_s"),
+        "mfu_peak_table": "luffy_megatron.metrics.perf.PEAK_FLOPS",
+        "export": str(run_dir / "hf_final"),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -417,13 +484,25 @@ def _server(ctx: Ctx, model: Path, name: str, gpu: int, weight_sync: str):
     from luffy_megatron.rollout.sglang.engine import SGLangEngine
     from luffy_megatron.rollout.sglang.launcher import launch_servers
 
-    cfg = SGLangConfig(launch=True, base_port=free_port(), mem_fraction_static=0.3, colocate=True,
-                       context_length=2048, startup_timeout_s=max(30.0, min(ctx.remaining() - 30, 300)),
-                       extra_args=["--base-gpu-id", str(gpu)] if gpu else [])  # fmt: skip
+    cfg = SGLangConfig(
+        launch=True,
+        base_port=free_port(),
+        mem_fraction_static=0.3,
+        colocate=True,
+        context_length=2048,
+        startup_timeout_s=max(30.0, min(ctx.remaining() - 30, 300)),
+        extra_args=["--base-gpu-id", str(gpu)] if gpu else [],
+    )
     procs = launch_servers(cfg, str(model), log_dir=str(ctx.out / f"{name}_logs"))
-    return SGLangEngine(SGLangClient([p.url for p in procs]), weight_sync=weight_sync, colocate=True,
-                        eos_token_ids=read_eos_token_ids(str(model)), processes=procs, master_address="127.0.0.1",
-                        group_backend="nccl")  # fmt: skip
+    return SGLangEngine(
+        SGLangClient([p.url for p in procs]),
+        weight_sync=weight_sync,
+        colocate=True,
+        eos_token_ids=read_eos_token_ids(str(model)),
+        processes=procs,
+        master_address="127.0.0.1",
+        group_backend="nccl",
+    )
 
 
 def _logprob_gap(engine, model: torch.nn.Module) -> dict[str, float]:
@@ -541,8 +620,12 @@ def run_stage(name: str, fn: Callable[[Ctx], dict], ctx: Ctx) -> StageResult:
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"python": sys.version.split()[0], "torch": torch.__version__,
-                            "cuda": torch.version.cuda, "gpus": torch.cuda.device_count()}  # fmt: skip
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpus": torch.cuda.device_count(),
+    }
     if torch.cuda.is_available():
         info["gpu_name"] = torch.cuda.get_device_name(0)
     for pkg in ("megatron-core", "transformer-engine", "sglang", "sglang-router", "transformers"):

@@ -64,8 +64,14 @@ def plot_timeline(files: list[str], labels: list[str], out: str, steps: int = 12
         for offset, (phase, name, color) in zip((-0.2, 0.2), TIMELINE):
             for i, r in enumerate(records):
                 start, end = r[f"timeline/{phase}_start"] - origin, r[f"timeline/{phase}_end"] - origin
-                ax.barh(r["step"] + offset, end - start, left=start, height=0.38, color=color,
-                        label=name if i == 0 else None)  # fmt: skip
+                ax.barh(
+                    r["step"] + offset,
+                    end - start,
+                    left=start,
+                    height=0.38,
+                    color=color,
+                    label=name if i == 0 else None,
+                )
         ax.invert_yaxis()
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("step")

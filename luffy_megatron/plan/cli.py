@@ -21,8 +21,9 @@ COLUMNS = ("weights", "grads", "master_weights", "adam", "activations", "logprob
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="luffy-plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="luffy-plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True, help="HF config.json / model folder, or a recipe YAML (its settings too)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
@@ -36,8 +37,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-step", type=int, help="samples per optimiser step (mini-batch prompts x n)")
     p.add_argument("--no-dist-opt", action="store_true", help="without the distributed optimizer")
     p.add_argument("--recompute", choices=("on", "off"), help="full activation recomputation")
-    p.add_argument("--attention", choices=("flash", "unfused"), default="flash",
-                   help="flash: transformer-engine (GPU); unfused: megatron's local spec (CPU)")  # fmt: skip
+    p.add_argument(
+        "--attention",
+        choices=("flash", "unfused"),
+        default="flash",
+        help="flash: transformer-engine (GPU); unfused: megatron's local spec (CPU)",
+    )
     p.add_argument("--vpp", type=int, nargs="+", default=[0], help="virtual stages to try (0 = not interleaved)")
     p.add_argument("--reserve-gb", type=float, default=3.0, help="per GPU for CUDA context, NCCL, fragmentation")
     p.add_argument("--json", help="write the whole plan here")
@@ -47,10 +52,16 @@ def parser() -> argparse.ArgumentParser:
 
 def inputs(args: argparse.Namespace, recipe) -> PlanInputs:
     """Command line over recipe over defaults."""
-    inp = PlanInputs(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_mem_gb=args.gpu_mem_gb,
-                     rollout_gpus=args.rollout_gpus, reserve_gb=args.reserve_gb,
-                     vpp=[v or None for v in args.vpp], flash_attention=args.attention == "flash",
-                     fp32_norms=args.attention == "unfused")  # fmt: skip
+    inp = PlanInputs(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        gpu_mem_gb=args.gpu_mem_gb,
+        rollout_gpus=args.rollout_gpus,
+        reserve_gb=args.reserve_gb,
+        vpp=[v or None for v in args.vpp],
+        flash_attention=args.attention == "flash",
+        fp32_norms=args.attention == "unfused",
+    )
     if recipe is not None:
         r = recipe
         inp.dtype, inp.recompute = r.model.dtype, r.model.recompute_activations
@@ -61,9 +72,14 @@ def inputs(args: argparse.Namespace, recipe) -> PlanInputs:
         inp.logprob_chunk_tokens = r.algorithm.logprob_chunk_tokens
         inp.rollout_tp = [r.rollout.sglang.tp_size]
         inp.rollout_mem_fraction = r.rollout.sglang.mem_fraction_static
-    given = {"dtype": args.dtype, "prompt_len": args.prompt_len, "response_len": args.response_len,
-             "micro_batch_tokens": args.micro_batch_tokens, "samples_per_optimizer_step": args.samples_per_step,
-             "rollout_tp": args.rollout_tp}  # fmt: skip
+    given = {
+        "dtype": args.dtype,
+        "prompt_len": args.prompt_len,
+        "response_len": args.response_len,
+        "micro_batch_tokens": args.micro_batch_tokens,
+        "samples_per_optimizer_step": args.samples_per_step,
+        "rollout_tp": args.rollout_tp,
+    }
     for key, value in given.items():
         if value is not None:
             setattr(inp, key, value)
@@ -83,29 +99,41 @@ def inputs(args: argparse.Namespace, recipe) -> PlanInputs:
 def render(result: dict, show_all: bool) -> str:
     """The feasible layouts (best first) with the per-GPU breakdown in GiB, then the infeasible ones with reasons."""
     inp = result["inputs"]
-    head = (f"{result['model']['name']}: {result['params'] / 1e9:.2f}B parameters; "
-            f"{inp['nodes']} x {inp['gpus_per_node']} GPUs of {inp['gpu_mem_gb']:g} GiB, {inp['rollout_gpus']} for "
-            f"rollouts; {inp['dtype']}, micro-batch {inp['micro_batch_tokens']} tokens, sequences up to "
-            f"{inp['prompt_len'] + inp['response_len']}, recompute {'on' if inp['recompute'] else 'off'}, "
-            f"distributed optimizer {'on' if inp['dist_opt'] else 'off'}")  # fmt: skip
-    lines = [head, "", "| rank | TP | PP | VPP | DP | " + " | ".join(COLUMNS) + " | total GiB | step time |",
-             "|---" * (len(COLUMNS) + 7) + "|"]  # fmt: skip
+    head = (
+        f"{result['model']['name']}: {result['params'] / 1e9:.2f}B parameters; "
+        f"{inp['nodes']} x {inp['gpus_per_node']} GPUs of {inp['gpu_mem_gb']:g} GiB, {inp['rollout_gpus']} for "
+        f"rollouts; {inp['dtype']}, micro-batch {inp['micro_batch_tokens']} tokens, sequences up to "
+        f"{inp['prompt_len'] + inp['response_len']}, recompute {'on' if inp['recompute'] else 'off'}, "
+        f"distributed optimizer {'on' if inp['dist_opt'] else 'off'}"
+    )
+    lines = [
+        head,
+        "",
+        "| rank | TP | PP | VPP | DP | " + " | ".join(COLUMNS) + " | total GiB | step time |",
+        "|---" * (len(COLUMNS) + 7) + "|",
+    ]
     for r in result["feasible"]:
         mem = r["memory"]
         cells = [f"{mem[c] / GB:.2f}" for c in COLUMNS]
-        lines.append(f"| {r['rank']} | {r['tp']} | {r['pp']} | {r['vpp'] or '-'} | {r['dp']} | " + " | ".join(cells)
-                     + f" | {mem['total'] / GB:.2f} | {r['step_time_factor']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {r['rank']} | {r['tp']} | {r['pp']} | {r['vpp'] or '-'} | {r['dp']} | "
+            + " | ".join(cells)
+            + f" | {mem['total'] / GB:.2f} | {r['step_time_factor']:.2f} |"
+        )
     if not result["feasible"]:
         lines.append("| - | no layout fits |" + " |" * (len(COLUMNS) + 6))
     bad = result["infeasible"] if show_all else result["infeasible"][:12]
-    lines += ["", "Infeasible:"] + [f"- TP {r['tp']} PP {r['pp']} VPP {r['vpp'] or '-'} DP {r['dp']}: "
-                                    + "; ".join(r["reasons"]) for r in bad]  # fmt: skip
+    lines += ["", "Infeasible:"] + [
+        f"- TP {r['tp']} PP {r['pp']} VPP {r['vpp'] or '-'} DP {r['dp']}: " + "; ".join(r["reasons"]) for r in bad
+    ]
     if len(bad) < len(result["infeasible"]):
         lines.append(f"- ... {len(result['infeasible']) - len(bad)} more (--all)")
     for r in result["rollout"]:
-        lines.append(f"Rollout server TP {r['tp']}: weights {r['weights_per_gpu'] / GB:.1f} GiB per GPU, KV cache "
-                     f"{r['kv_bytes_per_token'] / 1024:.0f} KiB per token, {r['kv_tokens']:,} tokens in the static "
-                     f"fraction" + (f" ({r['reason']})" if "reason" in r else ""))  # fmt: skip
+        lines.append(
+            f"Rollout server TP {r['tp']}: weights {r['weights_per_gpu'] / GB:.1f} GiB per GPU, KV cache "
+            f"{r['kv_bytes_per_token'] / 1024:.0f} KiB per token, {r['kv_tokens']:,} tokens in the static "
+            f"fraction" + (f" ({r['reason']})" if "reason" in r else "")
+        )
     return "\n".join(lines) + "\n"
 
 

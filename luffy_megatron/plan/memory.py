@@ -169,9 +169,15 @@ def in_flight(lay: Layout, pp_rank: int, num_micro_batches: int) -> int:
 
 
 def activation_bytes(
-    m: ModelShape, lay: Layout, pp_rank: int, mb: MicroBatch, num_micro_batches: int, act_bytes: int,
-    recompute: bool, flash: bool,
-) -> int:  # fmt: skip
+    m: ModelShape,
+    lay: Layout,
+    pp_rank: int,
+    mb: MicroBatch,
+    num_micro_batches: int,
+    act_bytes: int,
+    recompute: bool,
+    flash: bool,
+) -> int:
     """Peak activation bytes of a pipeline rank over a step (what autograd holds, as measured in the tests)."""
     chunk_layers = m.layers // (lay.pp * (lay.vpp or 1))
     layer = layer_activation_bytes(m, lay.tp, mb, act_bytes, flash)

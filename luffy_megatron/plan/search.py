@@ -84,16 +84,18 @@ def price(m: ModelShape, lay: Layout, inp: PlanInputs) -> dict:
         last = pp_rank == lay.pp - 1
         parts = {
             **static,
-            "activations": activation_bytes(
-                m, lay, pp_rank, mb, num_mb, act_bytes, inp.recompute, inp.flash_attention
-            ),
+            "activations": activation_bytes(m, lay, pp_rank, mb, num_mb, act_bytes, inp.recompute, inp.flash_attention),
             # fp32 chunk blocks of the fused log-prob plus the logits' gradient, on the last stage
-            "logprob_chunk": (logprob_chunk_bytes(m, lay.tp, inp.logprob_chunk_tokens)
-                              + mb.tokens * (padded_vocab_size(m.vocab, lay.tp) // lay.tp) * act_bytes) if last else 0,
+            "logprob_chunk": (
+                logprob_chunk_bytes(m, lay.tp, inp.logprob_chunk_tokens)
+                + mb.tokens * (padded_vocab_size(m.vocab, lay.tp) // lay.tp) * act_bytes
+            )
+            if last
+            else 0,
             # pipeline send/receive buffers (activations and their gradients)
             "comm_buffers": 2 * mb.tokens * m.hidden * act_bytes if lay.pp > 1 else 0,
             "reserve": int(inp.reserve_gb * GB),
-        }  # fmt: skip
+        }
         parts["total"] = sum(parts.values())
         parts["pp_rank"] = pp_rank
         if worst is None or parts["total"] > worst["total"]:
@@ -129,8 +131,9 @@ def plan(m: ModelShape, inp: PlanInputs) -> dict:
                     infeasible.append({**row, "reasons": problems})
                     continue
                 mem = price(m, lay, inp)
-                row.update(memory=mem, step_time_factor=step_time_factor(lay, mem["micro_batches_per_rank"],
-                                                                         inp.recompute))  # fmt: skip
+                row.update(
+                    memory=mem, step_time_factor=step_time_factor(lay, mem["micro_batches_per_rank"], inp.recompute)
+                )
                 if mem["total"] > inp.gpu_mem_gb * GB:
                     gib = mem["total"] / GB
                     infeasible.append({**row, "reasons": [f"needs {gib:.1f} GiB > {inp.gpu_mem_gb:g} GiB"]})
@@ -139,8 +142,14 @@ def plan(m: ModelShape, inp: PlanInputs) -> dict:
     feasible.sort(key=lambda r: (r["step_time_factor"], r["memory"]["total"]))
     for i, row in enumerate(feasible, 1):
         row["rank"] = i
-    return {"model": asdict(m), "inputs": asdict(inp), "params": m.num_params(), "feasible": feasible,
-            "infeasible": infeasible, "rollout": rollout_plan(m, inp)}  # fmt: skip
+    return {
+        "model": asdict(m),
+        "inputs": asdict(inp),
+        "params": m.num_params(),
+        "feasible": feasible,
+        "infeasible": infeasible,
+        "rollout": rollout_plan(m, inp),
+    }
 
 
 def rollout_plan(m: ModelShape, inp: PlanInputs) -> list[dict]:
@@ -151,9 +160,13 @@ def rollout_plan(m: ModelShape, inp: PlanInputs) -> list[dict]:
         kv_heads = max(1, m.kv_heads // tp)  # heads are replicated when TP exceeds them
         kv_per_token = 2 * m.layers * kv_heads * m.head_dim * 2
         budget = inp.gpu_mem_gb * GB * inp.rollout_mem_fraction - weights
-        row = {"tp": tp, "weights_per_gpu": int(weights), "kv_bytes_per_token": kv_per_token,
-               "kv_tokens": int(budget // kv_per_token) if budget > 0 else 0,
-               "servers": inp.rollout_gpus // tp if inp.rollout_gpus else None}  # fmt: skip
+        row = {
+            "tp": tp,
+            "weights_per_gpu": int(weights),
+            "kv_bytes_per_token": kv_per_token,
+            "kv_tokens": int(budget // kv_per_token) if budget > 0 else 0,
+            "servers": inp.rollout_gpus // tp if inp.rollout_gpus else None,
+        }
         if m.heads % tp:
             row["reason"] = f"TP {tp} does not divide {m.heads} heads"
         elif budget <= 0:

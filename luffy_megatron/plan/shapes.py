@@ -18,15 +18,37 @@ from luffy_megatron.models.family import padded_vocab_size
 # config.json values of the recipes' models (huggingface.co/Qwen/<name>/blob/main/config.json), used when the
 # recipe's model.hf_path is not on this machine.
 KNOWN_MODELS: dict[str, dict[str, Any]] = {
-    "Qwen2.5-Math-7B": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584,
-                            intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                            num_key_value_heads=4, vocab_size=152064, max_position_embeddings=4096,
-                            rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu"),
-    "Qwen2.5-32B": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=5120,
-                        intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
-                        num_key_value_heads=8, vocab_size=152064, max_position_embeddings=131072,
-                        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu"),
-}  # fmt: skip
+    "Qwen2.5-Math-7B": dict(
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+    ),
+    "Qwen2.5-32B": dict(
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        hidden_size=5120,
+        intermediate_size=27648,
+        num_hidden_layers=64,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        vocab_size=152064,
+        max_position_embeddings=131072,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -109,8 +131,10 @@ def layer_params(m: ModelShape, tp: int) -> list[Param]:
     if m.qkv_bias:
         out.append(("self_attention.linear_qkv.bias", q + 2 * kv, False))
     if m.qk_norm:
-        out += [("self_attention.q_layernorm.weight", m.head_dim, True),
-                ("self_attention.k_layernorm.weight", m.head_dim, True)]  # fmt: skip
+        out += [
+            ("self_attention.q_layernorm.weight", m.head_dim, True),
+            ("self_attention.k_layernorm.weight", m.head_dim, True),
+        ]
     out += [
         ("pre_mlp_layernorm.weight", m.hidden, True),
         ("mlp.linear_fc1.weight", 2 * m.ffn // tp * m.hidden, False),

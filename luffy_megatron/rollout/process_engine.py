@@ -44,8 +44,13 @@ class ProcessEngine(RolloutEngine):
         self.num_threads = num_threads or default_threads()
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        spec = {"hf_path": str(hf_path), "dtype": dtype, "batch_size": batch_size, "eos_token_ids": eos_token_ids,
-                "num_threads": self.num_threads}  # fmt: skip
+        spec = {
+            "hf_path": str(hf_path),
+            "dtype": dtype,
+            "batch_size": batch_size,
+            "eos_token_ids": eos_token_ids,
+            "num_threads": self.num_threads,
+        }
         self._proc = ctx.Process(target=_serve, args=(child, spec), daemon=True, name="luffy-rollout")
         self._proc.start()
         child.close()
@@ -103,8 +108,9 @@ class ProcessEngine(RolloutEngine):
 def _serve(conn: Any, spec: dict) -> None:
     """Child main loop: build the engine, then answer requests until ``close`` or a closed pipe."""
     torch.set_num_threads(spec["num_threads"])
-    engine = HFEngine.from_pretrained(spec["hf_path"], dtype=spec["dtype"], batch_size=spec["batch_size"],
-                                      eos_token_ids=spec["eos_token_ids"])  # fmt: skip
+    engine = HFEngine.from_pretrained(
+        spec["hf_path"], dtype=spec["dtype"], batch_size=spec["batch_size"], eos_token_ids=spec["eos_token_ids"]
+    )
     while True:
         try:
             request = conn.recv()

@@ -88,8 +88,19 @@ def pack_samples(samples: list[Sample]) -> PackedSamples:
         if slot == len(prompts):
             prompts.append(s.prompt_ids)
         reason = reasons.setdefault(s.finish_reason, len(reasons))
-        rows.append((s.prompt_index, s.group_id, slot, len(s.response_ids), _length(s.rollout_logprobs),
-                     _length(s.old_logprobs), s.multiplicity, int(s.off_policy), reason))  # fmt: skip
+        rows.append(
+            (
+                s.prompt_index,
+                s.group_id,
+                slot,
+                len(s.response_ids),
+                _length(s.rollout_logprobs),
+                _length(s.old_logprobs),
+                s.multiplicity,
+                int(s.off_policy),
+                reason,
+            )
+        )
     encoded = [r.encode() for r in reasons]
     fields = {
         "tokens": _token_ids(prompts + [s.response_ids for s in samples]),
