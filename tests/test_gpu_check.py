@@ -28,8 +28,11 @@ def test_cpu_stages_pass_and_gpu_stages_skip_with_reasons(tmp_path, capsys) -> N
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     status = {s["name"]: s for s in report["stages"]}
     assert list(status) == list(gpu_check.STAGES)
-    for name in ("roundtrip", "logits_vs_hf", "fused_logprob"):
+    for name in ("roundtrip", "logits_vs_hf", "fused_logprob", "mfu"):
         assert status[name]["status"] == "pass", status[name]
+    mfu = status["mfu"]["details"]  # the GPU stage's path at a tiny shape: a real update, no MFU without a peak
+    assert mfu["tokens_per_s"] > 0 and mfu["tokens_per_step"] > 1000 and mfu["mfu"] is None
+    assert mfu["computed_over_real"] == 1.0
     assert status["roundtrip"]["details"]["bit_identical"] is True
     assert status["logits_vs_hf"]["details"]["max_abs_diff"] <= 1e-4
     assert status["fused_logprob"]["details"]["max_err_logp"] <= 1e-4
@@ -78,6 +81,7 @@ def test_the_report_is_written_after_every_stage(tmp_path, monkeypatch) -> None:
 def test_the_default_budget_leaves_a_margin_under_ten_minutes(tmp_path) -> None:
     assert gpu_check.DEFAULT_BUDGET_S <= 600 - 90
     assert set(gpu_check.NEED_S) == set(gpu_check.STAGES)
+    assert sum(gpu_check.NEED_S.values()) <= gpu_check.DEFAULT_BUDGET_S
     assert sum(gpu_check.NEED_S.values()) <= gpu_check.DEFAULT_BUDGET_S
     gpu_check.main(["--out", str(tmp_path), "--stages", "te_spec_build"])  # no GPU: skipped at once
     assert json.loads((tmp_path / "gpu_check.json").read_text())["budget_s"] == gpu_check.DEFAULT_BUDGET_S

@@ -12,18 +12,22 @@ Stages, in order (each skipped with its reason when the machine cannot run it or
 4. ``fused_logprob``: the fused vocab-parallel log-prob/entropy vs an fp64 full-vocabulary reference; on CUDA at
    V=151,936, T=8,192 (bf16 logits, tolerance 2e-3) with the peak extra memory of forward+backward vs the naive path;
    on CPU at V=4,099, T=512 (fp32, tolerance 1e-4).
-5. ``luffy_train``: 20 LUFFY steps (``luffy_megatron.train.cli`` under torchrun, one process per GPU) of a
+5. ``mfu``: the packed policy update at Qwen2.5-7B's layer shapes (hidden 3584, 28 heads, 4 KV heads, FFN 18944, the
+   full 152,064 vocabulary; 2 layers, random weights), TE, bf16, on one GPU: ``tools/bench_throughput.py`` on LUFFY's
+   length mix (4 prompts x 8), tokens/s and MFU against the GPU's dense bf16 peak (``metrics.perf.PEAK_FLOPS``). On
+   CPU the same path runs at a tiny shape in fp32 (tokens/s, no MFU).
+6. ``luffy_train``: 20 LUFFY steps (``luffy_megatron.train.cli`` under torchrun, one process per GPU) of a
    Qwen2-0.5B-shaped model made offline from its config (random weights, the synthetic addition task) with TE, bf16,
    packed micro-batches (as in the GPU recipes of configs/), the distributed optimizer and NCCL; rollouts by a
    colocated SGLang server on CUDA that the trainer launches itself from its torchrun worker when sglang is
    installed (memory released during training, tensor weight sync), else by the in-process engine on CPU with
    32-token responses; tokens/s and MFU from the loop's metrics (steps 3-20); the final policy exported as HF. A
    server the trainer leaves running (found by ``MARK_ENV`` in its environment) is killed and fails the stage.
-6. ``sglang_sync`` (sglang installed): a real server on the GPU(s), colocated (memory released and resumed), tensor
+7. ``sglang_sync`` (sglang installed): a real server on the GPU(s), colocated (memory released and resumed), tensor
    sync (and distributed sync on a second GPU when there is one) of perturbed weights with GB/s, and the rollout
    vs trainer log-prob gap after the sync (the trainer side is ``transformers`` in bf16 holding the synced weights;
    mean gap <= 0.1 and <= a tenth of the gap before the sync).
-7. ``sglang_export``: the step-20 HF export loads in SGLang and generates.
+8. ``sglang_export``: the step-20 HF export loads in SGLang and generates.
 
 Without a GPU the CPU-runnable stages run and the tool exits 0 (non-zero only when a stage fails). The JSON report
 is rewritten (atomically) after every stage, so a run killed part-way leaves the stages it finished.
@@ -79,6 +83,10 @@ QWEN2_05B = dict(
 #: gap). The gap after a sync must be at most GAP_TOL (mean |log-prob difference|, bf16 on both sides).
 EMBED_SCALE, GAP_TOL = 4.0, 0.1
 SMALL = dict(family="qwen2", vocab_size=397, hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=160)
+#: The ``mfu`` stage's model: Qwen2.5-7B's layer shapes (config.json of the public checkpoint), two layers.
+QWEN25_7B_LAYERS = dict(
+    family="qwen2", hidden_size=3584, heads=28, kv_heads=4, intermediate_size=18944, vocab_size=152064, layers=2
+)
 #: The default ``--budget-s``: 120 s under a 10-minute wall-clock limit on the whole command (module docstring).
 DEFAULT_BUDGET_S = 480.0
 #: Seconds each stage needs at least on a GPU (skipped when less is left); together within DEFAULT_BUDGET_S.
@@ -87,9 +95,10 @@ NEED_S = {
     "roundtrip": 20.0,
     "logits_vs_hf": 20.0,
     "fused_logprob": 30.0,
-    "luffy_train": 150.0,
-    "sglang_sync": 120.0,
-    "sglang_export": 60.0,
+    "mfu": 45.0,
+    "luffy_train": 130.0,
+    "sglang_sync": 110.0,
+    "sglang_export": 55.0,
 }
 #: Set (to a value unique to the run) in the environment of the SGLang server the trainer launches in ``luffy_train``.
 MARK_ENV = "LUFFY_GPU_CHECK_RUN"
@@ -317,7 +326,40 @@ def stage_fused_logprob(ctx: Ctx) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Stage 5: 20 LUFFY steps
+# Stage 5: MFU of the packed update at 7B layer shapes
+# ------------------------------------------------------------------------------------------------------------------
+def stage_mfu(ctx: Ctx) -> dict:
+    left = ctx.need(NEED_S["mfu"] if ctx.cuda else 10)
+    shape = QWEN25_7B_LAYERS if ctx.cuda else {**SMALL, "layers": 2}
+    prompts, n, dtype = (4, 8, "bfloat16") if ctx.cuda else (1, 2, "float32")
+    out = ctx.out / "mfu.json"
+    cmd = [sys.executable, str(REPO / "tools" / "bench_throughput.py"), "--layouts", "tp1pp1dp1"]
+    for key in ("family", "hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "vocab_size"):
+        cmd += [f"--{key.replace('_', '-')}", str(shape[key])]
+    cmd += ["--length-dist", "luffy", "--prompts", str(prompts), "--n", str(n), "--dtype", dtype]
+    cmd += ["--max-tokens-per-micro-batch", "16384", "--steps", "3", "--warmup", "1", "--out", str(out)]
+    _run_logged(cmd, ctx.out / "mfu.log", timeout_s=left)
+    [result] = json.loads(out.read_text())["results"]
+    if "error" in result:
+        raise AssertionError(f"bench_throughput failed: {result['error'][-1500:]}")
+    train = result["train"]
+    details = {
+        "device": result["device"],
+        "dtype": dtype,
+        "shape": {k: shape[k] for k in ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size")},
+        "tokens_per_step": result["tokens_per_step"],
+        "tokens_per_s": train["tokens_per_s"],
+        "seconds_per_step": train["seconds_per_step"],
+        "mfu": train["mfu"],
+        "computed_over_real": result["tokens"]["computed_over_real"],
+    }
+    if ctx.cuda and not train["mfu"]:
+        details["mfu_missing"] = f"no dense {dtype} peak for {result['device']} in metrics.perf.PEAK_FLOPS"
+    return details
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Stage 6: 20 LUFFY steps
 # ------------------------------------------------------------------------------------------------------------------
 def _qwen05b(ctx: Ctx) -> Path:
     from luffy_megatron.data.synthetic import tokenizer_corpus
@@ -598,6 +640,7 @@ STAGES: dict[str, Callable[[Ctx], dict]] = {
     "roundtrip": stage_roundtrip,
     "logits_vs_hf": stage_logits_vs_hf,
     "fused_logprob": stage_fused_logprob,
+    "mfu": stage_mfu,
     "luffy_train": stage_luffy_train,
     "sglang_sync": stage_sglang_sync,
     "sglang_export": stage_sglang_export,
