@@ -11,6 +11,8 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.models.gpt import GPTModel, gpt_layer_specs
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from luffy_megatron.models import get_family
 from luffy_megatron.models.family import ModelFamily, padded_vocab_size, torch_dtype, transformer_config_kwargs
@@ -65,13 +67,19 @@ def build_transformer_config(
     vpp: int | None = None,
     dtype: str = "float32",
     recompute: bool = False,
+    sequence_parallel: bool = False,
     **overrides: Any,
 ):
-    """HF config -> ``TransformerConfig`` with the parallel layout and precision of this run."""
+    """HF config -> ``TransformerConfig`` with the parallel layout and precision of this run.
+
+    ``sequence_parallel`` (TP > 1 only) shards the sequence of the norms, residuals and dropout over the TP ranks:
+    every micro-batch's sequence length must then be a multiple of ``tp``.
+    """
     params_dtype = torch_dtype(dtype)
     kwargs = transformer_config_kwargs(spec.family, spec.hf_config)
     kwargs.update(
         tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         params_dtype=params_dtype,
@@ -109,7 +117,8 @@ def build_gpt_model(
     """Model chunks of this pipeline rank (one per virtual stage), on this rank's device.
 
     Uses transformer-engine's layer spec when TE is importable on a GPU (or when forced), else megatron-core's local
-    spec with :class:`~luffy_megatron.platform.packed_attention.PackedDotProductAttention` (packed rows).
+    spec with :class:`~luffy_megatron.platform.packed_attention.PackedDotProductAttention` (packed rows) and, under
+    sequence parallelism, :class:`~luffy_megatron.platform.local_norm.LocalNorm` for every norm.
     Parameters are named as the local spec names them; with TE the layer norms live in the fused linears.
     With ``ddp_config`` (a megatron ``DistributedDataParallelConfig``) the chunks are wrapped in megatron's DDP.
     """
@@ -121,15 +130,24 @@ def build_gpt_model(
         from luffy_megatron.platform.packed_attention import PackedDotProductAttention
 
         layer_spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    local_sp = not use_te and config.sequence_parallel
+    if local_sp:
+        _use_local_norms(layer_spec)
     vpp = config.virtual_pipeline_model_parallel_size
     chunks: list[torch.nn.Module] = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        block_spec: Any = layer_spec
+        if local_sp:  # the final norm too: megatron builds it from the block's submodules
+            from luffy_megatron.platform.local_norm import LocalNorm
+
+            layers = [layer_spec] * get_num_layers_to_build(config, vp_stage=stage)
+            block_spec = TransformerBlockSubmodules(layer_specs=layers, layer_norm=LocalNorm)
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec,
+            transformer_layer_spec=block_spec,
             vocab_size=spec.padded_vocab_size,
             max_sequence_length=spec.max_position_embeddings,
             pre_process=pre,
@@ -149,3 +167,15 @@ def build_gpt_model(
             for i, m in enumerate(chunks)
         ]
     return chunks
+
+
+def _use_local_norms(layer_spec) -> None:
+    """Every norm of a local layer spec built by :class:`~luffy_megatron.platform.local_norm.LocalNorm`, whose weights
+    megatron sums over the TP ranks under sequence parallelism (the local spec's torch norms refuse it)."""
+    from luffy_megatron.platform.local_norm import LocalNorm
+
+    subs = layer_spec.submodules
+    subs.input_layernorm = subs.pre_mlp_layernorm = LocalNorm
+    attn = subs.self_attention.submodules
+    if attn.q_layernorm not in (None, IdentityOp):  # qk_layernorm: the torch norm refuses SP here too
+        attn.q_layernorm = attn.k_layernorm = LocalNorm

@@ -10,6 +10,7 @@ triton is done earlier, for every process, by ``luffy_megatron/megatron_import.p
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import torch
@@ -137,6 +138,28 @@ def _patch_shape_exchange() -> None:
     p2p.P2PCommunicator._communicate_shapes = communicate_shapes
 
 
+def _patch_tensor_parallel_backward() -> None:
+    """Fixes CUDA placements in the backward of megatron's tensor-parallel autograd functions (sequence parallelism's
+    all-gather and reduce-scatter allocate on ``torch.cuda.current_device()``): a backward pass runs outside
+    :class:`_CudaToCpuMode`, because ``torch.autograd.backward`` is itself dispatched to the mode, whose handler runs
+    with the mode off. Each of these backward functions now enters the mode itself."""
+    from megatron.core.tensor_parallel import layers, mappings
+
+    def in_cpu_mode(backward):
+        @functools.wraps(backward)
+        def run(ctx, *grads):
+            with _CudaToCpuMode():
+                return backward(ctx, *grads)
+
+        return run
+
+    for module in (layers, mappings):
+        for cls in list(vars(module).values()):
+            own = isinstance(cls, type) and cls.__module__ == module.__name__
+            if own and issubclass(cls, torch.autograd.Function) and isinstance(vars(cls).get("backward"), staticmethod):
+                cls.backward = staticmethod(in_cpu_mode(vars(cls)["backward"].__func__))
+
+
 def apply_cpu_patches() -> None:
     """Apply every patch once, and only when CUDA is unavailable."""
     global _APPLIED
@@ -159,5 +182,6 @@ def apply_cpu_patches() -> None:
     torch.cuda.memory_reserved = lambda device=None: 0
     _patch_rng_tracker()
     _patch_shape_exchange()
+    _patch_tensor_parallel_backward()
     _CudaToCpuMode().__enter__()
     _APPLIED = True
