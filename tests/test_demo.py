@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tools.run_demo import HELD_OUT, MAX_NEW_TOKENS, NUM_OOD, table
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
 ARMS = ("luffy", "grpo", "rl_sft_loss")
 
 
@@ -34,6 +34,7 @@ def test_demo_runs_its_arms_and_writes_its_report(tmp_path: Path) -> None:
     assert all(r["actor/sft_nll"] > 0 for r in sft_rows)  # the traces' NLL is trained on at every step
     for arm in summary["arms"].values():
         assert arm["steps"] == 2 and arm["final_val_greedy"] is not None and arm["tokens"] > 0
+        assert sorted(arm["held_out"]) == sorted(HELD_OUT)  # in distribution and both OOD kinds
         assert {h["problems"] for h in arm["held_out"].values()} == {16}
     assert summary["arms"]["luffy"]["tokens_trained"] > 0 and summary["arms"]["rl_sft_loss"]["tokens_trained"] > 0
     # the untrained model never solves the task, and on-policy GRPO gets no reward to learn from
@@ -43,11 +44,15 @@ def test_demo_runs_its_arms_and_writes_its_report(tmp_path: Path) -> None:
     report = (out / "results.md").read_text()
     assert report in proc.stdout and report.count("| arm |") == 1  # one table
     head = next(line for line in report.splitlines() if line.startswith("| arm |"))
-    assert "| in distribution, avg@4 (%) | out of distribution, avg@4 (%) |" in head and "tokens trained" in head
+    assert head.endswith(
+        "| in distribution, avg@4 (%) | out of distribution: 3-digit operands, avg@4 (%) | "
+        "out of distribution: unpadded operands, avg@4 (%) |"
+    )
+    assert "tokens trained" in head
     assert [line.split(" | ")[0] for line in report.splitlines()[-3:]] == [f"| {arm}" for arm in ARMS]
     held_out = (out / "eval_seed1.md").read_text()  # luffy-eval of every arm's final model on both sets
     assert held_out in proc.stdout and "| synthetic_add (avg@4) | Avg. |" in held_out
-    assert "| synthetic_add_ood (avg@4) | Avg. |" in held_out
+    assert "| synthetic_add_unpadded (avg@4) | synthetic_add_wider (avg@4) | Avg. |" in held_out
     assert all(f"| {arm} |" in held_out for arm in ARMS)
     config = json.loads((out / "seed1" / "tiny_model" / "config.json").read_text())
     assert config["vocab_size"] == 128 and config["intermediate_size"] > 0
@@ -55,22 +60,28 @@ def test_demo_runs_its_arms_and_writes_its_report(tmp_path: Path) -> None:
 
 
 def _check_the_ood_split(seed_dir: Path) -> None:
-    """The OOD set: 3-digit operands only (training has 2-digit ones), every trace rewarded, and every trace and
-    prompt within the demo's limits in the demo's own tokenizer."""
+    """The OOD set: kinds training never shows (training pads every operand to 2 digits; OOD operands have 3 digits,
+    or one is written without its padding), every trace rewarded, and every trace and prompt within the demo's limits
+    in the demo's own tokenizer."""
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
     from luffy_megatron.data.dataset import strip_think_prefix
+    from luffy_megatron.data.synthetic import OOD_KINDS
     from luffy_megatron.reward.math_reward import score_one
-    from tools.run_demo import MAX_NEW_TOKENS, NUM_OOD
 
-    def operands(rows: list[dict]) -> set[str]:
-        return {x for r in rows for x in r["prompt"][-1]["content"].rstrip("=").split("+")}
+    def operands(row: dict) -> list[str]:
+        return row["prompt"][-1]["content"].rstrip("=").split("+")
 
     train = pq.read_table(seed_dir / "task" / "train.parquet").to_pylist()
     ood = pq.read_table(seed_dir / "task" / "ood.parquet").to_pylist()
-    assert len(ood) == NUM_OOD and {len(x) for x in operands(train)} == {2}
-    assert {len(x) for x in operands(ood)} == {3} and not any(x.startswith("0") for x in operands(ood))
+    assert {len(x) for r in train for x in operands(r)} == {2}
+    wider = [r for r in ood if r["data_source"] == OOD_KINDS["wider"]]
+    unpadded = [r for r in ood if r["data_source"] == OOD_KINDS["unpadded"]]
+    assert len(wider) == len(unpadded) == NUM_OOD and len(ood) == 2 * NUM_OOD
+    wider_operands = [x for r in wider for x in operands(r)]
+    assert {len(x) for x in wider_operands} == {3} and not any(x.startswith("0") for x in wider_operands)
+    assert all(min(len(x) for x in operands(r)) == 1 for r in unpadded)
     tokenizer = AutoTokenizer.from_pretrained(seed_dir / "tiny_model")
     max_positions = json.loads((seed_dir / "tiny_model" / "config.json").read_text())["max_position_embeddings"]
     for row in ood:
@@ -85,23 +96,28 @@ def _check_the_ood_split(seed_dir: Path) -> None:
 
 
 def test_the_report_spreads_each_arm_over_the_seeds() -> None:
-    """Several seeds: one row per arm, mean (min-max) of tokens and held-out avg@k."""
-    from tools.run_demo import table
+    """Several seeds: one row per arm, mean (min-max) of tokens and held-out avg@k; the columns are the task's data
+    sources."""
+    from luffy_megatron.data.synthetic import DATA_SOURCE, OOD_KINDS
 
-    def arm(tokens: int, ind: float, ood: float) -> dict:
-        held = {"in_distribution": ind, "out_of_distribution": ood}
-        held_out = {key: {"problems": 256, "k": 4, "avg@k": v} for key, v in held.items()}
+    assert list(HELD_OUT) == [DATA_SOURCE, *OOD_KINDS.values()]
+
+    def arm(tokens: int, *scores: float) -> dict:
+        held_out = {src: {"problems": 256, "k": 4, "avg@k": v} for src, v in zip(HELD_OUT, scores)}
         return {"steps": 700, "tokens_trained": tokens, "tokens": 2 * tokens, "held_out": held_out}
 
     summaries = [
-        {"seed": 1, "arms": {"luffy": arm(1_000_000, 0.70, 0.10), "grpo": arm(0, 0.0, 0.0)}},
-        {"seed": 2, "arms": {"luffy": arm(3_000_000, 0.80, 0.30), "grpo": arm(0, 0.0, 0.0)}},
+        {"seed": 1, "arms": {"luffy": arm(1_000_000, 0.70, 0.0, 0.10), "grpo": arm(0, 0.0, 0.0, 0.0)}},
+        {"seed": 2, "arms": {"luffy": arm(3_000_000, 0.80, 0.0, 0.30), "grpo": arm(0, 0.0, 0.0, 0.0)}},
     ]
     lines = table(summaries).splitlines()
-    assert "seeds 1, 2, mean over seeds (min-max)" in lines[0] and "256 unseen 2-digit problems" in lines[0]
-    assert lines[-2] == "| luffy | 2.00 (1.00-3.00) | 4.00 (2.00-6.00) | 75.0 (70.0-80.0) | 20.0 (10.0-30.0) |"
-    assert lines[-1] == "| grpo | 0.00 (0.00-0.00) | 0.00 (0.00-0.00) | 0.0 (0.0-0.0) | 0.0 (0.0-0.0) |"
-    assert table(summaries[:1]).splitlines()[-2] == "| luffy | 1.00 | 2.00 | 70.0 | 10.0 |"
+    assert "seeds 1, 2, mean over seeds (min-max)" in lines[0] and "3-digit operands 256" in lines[0]
+    assert (
+        lines[-2]
+        == "| luffy | 2.00 (1.00-3.00) | 4.00 (2.00-6.00) | 75.0 (70.0-80.0) | 0.0 (0.0-0.0) | 20.0 (10.0-30.0) |"
+    )
+    assert lines[-1] == "| grpo | 0.00 (0.00-0.00) | 0.00 (0.00-0.00) | 0.0 (0.0-0.0) | 0.0 (0.0-0.0) | 0.0 (0.0-0.0) |"
+    assert table(summaries[:1]).splitlines()[-2] == "| luffy | 1.00 | 2.00 | 70.0 | 0.0 | 10.0 |"
 
 
 def test_prepare_only_makes_the_paths_the_demo_config_names(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Write the synthetic addition task (train.parquet, val.parquet; with --num-ood also ood.parquet, problems with one
-more digit per operand) in the LUFFY schema for the CPU demo.
+"""Write the synthetic addition task (train.parquet, val.parquet; with --num-ood also ood.parquet, out-of-distribution
+problems: operands of one more digit, and operands without their zero padding) in the LUFFY schema for the CPU demo.
 
 Example: python tools/make_synthetic_task.py --out data/synthetic_add --num-train 2000 --num-val 200 --num-ood 200
 """
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
         "--num-ood",
         type=int,
         default=0,
-        help="out-of-distribution problems (ood.parquet): operands of one more digit, no leading zero (default 0)",
+        help="out-of-distribution problems of each kind (ood.parquet): operands of one more digit, and operands "
+        "without their zero padding (default 0)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--digits", type=int, default=2, help="digits per operand, zero-padded (default 2)")
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     a, b = 47 % 10**args.digits, 85 % 10**args.digits
     print(f"wrote {train} ({args.num_train} rows) and {val} ({args.num_val} rows)")
     if ood is not None:
-        print(f"wrote {ood} ({args.num_ood} rows of {args.digits + 1}-digit operands)")
+        print(f"wrote {ood} ({args.num_ood} rows of each kind: {args.digits + 1}-digit operands, unpadded operands)")
     print(f"example: {problem_text(a, b, args.digits)!r} -> {expert_trace(a, b, args.digits)!r}")
 
 

@@ -1,11 +1,12 @@
 """The CPU demo: LUFFY vs on-policy GRPO and the paper's baselines on a task the untrained model never solves.
 
 Makes a tiny Qwen2-style model and the synthetic addition task (expert traces in the paper's
-``<think>...</think> \\boxed{}`` format) with two held-out sets: in distribution (``val.parquet``, unseen 2-digit
-problems) and out of distribution (``ood.parquet``, 3-digit problems, a column more than training ever shows; see
-``luffy_megatron.data.synthetic``). Trains each arm with ``luffy-train`` (same steps, same seed; the arms run side by
-side, one CPU thread each), evaluates each final model on both sets with ``luffy-eval`` (avg@4), then writes curves
-(PNG) and the report: one table, arm x {in distribution, out of distribution}, with each arm's tokens trained.
+``<think>...</think> \\boxed{}`` format) with held-out sets in distribution (``val.parquet``, unseen 2-digit
+problems) and out of distribution (``ood.parquet``: 3-digit operands, a column more than training ever shows, and
+operands without their zero padding, ``7+85=``; see ``luffy_megatron.data.synthetic``). Trains each arm with
+``luffy-train`` (same steps, same seed; the arms run side by side, one CPU thread each), evaluates each final model
+on both files with ``luffy-eval`` (avg@4), then writes curves (PNG) and the report: one table, arm x {in
+distribution, out of distribution}, with each arm's tokens trained.
 
 Arms: ``luffy`` (policy shaping p/(p+0.1)), ``grpo`` (n_off=0, PPO clip), ``luffy_no_shaping`` (f(p)=p, the paper's
 shaping ablation; not run by default), ``luffy_async`` (LUFFY with one-step-off asynchronous rollout and token-level
@@ -78,11 +79,17 @@ ARMS["luffy_sglang"] = [
 CONFIG = REPO / "configs" / "tiny_cpu_luffy.yaml"
 VAL_KEY = "val/all/avg@1"
 STEPS = 700
-NUM_VAL = NUM_OOD = 256  # held-out problems, in and out of distribution
+NUM_VAL = NUM_OOD = 256  # held-out problems: in distribution, and of each out-of-distribution kind
 EVAL_SAMPLES = 4  # luffy-eval samples per problem: avg@4
-# luffy-eval's response limits: the demo's 28 in distribution (its traces are 18-24 tokens after the prompt's
-# <think>, then EOS); out of distribution the traces are 26-34 tokens, so the same 3 spare tokens give 38.
+# luffy-eval's response limits: the demo's 28 in distribution (traces of 18-24 tokens after the prompt's <think>, then
+# EOS); out of distribution the 3-digit traces are 26-34 tokens (unpadded ones 18-24), so the same 3 spare give 38.
 MAX_NEW_TOKENS = {"val": 28, "ood": 38}
+#: The report's columns: the held-out data sources (luffy_megatron.data.synthetic) and their headings.
+HELD_OUT = {
+    "synthetic_add": "in distribution",
+    "synthetic_add_wider": "out of distribution: 3-digit operands",
+    "synthetic_add_unpadded": "out of distribution: unpadded operands",
+}
 # ~0.32M parameters; the tokenizer is byte-level BPE over ASCII with merges from the task's text (under 128 tokens:
 # Megatron pads the vocabulary to 128 rows anyway); the compact chat template makes a prompt 9 tokens.
 MODEL = dict(family="qwen2", vocab_size=128, ascii_only=True, chat_template="compact", hidden_size=96, layers=2,
@@ -215,16 +222,14 @@ def summarise(arms: list[str], run_root: Path, seconds: dict[str, float]) -> dic
 
 
 def evaluate_arms(arms: list[str], run_root: Path, task_dir: Path, limit: int | None = None) -> tuple[str, dict]:
-    """luffy-eval on each arm's final model over both held-out sets (the paper's temperature 0.6 and top-p 1.0,
-    ``EVAL_SAMPLES`` samples per problem, ``MAX_NEW_TOKENS``; ``limit``: first problems of each set only). Returns the
-    arms' tables side by side and, per arm and set (``in_distribution``, ``out_of_distribution``), problems, k and
-    avg@k."""
+    """luffy-eval on each arm's final model over ``val.parquet`` and ``ood.parquet`` (the paper's temperature 0.6 and
+    top-p 1.0, ``EVAL_SAMPLES`` samples per problem, ``MAX_NEW_TOKENS``; ``limit``: each data source's first problems
+    only). Returns the arms' tables side by side and, per arm and data source, problems, k and avg@k."""
     from luffy_megatron.eval import EvalOptions, compare, run_eval
 
-    sets = {"in_distribution": ("val", "eval"), "out_of_distribution": ("ood", "eval_ood")}
     scores: dict[str, dict] = {arm: {} for arm in arms}
     tables = []
-    for name, (split, folder) in sets.items():
+    for split, folder in (("val", "eval"), ("ood", "eval_ood")):
         for arm in arms:
             opts = EvalOptions(
                 str(run_root / arm / "hf_final"),
@@ -235,8 +240,8 @@ def evaluate_arms(arms: list[str], run_root: Path, task_dir: Path, limit: int | 
                 max_new_tokens=MAX_NEW_TOKENS[split],
                 limit_per_source=limit,
             )
-            (res,) = run_eval(opts, progress=False)["sources"].values()  # one data source per set
-            scores[arm][name] = {key: res[key] for key in ("problems", "k", "avg@k")}
+            for source, res in run_eval(opts, progress=False)["sources"].items():
+                scores[arm][source] = {key: res[key] for key in ("problems", "k", "avg@k")}
         tables.append(compare([str(run_root / arm / folder) for arm in arms]))
     return "\n".join(tables), scores
 
@@ -304,32 +309,32 @@ def _spread(values: list[float], spec: str) -> str:
 
 def table(summaries: list[dict]) -> str:
     """The report (``OUT/results.md``): one row per arm with its budget in tokens and its final model's held-out avg@k
-    in and out of distribution (%), each the mean over the seeds (min-max when there are several)."""
+    in and out of distribution (%, columns ``HELD_OUT``), each the mean over the seeds (min-max when there are
+    several)."""
     arms = list(dict.fromkeys(arm for s in summaries for arm in s["arms"]))
     first = summaries[0]["arms"][arms[0]]
-    ind, ood = first["held_out"]["in_distribution"], first["held_out"]["out_of_distribution"]
+    held = first["held_out"]
     seeds = [str(s["seed"]) for s in summaries]
     over = f"seeds {', '.join(seeds)}, mean over seeds (min-max)" if len(seeds) > 1 else f"seed {seeds[0]}"
+    counts = ", ".join(f"{HELD_OUT[src].split(': ')[-1]} {held[src]['problems']}" for src in HELD_OUT)
     lines = [
         f"Each arm's final model after {first['steps']} steps, {over}. Held-out avg@k: luffy-eval, temperature 0.6, "
-        f"k samples per problem; in distribution {ind['problems']} unseen 2-digit problems (val.parquet), out of "
-        f"distribution {ood['problems']} 3-digit problems (ood.parquet). Tokens trained: the sum of "
-        "perf/update_real_tokens (the tokens the updates computed on, prompts included; samples whose loss is "
-        "provably 0 are skipped); tokens in batches: the sum of perf/tokens (every rollout and trace).",
+        f"k samples per problem, on unseen 2-digit problems (val.parquet) and on kinds of problem training never "
+        f"shows (ood.parquet); problems: {counts}. Tokens trained: the sum of perf/update_real_tokens (the tokens the "
+        "updates computed on, prompts included; samples whose loss is provably 0 are skipped); tokens in batches: "
+        "the sum of perf/tokens (every rollout and trace).",
         "",
-        f"| arm | tokens trained (M) | tokens in batches (M) | in distribution, avg@{ind['k']} (%) | "
-        f"out of distribution, avg@{ood['k']} (%) |",
-        "|---|---|---|---|---|",
+        "| arm | tokens trained (M) | tokens in batches (M) | "
+        + " | ".join(f"{HELD_OUT[src]}, avg@{held[src]['k']} (%)" for src in HELD_OUT)
+        + " |",
+        "|---" * (3 + len(HELD_OUT)) + "|",
     ]
     for arm in arms:
         runs = [s["arms"][arm] for s in summaries if arm in s["arms"]]
         cells = [
             _spread([r["tokens_trained"] / 1e6 for r in runs], ".2f"),
             _spread([r["tokens"] / 1e6 for r in runs], ".2f"),
-            *(
-                _spread([100 * r["held_out"][key]["avg@k"] for r in runs], ".1f")
-                for key in ("in_distribution", "out_of_distribution")
-            ),
+            *(_spread([100 * r["held_out"][src]["avg@k"] for r in runs], ".1f") for src in HELD_OUT),
         ]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -361,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         metavar="N",
-        help=f"luffy-eval on the first N problems of each held-out set only (default: all {NUM_VAL})",
+        help=f"luffy-eval on the first N problems of each held-out data source only (default: all {NUM_VAL})",
     )
     parser.add_argument(
         "--prepare-only", action="store_true", help="only make each seed's model and task (OUT/seed<S>/), then stop"

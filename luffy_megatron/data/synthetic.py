@@ -4,14 +4,21 @@ Problem ``47+85=`` (zero-padded operands of ``digits`` digits), expert trace
 ``<think>\\n7+5=12;4+8+1=13\\n</think>\\n\\boxed{132}`` (column sums from the right, ``+1`` for a carry), ground truth
 ``132``, data source ``synthetic_add``. Train and validation problems are disjoint draws from all operand pairs.
 
-Out-of-distribution split (:func:`generate_ood`, data source ``synthetic_add_ood``): one more column, both operands
-of ``digits + 1`` digits without a leading zero (``347+185=``), traced and rewarded the same way. Training never shows
-such a problem, a third column, or an answer of ``digits + 2`` digits. A model that learned the traced procedure (add
-a column with the carry, move one column left, box the digits) extends it by one column; memorised problem-answer
-pairs have nothing to look up, and a model that learned only a fixed two-column layout stops a column short. It is a
-test of length generalisation too: the trace is longer than any in training. The split draws from its own random
-stream, so adding it changes no training or validation draw, and its text uses only in-distribution characters
-(digits are single tokens in the demo's tokenizer), so no token is new.
+Out-of-distribution split (:func:`generate_ood`): two kinds of problem that training never shows, traced and rewarded
+the same way; a lookup of memorised training strings has no entry for either.
+
+- ``wider`` (data source ``synthetic_add_wider``): one more column, both operands of ``digits + 1`` digits without a
+  leading zero (``347+185=``), so a third column step and possibly a ``digits + 2``-digit answer. A model that learned
+  the traced procedure (add a column with the carry, move one column left) extends it by a column; one that learned a
+  fixed two-column layout stops a column short. It is a test of length generalisation too: the trace is longer than
+  any in training.
+- ``unpadded`` (data source ``synthetic_add_unpadded``): an operand shorter than ``digits`` written without its
+  leading zeros (``7+85=``; training always pads, ``07+85=``), traced as usual (``7+5=12;0+8+1=9``). The pair may
+  occur in training, padded; the problem text never does. The columns are the training ones, but a model must find
+  each digit from the operand's end rather than at a fixed position, and supply the missing zero itself.
+
+The split draws from its own random stream, so adding it changes no training or validation draw, and its text uses
+only in-distribution characters (digits are single tokens in the demo's tokenizer), so no token is new.
 """
 
 from __future__ import annotations
@@ -24,13 +31,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 DATA_SOURCE = "synthetic_add"
-OOD_DATA_SOURCE = "synthetic_add_ood"
+#: Out-of-distribution kinds (:func:`generate_ood`) and their data sources.
+OOD_KINDS = {"wider": "synthetic_add_wider", "unpadded": "synthetic_add_unpadded"}
 DEFAULT_SYSTEM_PROMPT = "Add the numbers. Think inside <think> </think>, then write the sum in \\boxed{}."
 
 
-def problem_text(a: int, b: int, digits: int) -> str:
-    """The user turn, e.g. ``07+85=``."""
-    return f"{a:0{digits}d}+{b:0{digits}d}="
+def problem_text(a: int, b: int, digits: int, pad: bool = True) -> str:
+    """The user turn, e.g. ``07+85=`` (``pad=False``: ``7+85=``)."""
+    return f"{a:0{digits}d}+{b:0{digits}d}=" if pad else f"{a}+{b}="
 
 
 def expert_trace(a: int, b: int, digits: int) -> str:
@@ -45,11 +53,18 @@ def expert_trace(a: int, b: int, digits: int) -> str:
 
 
 def make_row(
-    a: int, b: int, digits: int, index: int, split: str, system_prompt: str | None, data_source: str = DATA_SOURCE
+    a: int,
+    b: int,
+    digits: int,
+    index: int,
+    split: str,
+    system_prompt: str | None,
+    data_source: str = DATA_SOURCE,
+    pad: bool = True,
 ) -> dict[str, Any]:
     """One row in the paper's schema."""
     prompt = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    prompt.append({"role": "user", "content": problem_text(a, b, digits)})
+    prompt.append({"role": "user", "content": problem_text(a, b, digits, pad)})
     return {
         "data_source": data_source,
         "prompt": prompt,
@@ -79,20 +94,44 @@ def generate(
     return train, val
 
 
+def _ood_pairs(kind: str, num: int, digits: int, rng: random.Random) -> list[tuple[int, int]]:
+    """``num`` distinct operand pairs of one out-of-distribution kind (see the module docstring)."""
+
+    def count(available: int) -> int:
+        if not 0 <= num <= available:
+            raise ValueError(f"num must be in [0, {available}] (the distinct {kind} pairs), got {num}")
+        return num
+
+    if kind == "wider":
+        low, width = 10**digits, 9 * 10**digits  # the digits+1-digit operands low .. low + width - 1
+        return [(low + p // width, low + p % width) for p in rng.sample(range(width**2), count(width**2))]
+    if kind == "unpadded":
+        if digits < 2:
+            raise ValueError(f"unpadded problems need digits >= 2 (a 1-digit operand has no padding), got {digits}")
+        n, short = 10**digits, 10 ** (digits - 1)
+        candidates = [p for p in range(n * n) if min(divmod(p, n)) < short]
+        return [divmod(p, n) for p in rng.sample(candidates, count(len(candidates)))]
+    raise ValueError(f"unknown out-of-distribution kind {kind!r}; choose from {sorted(OOD_KINDS)}")
+
+
 def generate_ood(
-    num: int, seed: int = 0, digits: int = 2, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    num: int,
+    seed: int = 0,
+    digits: int = 2,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    kinds: tuple[str, ...] = tuple(OOD_KINDS),
 ) -> list[dict[str, Any]]:
-    """``num`` distinct out-of-distribution rows for a task of ``digits``-digit operands: both operands of
-    ``digits + 1`` digits without a leading zero, split ``ood``, data source :data:`OOD_DATA_SOURCE`. The draw has its
-    own random stream (seeded by ``seed``), independent of :func:`generate`'s."""
+    """``num`` distinct out-of-distribution rows of each kind in ``kinds`` (``wider``, then ``unpadded``) for a task
+    of ``digits``-digit operands: split ``ood``, data source ``OOD_KINDS[kind]``. The draw has its own random stream
+    (seeded by ``seed``), independent of :func:`generate`'s."""
     if digits < 1:
         raise ValueError(f"digits must be >= 1, got {digits}")
-    low, width = 10**digits, 9 * 10**digits  # the digits+1-digit operands low .. low + width - 1
-    if not 0 <= num <= width**2:
-        raise ValueError(f"num must be in [0, {width**2}] (the distinct {digits + 1}-digit pairs), got {num}")
-    picks = random.Random(f"ood:{seed}").sample(range(width**2), num)
-    pairs = [(low + p // width, low + p % width) for p in picks]
-    return [make_row(a, b, digits + 1, i, "ood", system_prompt, OOD_DATA_SOURCE) for i, (a, b) in enumerate(pairs)]
+    rng, rows = random.Random(f"ood:{seed}"), []
+    for kind in kinds:
+        width, pad = (digits + 1, True) if kind == "wider" else (digits, False)
+        for a, b in _ood_pairs(kind, num, digits, rng):
+            rows.append(make_row(a, b, width, len(rows), "ood", system_prompt, OOD_KINDS[kind], pad))
+    return rows
 
 
 def tokenizer_corpus(num: int = 500, seed: int = 0, digits: int = 2) -> str:
@@ -142,7 +181,7 @@ def write_task(
 def write_ood(
     out_dir: str | Path, num: int, seed: int = 0, digits: int = 2, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
 ) -> Path:
-    """Write :func:`generate_ood`'s rows to ``out_dir/ood.parquet``; returns its path."""
+    """Write :func:`generate_ood`'s rows (``num`` of each kind) to ``out_dir/ood.parquet``; returns its path."""
     path = Path(out_dir) / "ood.parquet"
     write_parquet(generate_ood(num, seed, digits, system_prompt), path)
     return path
