@@ -22,6 +22,9 @@ def test_demo_runs_its_arms_and_writes_its_report(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     cmd = [sys.executable, str(ROOT / "tools" / "run_demo.py"), "--out", str(out), "--steps", "2", "--arms", *ARMS]
     cmd += ["--val-interval", "1", "--eval-limit", "16", "--override", "optimizer.lr=2e-3"]
+    stale = out / "seed1" / "luffy" / "eval_ood" / "samples.jsonl"  # an earlier run's: a retrained arm drops it
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}\n")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary_seed1.json").read_text())
@@ -36,6 +39,7 @@ def test_demo_runs_its_arms_and_writes_its_report(tmp_path: Path) -> None:
         assert arm["steps"] == 2 and arm["final_val_greedy"] is not None and arm["tokens"] > 0
         assert sorted(arm["held_out"]) == sorted(HELD_OUT)  # in distribution and both OOD kinds
         assert {h["problems"] for h in arm["held_out"].values()} == {16}
+    assert stale.read_text() != "{}\n"
     assert summary["arms"]["luffy"]["tokens_trained"] > 0 and summary["arms"]["rl_sft_loss"]["tokens_trained"] > 0
     # the untrained model never solves the task, and on-policy GRPO gets no reward to learn from
     assert summary["arms"]["grpo"]["final_train_reward_on_policy"] == 0.0

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -84,6 +85,7 @@ EVAL_SAMPLES = 4  # luffy-eval samples per problem: avg@4
 # luffy-eval's response limits: the demo's 28 in distribution (traces of 18-24 tokens after the prompt's <think>, then
 # EOS); out of distribution the 3-digit traces are 26-34 tokens (unpadded ones 18-24), so the same 3 spare give 38.
 MAX_NEW_TOKENS = {"val": 28, "ood": 38}
+EVAL_FOLDERS = {"val": "eval", "ood": "eval_ood"}  # luffy-eval's output folder in OUT/seed<S>/<arm>/, per file
 #: The report's columns: the held-out data sources (luffy_megatron.data.synthetic) and their headings.
 HELD_OUT = {
     "synthetic_add": "in distribution",
@@ -157,6 +159,8 @@ def run_arms(
         run_dir = out / arm
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        for folder in EVAL_FOLDERS.values():  # luffy-eval would resume from the samples of the previous model
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
         cmd = [sys.executable, "-m", "luffy_megatron.train.cli", str(CONFIG), *overrides[arm]]
         env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
         log = (run_dir / "train.log").open("w")
@@ -229,7 +233,7 @@ def evaluate_arms(arms: list[str], run_root: Path, task_dir: Path, limit: int | 
 
     scores: dict[str, dict] = {arm: {} for arm in arms}
     tables = []
-    for split, folder in (("val", "eval"), ("ood", "eval_ood")):
+    for split, folder in EVAL_FOLDERS.items():
         for arm in arms:
             opts = EvalOptions(
                 str(run_root / arm / "hf_final"),
