@@ -65,6 +65,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _positive(cfg.trainer, "trainer", ("total_steps", "val_n"))
     check_checkpoint(cfg.checkpoint)
     check_rollout_efficiency(cfg)
+    check_start_checkpoint(cfg)
     check_fault_tolerance(cfg.fault_tolerance)
 
 
@@ -154,6 +155,16 @@ def check_rollout_efficiency(cfg: RunConfig) -> None:
     _positive(t, "trainer", ("async_rollout_threads",))
     if t.async_rollout and cfg.rollout.backend == RolloutBackend.SGLANG and cfg.rollout.sglang.colocate:
         _fail("trainer.async_rollout", "needs servers of their own: set rollout.sglang.colocate=false")
+
+
+def check_start_checkpoint(cfg: RunConfig) -> None:
+    """A run that starts from another run's training checkpoint saves its own elsewhere: in the same save_dir it would
+    resume that run instead (its step, optimizer and schedule)."""
+    start, save_dir = cfg.model.megatron_checkpoint, cfg.checkpoint.save_dir
+    if start and save_dir and cfg.checkpoint.resume:
+        start_dir, own = Path(start).resolve(), Path(save_dir).resolve()
+        if own in (start_dir, start_dir.parent):
+            _fail("checkpoint.save_dir", f"{save_dir} holds model.megatron_checkpoint {start}: give this run its own")
 
 
 def check_fault_tolerance(ft: FaultToleranceConfig) -> None:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from transformers.utils import logging as hf_logging
 
 from luffy_megatron.config import RunConfig, read_hf_config, to_dict
-from luffy_megatron.convert import load_hf_weights, load_megatron_checkpoint, write_hf_folder
+from luffy_megatron.convert import write_hf_folder
 from luffy_megatron.data import PromptDataset, PromptSampler
 from luffy_megatron.metrics.logger import MetricsLogger
 from luffy_megatron.models.builder import model_spec
@@ -26,6 +26,7 @@ from luffy_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, 
 from luffy_megatron.train.policy import MegatronPolicy
 from luffy_megatron.train.preemption import StopRequest
 from luffy_megatron.train.producer import RolloutPrefetcher, sync_weights
+from luffy_megatron.train.start_weights import load_start_weights, model_identity
 
 
 @dataclass
@@ -67,10 +68,8 @@ def setup(cfg: RunConfig) -> tuple[RunState, Any]:
         run.step = int(trainer_state["step"])
         run.weight_version = int(trainer_state.get("weight_version", run.step))
         run.engine_step = run.step  # the sync below
-    elif cfg.model.megatron_checkpoint:
-        load_megatron_checkpoint(policy.modules, cfg.model.megatron_checkpoint)
     else:
-        load_hf_weights(policy.modules, spec, cfg.model.hf_path)
+        load_start_weights(cfg, policy)
 
     rank0_call(lambda: _setup_rank0(cfg, run, tokenizer, trainer_state, resume_from), "setup")
     # The engine starts from the HF folder; after a resume or a Megatron checkpoint it must get the policy's weights.
@@ -116,7 +115,8 @@ def save(cfg: RunConfig, run: RunState, policy) -> Path:
     def trainer_state() -> dict[str, Any]:
         if run.prefetch is not None:
             run.prefetch.wait()  # the batch in flight first: producing it advances the sampler
-        return {"weight_version": run.weight_version, "sampler": run.sampler.state_dict()}
+        model = model_identity(policy.spec)  # what an RL run started from this checkpoint compares with its model
+        return {"weight_version": run.weight_version, "sampler": run.sampler.state_dict(), "model": model}
 
     def pending_batch(folder: Path) -> dict[str, Any]:  # rank 0 alone: the batch never travels to other ranks
         return {"pending_rollout": run.prefetch.save(folder) if run.prefetch is not None else None}
