@@ -126,6 +126,14 @@ class DynamicSamplingSignal(str, Enum):
     GROUP = "group"
 
 
+class TrainerMode(str, Enum):
+    """``trainer.mode``: ``rl`` (LUFFY and its baselines) or ``sft`` (token-mean cross entropy on the traces; no
+    generation: :mod:`luffy_megatron.train.sft`)."""
+
+    RL = "rl"
+    SFT = "sft"
+
+
 def choices(options: type[Enum]) -> tuple[str, ...]:
     """The config values an option family accepts, in declaration order."""
     return tuple(m.value for m in options)
@@ -326,6 +334,9 @@ class OptimizerConfig:
 
 @dataclass
 class TrainerConfig:
+    # TrainerMode: rl | sft. sft trains each prompt's trace alone with the SFT loss (one optimiser step per
+    # mini-batch, as rl); its config states the loss (algorithm.sft_loss=true, entropy_coeff=0, token_mean).
+    mode: str = "rl"
     total_steps: int = 500
     seed: int = 1
     # In-training validation every N rollout steps (0 = never); avg@k per data source.

@@ -3,8 +3,8 @@
 :func:`validate` runs once, before any model is built, and raises :class:`~luffy_megatron.config.ConfigError` whose
 message starts with the offending key. The names an option accepts come from the table of the code that dispatches
 on it: the enumerations of :mod:`luffy_megatron.config` (reshapes, aggregation modes, KL types, weight-sync modes,
-system-prompt modes, rollout backends, rollout IS modes, dynamic-sampling signals). Nothing here imports torch, so a
-configuration error answers at once.
+system-prompt modes, rollout backends, rollout IS modes, dynamic-sampling signals, trainer modes). Nothing here
+imports torch, so a configuration error answers at once.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from luffy_megatron.config import (
     RunConfig,
     ServerDevice,
     SystemPrompt,
+    TrainerMode,
     WeightSync,
     choices,
     read_hf_config,
@@ -65,6 +66,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _positive(cfg.trainer, "trainer", ("total_steps", "val_n"))
     check_checkpoint(cfg.checkpoint)
     check_rollout_efficiency(cfg)
+    check_trainer_mode(cfg)
     check_start_checkpoint(cfg)
     check_fault_tolerance(cfg.fault_tolerance)
 
@@ -157,6 +159,27 @@ def check_rollout_efficiency(cfg: RunConfig) -> None:
         _fail("trainer.async_rollout", "needs servers of their own: set rollout.sglang.colocate=false")
 
 
+def check_trainer_mode(cfg: RunConfig) -> None:
+    """``trainer.mode=sft``: the config states the loss it trains (the trace's token-mean NLL and nothing else) and
+    asks for nothing that generates during training."""
+    _choice(cfg.trainer.mode, "trainer.mode", choices(TrainerMode))
+    if cfg.trainer.mode != TrainerMode.SFT:
+        return
+    a, why = cfg.algorithm, "with trainer.mode=sft"
+    needed = (
+        ("algorithm.sft_loss", a.sft_loss, True, "the loss of every trace token is its NLL"),
+        ("algorithm.entropy_coeff", a.entropy_coeff, 0.0, "no entropy bonus"),
+        ("algorithm.loss_agg_mode", a.loss_agg_mode, AggMode.TOKEN_MEAN.value, "a mean over the trace tokens"),
+        ("algorithm.dynamic_sampling", a.dynamic_sampling, False, "nothing is generated to filter"),
+        ("algorithm.rollout_is", a.rollout_is, None, "there are no sampled tokens to correct"),
+        ("trainer.async_rollout", cfg.trainer.async_rollout, False, "nothing is generated while training"),
+    )
+    for key, value, want, reason in needed:
+        if value != want:
+            _fail(key, f"must be {_yaml(want)} {why} ({reason}), got {_yaml(value)}")
+    _positive(a, "algorithm", ("sft_loss_coeff",))
+
+
 def check_start_checkpoint(cfg: RunConfig) -> None:
     """A run that starts from another run's training checkpoint saves its own elsewhere: in the same save_dir it would
     resume that run instead (its step, optimizer and schedule)."""
@@ -165,6 +188,13 @@ def check_start_checkpoint(cfg: RunConfig) -> None:
         start_dir, own = Path(start).resolve(), Path(save_dir).resolve()
         if own in (start_dir, start_dir.parent):
             _fail("checkpoint.save_dir", f"{save_dir} holds model.megatron_checkpoint {start}: give this run its own")
+
+
+def _yaml(value: Any) -> str:
+    """A config value as a YAML file or an override writes it."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def check_fault_tolerance(ft: FaultToleranceConfig) -> None:

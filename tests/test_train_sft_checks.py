@@ -1,4 +1,5 @@
-"""Starting weights, each check without a training run: a starting checkpoint of another architecture or vocabulary is
+"""SFT mode's checks, each without a training run: the config states the loss it trains, training rows without a
+trace stop the load naming the file and the count, a starting checkpoint of another architecture or vocabulary is
 named as such, and starting weights reach the optimizer's fp32 main copies."""
 
 from __future__ import annotations
@@ -7,14 +8,19 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow.parquet as pq
 import pytest
 
-from luffy_megatron.config import ConfigError, load_config
+from luffy_megatron.config import ConfigError, DataConfig, load_config
 from luffy_megatron.config_checks import validate
+from luffy_megatron.data import DataError, PromptDataset
+from luffy_megatron.data.synthetic import write_parquet, write_task
 from luffy_megatron.models.builder import model_spec
 from luffy_megatron.train.start_weights import describe_config_difference, describe_shape_difference
+from tests.test_data_fixtures import toy_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+SFT = ("trainer.mode=sft", "algorithm.sft_loss=true", "algorithm.entropy_coeff=0", "algorithm.loss_agg_mode=token_mean")
 HF = {
     "architectures": ["Qwen2ForCausalLM"],
     "hidden_size": 64,
@@ -41,6 +47,25 @@ def check(files: tuple[Path, Path], *overrides: str) -> None:
     validate(load_config(None, [f"model.hf_path={model}", f"data.train_files=[{data}]", *overrides]), world_size=1)
 
 
+def test_an_sft_config_states_its_loss(files):
+    check(files, *SFT)
+    check(files, *SFT, "algorithm.sft_loss_coeff=2.0", "trainer.val_interval=10")
+    for override, message in [
+        ("algorithm.sft_loss=false", "algorithm.sft_loss: must be true with trainer.mode=sft"),
+        ("algorithm.entropy_coeff=0.001", "algorithm.entropy_coeff: must be 0 with trainer.mode=sft"),
+        ("algorithm.loss_agg_mode=luffy", "algorithm.loss_agg_mode: must be token_mean with trainer.mode=sft"),
+        ("algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling: must be false"),
+        ("algorithm.rollout_is=token_tis", "algorithm.rollout_is: must be null"),
+        ("trainer.async_rollout=true", "trainer.async_rollout: must be false"),
+        ("algorithm.sft_loss_coeff=0", "algorithm.sft_loss_coeff: must be positive"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^{message}"):
+            check(files, *SFT, override)
+    with pytest.raises(ConfigError, match=r"^trainer.mode: 'dpo' is not one of \['rl', 'sft'\]"):
+        check(files, "trainer.mode=dpo")
+    check(files, "algorithm.entropy_coeff=0.001")  # RL asks none of this
+
+
 def test_a_run_started_from_a_checkpoint_saves_its_own_elsewhere(files, tmp_path):
     sft_dir = tmp_path / "sft"
     (sft_dir / "step_000004").mkdir(parents=True)
@@ -48,6 +73,20 @@ def test_a_run_started_from_a_checkpoint_saves_its_own_elsewhere(files, tmp_path
         with pytest.raises(ConfigError, match="^checkpoint.save_dir: .* holds model.megatron_checkpoint"):
             check(files, f"model.megatron_checkpoint={start}", f"checkpoint.save_dir={sft_dir}")
     check(files, f"model.megatron_checkpoint={sft_dir}", f"checkpoint.save_dir={tmp_path / 'rl'}")
+
+
+def test_rows_without_a_trace_stop_the_load_naming_each_file_and_count(tmp_path):
+    train, _ = write_task(tmp_path / "a", num_train=10, num_val=1, seed=0, system_prompt=None)
+    rows = pq.read_table(train).to_pylist()
+    for row in rows[:3]:
+        row["target"] = None
+    partial = tmp_path / "partial.parquet"
+    write_parquet(rows, partial)
+    tok = toy_tokenizer(True)
+    PromptDataset(DataConfig(), [str(train), str(partial)], tok, progress=False)  # RL: all-on-policy groups
+    with pytest.raises(DataError, match=rf"rows have none \(column 'target'\): {partial}: 3 rows$"):
+        PromptDataset(DataConfig(), [str(train), str(partial)], tok, progress=False, require_traces=True)
+    assert len(PromptDataset(DataConfig(), [str(train)], tok, progress=False, require_traces=True)) == 10
 
 
 def test_another_architecture_or_vocabulary_is_named():

@@ -63,6 +63,7 @@ class DatasetCounts:
     skipped_bad_rows: int = 0
     with_trace: int = 0
     truncated_traces: int = 0
+    without_trace: dict[str, int] = field(default_factory=dict)  # source -> its parsed rows without a trace
     bad_row_errors: list[str] = field(default_factory=list)  # first few messages of skipped rows
 
 
@@ -186,9 +187,11 @@ class PromptDataset:
         files: Sequence[str],
         tokenizer: PreTrainedTokenizerBase,
         progress: bool | None = None,
+        require_traces: bool = False,
     ) -> None:
         """``files``: parquet paths or globs, HF dataset folders or names (``name@split``). ``progress``: show a
-        progress bar (None = only for 5,000 rows or more)."""
+        progress bar (None = only for 5,000 rows or more). ``require_traces`` (SFT): a source with rows without a
+        trace stops the load with a :class:`DataError` naming each such source and its count."""
         if not files:
             raise DataError("no data files given")
         if tokenizer.eos_token_id is None:
@@ -217,6 +220,9 @@ class PromptDataset:
                 logger.info("%s has no column %r: every row gets an all-on-policy group", spec, config.target_key)
             self._add_table(table, keys, progress)
         c = self.counts
+        if require_traces and c.without_trace:
+            each = "; ".join(f"{src}: {n} rows" for src, n in c.without_trace.items())
+            raise DataError(f"SFT trains on traces, but rows have none (column {config.target_key!r}): {each}")
         if c.skipped_bad_rows:
             logger.warning(
                 "skipped %d bad rows (data.skip_bad_rows=true); first: %s", c.skipped_bad_rows, c.bad_row_errors[0]
@@ -278,6 +284,8 @@ class PromptDataset:
                     c.bad_row_errors.append(str(e))
                 continue
             parsed.append((raw, text, trace, truth, source, extra))
+            if trace is None:
+                c.without_trace[raw.source] = c.without_trace.get(raw.source, 0) + 1
         bar = tqdm(total=len(parsed), desc=f"tokenising {table.source}", disable=not show, unit="row")
         for start in range(0, len(parsed), _ENCODE_CHUNK):
             chunk = parsed[start : start + _ENCODE_CHUNK]

@@ -19,6 +19,10 @@
 The samples travel from rank 0 to every rank as a few flat tensors (train.transport: one broadcast per dtype, no
 pickling), the step's rollout metrics as one small object. Setup, resume, checkpoints, export and teardown:
 train.run_state.
+
+An SFT step (``trainer.mode=sft``, train.sft) is the same without the rollout: rank 0's batch is the next prompts'
+traces, update_policy trains them with the SFT loss, and the engine (when validation needs one) gets the weights
+just before it validates.
 """
 
 from __future__ import annotations
@@ -39,12 +43,13 @@ from luffy_megatron.train.preemption import StopRequest
 from luffy_megatron.train.producer import settle_engine, start_next_rollout, sync_weights, take_rollout
 from luffy_megatron.train.run_state import RunState, export_hf, save, setup, stop_early, teardown
 from luffy_megatron.train.samples import Sample, split_mini_batches
+from luffy_megatron.train.sft import is_sft, sync_for_validation, trace_batch
 from luffy_megatron.train.transport import rank0_batch
 from luffy_megatron.train.validation import validate_policy
 
 
 def train(cfg: RunConfig) -> dict[str, float]:
-    """Run ``cfg.trainer.total_steps`` RL steps (resuming from the newest checkpoint when configured).
+    """Run ``cfg.trainer.total_steps`` RL or SFT steps (resuming from the newest checkpoint when configured).
 
     The config must already be validated (:func:`luffy_megatron.config_checks.validate`). Returns the last step's
     metrics.
@@ -57,13 +62,16 @@ def train(cfg: RunConfig) -> dict[str, float]:
         raise
     metrics: dict[str, float] = {}
     show = run.logger is not None and cfg.logging.progress_bar
-    bar = tqdm(total=cfg.trainer.total_steps, initial=run.step, desc="RL steps", unit="step", disable=not show)
+    sft = is_sft(cfg)
+    desc = f"{cfg.trainer.mode.upper()} steps"
+    bar = tqdm(total=cfg.trainer.total_steps, initial=run.step, desc=desc, unit="step", disable=not show)
     try:
         while run.step < cfg.trainer.total_steps:
             run.step += 1
-            metrics = rl_step(cfg, run, policy)
+            metrics = (sft_step if sft else rl_step)(cfg, run, policy)
             if cfg.trainer.val_interval and run.step % cfg.trainer.val_interval == 0:
-                settle_engine(cfg, run, policy)  # async: the engine is idle and holds this step's weights
+                # async: the engine is idle and holds this step's weights; SFT: it gets them now
+                (sync_for_validation if sft else settle_engine)(cfg, run, policy)
                 metrics.update(validate_policy(cfg, run))
             if run.logger is not None:
                 run.logger.log(run.step, metrics, write=bar.write if show else print)
@@ -104,12 +112,26 @@ def rl_step(cfg: RunConfig, run: RunState, policy) -> dict[str, float]:
     return metrics
 
 
+def sft_step(cfg: RunConfig, run: RunState, policy) -> dict[str, float]:
+    """One SFT step on every rank: rank 0's batch of traces and the policy update; the step's metrics."""
+    timers = Timers()
+    start = time.perf_counter()
+    samples, extra = rank0_batch(
+        lambda: trace_batch(run, timers), f"step {run.step}: trace batch", "nothing was trained"
+    )
+    update_start = time.time()
+    metrics = update_policy(cfg, policy, samples, timers)
+    metrics.update({**extra, "timeline/update_start": update_start, "timeline/update_end": time.time()})
+    metrics.update(perf_metrics(cfg, policy, samples, timers, time.perf_counter() - start))
+    return metrics
+
+
 def update_policy(cfg: RunConfig, policy, samples: list[Sample], timers: Timers) -> dict[str, float]:
-    """One optimiser step per mini-batch (old log-probs first when there are several); the update's metrics
-    combined over the mini-batches (:func:`~luffy_megatron.metrics.reduce.reduce_mini_batches`), ``actor/`` added to
-    names without a ``/``."""
+    """One optimiser step per mini-batch (RL: old log-probs first when there are several; the SFT loss reads none);
+    the update's metrics combined over the mini-batches (:func:`~luffy_megatron.metrics.reduce.reduce_mini_batches`),
+    ``actor/`` added to names without a ``/``."""
     mini_batches = split_mini_batches(samples, cfg.data.train_batch_size // cfg.data.mini_batch_size)
-    needs_old = len(mini_batches) > 1
+    needs_old = len(mini_batches) > 1 and not is_sft(cfg)
     if needs_old:
         with timers("old_logprob"):
             for s, lp in zip(samples, policy.compute_logprobs(samples)):

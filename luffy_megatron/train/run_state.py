@@ -26,6 +26,7 @@ from luffy_megatron.train.checkpoint import latest_checkpoint, load_checkpoint, 
 from luffy_megatron.train.policy import MegatronPolicy
 from luffy_megatron.train.preemption import StopRequest
 from luffy_megatron.train.producer import RolloutPrefetcher, sync_weights
+from luffy_megatron.train.sft import is_sft, needs_engine
 from luffy_megatron.train.start_weights import load_start_weights, model_identity
 
 
@@ -73,7 +74,7 @@ def setup(cfg: RunConfig) -> tuple[RunState, Any]:
 
     rank0_call(lambda: _setup_rank0(cfg, run, tokenizer, trainer_state, resume_from), "setup")
     # The engine starts from the HF folder; after a resume or a Megatron checkpoint it must get the policy's weights.
-    if resume_from is not None or cfg.model.megatron_checkpoint:
+    if (resume_from is not None or cfg.model.megatron_checkpoint) and needs_engine(cfg):
         sync_weights(run, policy)
     return run, policy
 
@@ -94,18 +95,18 @@ def _setup_rank0(
 def _open_rank0_resources(
     cfg: RunConfig, run: RunState, tokenizer: Any, trainer_state: dict[str, Any], resume_from: Path | None
 ) -> None:
-    run.dataset = PromptDataset(cfg.data, cfg.data.train_files, tokenizer)
+    run.dataset = PromptDataset(cfg.data, cfg.data.train_files, tokenizer, require_traces=is_sft(cfg))
     run.sampler = PromptSampler(len(run.dataset), cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle)
     if "sampler" in trainer_state:
         run.sampler.load_state_dict(trainer_state["sampler"])
     if cfg.data.val_files and cfg.trainer.val_interval:
         run.val_dataset = PromptDataset(cfg.data, cfg.data.val_files, tokenizer)
-    run.engine = build_run_engine(cfg)
+    run.engine = build_run_engine(cfg) if needs_engine(cfg) else None  # SFT: only to validate
     if cfg.trainer.async_rollout:
         run.prefetch = RolloutPrefetcher()
         if resume_from is not None:
             run.prefetch.load(resume_from, trainer_state.get("pending_rollout"))
-    run.rewards = RewardPool(cfg.reward, hard_margin_s=cfg.reward.hard_margin_s)
+    run.rewards = RewardPool(cfg.reward, hard_margin_s=cfg.reward.hard_margin_s) if needs_engine(cfg) else None
     run.logger = MetricsLogger(cfg.logging, to_dict(cfg))
 
 
