@@ -163,8 +163,8 @@ def test_the_sglang_arm_trains_with_a_real_server_it_launches(tmp_path: Path) ->
 
     sglang_python()  # the sglang tier: skipped (or failed under LUFFY_REQUIRE_ALL_TIERS=1) without it
     out = tmp_path / "demo"
-    cmd = [sys.executable, str(ROOT / "tools" / "run_demo.py"), "--out", str(out), "--steps", "2", "--val-interval",
-           "2", "--arms", "luffy_sglang"]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "tools" / "run_demo.py"), "--out", str(out), "--steps", "2"]
+    cmd += ["--val-interval", "2", "--arms", "luffy_sglang"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = read_jsonl(out / "seed1" / "luffy_sglang" / "metrics.jsonl")

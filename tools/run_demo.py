@@ -94,8 +94,17 @@ HELD_OUT = {
 }
 # ~0.32M parameters; the tokenizer is byte-level BPE over ASCII with merges from the task's text (under 128 tokens:
 # Megatron pads the vocabulary to 128 rows anyway); the compact chat template makes a prompt 9 tokens.
-MODEL = dict(family="qwen2", vocab_size=128, ascii_only=True, chat_template="compact", hidden_size=96, layers=2,
-             heads=4, kv_heads=4, intermediate_size=384)  # fmt: skip
+MODEL = dict(
+    family="qwen2",
+    vocab_size=128,
+    ascii_only=True,
+    chat_template="compact",
+    hidden_size=96,
+    layers=2,
+    heads=4,
+    kv_heads=4,
+    intermediate_size=384,
+)
 
 
 def prepare(out: Path, seed: int) -> tuple[Path, Path]:
