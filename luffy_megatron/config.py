@@ -171,6 +171,13 @@ class ParallelConfig:
     use_distributed_optimizer: bool = True
     # Distributed backend: null = nccl when CUDA is available, gloo otherwise.
     backend: str | None = None
+    # Sequence parallelism: the norms, residuals and dropout of each TP rank keep 1/tp of the sequence. null = on
+    # whenever tp > 1 (Megatron's recommendation); true with tp = 1 is refused.
+    sequence_parallel: bool | None = None
+
+    def sequence_parallel_on(self) -> bool:
+        """Whether this layout runs with sequence parallelism (``sequence_parallel``, or null resolved by ``tp``)."""
+        return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
 
 
 @dataclass

@@ -100,6 +100,8 @@ def validate_parallel(
         _fail("parallel.vpp", "virtual pipeline stages need parallel.pp >= 2")
     if world_size % (tp * pp):
         _fail("parallel", f"world size {world_size} is not divisible by tp * pp = {tp * pp}")
+    if parallel.sequence_parallel and tp < 2:
+        _fail("parallel.sequence_parallel", "shards the sequence over the tensor-parallel ranks: needs parallel.tp > 1")
     if parallel.backend is not None:
         _choice(parallel.backend, "parallel.backend", DIST_BACKENDS)
     return world_size // (tp * pp)

@@ -95,6 +95,7 @@ def measure_step(
     over = [f"model.hf_path={hf_dir}", "model.dtype=float32", f"parallel.tp={tp}", f"parallel.pp={pp}",
             f"model.recompute_activations={recompute}", f"parallel.max_tokens_per_micro_batch={max_tokens}",
             "parallel.use_distributed_optimizer=false"]  # fmt: skip
+    over.append("parallel.sequence_parallel=false")  # the plan prices layouts without sequence parallelism
     if vpp:
         over.append(f"parallel.vpp={vpp}")
     cfg = load_config(None, over)

@@ -186,14 +186,15 @@ def micro_batch_tokens(
     """Tokens computed by every micro-batch of every rank of ``plan`` (padding included), as the policy builds them.
 
     Packed: the samples' tokens rounded up to ``alignment`` (an empty micro-batch: ``alignment`` tokens). Padded:
-    rows x longest row (an empty one: one row of 2), with ``common_shape`` every micro-batch padded to the most rows
-    and the longest row of the step (the padded layout under pipeline parallelism).
+    rows x longest row rounded up to ``alignment`` (an empty one: one row of 2), with ``common_shape`` every
+    micro-batch padded to the most rows and the longest row of the step (the padded layout under pipeline
+    parallelism).
     """
     if packed:
         return [round_up(max(sum(lengths[i] for i in ids), 1), alignment) for rank in plan for ids in rank]
     out: list[int] = []
     for rank in plan:
-        shapes = [(max(len(ids), 1), max((lengths[i] for i in ids), default=2)) for ids in rank]
+        shapes = [(max(len(ids), 1), round_up(max((lengths[i] for i in ids), default=2), alignment)) for ids in rank]
         if common_shape and shapes:  # each rank pads its micro-batches to its own largest shape
             shapes = [(max(r for r, _ in shapes), max(n for _, n in shapes))] * len(shapes)
         out += [r * n for r, n in shapes]

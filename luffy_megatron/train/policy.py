@@ -35,7 +35,14 @@ from luffy_megatron.train.batch import (
     micro_batch_tokens,
     pack_micro_batch,
 )
-from luffy_megatron.train.samples import Sample, compact_samples, make_micro_batch, pack_micro_batches, pad_micro_batch
+from luffy_megatron.train.samples import (
+    Sample,
+    compact_samples,
+    make_micro_batch,
+    pack_micro_batches,
+    pad_micro_batch,
+    round_up,
+)
 
 
 class MegatronPolicy:
@@ -51,6 +58,7 @@ class MegatronPolicy:
             vpp=p.vpp,
             dtype=cfg.model.dtype,
             recompute=cfg.model.recompute_activations,
+            sequence_parallel=p.sequence_parallel_on(),
             variable_seq_lengths=p.pack_sequences and p.pp > 1,
         )
         use_dist_opt = p.use_distributed_optimizer and torch.cuda.is_available()
@@ -102,7 +110,8 @@ class MegatronPolicy:
         self.tp_group = ps.get_tensor_model_parallel_group() if p.tp > 1 else None
         self.vocab_start = ps.get_tensor_model_parallel_rank() * (spec.padded_vocab_size // p.tp)
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
-        # A packed row's length must split evenly over the TP ranks when sequence parallelism shards it.
+        # Every micro-batch's sequence (a packed row, or the padded rows' length) splits evenly over the TP ranks when
+        # sequence parallelism shards it.
         self.alignment = p.tp if self.tconfig.sequence_parallel else 1
         self._token_stats = {"real": 0, "computed": 0, "max_micro_batch": 0}
 
@@ -143,10 +152,10 @@ class MegatronPolicy:
                 pack_micro_batch(batch, list(range(a, b)), self.pad_id, self.alignment) for a, b in pairwise(bounds)
             ]
         mbs = [make_micro_batch(samples, ids, self.pad_id) for ids in plan[self.dp_rank]]
-        if p.pp > 1:
-            # Padded rows keep one shape per step under PP: every micro-batch is padded to the largest.
-            shape = (max(mb.tokens.shape[0] for mb in mbs), max(mb.tokens.shape[1] for mb in mbs))
-            mbs = [pad_micro_batch(mb, shape, self.pad_id) for mb in mbs]
+        shapes = [(mb.tokens.shape[0], round_up(mb.tokens.shape[1], self.alignment)) for mb in mbs]
+        if p.pp > 1:  # padded rows keep one shape per step under PP: every micro-batch is padded to the largest
+            shapes = [(max(r for r, _ in shapes), max(n for _, n in shapes))] * len(mbs)
+        mbs = [mb if tuple(mb.tokens.shape) == s else pad_micro_batch(mb, s, self.pad_id) for mb, s in zip(mbs, shapes)]
         return [flatten_padded(mb) for mb in mbs]
 
     def take_token_stats(self) -> dict[str, float]:

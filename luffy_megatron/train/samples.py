@@ -186,7 +186,8 @@ def pack_micro_batches(
     are dealt to ranks longest-first onto the rank with the fewest tokens (balances work across ranks). A
     micro-batch stays within ``max_tokens`` unless a single sample is longer; it costs ``len(samples) * longest
     sample`` tokens (right padding; consecutive samples sorted by length, so padding is small) or, with ``packed``,
-    the sum of its samples rounded up to ``alignment`` (one packed row; samples placed first-fit, longest first).
+    the sum of its samples (one packed row; samples placed first-fit, longest first); either length rounded up to
+    ``alignment``.
     """
     if max_tokens <= 0:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
@@ -202,7 +203,7 @@ def pack_micro_batches(
         batches: list[list[int]] = []
         current: list[int] = []
         for i in ids:  # longest first, so the first sample of a batch sets its padded length
-            if current and (len(current) + 1) * lengths[current[0]] > max_tokens:
+            if current and (len(current) + 1) * round_up(lengths[current[0]], alignment) > max_tokens:
                 batches.append(current)
                 current = []
             current.append(i)
