@@ -82,9 +82,16 @@ def static_bytes(policy) -> dict[str, int]:
 
 
 def measure_step(
-    rank: int, world: int, hf_dir: str, tp: int, pp: int, vpp: int | None, recompute: bool, lengths: list[int],
+    rank: int,
+    world: int,
+    hf_dir: str,
+    tp: int,
+    pp: int,
+    vpp: int | None,
+    recompute: bool,
+    lengths: list[int],
     max_tokens: int,
-) -> dict:  # fmt: skip
+) -> dict:
     """One rank: build the policy, train one warm-up mini-batch, then measure the next one."""
     from luffy_megatron.config import load_config, read_hf_config
     from luffy_megatron.models.builder import model_spec
@@ -92,9 +99,15 @@ def measure_step(
 
     setup_platform()
     init_model_parallel(tp, pp, vpp, seed=1)
-    over = [f"model.hf_path={hf_dir}", "model.dtype=float32", f"parallel.tp={tp}", f"parallel.pp={pp}",
-            f"model.recompute_activations={recompute}", f"parallel.max_tokens_per_micro_batch={max_tokens}",
-            "parallel.use_distributed_optimizer=false"]  # fmt: skip
+    over = [
+        f"model.hf_path={hf_dir}",
+        "model.dtype=float32",
+        f"parallel.tp={tp}",
+        f"parallel.pp={pp}",
+        f"model.recompute_activations={recompute}",
+        f"parallel.max_tokens_per_micro_batch={max_tokens}",
+        "parallel.use_distributed_optimizer=false",
+    ]
     over.append("parallel.sequence_parallel=false")  # the plan prices layouts without sequence parallelism
     if vpp:
         over.append(f"parallel.vpp={vpp}")
@@ -111,5 +124,10 @@ def measure_step(
         policy.train_mini_batch(_samples(lengths, hf["vocab_size"], seed=1), use_old_logprobs=False)
     from megatron.core import parallel_state as ps
 
-    return {**static, "activations": tracker.peak, "pp_rank": ps.get_pipeline_model_parallel_rank(),
-            "dp_rank": ps.get_data_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank()}  # fmt: skip
+    return {
+        **static,
+        "activations": tracker.peak,
+        "pp_rank": ps.get_pipeline_model_parallel_rank(),
+        "dp_rank": ps.get_data_parallel_rank(),
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+    }

@@ -1,5 +1,5 @@
-"""House rules over the whole package, read as source: file and function sizes, and every enumeration of names
-written once.
+"""House rules over the whole package, read as source: file and function sizes, formatting never switched off, and
+every enumeration of names written once.
 
 An enumeration is a tuple, list, set or frozenset literal of two or more strings, the string keys of a dict literal,
 or the values of an ``Enum`` class. Two with the same set of names are one list kept twice: define it once (see
@@ -48,6 +48,21 @@ def test_no_function_over_the_limit():
     assert unexplained == {}, f"functions over {MAX_FUNCTION_LINES} lines: {unexplained}"
     stale = sorted(set(LONG_FUNCTIONS) - set(found))
     assert stale == [], f"LONG_FUNCTIONS lists functions that are now short enough (remove them): {stale}"
+
+
+def test_formatting_is_never_switched_off():
+    """Every Python file is formatted as ruff formats it: no statement is squeezed onto one line to pass the line
+    rules (the file rule above names its exceptions instead)."""
+    marker = "# fmt: " + "skip"
+    root = PACKAGE.parent
+    found = [
+        f"{path.relative_to(root)}:{n}"
+        for folder in ("luffy_megatron", "tools", "tests", "examples")
+        for path in sorted((root / folder).rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if line.rstrip().endswith(marker)
+    ]
+    assert found == [], f"{marker} in {found}"
 
 
 def enumerations(tree: ast.Module) -> list[tuple[int, frozenset[str]]]:
