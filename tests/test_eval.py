@@ -20,20 +20,10 @@ from luffy_megatron.eval import cli, runner
 from luffy_megatron.eval.metrics import pass_at_k, render_tables, summarise
 from luffy_megatron.models.tiny import make_tiny_model
 from luffy_megatron.rollout.base import RolloutEngine, RolloutOutput
+from tools import run_demo
 
 FIXTURE = Path(__file__).parent / "fixtures" / "eval_mixed_small.parquet"
-# The demo's model shape (tools/run_demo.py); random weights.
-DEMO_MODEL = dict(
-    family="qwen2",
-    vocab_size=128,
-    ascii_only=True,
-    chat_template="compact",
-    hidden_size=96,
-    layers=2,
-    heads=4,
-    kv_heads=4,
-    intermediate_size=384,
-)
+DEMO_MODEL = run_demo.MODEL  # the demo's model shape; random weights here
 
 
 @pytest.fixture(scope="module")
