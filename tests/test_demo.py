@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tools.run_demo import HELD_OUT, MAX_NEW_TOKENS, NUM_OOD, table
+from tools.run_demo import HELD_OUT, MAX_NEW_TOKENS, NUM_OOD, phase_steps, table
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("luffy", "grpo", "rl_sft_loss")
+ARMS = ("luffy", "grpo", "rl_sft_loss", "sft", "sft_rl")
 
 
 def test_demo_runs_its_arms_and_writes_its_report(tmp_path: Path) -> None:
@@ -30,8 +30,13 @@ def test_demo_runs_its_arms_and_writes_its_report(tmp_path: Path) -> None:
     summary = json.loads((out / "summary_seed1.json").read_text())
     assert set(summary["arms"]) == set(ARMS)
     assert summary["overrides"] == ["optimizer.lr=2e-3"]
-    for arm in ARMS:  # --override reaches every arm, after the arm's own options
+    for arm in ARMS:  # --override reaches every arm (both runs of sft_rl), after the arm's own options
         rows = [json.loads(line) for line in (out / "seed1" / arm / "metrics.jsonl").open()]
+        rows += (
+            [json.loads(line) for line in (out / "seed1" / arm / "sft" / "metrics.jsonl").open()]
+            if arm == "sft_rl"
+            else []
+        )
         assert [r["actor/lr"] for r in rows] == [2e-3, 2e-3]
     sft_rows = [json.loads(line) for line in (out / "seed1" / "rl_sft_loss" / "metrics.jsonl").open()]
     assert all(r["actor/sft_nll"] > 0 for r in sft_rows)  # the traces' NLL is trained on at every step
@@ -40,6 +45,7 @@ def test_demo_runs_its_arms_and_writes_its_report(tmp_path: Path) -> None:
         assert sorted(arm["held_out"]) == sorted(HELD_OUT)  # in distribution and both OOD kinds
         assert {h["problems"] for h in arm["held_out"].values()} == {16}
     assert stale.read_text() != "{}\n"
+    _check_the_sft_arms(out / "seed1", summary)
     assert summary["arms"]["luffy"]["tokens_trained"] > 0 and summary["arms"]["rl_sft_loss"]["tokens_trained"] > 0
     # the untrained model never solves the task, and on-policy GRPO gets no reward to learn from
     assert summary["arms"]["grpo"]["final_train_reward_on_policy"] == 0.0
@@ -53,7 +59,8 @@ def test_demo_runs_its_arms_and_writes_its_report(tmp_path: Path) -> None:
         "out of distribution: unpadded operands, avg@4 (%) |"
     )
     assert "tokens trained" in head
-    assert [line.split(" | ")[0] for line in report.splitlines()[-3:]] == [f"| {arm}" for arm in ARMS]
+    assert [line.split(" | ")[0] for line in report.splitlines()[-len(ARMS) :]] == [f"| {arm}" for arm in ARMS]
+    assert "sft_rl: 1 steps of sft, then 1 steps of grpo, from its weights." in report
     held_out = (out / "eval_seed1.md").read_text()  # luffy-eval of every arm's final model on both sets
     assert held_out in proc.stdout and "| synthetic_add (avg@4) | Avg. |" in held_out
     assert "| synthetic_add_unpadded (avg@4) | synthetic_add_wider (avg@4) | Avg. |" in held_out
@@ -61,6 +68,48 @@ def test_demo_runs_its_arms_and_writes_its_report(tmp_path: Path) -> None:
     config = json.loads((out / "seed1" / "tiny_model" / "config.json").read_text())
     assert config["vocab_size"] == 128 and config["intermediate_size"] > 0
     _check_the_ood_split(out / "seed1")
+
+
+def _check_the_sft_arms(seed_dir: Path, summary: dict) -> None:
+    """``sft`` trains the traces' NLL at every step; ``sft_rl`` runs SFT (its checkpoint and HF export in
+    ``sft_rl/sft/ckpt``), then on-policy RL from those weights, and counts both runs' steps and tokens."""
+    from luffy_megatron.metrics.logger import read_jsonl
+
+    def trained(rows: list[dict]) -> int:
+        return sum(r.get("perf/update_real_tokens", 0) for r in rows)
+
+    sft = read_jsonl(seed_dir / "sft" / "metrics.jsonl")
+    assert [r["step"] for r in sft] == [1, 2] and all(r["actor/sft_nll"] > 0 for r in sft)
+    assert "reward/on_policy" not in sft[-1]  # nothing generated but validation
+    assert summary["arms"]["sft"]["tokens_trained"] == trained(sft) > 0
+    arm = seed_dir / "sft_rl"
+    first, last = read_jsonl(arm / "sft" / "metrics.jsonl"), read_jsonl(arm / "metrics.jsonl")
+    assert len(first) == 1 and first[0]["actor/sft_nll"] > 0 and (arm / "sft" / "ckpt" / "step_000001").is_dir()
+    assert len(last) == 1 and "reward/on_policy" in last[0] and "actor/sft_nll" not in last[0]  # grpo: on-policy
+    row = summary["arms"]["sft_rl"]
+    assert row["steps"] == 2 and row["phases"] == {"sft": 1, "grpo": 1}
+    assert row["tokens_trained"] == trained(first) + trained(last) > 0
+    # the RL run starts from the SFT weights: it trained no sample (no reward yet), so its final model is the SFT one
+    assert last[0]["actor/trained_samples"] == 0
+    start, sft_model = _weights(seed_dir / "tiny_model"), _weights(arm / "sft" / "ckpt" / "hf_final")
+    final = _weights(arm / "hf_final")
+    assert sorted(final) == sorted(sft_model) == sorted(start)
+    assert all(final[k].equal(v) for k, v in sft_model.items())
+    assert not all(start[k].equal(v) for k, v in sft_model.items())
+
+
+def _weights(model_dir: Path) -> dict:
+    """An HF model folder's tensors, over its safetensors shards."""
+    from safetensors.torch import load_file
+
+    return {k: v for path in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(path).items()}
+
+
+def test_sft_rl_splits_the_steps() -> None:
+    assert phase_steps(700, 0.5) == (350, 350) and phase_steps(2, 0.5) == (1, 1)
+    assert phase_steps(10, 0.0) == (1, 9) and phase_steps(10, 1.0) == (9, 1)  # each run at least one step
+    with pytest.raises(SystemExit, match="at least 2 steps"):
+        phase_steps(1, 0.5)
 
 
 def _check_the_ood_split(seed_dir: Path) -> None:

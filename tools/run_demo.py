@@ -4,9 +4,9 @@ Makes a tiny Qwen2-style model and the synthetic addition task (expert traces in
 ``<think>...</think> \\boxed{}`` format) with held-out sets in distribution (``val.parquet``, unseen 2-digit
 problems) and out of distribution (``ood.parquet``: 3-digit operands, a column more than training ever shows, and
 operands without their zero padding, ``7+85=``; see ``luffy_megatron.data.synthetic``). Trains each arm with
-``luffy-train`` (same steps, same seed; the arms run side by side, one CPU thread each), evaluates each final model
-on both files with ``luffy-eval`` (avg@4), then writes curves (PNG) and the report: one table, arm x {in
-distribution, out of distribution}, with each arm's tokens trained.
+``luffy-train`` (same steps over the same prompts, same seed; the arms run side by side, one CPU thread each),
+evaluates each final model on both files with ``luffy-eval`` (avg@4), then writes curves (PNG) and the report: one
+table, arm x {in distribution, out of distribution}, with each arm's tokens trained.
 
 Arms: ``luffy`` (policy shaping p/(p+0.1)), ``grpo`` (n_off=0, PPO clip), ``luffy_no_shaping`` (f(p)=p, the paper's
 shaping ablation; not run by default), ``luffy_async`` (LUFFY with one-step-off asynchronous rollout and token-level
@@ -16,14 +16,21 @@ truncated IS, cap 10; not run by default; it uses two threads, so compare its st
 ``luffy_sglang`` (``luffy`` with rollouts from a real SGLang server on its CPU engine; needs ``make sglang-venv``;
 not run by default), ``rl_sft_loss`` (the paper's "RL w/ SFT loss" baseline: LUFFY's batches, the rollouts' policy
 gradient with a baseline from the rollouts alone, the trace's NLL in place of its shaped gradient; not run by
-default).
+default), ``sft`` (imitation: the traces' token-mean NLL, ``trainer.mode=sft``; not run by default), ``sft_rl`` (the
+paper's "SFT+RL": ``sft`` for ``--sft-fraction`` of the steps, then the ``grpo`` arm's on-policy RL from the SFT
+checkpoint, two runs; not run by default).
+
+The budget: every arm takes ``--steps`` steps of ``data.train_batch_size`` prompts, the sampler's same prompts in the
+same order, one optimiser step each; the tokens each arm then trains on are its own (SFT trains only the traces, GRPO
+skips groups without a reward signal) and the report states them.
 
 Each seed gets its own model, task and runs under ``OUT/seed<S>/``; ``OUT/results.md`` has the table over all seeds
 (mean and min-max), ``OUT/seeds.md`` the training curves' numbers per seed.
 ``--override KEY=VALUE ...`` changes the config of every arm alike (checked before any arm starts).
 
 example:
-  python tools/run_demo.py --out outputs/demo --seeds 1 2 3 --arms luffy grpo rl_sft_loss
+  python tools/run_demo.py --out outputs/compare --seeds 1 2 3 \\
+      --arms luffy luffy_no_shaping grpo sft sft_rl rl_sft_loss
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -61,6 +69,13 @@ ARMS["rl_sft_loss"] = ["algorithm.sft_loss=true", "algorithm.sft_loss_coeff=1.0"
 # On-policy samples centred on the mean of the group's rollouts, traces left out (docs/algorithm.md).
 ARMS["luffy_on_baseline"] = ["algorithm.on_policy_baseline=on_policy_mean"]
 ARMS["luffy_async_on_baseline"] = [*ARMS["luffy_async"], *ARMS["luffy_on_baseline"]]
+# Imitation: SFT on the same traces (trainer.mode=sft and the loss it requires; docs/training.md, "SFT"), the demo's
+# optimiser, learning rate and batches otherwise.
+ARMS["sft"] = ["trainer.mode=sft", "algorithm.sft_loss=true", "algorithm.loss_agg_mode=token_mean"]
+#: Arms of several runs, one after another, each starting from the previous one's checkpoint: the arms (of ``ARMS``)
+#: whose options each run takes. ``sft_rl``, the paper's "SFT+RL": SFT on the traces, then on-policy RL from the SFT
+#: model. The steps are split by ``--sft-fraction``; every run but the last works in ``OUT/seed<S>/<arm>/<its arm>``.
+PHASES = {"sft_rl": ("sft", "grpo")}
 REPO = Path(__file__).resolve().parents[1]
 #: ``luffy_sglang``: LUFFY with rollouts from a real SGLang server that the trainer launches on SGLang's CPU engine
 #: (``make sglang-venv``; with the CPU import stand-ins of tests/sglang_cpu) and distributed weight sync over gloo.
@@ -78,6 +93,8 @@ ARMS["luffy_sglang"] = [
     "rollout.sglang.extra_args=[--max-total-tokens,32768]",
 ]
 CONFIG = REPO / "configs" / "tiny_cpu_luffy.yaml"
+START = "model.megatron_checkpoint="
+SFT_FRACTION = 0.5  # sft_rl: the share of the steps that SFT takes
 VAL_KEY = "val/all/avg@1"
 STEPS = 700
 NUM_VAL = NUM_OOD = 256  # held-out problems: in distribution, and of each out-of-distribution kind
@@ -123,10 +140,17 @@ def prepare(out: Path, seed: int) -> tuple[Path, Path]:
 
 
 def arm_overrides(
-    arm: str, run_dir: Path, model_dir: Path, task_dir: Path, args: argparse.Namespace, seed: int
+    arm: str,
+    run_dir: Path,
+    model_dir: Path,
+    task_dir: Path,
+    args: argparse.Namespace,
+    seed: int,
+    steps: int | None = None,
+    extra: tuple[str, ...] = (),
 ) -> list[str]:
-    """The ``luffy-train`` overrides of one arm: the seed's model and task, the run settings, the arm's own options,
-    then ``--override``."""
+    """The ``luffy-train`` overrides of one arm of ``ARMS``: the seed's model and task, the run settings (``steps``,
+    default ``--steps``), the arm's own options, ``extra``, then ``--override``."""
     from luffy_megatron.platform.distributed import free_port
 
     return [
@@ -135,7 +159,7 @@ def arm_overrides(
         f"data.val_files=[{task_dir / 'val.parquet'}]",
         f"logging.out_dir={run_dir}",
         "logging.progress_bar=false",  # this driver shows one bar per arm
-        f"trainer.total_steps={args.steps}",
+        f"trainer.total_steps={steps or args.steps}",
         f"trainer.val_interval={args.val_interval}",
         f"trainer.seed={seed}",
         f"rollout.seed={seed}",
@@ -143,8 +167,54 @@ def arm_overrides(
         "checkpoint.export_hf_at_end=true",  # OUT/<arm>/hf_final, for luffy-eval
         *ARMS[arm],
         *([f"rollout.sglang.base_port={free_port()}"] if arm == "luffy_sglang" else []),  # ports of its own
+        *extra,
         *args.override,
     ]
+
+
+def phase_steps(steps: int, sft_fraction: float) -> tuple[int, int]:
+    """A phased arm's steps: (SFT, RL), ``sft_fraction`` of ``steps`` rounded, each at least 1."""
+    if steps < 2:
+        raise SystemExit(f"--steps {steps}: an arm of two runs ({', '.join(PHASES)}) needs at least 2 steps")
+    first = min(max(round(steps * sft_fraction), 1), steps - 1)
+    return first, steps - first
+
+
+def phase_dirs(run_dir: Path, arm: str) -> list[Path]:
+    """Each run's output folder, in order: the arm's folder for the last (its ``hf_final`` is the arm's model)."""
+    return [run_dir / phase for phase in PHASES.get(arm, ())[:-1]] + [run_dir]
+
+
+def arm_runs(
+    arm: str, run_dir: Path, model_dir: Path, task_dir: Path, args: argparse.Namespace, seed: int
+) -> list[list[str]]:
+    """The ``luffy-train`` overrides of each run of an arm, in order: one run, or for a phased arm the SFT run (saving
+    its checkpoint, and the model in HF format in the checkpoint folder) and the RL run starting from that
+    checkpoint's weights."""
+    if arm not in PHASES:
+        return [arm_overrides(arm, run_dir, model_dir, task_dir, args, seed)]
+    (first, last), (sft_dir, _) = PHASES[arm], phase_dirs(run_dir, arm)
+    sft_steps, rl_steps = phase_steps(args.steps, args.sft_fraction)
+    save = (f"checkpoint.save_dir={sft_dir / 'ckpt'}",)  # and its HF export: ckpt/hf_final
+    start = (f"model.megatron_checkpoint={sft_dir / 'ckpt'}",)
+    return [
+        arm_overrides(first, sft_dir, model_dir, task_dir, args, seed, sft_steps, save),
+        arm_overrides(last, run_dir, model_dir, task_dir, args, seed, rl_steps, start),
+    ]
+
+
+def arm_records(run_root: Path, arm: str) -> list[dict]:
+    """An arm's metrics rows; a phased arm's runs one after another, steps counted on over the runs, each row with
+    its ``phase``."""
+    from luffy_megatron.metrics.logger import read_jsonl
+
+    if arm not in PHASES:
+        return read_jsonl(run_root / arm / "metrics.jsonl")
+    rows: list[dict] = []
+    for phase, folder in zip(PHASES[arm], phase_dirs(run_root / arm, arm)):
+        offset = rows[-1]["step"] if rows else 0
+        rows += [{**r, "step": r["step"] + offset, "phase": phase} for r in read_jsonl(folder / "metrics.jsonl")]
+    return rows
 
 
 def run_arms(
@@ -157,23 +227,26 @@ def run_arms(
 
     if "luffy_sglang" in arms and not SGLANG_PYTHON.is_file():
         raise SystemExit(f"arm luffy_sglang: {SGLANG_PYTHON} is missing; build it with `make sglang-venv`")
-    overrides = {arm: arm_overrides(arm, out / arm, model_dir, task_dir, args, seed) for arm in arms}
-    for arm, arm_args in overrides.items():
-        try:
-            validate(load_config(CONFIG, arm_args), world_size=1)
-        except ConfigError as e:
-            raise SystemExit(f"arm {arm}: {e}") from None
+    runs = {arm: arm_runs(arm, out / arm, model_dir, task_dir, args, seed) for arm in arms}
+    for arm, arm_args in runs.items():
+        for run_args in arm_args:  # a later run's starting checkpoint is not there yet: checked when it starts
+            try:
+                validate(load_config(CONFIG, [a for a in run_args if not a.startswith(START)]), world_size=1)
+            except ConfigError as e:
+                raise SystemExit(f"arm {arm}: {e}") from None
     procs = {}
     for arm in arms:
         run_dir = out / arm
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        for folder in EVAL_FOLDERS.values():  # luffy-eval would resume from the samples of the previous model
+        for folder in [*EVAL_FOLDERS.values(), *PHASES.get(arm, ())[:-1]]:  # no earlier samples, runs or checkpoints
             shutil.rmtree(run_dir / folder, ignore_errors=True)
-        cmd = [sys.executable, "-m", "luffy_megatron.train.cli", str(CONFIG), *overrides[arm]]
+        cmds = [[sys.executable, "-m", "luffy_megatron.train.cli", str(CONFIG), *a] for a in runs[arm]]
         env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+        if len(cmds) > 1:  # one after another, each with its own port, stopping at the first that fails
+            cmds = [["sh", "-c", " && ".join(f"MASTER_PORT={free_port()} {shlex.join(c)}" for c in cmds)]]
         log = (run_dir / "train.log").open("w")
-        procs[arm] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time(), log)
+        procs[arm] = (subprocess.Popen(cmds[0], stdout=log, stderr=subprocess.STDOUT, env=env), time.time(), log)
         print(f"started {arm}: log in {run_dir / 'train.log'}", flush=True)
     finished = _progress(procs, out, args.steps)
     seconds = {}
@@ -199,8 +272,8 @@ def _progress(procs: dict, out: Path, steps: int) -> dict[str, float]:
             if arm not in finished and proc.poll() is not None:
                 finished[arm] = time.time()
         for arm, bar in bars.items():
-            path = out / arm / "metrics.jsonl"
-            done = sum(1 for _ in path.open()) if path.is_file() else 0
+            paths = [folder / "metrics.jsonl" for folder in phase_dirs(out / arm, arm)]
+            done = sum(sum(1 for _ in path.open()) for path in paths if path.is_file())
             bar.update(done - bar.n)
     for bar in bars.values():
         bar.close()
@@ -210,12 +283,11 @@ def _progress(procs: dict, out: Path, steps: int) -> dict[str, float]:
 def summarise(arms: list[str], run_root: Path, seconds: dict[str, float]) -> dict:
     """Per arm: held-out greedy accuracy (final, best), when it first passed 50% (step and seconds), train reward, and
     the budget: ``tokens_trained`` (sum of ``perf/update_real_tokens``: the tokens the updates computed on, prompts
-    included; a step that trained no sample adds 0) and ``tokens`` (sum of ``perf/tokens``: every sample's tokens)."""
-    from luffy_megatron.metrics.logger import read_jsonl
-
+    included; a step that trained no sample adds 0) and ``tokens`` (sum of ``perf/tokens``: every sample's tokens),
+    over all of a phased arm's runs, whose steps per run ``phases`` gives."""
     rows = {}
     for arm in arms:
-        records = read_jsonl(run_root / arm / "metrics.jsonl")
+        records = arm_records(run_root, arm)
         vals = [r for r in records if r.get(VAL_KEY) is not None]
         first = next((r for r in vals if r[VAL_KEY] > 0.5), None)
         started = records[0]["time"] - records[0].get("perf/step_s", 0.0) if records else 0.0
@@ -231,6 +303,8 @@ def summarise(arms: list[str], run_root: Path, seconds: dict[str, float]) -> dic
             "tokens_trained": int(sum(r.get("perf/update_real_tokens", 0) for r in records)),
             "tokens": int(sum(r.get("perf/tokens", 0) for r in records)),
         }
+        if arm in PHASES:
+            rows[arm]["phases"] = {p: sum(r["phase"] == p for r in records) for p in PHASES[arm]}
     return rows
 
 
@@ -278,13 +352,22 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     from plot_metrics import plot
 
     plot(
-        [str(run_root / a / "metrics.jsonl") for a in args.arms],
+        [curve_file(run_root, a) for a in args.arms],
         args.arms,
         ["reward/on_policy", VAL_KEY, "actor/entropy", "response/length_mean"],
         str(out / f"curves_seed{seed}.png"),
         title=f"tiny CPU demo, seed {seed}",
     )
     return summary
+
+
+def curve_file(run_root: Path, arm: str) -> str:
+    """The metrics file the curves plot: a phased arm's runs one after another (``metrics_phases.jsonl``)."""
+    if arm not in PHASES:
+        return str(run_root / arm / "metrics.jsonl")
+    path = run_root / arm / "metrics_phases.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in arm_records(run_root, arm)))
+    return str(path)
 
 
 def seed_table(summaries: list[dict]) -> str:
@@ -330,8 +413,15 @@ def table(summaries: list[dict]) -> str:
     seeds = [str(s["seed"]) for s in summaries]
     over = f"seeds {', '.join(seeds)}, mean over seeds (min-max)" if len(seeds) > 1 else f"seed {seeds[0]}"
     counts = ", ".join(f"{HELD_OUT[src].split(': ')[-1]} {held[src]['problems']}" for src in HELD_OUT)
+    phased = "".join(
+        f" {arm}: " + ", then ".join(f"{n} steps of {p}" for p, n in row["phases"].items()) + ", from its weights."
+        for arm, row in summaries[0]["arms"].items()
+        if "phases" in row
+    )
     lines = [
-        f"Each arm's final model after {first['steps']} steps, {over}. Held-out avg@k: luffy-eval, temperature 0.6, "
+        f"Each arm's final model after {first['steps']} steps, {over}. The budget: the same steps over the same "
+        f"prompts in the same order for every arm, one optimiser step each; the tokens trained follow.{phased} "
+        "Held-out avg@k: luffy-eval, temperature 0.6, "
         f"k samples per problem, on unseen 2-digit problems (val.parquet) and on kinds of problem training never "
         f"shows (ood.parquet); problems: {counts}. Tokens trained: the sum of perf/update_real_tokens (the tokens the "
         "updates computed on, prompts included; samples whose loss is provably 0 are skipped); tokens in batches: "
@@ -360,9 +450,17 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", default="outputs/demo", help="output folder")
-    parser.add_argument("--steps", type=int, default=STEPS, help=f"RL steps per arm, the same for every arm ({STEPS})")
+    parser.add_argument(
+        "--steps", type=int, default=STEPS, help=f"steps per arm, the same for every arm; sft_rl splits them ({STEPS})"
+    )
+    parser.add_argument(
+        "--sft-fraction",
+        type=float,
+        default=SFT_FRACTION,
+        help=f"sft_rl: the share of --steps that SFT takes before on-policy RL ({SFT_FRACTION})",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="seeds, run one after another (default 1)")
-    parser.add_argument("--arms", nargs="+", default=["luffy", "grpo"], choices=sorted(ARMS))
+    parser.add_argument("--arms", nargs="+", default=["luffy", "grpo"], choices=sorted([*ARMS, *PHASES]))
     parser.add_argument(
         "--sequential", action="store_true", help="run the arms one after another (for step times), not side by side"
     )
@@ -385,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         "--prepare-only", action="store_true", help="only make each seed's model and task (OUT/seed<S>/), then stop"
     )
     args = parser.parse_args(argv)
+    if any(arm in PHASES for arm in args.arms):
+        phase_steps(args.steps, args.sft_fraction)  # enough steps for both runs, before anything starts
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.prepare_only:
