@@ -1,7 +1,8 @@
 """Write a tiny random Hugging Face checkpoint (config, safetensors, offline-trained tokenizer) for tests and demos.
 
-Example:
+Examples:
     python tools/make_tiny_model.py --family qwen2 --out /tmp/tiny-qwen2 --layers 2 --hidden-size 64 --tie-embeddings
+    python tools/make_tiny_model.py --family qwen3_moe --out /tmp/tiny-qwen3-moe --num-experts 4 --experts-per-token 2
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from luffy_megatron.models.tiny import FAMILY_ARCHITECTURES, make_tiny_model  # noqa: E402
+from luffy_megatron.models.tiny import FAMILY_ARCHITECTURES, TINY_MOE, make_tiny_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,9 +58,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="random norms and biases too, so conversion errors show (default on; off: transformers' init)",
     )
     parser.add_argument("--max-position-embeddings", type=int, default=4096)
+    moe = parser.add_argument_group("mixture of experts (--family qwen3_moe)")
+    moe.add_argument("--num-experts", type=int, default=TINY_MOE["num_experts"], help="routed experts per layer")
+    moe.add_argument("--experts-per-token", type=int, default=TINY_MOE["num_experts_per_tok"], help="router top-k")
+    moe.add_argument("--moe-intermediate-size", type=int, default=TINY_MOE["moe_intermediate_size"])
+    moe.add_argument(
+        "--norm-topk-prob",
+        action=argparse.BooleanOptionalAction,
+        default=TINY_MOE["norm_topk_prob"],
+        help="renormalise the top-k router probabilities to sum to 1 (default on, as Qwen3-30B-A3B)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--corpus", type=Path, default=None, help="text file to train the tokenizer on instead")
     return parser.parse_args(argv)
+
+
+def _moe_fields(args: argparse.Namespace) -> dict:
+    return dict(
+        num_experts=args.num_experts,
+        num_experts_per_tok=args.experts_per_token,
+        moe_intermediate_size=args.moe_intermediate_size,
+        norm_topk_prob=args.norm_topk_prob,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         rope_theta=args.rope_theta,
         randomize_all=args.randomize_all,
         max_position_embeddings=args.max_position_embeddings,
+        moe=_moe_fields(args) if args.family == "qwen3_moe" else None,
     )
     print(f"wrote {out}")
 

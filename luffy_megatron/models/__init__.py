@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from luffy_megatron.config import ConfigError
-from luffy_megatron.models import llama, qwen2, qwen3
+from luffy_megatron.models import llama, qwen2, qwen3, qwen3_moe
 from luffy_megatron.models.family import ModelFamily
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (qwen2.FAMILY, llama.FAMILY, qwen3.FAMILY)}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (qwen2.FAMILY, llama.FAMILY, qwen3.FAMILY, qwen3_moe.FAMILY)}
 
 
 def get_family(hf_config: dict[str, Any]) -> ModelFamily:

@@ -52,8 +52,11 @@ def layer_spec_kwargs(spec: ModelSpec, use_transformer_engine: bool) -> dict[str
 
     The local spec takes ``normalization`` (its norm class depends on it); the TE spec has no such parameter in
     megatron-core 0.16-0.19 (TE's fused norms read ``config.normalization``, which the family sets to RMSNorm).
+    An MoE family's layers hold its routed experts as ``SequentialMLP`` (one MLP per expert, on either spec).
     """
     kwargs: dict[str, Any] = {"qk_layernorm": spec.family.qk_layernorm}
+    if spec.family.moe_config is not None:
+        kwargs.update(num_experts=spec.family.num_experts(spec.hf_config), moe_grouped_gemm=False)
     if not use_transformer_engine:
         kwargs["normalization"] = "RMSNorm"
     return kwargs

@@ -1,19 +1,24 @@
 """A model family: how an HF ``config.json`` becomes a Megatron ``TransformerConfig``, and how parameters are named.
 
-Each family file (qwen2.py, llama.py, qwen3.py) declares one :class:`ModelFamily`. Parameter names are declared, not
-coded: ``direct`` maps Megatron names (local layer spec, ``*`` = layer index) one-to-one to HF names, and three fused
-mappings cover the tensors Megatron stores concatenated. The conversion code in ``luffy_megatron.convert`` interprets
-these declarations for every family alike.
+Each family file (qwen2.py, llama.py, qwen3.py, qwen3_moe.py) declares one :class:`ModelFamily`. Parameter names are
+declared, not coded: ``direct`` maps Megatron names (local layer spec, ``*`` = layer index, ``#`` = global expert index
+in MoE layers) one-to-one to HF names, and three fused mappings cover the tensors Megatron stores concatenated. The
+conversion code in ``luffy_megatron.convert`` interprets these declarations for every family alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from luffy_megatron.config import DTYPES, ConfigError
+
+# In a parameter name pattern: the layer index, and the global expert index of an MoE layer's expert.
+LAYER = "*"
+EXPERT = "#"
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,14 @@ class ModelFamily:
     # Megatron name -> HF name of the output layer; absent from checkpoints with tied embeddings.
     output_layer: tuple[str, str] = ("output_layer.weight", "lm_head.weight")
     extra_hf_keys_to_ignore: tuple[str, ...] = field(default_factory=tuple)
+    # MoE families: the TransformerConfig fields of the router and experts, from the HF config (None: a dense family).
+    moe_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # MoE families: transformers' in-memory parameter shapes -> the shapes its checkpoints store (per-expert tensors).
+    hf_file_shapes: Callable[[dict[str, tuple[int, ...]]], dict[str, tuple[int, ...]]] | None = None
+
+    def num_experts(self, hf: dict[str, Any]) -> int:
+        """Routed experts per MoE layer (0 for a dense family)."""
+        return 0 if self.moe_config is None else int(self.moe_config(hf)["num_moe_experts"])
 
     def rope_kwargs(self, hf: dict[str, Any]) -> dict[str, Any]:
         """GPTModel rotary arguments (llama 3.x frequency scaling where the config asks for it).
@@ -112,19 +125,22 @@ def transformer_config_kwargs(family: ModelFamily, hf: dict[str, Any]) -> dict[s
         attention_dropout=float(hf.get("attention_dropout", 0.0)),
         hidden_dropout=0.0,
         init_method_std=float(hf.get("initializer_range", 0.02)),
+        **(family.moe_config(hf) if family.moe_config else {}),
     )
 
 
-def layer_direct_map(qk_norm: bool) -> dict[str, str]:
-    """One-to-one names shared by the three families (local layer spec on the Megatron side)."""
+def layer_direct_map(qk_norm: bool, dense_mlp: bool = True) -> dict[str, str]:
+    """One-to-one names shared by the families (local layer spec on the Megatron side); ``dense_mlp=False`` leaves
+    out the dense MLP's ``linear_fc2`` (an MoE family maps its experts instead)."""
     names = {
         "embedding.word_embeddings.weight": "model.embed_tokens.weight",
         "decoder.final_layernorm.weight": "model.norm.weight",
         "decoder.layers.*.input_layernorm.weight": "model.layers.*.input_layernorm.weight",
         "decoder.layers.*.pre_mlp_layernorm.weight": "model.layers.*.post_attention_layernorm.weight",
         "decoder.layers.*.self_attention.linear_proj.weight": "model.layers.*.self_attn.o_proj.weight",
-        "decoder.layers.*.mlp.linear_fc2.weight": "model.layers.*.mlp.down_proj.weight",
     }
+    if dense_mlp:
+        names["decoder.layers.*.mlp.linear_fc2.weight"] = "model.layers.*.mlp.down_proj.weight"
     if qk_norm:
         names["decoder.layers.*.self_attention.q_layernorm.weight"] = "model.layers.*.self_attn.q_norm.weight"
         names["decoder.layers.*.self_attention.k_layernorm.weight"] = "model.layers.*.self_attn.k_norm.weight"

@@ -25,11 +25,17 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 THINK_TOKENS = ("<think>", "</think>")
-FAMILY_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+FAMILY_ARCHITECTURES = {
+    "qwen2": "Qwen2ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
 
 # Qwen2's pre-tokenizer pattern: letters in runs, every digit its own pre-token (``\p{N}`` isolated).
 QWEN_SPLIT_PATTERN = (
@@ -164,6 +170,19 @@ def _wrap(tok, vocab_size: int, chat_template: str):
     return fast
 
 
+# The experts and router of a tiny qwen3_moe: 4 experts of width 32, top-2 with renormalised probabilities (as
+# Qwen3-30B-A3B), Qwen's auxiliary-loss coefficient, every layer sparse.
+TINY_MOE: dict[str, Any] = dict(
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    norm_topk_prob=True,
+    router_aux_loss_coef=0.001,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+)
+
+
 def tiny_hf_config(
     family: str,
     *,
@@ -179,10 +198,16 @@ def tiny_hf_config(
     max_position_embeddings: int = 4096,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    moe: dict[str, Any] | None = None,
 ):
-    """A ``transformers`` config object for a tiny model of ``family`` (``rope_theta``: None = the family's usual)."""
+    """A ``transformers`` config object for a tiny model of ``family`` (``rope_theta``: None = the family's usual).
+
+    ``moe`` (qwen3_moe only): ``Qwen3MoeConfig`` fields of the experts and router, over :data:`TINY_MOE`.
+    """
     if family not in FAMILY_ARCHITECTURES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILY_ARCHITECTURES)}")
+    if moe and family != "qwen3_moe":
+        raise ValueError(f"moe={moe!r} is for family qwen3_moe only, not {family!r}")
     if hidden_size % heads or heads % kv_heads:
         raise ValueError(
             f"hidden_size={hidden_size}, heads={heads}, kv_heads={kv_heads}: need heads | hidden and kv | heads"
@@ -211,13 +236,10 @@ def tiny_hf_config(
         return LlamaConfig(
             **common, head_dim=head_dim, rope_theta=rope_theta or 500000.0, attention_bias=False, mlp_bias=False
         )
-    return Qwen3Config(
-        **common,
-        head_dim=head_dim,
-        rope_theta=rope_theta or 1000000.0,
-        attention_bias=False,
-        use_sliding_window=False,
-    )
+    qwen3 = dict(head_dim=head_dim, rope_theta=rope_theta or 1000000.0, attention_bias=False, use_sliding_window=False)
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(**common, **qwen3, **{**TINY_MOE, **(moe or {})})
+    return Qwen3Config(**common, **qwen3)
 
 
 @torch.no_grad()
@@ -254,6 +276,7 @@ def make_tiny_model(
     rope_theta: float | None = None,
     randomize_all: bool = True,
     max_position_embeddings: int = 4096,
+    moe: dict[str, Any] | None = None,
 ) -> Path:
     """Write a tiny random HF checkpoint with a trained tokenizer to ``out_dir`` (created if needed); return it.
 
@@ -261,7 +284,8 @@ def make_tiny_model(
     Qwen checkpoints whose embedding is larger than the tokenizer. The default 397 is not a multiple of 128, so
     Megatron's vocabulary padding is exercised. ``randomize_all`` makes norms and biases random too (for conversion
     tests); without it the model keeps ``transformers``' own initialisation (weights ~ N(0, 0.02), unit norms, zero
-    biases), the usual start for training from scratch.
+    biases), the usual start for training from scratch. ``moe`` (family qwen3_moe): expert and router fields over
+    :data:`TINY_MOE` (e.g. ``num_experts``, ``num_experts_per_tok``, ``moe_intermediate_size``, ``norm_topk_prob``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -284,6 +308,7 @@ def make_tiny_model(
         max_position_embeddings=max_position_embeddings,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
+        moe=moe,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
