@@ -3,7 +3,9 @@
 Used by Megatron -> HF conversion and by rollout weight sync every RL step. For each bucket of consecutive
 parameters owned by one pipeline stage, the owning stage's TP ranks all-gather their shards and rebuild the HF
 tensors (fused QKV / gate-up split, vocabulary padding removed); with PP > 1 the owning stage then broadcasts the
-bucket as one flat buffer over the pipeline group.
+bucket as one flat buffer over the pipeline group. An MoE model's experts with expert parallelism: a bucket holds
+experts of one EP rank, whose expert-TP ranks gather it; that EP rank broadcasts it over the expert-parallel group
+before the pipeline broadcast.
 
 Where tensors materialise: on **every rank of the model-parallel group** (all TP and PP ranks of a data-parallel
 replica) each yielded bucket holds the full HF tensors; data-parallel replicas work independently (no cross-DP
@@ -40,12 +42,6 @@ def _hf_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return _SHAPES_CACHE[key]
 
 
-def _groups():
-    tp_group = ps.get_tensor_model_parallel_group()
-    pp_group = ps.get_pipeline_model_parallel_group()
-    return tp_group, ps.get_tensor_model_parallel_world_size(), pp_group, ps.get_pipeline_model_parallel_world_size()
-
-
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
@@ -60,6 +56,40 @@ def _gather_tp(param: torch.Tensor, tp_group, tp_size: int) -> list[torch.Tensor
     return [p.view(param.dtype).reshape(param.shape) for p in parts]
 
 
+def _gather_names(mine: dict, group, size: int) -> list[dict]:
+    """Every rank's ``mine`` in ``group`` (just ours without one)."""
+    if size == 1:
+        return [mine]
+    every: list[dict] = [None] * size  # type: ignore[list-item]
+    dist.all_gather_object(every, mine, group=group)
+    return every
+
+
+def _owners(local: dict, plan: dict) -> tuple[dict[str, tuple[int, int]], dict[str, torch.dtype]]:
+    """Global name -> (pipeline stage, expert-parallel rank) that holds it, and the parameters' dtypes.
+
+    The EP rank is that of the one rank holding an expert's tensor, and -1 for dense parameters (every EP rank
+    holds them).
+    """
+    ep_size = ps.get_expert_model_parallel_world_size()
+    at_stage = _gather_names({g: p.dtype for g, p in local.items()}, ps.get_expert_model_parallel_group(), ep_size)
+    stage_names: dict[str, tuple[int, torch.dtype]] = {}
+    for ep_rank, names in enumerate(at_stage):
+        for g, dt in names.items():
+            stage_names.setdefault(g, (ep_rank, dt))
+    stages = _gather_names(
+        stage_names, ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_world_size()
+    )
+    owner: dict[str, tuple[int, int]] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for stage, names in enumerate(stages):
+        for g, (ep_rank, dt) in names.items():
+            if g not in owner:
+                expert = g in plan and plan[g].expert
+                owner[g], dtypes[g] = (stage, ep_rank if expert else -1), dt
+    return owner, dtypes
+
+
 def iter_hf_weights(
     model_chunks: list[torch.nn.Module],
     spec: ModelSpec,
@@ -69,36 +99,24 @@ def iter_hf_weights(
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield buckets of ``(HF name, full tensor)`` covering the whole model once, in a fixed order.
 
-    A bucket holds consecutive tensors of one pipeline stage up to ``bucket_bytes`` (a single larger tensor forms
-    its own bucket). ``dtype`` casts the output (default: the parameters' dtype). Collective over the model-parallel
-    group; see the module docstring for where tensors materialise. Exact: no arithmetic touches the values.
+    A bucket holds consecutive tensors of one pipeline stage (and, for an MoE model's experts, one expert-parallel
+    rank) up to ``bucket_bytes`` (a single larger tensor forms its own bucket). ``dtype`` casts the output (default:
+    the parameters' dtype). Collective over the model-parallel group (with expert parallelism, the expert-parallel
+    group too); see the module docstring for where tensors materialise. Exact: no arithmetic touches the values.
     Yielded tensors may be views of the parameters (TP=1 without a dtype cast): copy them if they must outlive the
     next optimizer step, and never modify them in place.
     """
-    tp_group, tp_size, pp_group, pp_size = _groups()
     plan = conversion_plan(spec)
     local = {g: p for chunk in model_chunks for g, _, p in global_param_names(chunk)}
-    mine = {g: (p.dtype, tuple(p.shape), getattr(p, "partition_dim", None)) for g, p in local.items()}
-    if pp_size > 1:
-        stages: list[dict] = [None] * pp_size  # type: ignore[list-item]
-        dist.all_gather_object(stages, mine, group=pp_group)
-        pp_ranks = dist.get_process_group_ranks(pp_group)
-    else:
-        stages, pp_ranks = [mine], [dist.get_rank() if dist.is_initialized() else 0]
-    my_stage = ps.get_pipeline_model_parallel_rank()
-    owner: dict[str, int] = {}
-    for stage, names in enumerate(stages):
-        for g in names:
-            owner.setdefault(g, stage)
+    owner, dtypes = _owners(local, plan)
     shapes = _hf_shapes(spec)
-
     order = [g for g, rule in plan.items() if not rule.tied_copy]
     missing = [g for g in order if g not in owner]
     if missing:
         raise RuntimeError(f"no pipeline stage holds {missing[:8]}")
 
     def out_dtype(g: str) -> torch.dtype:
-        return dtype or stages[owner[g]][g][0]
+        return dtype or dtypes[g]
 
     def nbytes(g: str) -> int:
         return sum(math.prod(shapes[h]) for h in plan[g].hf) * torch.empty((), dtype=out_dtype(g)).element_size()
@@ -113,29 +131,43 @@ def iter_hf_weights(
             buckets.append([g])
             size = nbytes(g)
 
+    my_stage, my_ep = ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank()
+    pp_group, ep_group = ps.get_pipeline_model_parallel_group(), ps.get_expert_model_parallel_group()
     with torch.no_grad():
         for bucket in buckets:
-            stage = owner[bucket[0]]
-            tensors: list[tuple[str, torch.Tensor]] = []
-            if stage == my_stage:
-                for g in bucket:
-                    param = local[g]
-                    dim = (
-                        getattr(param, "partition_dim", None)
-                        if getattr(param, "tensor_model_parallel", False)
-                        else None
-                    )
-                    geo = Geometry.of(spec, padded_vocab=param.shape[0] * tp_size if g in VOCAB_PARAMS else None)
-                    shards = _gather_tp(param, tp_group, tp_size) if dim is not None else [param.detach()]
-                    for name, t in plan[g].hf_from_shards(shards, geo, dim):
-                        tensors.append((name, t.to(out_dtype(g)).contiguous()))
-            if pp_size > 1:
-                tensors = _broadcast_bucket(tensors, bucket, plan, shapes, out_dtype, pp_group, pp_ranks[stage])
+            stage, ep_rank = owner[bucket[0]]
+            mine = stage == my_stage and ep_rank in (-1, my_ep)
+            tensors = _bucket_tensors(bucket, local, plan, spec, out_dtype) if mine else []
+            if ep_rank >= 0 and stage == my_stage and ps.get_expert_model_parallel_world_size() > 1:
+                # experts: the EP rank holding them sends them to the stage's other EP ranks
+                src = dist.get_process_group_ranks(ep_group)[ep_rank]
+                tensors = _broadcast_bucket(tensors, bucket, plan, shapes, out_dtype, ep_group, src)
+            if ps.get_pipeline_model_parallel_world_size() > 1:
+                src = dist.get_process_group_ranks(pp_group)[stage]
+                tensors = _broadcast_bucket(tensors, bucket, plan, shapes, out_dtype, pp_group, src)
             yield tensors
 
 
-def _broadcast_bucket(tensors, bucket, plan, shapes, out_dtype, pp_group, src: int):
-    """Send the owning stage's bucket to every stage as one flat byte buffer."""
+def _bucket_tensors(bucket: list[str], local: dict, plan: dict, spec: ModelSpec, out_dtype) -> list:
+    """The HF tensors of this rank's bucket: each parameter's TP shards gathered (over the expert TP group for an
+    expert) and rebuilt."""
+    tensors: list[tuple[str, torch.Tensor]] = []
+    for g in bucket:
+        param, rule = local[g], plan[g]
+        if rule.expert:
+            tp_group, tp_size = ps.get_expert_tensor_parallel_group(), ps.get_expert_tensor_parallel_world_size()
+        else:
+            tp_group, tp_size = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
+        dim = getattr(param, "partition_dim", None) if getattr(param, "tensor_model_parallel", False) else None
+        geo = Geometry.of(spec, padded_vocab=param.shape[0] * tp_size if g in VOCAB_PARAMS else None)
+        shards = _gather_tp(param, tp_group, tp_size) if dim is not None else [param.detach()]
+        for name, t in rule.hf_from_shards(shards, geo, dim):
+            tensors.append((name, t.to(out_dtype(g)).contiguous()))
+    return tensors
+
+
+def _broadcast_bucket(tensors, bucket, plan, shapes, out_dtype, group, src: int):
+    """Send the owning rank's bucket to every rank of ``group`` as one flat byte buffer."""
     names = [(h, out_dtype(g)) for g in bucket for h in plan[g].hf]
     sizes = [math.prod(shapes[h]) * torch.empty((), dtype=dt).element_size() for h, dt in names]
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -143,7 +175,7 @@ def _broadcast_bucket(tensors, bucket, plan, shapes, out_dtype, pp_group, src: i
         flat = torch.cat([_as_bytes(t) for _, t in tensors]).to(device)
     else:
         flat = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
-    dist.broadcast(flat, src=src, group=pp_group)
+    dist.broadcast(flat, src=src, group=group)
     if tensors:
         return tensors
     out = []

@@ -1,8 +1,9 @@
 """HF weights -> a live TP/PP-sharded Megatron model, and Megatron distributed checkpoints (save / load).
 
 Every rank reads only its own shards: :func:`load_hf_weights` reads, for each of its parameters, the HF rows (or
-columns) that this TP rank holds; :func:`load_megatron_checkpoint` lets megatron's ``dist_checkpointing`` reshard a
-checkpoint written at any TP/PP to the model's layout. Load weights before building the optimizer (a distributed
+columns) that this TP rank holds (of an MoE model's experts: this EP rank's experts, split over the expert TP ranks);
+:func:`load_megatron_checkpoint` lets megatron's ``dist_checkpointing`` reshard a checkpoint written at any TP/PP/EP
+to the model's layout. Load weights before building the optimizer (a distributed
 optimizer keeps its own fp32 copy of the parameters).
 """
 
@@ -39,7 +40,9 @@ FORMAT_VERSION = 1
 def expected_hf_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape for the model ``spec.hf_config`` describes (built by transformers on the meta device).
 
-    Also checks that the family's mapping names exactly the tensors transformers defines (a mapping bug otherwise).
+    Names and shapes are those of checkpoint files: an MoE family's ``hf_file_shapes`` turns transformers' fused
+    expert parameters into the per-expert tensors. Also checks that the family's mapping names exactly these tensors
+    (a mapping bug otherwise).
     """
     hf = dict(spec.hf_config)
     model_type = hf.pop("model_type")
@@ -47,6 +50,8 @@ def expected_hf_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    if spec.family.hf_file_shapes is not None:
+        shapes = spec.family.hf_file_shapes(shapes)
     planned = set(hf_names(conversion_plan(spec)))
     if planned != set(shapes):
         raise ConversionError(
@@ -77,16 +82,27 @@ def check_hf_tensors(reader: HFCheckpointReader, spec: ModelSpec) -> None:
         raise ConversionError(f"{reader.dir} does not match its config.json:\n  " + "\n  ".join(problems))
 
 
-def _tp() -> tuple[int, int]:
+def _tp(expert: bool = False) -> tuple[int, int]:
+    """(rank, size) in the tensor-parallel group of a dense parameter, or of an expert's (``expert``)."""
+    if expert:
+        ps = parallel_state
+        return ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
     return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
 
 
-def check_parallel_layout(spec: ModelSpec, tp: int) -> None:
-    """Raise if ``tp`` does not divide the attention heads, query groups or MLP width."""
+def check_parallel_layout(spec: ModelSpec, tp: int, ep: int = 1) -> None:
+    """Raise if ``tp`` does not divide the attention heads, query groups or MLP width (of the experts too), or
+    ``ep`` the experts."""
     geo = Geometry.of(spec)
-    for what, n in (("attention heads", geo.heads), ("query groups (kv heads)", geo.groups), ("ffn", geo.ffn)):
+    sizes = [("attention heads", geo.heads), ("query groups (kv heads)", geo.groups), ("ffn", geo.ffn)]
+    experts = spec.family.num_experts(spec.hf_config)
+    if experts:
+        sizes.append(("expert ffn (moe_intermediate_size)", int(spec.hf_config["moe_intermediate_size"])))
+    for what, n in sizes:
         if n % tp:
             raise ConversionError(f"tensor parallel size {tp} does not divide the {n} {what}")
+    if ep > 1 and (not experts or experts % ep):
+        raise ConversionError(f"expert parallel size {ep} does not divide the {experts} experts of {spec.family.name}")
 
 
 @torch.no_grad()
@@ -96,8 +112,7 @@ def load_hf_weights(model_chunks: list[torch.nn.Module], spec: ModelSpec, hf_dir
     Checks names and shapes first (:class:`ConversionError` names the offending tensors). Each rank reads only the
     rows/columns of its shards; memory beyond the model is one HF tensor slice at a time.
     """
-    tp_rank, tp_size = _tp()
-    check_parallel_layout(spec, tp_size)
+    check_parallel_layout(spec, _tp()[1], parallel_state.get_expert_model_parallel_world_size())
     plan = conversion_plan(spec)
     with HFCheckpointReader(hf_dir) as reader:
         check_hf_tensors(reader, spec)
@@ -108,6 +123,7 @@ def load_hf_weights(model_chunks: list[torch.nn.Module], spec: ModelSpec, hf_dir
                 raise ConversionError(
                     f"model parameter {local} ({gname}) has no HF mapping in family {spec.family.name}"
                 )
+            tp_rank, tp_size = _tp(rule.expert)
             padded = param.shape[0] * tp_size if gname in VOCAB_PARAMS else None
             geo = Geometry.of(spec, padded_vocab=padded)
             dim = getattr(param, "partition_dim", None) if getattr(param, "tensor_model_parallel", False) else None

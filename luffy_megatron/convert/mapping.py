@@ -1,10 +1,10 @@
 """The generic interpreter of a family's declarative name mapping.
 
-A family (``luffy_megatron/models/*.py``) declares Megatron <-> HF names with ``*`` standing for the layer index.
-:func:`conversion_plan` expands them for one model into :class:`Rule` objects keyed by the *global* Megatron
-parameter name (local layer spec naming, global layer index). A rule knows how to cut this TP rank's shard of the
-Megatron parameter out of the HF tensors (:meth:`Rule.shard_from_hf`) and how to rebuild the HF tensors from all TP
-ranks' shards (:meth:`Rule.hf_from_shards`).
+A family (``luffy_megatron/models/*.py``) declares Megatron <-> HF names with ``*`` standing for the layer index and
+``#`` for the expert index of an MoE layer. :func:`conversion_plan` expands them for one model into :class:`Rule`
+objects keyed by the *global* Megatron parameter name (local layer spec naming, global layer and expert indices). A
+rule knows how to cut this TP rank's shard of the Megatron parameter out of the HF tensors (:meth:`Rule.shard_from_hf`)
+and how to rebuild the HF tensors from all TP ranks' shards (:meth:`Rule.hf_from_shards`).
 
 Layouts (per TP rank ``r`` of ``t``):
 
@@ -13,6 +13,8 @@ Layouts (per TP rank ``r`` of ``t``):
 - fused QKV: for each query group ``g``: ``[q_g (heads_per_group * head_dim rows); k_g (head_dim); v_g (head_dim)]``;
   rank ``r`` holds groups ``[r * G/t, (r+1) * G/t)``. The same for the bias.
 - fused gated MLP: rank ``r`` holds ``[gate_r; up_r]`` (each the ``r``-th of ``t`` row blocks).
+- experts (``Rule.expert``): laid out as above over the *expert* tensor-parallel ranks; with expert parallelism each
+  EP rank holds whole experts, ``E / ep`` consecutive ones.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Literal
 import torch
 
 from luffy_megatron.models.builder import ModelSpec
-from luffy_megatron.models.family import TE_FUSED_NORM_NAMES, VOCAB_PARAMS
+from luffy_megatron.models.family import EXPERT, LAYER, TE_FUSED_NORM_NAMES, VOCAB_PARAMS
 
 # reads an HF tensor, optionally only rows/columns [start, stop) of dimension ``dim``
 HFReader = Callable[..., torch.Tensor]
@@ -69,6 +71,7 @@ class Rule:
     hf: tuple[str, ...]
     vocab: bool = False
     tied_copy: bool = False  # output layer of a tied model on the last PP stage: a copy of the embedding
+    expert: bool = False  # a routed expert's tensor: split over the expert TP ranks, held by one EP rank
 
     def shard_from_hf(
         self,
@@ -83,7 +86,7 @@ class Rule:
         if self.kind == "qkv":
             return self._qkv_shard(read, geo, tp_rank, tp_size)
         if self.kind == "mlp":
-            per = geo.ffn // tp_size
+            per = local_shape[0] // 2
             gate = read(self.hf[0], dim=0, start=tp_rank * per, stop=(tp_rank + 1) * per)
             up = read(self.hf[1], dim=0, start=tp_rank * per, stop=(tp_rank + 1) * per)
             return torch.cat([gate, up], dim=0)
@@ -160,16 +163,20 @@ def conversion_plan(spec: ModelSpec) -> dict[str, Rule]:
     for meg, hf in family.direct.items():
         if "*" not in meg and meg.startswith("embedding."):
             add(Rule(meg, "direct", (hf,), vocab=meg in VOCAB_PARAMS))
+    experts = range(family.num_experts(spec.hf_config))
     for i in range(layers):
         layer_rules: list[Rule] = []
         for meg, hf in family.direct.items():
-            if "*" in meg:
-                layer_rules.append(Rule(_at(meg, i), "direct", (_at(hf, i),)))
+            for e in experts if EXPERT in meg else [None]:
+                if LAYER in meg:
+                    layer_rules.append(Rule(_at(meg, i, e), "direct", (_at(hf, i, e),), expert=e is not None))
         for qkv in family.fused_qkv:
             layer_rules.append(Rule(_at(qkv.megatron, i), "qkv", (_at(qkv.q, i), _at(qkv.k, i), _at(qkv.v, i))))
         for mlp in family.fused_mlp:
-            layer_rules.append(Rule(_at(mlp.megatron, i), "mlp", (_at(mlp.gate, i), _at(mlp.up, i))))
-        for rule in sorted(layer_rules, key=lambda r: _LAYER_ORDER.get(r.megatron.split(".", 3)[3], 99)):
+            for e in experts if EXPERT in mlp.megatron else [None]:
+                pair = (_at(mlp.gate, i, e), _at(mlp.up, i, e))
+                layer_rules.append(Rule(_at(mlp.megatron, i, e), "mlp", pair, expert=e is not None))
+        for rule in sorted(layer_rules, key=lambda r: _layer_order(r.megatron)):
             add(rule)
     for meg, hf in family.direct.items():
         if "*" not in meg and not meg.startswith("embedding."):
@@ -197,13 +204,28 @@ _LAYER_ORDER = {
             "pre_mlp_layernorm.weight",
             "mlp.linear_fc1.weight",
             "mlp.linear_fc2.weight",
+            "mlp.router.weight",
+            "mlp.experts.local_experts",
+            "linear_fc1.weight",
+            "linear_fc2.weight",
         ]
     )
 }
+_EXPERT_RE = re.compile(r"^(mlp\.experts\.local_experts)\.(\d+)\.(.*)$")
 
 
-def _at(pattern: str, layer: int) -> str:
-    return pattern.replace("*", str(layer))
+def _layer_order(megatron: str) -> tuple[int, ...]:
+    """Sort key of a layer's parameter: the forward pass order, expert by expert (fc1 then fc2 of each)."""
+    rest = megatron.split(".", 3)[3]
+    m = _EXPERT_RE.match(rest)
+    if m is None:
+        return (_LAYER_ORDER.get(rest, 99),)
+    return (_LAYER_ORDER[m.group(1)], int(m.group(2)), _LAYER_ORDER.get(m.group(3), 99))
+
+
+def _at(pattern: str, layer: int, expert: int | None = None) -> str:
+    name = pattern.replace(LAYER, str(layer))
+    return name if expert is None else name.replace(EXPERT, str(expert))
 
 
 def hf_names(plan: dict[str, Rule]) -> list[str]:
@@ -218,8 +240,9 @@ _TE_TO_LOCAL = {te: local for local, te in TE_FUSED_NORM_NAMES.items()}
 def global_param_names(chunk: torch.nn.Module) -> list[tuple[str, str, torch.nn.Parameter]]:
     """``(global Megatron name, local name, parameter)`` for one model chunk (DDP/Float16 wrappers removed).
 
-    Local layer indices become global ones (via each layer's 1-based ``layer_number``), and transformer-engine names
-    of layer norms fused into linears become the local spec's names.
+    Local layer indices become global ones (via each layer's 1-based ``layer_number``), an MoE layer's local expert
+    indices global ones (via its ``local_expert_indices``), and transformer-engine names of layer norms fused into
+    linears become the local spec's names.
     """
     module = unwrap(chunk)
     layers = module.decoder.layers if hasattr(module, "decoder") else []
@@ -230,6 +253,10 @@ def global_param_names(chunk: torch.nn.Module) -> list[tuple[str, str, torch.nn.
         if m:
             idx, rest = int(m.group(1)), m.group(2)
             rest = _TE_TO_LOCAL.get(rest, rest)
+            expert = _EXPERT_RE.match(rest)
+            if expert:
+                owned = layers[idx].mlp.local_expert_indices
+                rest = f"{expert.group(1)}.{owned[int(expert.group(2))]}.{expert.group(3)}"
             name = f"decoder.layers.{layers[idx].layer_number - 1}.{rest}"
         out.append((name, local, param))
     return out
