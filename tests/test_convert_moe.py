@@ -70,7 +70,7 @@ def _tp1_worker(rank: int, world: int, cases: dict, tmp: Path) -> dict:
     return report
 
 
-def _fuse_expert_grads(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _per_expert_grads(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers' fused expert gradients -> per-expert tensors, named as the checkpoint names them."""
     out = {}
     for name, grad in grads.items():
@@ -99,7 +99,7 @@ def test_tp1_roundtrip_logits_and_gradients(moe_dirs: dict[str, Path], tmp_path:
     for name, hf_dir in moe_dirs.items():
         tokens = sample_tokens(hf_dir)
         loss, grads = hf_loss_and_grads(hf_dir, tokens)
-        cases[name] = (hf_dir, tokens, hf_logits(hf_dir, tokens), loss, _fuse_expert_grads(grads))
+        cases[name] = (hf_dir, tokens, hf_logits(hf_dir, tokens), loss, _per_expert_grads(grads))
     (report,) = run_distributed(_tp1_worker, 1, cases, tmp_path)
     print("qwen3_moe at TP1, max |diff| from transformers:", report)
     for name, hf_dir in moe_dirs.items():
