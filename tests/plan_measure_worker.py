@@ -91,8 +91,12 @@ def measure_step(
     recompute: bool,
     lengths: list[int],
     max_tokens: int,
+    sequence_parallel: bool | None = None,
 ) -> dict:
-    """One rank: build the policy, train one warm-up mini-batch, then measure the next one."""
+    """One rank: build the policy, train one warm-up mini-batch, then measure the next one.
+
+    ``sequence_parallel`` sets ``parallel.sequence_parallel`` (None: the config's default, on whenever TP > 1).
+    """
     from luffy_megatron.config import load_config, read_hf_config
     from luffy_megatron.models.builder import model_spec
     from luffy_megatron.platform import init_model_parallel, setup_platform
@@ -108,7 +112,8 @@ def measure_step(
         f"parallel.max_tokens_per_micro_batch={max_tokens}",
         "parallel.use_distributed_optimizer=false",
     ]
-    over.append("parallel.sequence_parallel=false")  # the plan prices layouts without sequence parallelism
+    if sequence_parallel is not None:
+        over.append(f"parallel.sequence_parallel={str(sequence_parallel).lower()}")
     if vpp:
         over.append(f"parallel.vpp={vpp}")
     cfg = load_config(None, over)

@@ -87,10 +87,37 @@ def test_recipes_layouts_are_rated_feasible_on_80gb(recipe, nodes, rollout, tmp_
     from luffy_megatron.config import load_config
 
     p = load_config(str(ROOT / "configs" / recipe), []).parallel
-    row = next(r for r in result["feasible"] if (r["tp"], r["pp"], r["vpp"]) == (p.tp, p.pp, p.vpp))
+    key = (p.tp, p.pp, p.vpp, p.sequence_parallel_on())
+    row = next(r for r in result["feasible"] if (r["tp"], r["pp"], r["vpp"], r["sp"]) == key)
     assert row["memory"]["total"] < 80 * GB
     table = capsys.readouterr().out
-    assert f"| {row['rank']} | {p.tp} | {p.pp} | - |" in table and "Infeasible:" in table
+    assert f"| {row['rank']} | {p.tp} | on | {p.pp} | - |" in table and "Infeasible:" in table
+
+
+def test_sequence_parallelism_shards_the_norms_and_is_searched_at_tp_above_one():
+    from luffy_megatron.plan.memory import Layout, MicroBatch, head_activation_bytes, layer_activation_bytes
+
+    mb = MicroBatch(4096, 1024)
+    for tp in (2, 4):
+        off, on = Layout(tp, 1, 1), Layout(tp, 1, 1, sp=True)
+        # per token: 6 x hidden (bf16) and two fp32 reciprocal RMS per layer, 3 x hidden and one on the last stage
+        saved = mb.tokens * (1 - 1 / tp)
+        layer = layer_activation_bytes(QWEN7B, off, mb, 2, True) - layer_activation_bytes(QWEN7B, on, mb, 2, True)
+        assert layer == saved * (6 * QWEN7B.hidden * 2 + 8)
+        head = head_activation_bytes(QWEN7B, off, mb, 2) - head_activation_bytes(QWEN7B, on, mb, 2)
+        assert head == saved * (3 * QWEN7B.hidden * 2 + 4)
+    result = plan(QWEN7B, PlanInputs(nodes=1, gpus_per_node=8, gpu_mem_gb=1000))
+    sps = {}
+    for r in result["feasible"]:
+        sps.setdefault((r["tp"], r["pp"]), []).append(r["sp"])
+    assert sps[(1, 1)] == [False] and sps[(4, 1)] == [True, False]  # ties: SP on first, as it needs less memory
+    only = {"on": {1: [False], 4: [True]}, "off": {1: [False], 4: [False]}}
+    for choice, want in only.items():
+        rows = plan(QWEN7B, PlanInputs(nodes=1, gpus_per_node=8, gpu_mem_gb=1000, sequence_parallel=choice))
+        assert {tp: [r["sp"] for r in rows["feasible"] if (r["tp"], r["pp"]) == (tp, 1)] for tp in want} == want
+    # a single sequence longer than the budget is padded to a multiple of TP
+    inp = PlanInputs(prompt_len=1000, response_len=1001, micro_batch_tokens=1024)
+    assert inp.micro_batch(4).tokens == 2004 and inp.micro_batch().tokens == 2001
 
 
 def test_bad_input_gives_one_error_line(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""The planner against real Megatron policy updates on CPU (fp32, gloo), at 7 layouts of two small model shapes.
+"""The planner against real Megatron policy updates on CPU (fp32, gloo), at 9 layouts of two small model shapes
+(sequence parallelism on and off at TP 2).
 
 Per rank: the static bytes (weights, gradient buffers, Adam moments) must equal the planner's exactly, and the peak of
 activations autograd holds (saved-tensor hooks; see tests/plan_measure_worker.py) and the peak in total must be
@@ -37,15 +38,18 @@ SHAPES = {
     ),
 }
 SAMPLES, LENGTH, BUDGET = 16, 256, 1024  # 4 rows of 256 tokens per micro-batch
-# (shape, tp, pp, vpp, dp, recompute). Recomputation does not run on CPU (megatron's checkpointing asks for CUDA).
+# (shape, tp, pp, vpp, dp, recompute, sequence parallel). Recomputation does not run on CPU (megatron's checkpointing
+# asks for CUDA).
 LAYOUTS = [
-    ("qwen2", 1, 1, None, 1, False),
-    ("qwen2", 2, 1, None, 1, False),
-    ("qwen2", 1, 2, None, 1, False),
-    ("qwen2", 1, 1, None, 2, False),
-    ("qwen2", 2, 2, None, 1, False),
-    ("llama", 1, 2, 2, 1, False),
-    ("llama", 2, 1, None, 1, False),
+    ("qwen2", 1, 1, None, 1, False, False),
+    ("qwen2", 2, 1, None, 1, False, True),
+    ("qwen2", 2, 1, None, 1, False, False),
+    ("qwen2", 1, 2, None, 1, False, False),
+    ("qwen2", 1, 1, None, 2, False, False),
+    ("qwen2", 2, 2, None, 1, False, True),
+    ("qwen2", 2, 2, None, 1, False, False),
+    ("llama", 1, 2, 2, 1, False, False),
+    ("llama", 2, 1, None, 1, False, True),
 ]
 
 
@@ -57,15 +61,16 @@ def models(tmp_path_factory):
     return {name: make_tiny_model(root / name, seed=0, **kw) for name, kw in SHAPES.items()}
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: "{}-tp{}-pp{}-vpp{}-dp{}-rec{}".format(*x))
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: "{}-tp{}-pp{}-vpp{}-dp{}-rec{}-sp{}".format(*x))
 def test_measured_peak_memory_matches_the_plan(layout, models):
-    name, tp, pp, vpp, dp, recompute = layout
+    name, tp, pp, vpp, dp, recompute, sp = layout
     hf_dir = models[name]
+    lengths = [LENGTH] * SAMPLES
     results = run_distributed(
-        measure_step, tp * pp * dp, str(hf_dir), tp, pp, vpp, recompute, [LENGTH] * SAMPLES, BUDGET, timeout_s=900
+        measure_step, tp * pp * dp, str(hf_dir), tp, pp, vpp, recompute, lengths, BUDGET, sp, timeout_s=900
     )
     shape = ModelShape.from_hf(json.loads((hf_dir / "config.json").read_text()))
-    lay = Layout(tp, pp, dp, vpp, dist_opt=False)
+    lay = Layout(tp, pp, dp, vpp, dist_opt=False, sp=sp)
     rows = []
     for r in results:
         planned = static_bytes(shape, lay, r["pp_rank"], r["dp_rank"], "float32", fp32_norms=True)
@@ -84,16 +89,19 @@ def test_measured_peak_memory_matches_the_plan(layout, models):
         )
 
 
-def test_the_plan_bounds_a_realistic_length_mix(models):
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2-sp"])
+def test_the_plan_bounds_a_realistic_length_mix(tp, models):
     """Sequences of 60..1536 tokens (log-uniform, as responses of 50 tokens to the length limit), packed by the
-    policy: the planner prices the worst micro-batch, padded to the budget with the longest sequence."""
+    policy: the planner prices the worst micro-batch, padded to the budget with the longest sequence. At TP 2 with
+    SP the packed rows are padded to even lengths (most of these lengths are odd)."""
     rng = random.Random(3)
     lengths = [int(math.exp(rng.uniform(math.log(60), math.log(1536)))) for _ in range(40)] + [1536]
-    budget = 3072
+    budget, sp = 3072, tp > 1
     hf_dir = models["qwen2"]
-    (r,) = run_distributed(measure_step, 1, str(hf_dir), 1, 1, None, False, lengths, budget, timeout_s=900)
+    results = run_distributed(measure_step, tp, str(hf_dir), tp, 1, None, False, lengths, budget, sp, timeout_s=900)
     shape = ModelShape.from_hf(json.loads((hf_dir / "config.json").read_text()))
-    lay = Layout(1, 1, 1, None, dist_opt=False)
+    lay = Layout(tp, 1, 1, None, dist_opt=False, sp=sp)
     act = activation_bytes(shape, lay, 0, MicroBatch(budget, max(lengths)), 8, 4, False, flash=False)
-    print(f"length mix: measured {r['activations']} predicted {act} ({act / r['activations'] - 1:+.1%})")
-    assert abs(act / r["activations"] - 1) < 0.15
+    for r in results:
+        print(f"length mix TP {tp}: measured {r['activations']} predicted {act} ({act / r['activations'] - 1:+.1%})")
+        assert abs(act / r["activations"] - 1) < 0.15

@@ -1,4 +1,5 @@
-"""``luffy-plan``: per-GPU memory of every TP / PP / VPP / DP layout of a training job, and which ones fit.
+"""``luffy-plan``: per-GPU memory of every TP / PP / VPP / DP layout of a training job (sequence parallelism on and off
+at TP > 1), and which ones fit.
 
 examples:
   luffy-plan --model configs/luffy_qwen2.5_math_7b.yaml --nodes 2 --rollout-gpus 8        # the 7B recipe
@@ -44,6 +45,12 @@ def parser() -> argparse.ArgumentParser:
         help="flash: transformer-engine (GPU); unfused: megatron's local spec (CPU)",
     )
     p.add_argument("--vpp", type=int, nargs="+", default=[0], help="virtual stages to try (0 = not interleaved)")
+    p.add_argument(
+        "--sp",
+        choices=("on", "off", "both"),
+        default="both",
+        help="sequence parallelism at TP > 1: price each layout with it (on), without (off), or both (default)",
+    )
     p.add_argument("--reserve-gb", type=float, default=3.0, help="per GPU for CUDA context, NCCL, fragmentation")
     p.add_argument("--json", help="write the whole plan here")
     p.add_argument("--all", action="store_true", help="list every infeasible layout (default: the first 12)")
@@ -59,6 +66,7 @@ def inputs(args: argparse.Namespace, recipe) -> PlanInputs:
         rollout_gpus=args.rollout_gpus,
         reserve_gb=args.reserve_gb,
         vpp=[v or None for v in args.vpp],
+        sequence_parallel=args.sp,
         flash_attention=args.attention == "flash",
         fp32_norms=args.attention == "unfused",
     )
@@ -104,27 +112,29 @@ def render(result: dict, show_all: bool) -> str:
         f"{inp['nodes']} x {inp['gpus_per_node']} GPUs of {inp['gpu_mem_gb']:g} GiB, {inp['rollout_gpus']} for "
         f"rollouts; {inp['dtype']}, micro-batch {inp['micro_batch_tokens']} tokens, sequences up to "
         f"{inp['prompt_len'] + inp['response_len']}, recompute {'on' if inp['recompute'] else 'off'}, "
-        f"distributed optimizer {'on' if inp['dist_opt'] else 'off'}"
+        f"distributed optimizer {'on' if inp['dist_opt'] else 'off'}, sequence parallelism at TP > 1: "
+        f"{inp['sequence_parallel']}"
     )
     lines = [
         head,
         "",
-        "| rank | TP | PP | VPP | DP | " + " | ".join(COLUMNS) + " | total GiB | step time |",
-        "|---" * (len(COLUMNS) + 7) + "|",
+        "| rank | TP | SP | PP | VPP | DP | " + " | ".join(COLUMNS) + " | total GiB | step time |",
+        "|---" * (len(COLUMNS) + 8) + "|",
     ]
     for r in result["feasible"]:
         mem = r["memory"]
         cells = [f"{mem[c] / GB:.2f}" for c in COLUMNS]
         lines.append(
-            f"| {r['rank']} | {r['tp']} | {r['pp']} | {r['vpp'] or '-'} | {r['dp']} | "
+            f"| {r['rank']} | {r['tp']} | {_sp(r)} | {r['pp']} | {r['vpp'] or '-'} | {r['dp']} | "
             + " | ".join(cells)
             + f" | {mem['total'] / GB:.2f} | {r['step_time_factor']:.2f} |"
         )
     if not result["feasible"]:
-        lines.append("| - | no layout fits |" + " |" * (len(COLUMNS) + 6))
+        lines.append("| - | no layout fits |" + " |" * (len(COLUMNS) + 7))
     bad = result["infeasible"] if show_all else result["infeasible"][:12]
     lines += ["", "Infeasible:"] + [
-        f"- TP {r['tp']} PP {r['pp']} VPP {r['vpp'] or '-'} DP {r['dp']}: " + "; ".join(r["reasons"]) for r in bad
+        f"- TP {r['tp']} SP {_sp(r)} PP {r['pp']} VPP {r['vpp'] or '-'} DP {r['dp']}: " + "; ".join(r["reasons"])
+        for r in bad
     ]
     if len(bad) < len(result["infeasible"]):
         lines.append(f"- ... {len(result['infeasible']) - len(bad)} more (--all)")
@@ -135,6 +145,11 @@ def render(result: dict, show_all: bool) -> str:
             f"fraction" + (f" ({r['reason']})" if "reason" in r else "")
         )
     return "\n".join(lines) + "\n"
+
+
+def _sp(row: dict) -> str:
+    """A layout's sequence parallelism as the table shows it (- at TP 1, where it does not apply)."""
+    return "-" if row["tp"] == 1 or row["sp"] is None else ("on" if row["sp"] else "off")
 
 
 def main(argv: list[str] | None = None) -> int:

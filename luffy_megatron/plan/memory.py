@@ -31,6 +31,7 @@ class Layout:
     dp: int
     vpp: int | None = None
     dist_opt: bool = True
+    sp: bool = False  # sequence parallelism (TP > 1): norms, residuals and dropout keep 1/TP of the sequence
 
 
 @dataclass(frozen=True)
@@ -122,37 +123,48 @@ class MicroBatch:
     length: int
 
 
-def layer_activation_bytes(m: ModelShape, tp: int, mb: MicroBatch, act_bytes: int, flash: bool) -> int:
-    """Bytes autograd keeps for backward of one transformer layer and micro-batch (no sequence parallelism).
+def sp_share(tokens: int, lay: Layout) -> float:
+    """Tokens of a micro-batch whose sequence-sharded activations one rank keeps: all, or 1/TP with SP."""
+    return tokens / lay.tp if lay.sp else tokens
+
+
+def layer_activation_bytes(m: ModelShape, lay: Layout, mb: MicroBatch, act_bytes: int, flash: bool) -> int:
+    """Bytes autograd keeps for backward of one transformer layer and micro-batch.
 
     Per token: each RMSNorm keeps its input, the normalised values and its output (the next linear's input): 6 x
-    hidden for the two norms. Attention keeps the context (the output projection's input) and, unfused (megatron's
-    local spec on CPU), the query and the key and value expanded to every query head (without grouped queries the
-    value stays a view of the whole fused QKV output), the softmax output
-    (heads x length per token) and the causal mask (length^2 bytes); flash attention (transformer-engine) keeps
+    hidden for the two norms, plus their fp32 reciprocal RMS. With sequence parallelism (``lay.sp``) these are kept for
+    1/TP of the tokens: the norms run on the rank's slice and a column-parallel linear keeps its input before the
+    all-gather. Attention keeps the context (the output projection's input) and, unfused (megatron's local spec on
+    CPU), the query and the key and value expanded to every query head (without grouped queries the value stays a view
+    of the whole fused QKV output), the softmax output (heads x length per token) and, per packed sequence, the
+    causal mask (length^2 bytes) and RoPE's cos / sin for query and key; flash attention (transformer-engine) keeps
     query, key and value unexpanded and no score matrix. The SwiGLU MLP keeps the fc1 output (2 x ffn), the GLU's two
     intermediate results (2 x ffn) and the fc2 input (ffn). Measured breakdown: docs/plan.md.
     """
+    tp = lay.tp
     h, q, kv, f = m.hidden, m.heads * m.head_dim // tp, m.kv_heads * m.head_dim // tp, m.ffn // tp
-    per_token = 6 * h + q + 5 * f
-    # the norms' fp32 reciprocal RMS (2 per token) and RoPE's cos / sin tables for query and key
-    extra = mb.tokens * 2 * 4 + 4 * mb.length * m.head_dim * act_bytes
+    per_token = q + 5 * f
+    # RoPE's cos / sin for query and key, per token of every packed sequence
+    extra = 4 * mb.tokens * m.head_dim * act_bytes
     if flash:
         per_token += q + 2 * kv
     else:
         # without grouped queries the value is not expanded: it stays a view of the fused QKV output, which is kept
         per_token += 2 * q + (q + 2 * kv if m.kv_heads == m.heads else q)
-        # rows x heads x length^2 scores, at most tokens x heads x length for any packing
-        extra += mb.tokens * (m.heads // tp) * mb.length * act_bytes + mb.length**2
-    return mb.tokens * per_token * act_bytes + extra
+        # sequences x heads x length^2 scores and length^2 mask bytes: at most tokens x length for any packing
+        extra += mb.tokens * (m.heads // tp) * mb.length * act_bytes + mb.tokens * mb.length
+    norms = math.ceil(sp_share(mb.tokens, lay) * (6 * h * act_bytes + 2 * 4))
+    return mb.tokens * per_token * act_bytes + extra + norms
 
 
-def head_activation_bytes(m: ModelShape, tp: int, mb: MicroBatch, act_bytes: int) -> int:
-    """The last stage's final norm (input, normalised, output), the logits the fused log-prob keeps, and 55 bytes per
-    token of bookkeeping: the norm's fp32 reciprocal RMS, the log-prob's targets (int64) and log-sum-exp (fp32), and
-    the loss's seven fp32 and three bool per-token tensors and the int64 token ids."""
-    vocab = padded_vocab_size(m.vocab, tp) // tp
-    return mb.tokens * ((3 * m.hidden + vocab) * act_bytes + 55)
+def head_activation_bytes(m: ModelShape, lay: Layout, mb: MicroBatch, act_bytes: int) -> int:
+    """The last stage's final norm (input, normalised, output and its fp32 reciprocal RMS, for 1/TP of the tokens
+    with SP), the logits the fused log-prob keeps, and 51 bytes per token of bookkeeping: the log-prob's targets
+    (int64) and log-sum-exp (fp32), and the loss's seven fp32 and three bool per-token tensors and the int64 token
+    ids."""
+    vocab = padded_vocab_size(m.vocab, lay.tp) // lay.tp
+    norm = math.ceil(sp_share(mb.tokens, lay) * (3 * m.hidden * act_bytes + 4))
+    return mb.tokens * (vocab * act_bytes + 51) + norm
 
 
 def logprob_chunk_bytes(m: ModelShape, tp: int, chunk_tokens: int) -> int:
@@ -180,12 +192,12 @@ def activation_bytes(
 ) -> int:
     """Peak activation bytes of a pipeline rank over a step (what autograd holds, as measured in the tests)."""
     chunk_layers = m.layers // (lay.pp * (lay.vpp or 1))
-    layer = layer_activation_bytes(m, lay.tp, mb, act_bytes, flash)
+    layer = layer_activation_bytes(m, lay, mb, act_bytes, flash)
     held = in_flight(lay, pp_rank, num_micro_batches)
-    if recompute:  # each layer keeps its input; backward rebuilds one layer at a time
-        total = held * chunk_layers * mb.tokens * m.hidden * act_bytes + layer
+    if recompute:  # each layer keeps its input (sequence-sharded with SP); backward rebuilds one layer at a time
+        total = held * chunk_layers * math.ceil(sp_share(mb.tokens, lay) * m.hidden * act_bytes) + layer
     else:
         total = held * chunk_layers * layer
     if pp_rank == lay.pp - 1:
-        total += head_activation_bytes(m, lay.tp, mb, act_bytes)
+        total += head_activation_bytes(m, lay, mb, act_bytes)
     return total

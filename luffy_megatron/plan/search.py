@@ -1,4 +1,5 @@
-"""Enumerate TP / PP / VPP / DP layouts for a cluster, price each one's worst rank, and rank the feasible ones."""
+"""Enumerate TP / PP / VPP / DP layouts (with sequence parallelism on and off at TP > 1) for a cluster, price each
+one's worst rank, and rank the feasible ones."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from luffy_megatron.plan.memory import (
     MicroBatch,
     activation_bytes,
     logprob_chunk_bytes,
+    sp_share,
     static_bytes,
 )
 from luffy_megatron.plan.shapes import ModelShape
@@ -39,6 +41,7 @@ class PlanInputs:
     logprob_chunk_tokens: int = 1024
     reserve_gb: float = 3.0  # CUDA context, NCCL workspaces, allocator fragmentation
     vpp: list[int | None] = field(default_factory=lambda: [None])
+    sequence_parallel: str = "both"  # at TP > 1: "on", "off", or "both" (each layout priced with and without)
     rollout_tp: list[int] = field(default_factory=list)
     rollout_mem_fraction: float = 0.8
 
@@ -46,10 +49,17 @@ class PlanInputs:
     def train_gpus(self) -> int:
         return self.nodes * self.gpus_per_node - self.rollout_gpus
 
-    def micro_batch(self) -> MicroBatch:
-        """The worst micro-batch: padded to the whole token budget (or one longest sequence when that is longer)."""
+    def micro_batch(self, alignment: int = 1) -> MicroBatch:
+        """The worst micro-batch: padded to the whole token budget (or one longest sequence, rounded up to a multiple
+        of ``alignment`` as SP pads it, when that is longer)."""
         length = self.prompt_len + self.response_len
-        return MicroBatch(max(self.micro_batch_tokens, length), length)
+        return MicroBatch(max(self.micro_batch_tokens, -(-length // alignment) * alignment), length)
+
+    def sp_choices(self, tp: int) -> list[bool]:
+        """Sequence parallelism on / off to price at ``tp`` (on first: the trainer's default at TP > 1)."""
+        if tp == 1 or self.sequence_parallel == "off":
+            return [False]
+        return [True] if self.sequence_parallel == "on" else [True, False]
 
 
 def _divisors(n: int) -> list[int]:
@@ -73,7 +83,7 @@ def layout_problems(m: ModelShape, lay: Layout, inp: PlanInputs) -> list[str]:
 
 def price(m: ModelShape, lay: Layout, inp: PlanInputs) -> dict:
     """Per-GPU bytes of the worst rank (max over pipeline and data-parallel ranks) with the breakdown."""
-    mb = inp.micro_batch()
+    mb = inp.micro_batch(lay.tp if lay.sp else 1)
     act_bytes = DTYPE_BYTES[inp.dtype]
     per_rank_samples = math.ceil(inp.samples_per_optimizer_step / lay.dp)
     num_mb = max(1, math.ceil(per_rank_samples * mb.length / max(mb.tokens, 1)))
@@ -92,8 +102,7 @@ def price(m: ModelShape, lay: Layout, inp: PlanInputs) -> dict:
             )
             if last
             else 0,
-            # pipeline send/receive buffers (activations and their gradients)
-            "comm_buffers": 2 * mb.tokens * m.hidden * act_bytes if lay.pp > 1 else 0,
+            "comm_buffers": comm_buffer_bytes(m, lay, mb, act_bytes),
             "reserve": int(inp.reserve_gb * GB),
         }
         parts["total"] = sum(parts.values())
@@ -106,6 +115,13 @@ def price(m: ModelShape, lay: Layout, inp: PlanInputs) -> dict:
     return worst
 
 
+def comm_buffer_bytes(m: ModelShape, lay: Layout, mb: MicroBatch, act_bytes: int) -> int:
+    """PP > 1: the activation and its gradient sent and received between stages (1/TP of the sequence with SP);
+    SP: the all-gathered input of a column-parallel linear (the whole sequence)."""
+    p2p = 2 * math.ceil(sp_share(mb.tokens, lay) * m.hidden * act_bytes) if lay.pp > 1 else 0
+    return p2p + (mb.tokens * m.hidden * act_bytes if lay.sp else 0)
+
+
 def _dp_ranks(lay: Layout) -> range:
     """Every DP rank when the optimizer is sharded (alignment gaps and bucket padding make shards differ)."""
     return range(lay.dp if lay.dist_opt else 1)
@@ -113,32 +129,34 @@ def _dp_ranks(lay: Layout) -> range:
 
 def step_time_factor(lay: Layout, num_mb: int, recompute: bool) -> float:
     """Relative time of a step on the same GPUs (lower is faster): the 1F1B bubble (PP - 1) / (m x VPP), ~10% per
-    doubling of TP for its all-reduces, 4/3 for recomputation. A rough order, not a prediction."""
+    doubling of TP for its all-reduces (SP moves the same bytes as an all-gather and a reduce-scatter), 4/3 for
+    recomputation. A rough order, not a prediction."""
     bubble = (lay.pp - 1) / (num_mb * (lay.vpp or 1))
     return (1 + bubble) * (1 + 0.1 * math.log2(lay.tp)) * (4 / 3 if recompute else 1.0)
 
 
 def plan(m: ModelShape, inp: PlanInputs) -> dict:
-    """Every layout of the training GPUs: feasible ones ranked by :func:`step_time_factor`, the rest with reasons."""
+    """Every layout of the training GPUs: feasible ones ranked by :func:`step_time_factor` (then memory), the rest
+    with reasons (a layout that cannot run is listed once, without SP)."""
     feasible, infeasible = [], []
     for tp in [d for d in _divisors(inp.train_gpus) if d <= max(inp.gpus_per_node, 1) * 2]:
         for pp in _divisors(inp.train_gpus // tp):
             for vpp in inp.vpp:
-                lay = Layout(tp, pp, inp.train_gpus // (tp * pp), vpp, inp.dist_opt)
-                row = {"tp": tp, "pp": pp, "vpp": vpp, "dp": lay.dp}
-                problems = layout_problems(m, lay, inp)
+                dp = inp.train_gpus // (tp * pp)
+                problems = layout_problems(m, Layout(tp, pp, dp, vpp, inp.dist_opt), inp)
                 if problems:
-                    infeasible.append({**row, "reasons": problems})
+                    infeasible.append({"tp": tp, "pp": pp, "vpp": vpp, "dp": dp, "sp": None, "reasons": problems})
                     continue
-                mem = price(m, lay, inp)
-                row.update(
-                    memory=mem, step_time_factor=step_time_factor(lay, mem["micro_batches_per_rank"], inp.recompute)
-                )
-                if mem["total"] > inp.gpu_mem_gb * GB:
-                    gib = mem["total"] / GB
-                    infeasible.append({**row, "reasons": [f"needs {gib:.1f} GiB > {inp.gpu_mem_gb:g} GiB"]})
-                else:
-                    feasible.append(row)
+                for sp in inp.sp_choices(tp):
+                    lay = Layout(tp, pp, dp, vpp, inp.dist_opt, sp)
+                    mem = price(m, lay, inp)
+                    row = {"tp": tp, "pp": pp, "vpp": vpp, "dp": dp, "sp": sp, "memory": mem}
+                    row["step_time_factor"] = step_time_factor(lay, mem["micro_batches_per_rank"], inp.recompute)
+                    if mem["total"] > inp.gpu_mem_gb * GB:
+                        gib = mem["total"] / GB
+                        infeasible.append({**row, "reasons": [f"needs {gib:.1f} GiB > {inp.gpu_mem_gb:g} GiB"]})
+                    else:
+                        feasible.append(row)
     feasible.sort(key=lambda r: (r["step_time_factor"], r["memory"]["total"]))
     for i, row in enumerate(feasible, 1):
         row["rank"] = i
