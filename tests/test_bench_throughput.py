@@ -38,10 +38,34 @@ def test_layout_parsing_and_peak_table():
         import bench_throughput as bt
     finally:
         sys.path.remove(str(REPO / "tools"))
-    assert bt.parse_layout("tp2pp1dp4") == {"name": "tp2pp1dp4", "tp": 2, "pp": 1, "vpp": None, "dp": 4, "world": 8}
+    assert bt.parse_layout("tp2pp1dp4") == {
+        "name": "tp2pp1dp4",
+        "tp": 2,
+        "pp": 1,
+        "vpp": None,
+        "dp": 4,
+        "sequence_parallel": None,
+        "world": 8,
+    }
     assert bt.parse_layout("tp1pp2vpp2dp1")["vpp"] == 2
-    with pytest.raises(Exception, match="tpXppYdpZ"):
-        bt.parse_layout("tp2dp2")
+    # pp / dp default to 1; sp / nosp set sequence parallelism, unsuffixed leaves the trainer's default (on at TP > 1)
+    short = bt.parse_layout("tp2sp")
+    assert (short["pp"], short["dp"], short["world"], short["sequence_parallel"]) == (1, 1, 2, True)
+    assert bt.parse_layout("tp2pp2nosp")["sequence_parallel"] is False and bt.parse_layout("tp2dp2")["world"] == 4
+    for bad in ("pp2dp2", "tp2spdp2", "tp2pp1dp1xsp"):
+        with pytest.raises(Exception, match="tpXppYdpZ"):
+            bt.parse_layout(bad)
+    label = bt.plot_label(
+        {
+            "layout": "tp2",
+            "tp": 2,
+            "sequence_parallel": True,
+            "peak_rss_gb_max_rank": 1.2,
+            "peak_rss_gb_per_rank": [1.1, 1.2],
+            "tokens": {"computed_over_real": 1.0},
+        }
+    )
+    assert label == "tp2 SP on\n1.10-1.20 GB RSS/rank\ncomputed/real 1.000"
     assert bt.peak_flops("NVIDIA H200", "bfloat16") == 989e12
     assert bt.peak_flops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312e12
     assert bt.peak_flops("cpu", "bfloat16") is None
@@ -97,6 +121,7 @@ def test_one_tiny_layout_writes_report(tmp_path):
     [res] = report["results"]
     assert "error" not in res
     assert (res["layout"], res["tp"], res["pp"], res["dp"], res["world_size"]) == ("tp1pp1dp1", 1, 1, 1, 1)
+    assert res["sequence_parallel"] is False and len(res["peak_rss_gb_per_rank"]) == 1
     assert res["backend"] == "gloo" and res["samples_per_step"] == 2 and res["tokens_per_step"] == 16
     for phase in ("train", "logprob"):
         r = res[phase]

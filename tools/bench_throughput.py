@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Policy-update throughput across parallel layouts: seconds/step, tokens/s (and MFU on GPU) of train_mini_batch.
 
-For each layout ``tpXppYdpZ`` (optionally ``tpXppYvppVdpZ``) the tool starts ``X*Y*Z`` processes with ``torchrun``
+For each layout ``tpXppYdpZ`` (optionally ``tpXppYvppVdpZ``; ``pp``/``dp`` may be left out for 1; a suffix ``sp`` or
+``nosp`` turns sequence parallelism on or off, unsuffixed is the trainer's default: on whenever X > 1, so ``tp2`` =
+``tp2sp`` = ``tp2pp1dp1sp``) the tool starts ``X*Y*Z`` processes with ``torchrun``
 (NCCL + CUDA on a GPU node, gloo on CPU), builds :class:`MegatronPolicy` from an HF folder's architecture (weights are
 Megatron's random init: values do not change the work), makes one synthetic LUFFY mini-batch of ``prompts * n``
 samples (``n - 1`` on-policy + 1 off-policy trace per prompt; every sample ``prompt_len + response_len`` tokens, or
@@ -49,15 +51,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from luffy_megatron.metrics.perf import PEAK_FLOPS, model_flops, peak_flops  # noqa: E402
 
-LAYOUT_RE = re.compile(r"^tp(\d+)pp(\d+)(?:vpp(\d+))?dp(\d+)$")
+LAYOUT_RE = re.compile(r"^tp(\d+)(?:pp(\d+))?(?:vpp(\d+))?(?:dp(\d+))?(sp|nosp)?$")
 
 
-def parse_layout(text: str) -> dict[str, int | None]:
+def parse_layout(text: str) -> dict[str, int | bool | str | None]:
+    """``tpXppYvppVdpZ`` with ``pp``, ``vpp`` and ``dp`` optional (1, none, 1) and an ``sp`` / ``nosp`` suffix:
+    ``sequence_parallel`` True / False, or None (the trainer's default, on whenever TP > 1)."""
     m = LAYOUT_RE.match(text.strip())
     if not m:
-        raise argparse.ArgumentTypeError(f"layout {text!r} is not of the form tpXppYdpZ (or tpXppYvppVdpZ)")
-    tp, pp, vpp, dp = (int(g) if g else None for g in m.groups())
-    return {"name": text.strip(), "tp": tp, "pp": pp, "vpp": vpp, "dp": dp, "world": tp * pp * dp}
+        raise argparse.ArgumentTypeError(
+            f"layout {text!r} is not of the form tpXppYdpZ (or tpXppYvppVdpZ; pp/dp optional; suffix sp or nosp)"
+        )
+    tp, pp, vpp, dp = (int(g) if g else None for g in m.groups()[:4])
+    pp, dp = pp or 1, dp or 1
+    sp = {"sp": True, "nosp": False, None: None}[m.group(5)]
+    return {
+        "name": text.strip(),
+        "tp": tp,
+        "pp": pp,
+        "vpp": vpp,
+        "dp": dp,
+        "sequence_parallel": sp,
+        "world": tp * pp * dp,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -222,6 +238,8 @@ def worker(args: argparse.Namespace) -> None:
     ]
     if layout["vpp"]:
         overrides.append(f"parallel.vpp={layout['vpp']}")
+    if layout["sequence_parallel"] is not None:
+        overrides.append(f"parallel.sequence_parallel={str(layout['sequence_parallel']).lower()}")
     cfg = load_config(None, overrides)
     spec = model_spec(read_hf_config(args.hf_dir), layout["tp"])
     policy = MegatronPolicy(cfg, spec, pad_id=0)
@@ -239,6 +257,8 @@ def worker(args: argparse.Namespace) -> None:
     gpu_mem = torch.tensor([torch.cuda.max_memory_allocated() if cuda else 0.0])
     if cuda:
         rss, gpu_mem = rss.cuda(), gpu_mem.cuda()
+    rss_all = [torch.zeros_like(rss) for _ in range(dist.get_world_size())]
+    dist.all_gather(rss_all, rss)
     dist.all_reduce(rss, op=dist.ReduceOp.MAX)
     dist.all_reduce(gpu_mem, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
@@ -253,6 +273,7 @@ def worker(args: argparse.Namespace) -> None:
             "pp": layout["pp"],
             "vpp": layout["vpp"],
             "dp": layout["dp"],
+            "sequence_parallel": cfg.parallel.sequence_parallel_on(),
             "world_size": world,
             "device": device_name,
             "backend": dist.get_backend(),
@@ -280,6 +301,7 @@ def worker(args: argparse.Namespace) -> None:
                 "mfu": flops / 3 / fwd / world / peak if peak else None,
             },
             "peak_rss_gb_max_rank": float(rss.item()) / 1e9,
+            "peak_rss_gb_per_rank": [float(r.item()) / 1e9 for r in rss_all],
             "peak_gpu_mem_gb_max_rank": float(gpu_mem.item()) / 1e9 if cuda else None,
             "tokens": accounting,
             "grad_norm_last": last_metrics.get("grad_norm"),
@@ -383,6 +405,14 @@ def machine_info(results: list[dict]) -> dict:
     return info
 
 
+def plot_label(result: dict) -> str:
+    """A bar's label: the layout, its sequence parallelism (TP > 1), peak RSS per rank and computed / real tokens."""
+    sp = "" if result["tp"] == 1 else (" SP on" if result.get("sequence_parallel") else " SP off")
+    rss = result.get("peak_rss_gb_per_rank") or [result["peak_rss_gb_max_rank"]]
+    mem = f"{max(rss):.2f}" if max(rss) - min(rss) < 0.005 else f"{min(rss):.2f}-{max(rss):.2f}"
+    return f"{result['layout']}{sp}\n{mem} GB RSS/rank\ncomputed/real {result['tokens']['computed_over_real']:.3f}"
+
+
 def plot(report: dict, path: str) -> None:
     import matplotlib
 
@@ -390,10 +420,10 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in report["results"] if "error" not in r and r["train"] is not None]
-    names = [r["layout"] for r in rows]
+    names = [plot_label(r) for r in rows]
     x = range(len(rows))
     width = 0.38
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(rows) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.9 * len(rows) + 2), 4.6))
     train = [r["train"]["tokens_per_s"] for r in rows]
     fwd = [r["logprob"]["tokens_per_s"] for r in rows]
     b1 = ax.bar([i - width / 2 for i in x], train, width, label="policy update (fwd+bwd+optimizer)")
@@ -407,7 +437,7 @@ def plot(report: dict, path: str) -> None:
                 va="bottom",
                 fontsize=8,
             )
-    ax.set_xticks(list(x), names)
+    ax.set_xticks(list(x), names, fontsize=8)
     ax.set_ylabel("tokens / s (whole layout)")
     cfg = report["config"]
     device = rows[0]["device"] if rows else ""
@@ -437,7 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--intermediate-size", type=int, default=None, help="default 4 x hidden size")
     ap.add_argument("--vocab-size", type=int, default=2048)
-    ap.add_argument("--layouts", default="tp1pp1dp1", help="comma-separated tpXppYdpZ or tpXppYvppVdpZ")
+    ap.add_argument(
+        "--layouts",
+        default="tp1pp1dp1",
+        help="comma-separated tpXppYdpZ or tpXppYvppVdpZ (pp/dp optional), suffix sp / nosp: sequence parallelism "
+        "on / off (default: on whenever TP > 1)",
+    )
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--n", type=int, default=8, help="samples per prompt (one of them the off-policy trace)")
     ap.add_argument("--prompt-len", type=int, default=64, help="with --length-dist fixed (luffy: up to 400)")
@@ -480,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         groups = hf.get("num_key_value_heads") or heads
         for lay in layouts:  # fail before starting any process
             validate_parallel(
-                ParallelConfig(tp=lay["tp"], pp=lay["pp"], vpp=lay["vpp"]),
+                ParallelConfig(tp=lay["tp"], pp=lay["pp"], vpp=lay["vpp"], sequence_parallel=lay["sequence_parallel"]),
                 lay["world"],
                 hf["num_hidden_layers"],
                 heads,
@@ -497,8 +532,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 tok = res["tokens"]
                 line = (
-                    f"{lay['name']}: computed/real tokens {tok['computed_over_real']:.3f}, largest micro-batch "
-                    f"{tok['max_micro_batch_tokens']:,} (budget {tok['budget']:,})"
+                    f"{lay['name']} (SP {'on' if res['sequence_parallel'] else 'off'}): computed/real tokens "
+                    f"{tok['computed_over_real']:.3f}, peak RSS/rank {res['peak_rss_gb_max_rank']:.2f} GB, "
+                    f"largest micro-batch {tok['max_micro_batch_tokens']:,} (budget {tok['budget']:,})"
                 )
                 if res["train"] is not None:
                     train, fwd = res["train"], res["logprob"]
@@ -548,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "method": (
             "one torchrun launch per layout (a plain process at world size 1; NCCL+CUDA on GPU, gloo on CPU); "
+            "sequence_parallel: the layout's sp/nosp suffix, else on whenever tp > 1; "
             "MegatronPolicy with Megatron's random init; one synthetic mini-batch of prompts*n samples (n-1 "
             "on-policy + 1 trace per prompt), all of length prompt_len+response_len or (length_dist luffy) LUFFY's "
             "seeded length mix; tokens: the micro-batches every data-parallel rank builds for one update (summed over "
@@ -555,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
             "padded to the budget, both counted, not run); with tokens_only no step is run; warmup+steps iterations "
             "of train_mini_batch (one optimiser step on the whole "
             "batch, no old log-probs) then compute_logprobs, each fenced by barriers (+cuda synchronize): time of the "
-            "slowest rank; median over the timed steps; tokens = prompt+response tokens per step; MFU = "
+            "slowest rank; median over the timed steps; tokens = prompt+response tokens per step; peak RSS: "
+            "ru_maxrss of each rank at the end (peak_rss_gb_per_rank, by global rank); MFU = "
             "luffy_megatron.metrics.perf.model_flops (3x forward for the update, 1x for log-probs) / s / world size / "
             "dense peak of the GPU for the dtype (PEAK_FLOPS table; null on CPU)"
         ),
