@@ -103,7 +103,8 @@ def test_writer_checks_plan_order_and_shards(tmp_path: Path) -> None:
 
 
 def test_fused_layouts_invert_at_every_tp() -> None:
-    """shard_from_hf then hf_from_shards is the identity for every rule (pure tensor code, TP = 1, 2)."""
+    """shard_from_hf then hf_from_shards is the identity for every rule (pure tensor code, TP = 1, 2), each given its
+    Megatron parameter's shape on the rank."""
     folder = tiny_checkpoint("qwen2")
     spec = model_spec(json.loads((folder / "config.json").read_text()), tp=2)
     with HFCheckpointReader(folder) as reader:
@@ -117,6 +118,8 @@ def test_fused_layouts_invert_at_every_tp() -> None:
                 shape = list(reader.shape(rule.hf[0]))
                 if rule.vocab:
                     shape[0] = geo.padded_vocab // tp
+                elif rule.kind == "mlp":  # the rank's [gate_r; up_r]: the Megatron parameter's rows
+                    shape[0] = 2 * shape[0] // tp
                 elif dim is not None and rule.kind == "direct":
                     shape[dim] //= tp
                 shards = [rule.shard_from_hf(reader.read, geo, r, tp, dim, torch.Size(shape)) for r in range(tp)]
