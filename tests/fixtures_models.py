@@ -257,3 +257,23 @@ def write_train_assets(root: Path) -> Path:
     make_tiny_model(root / "model", family="qwen2", hidden_size=64, layers=2, heads=4, kv_heads=2)
     write_task(root / "task", num_train=64, num_val=8, seed=0, system_prompt=None)
     return root
+
+
+def converted_vs_hf(hf_dir, ckpt, tokens, ref_logits, ref_loss, ref_grads, **build_kwargs) -> dict[str, float]:
+    """The Megatron model loaded from the converted checkpoint ``ckpt`` (TP = PP = 1) against transformers' reference
+    on the same ``tokens``: the largest |difference| of the logits, of the summed loss and of every gradient (HF
+    names; both sides must have gradients for the same tensors)."""
+    init_parallel(1, 1)
+    spec, config, chunks = build_from_hf(hf_dir, 1, 1, ckpt=ckpt, **build_kwargs)
+    logits = pipeline_logits(chunks, config, spec, tokens)
+    chunks[0].train()
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    loss = summed_ce(chunks[0](tokens, pos, None), tokens, spec.vocab_size)
+    loss.backward()
+    grads = grads_as_hf(chunks, spec)
+    assert grads.keys() == ref_grads.keys(), sorted(grads.keys() ^ ref_grads.keys())
+    return {
+        "logits": (logits - ref_logits).abs().max().item(),
+        "loss": abs(loss.item() - ref_loss),
+        "grads": max((grads[n] - ref_grads[n]).abs().max().item() for n in ref_grads),
+    }

@@ -18,13 +18,12 @@ import torch
 from tests.dist_utils import run_distributed
 from tests.fixtures_models import (
     build_from_hf,
-    grads_as_hf,
+    converted_vs_hf,
     hf_logits,
     hf_loss_and_grads,
     init_parallel,
     pipeline_logits,
     sample_tokens,
-    summed_ce,
 )
 from tests.test_convert_roundtrip import _hf_tensors
 
@@ -54,19 +53,8 @@ def _tp1_worker(rank: int, world: int, cases: dict, tmp: Path) -> dict:
     for name, (hf_dir, tokens, ref_logits, ref_loss, ref_grads) in cases.items():
         convert_hf_to_megatron(hf_dir, tmp / f"{name}-megatron")
         convert_megatron_to_hf(tmp / f"{name}-megatron", tmp / f"{name}-hf")
-        init_parallel(1, 1)
-        spec, config, chunks = build_from_hf(hf_dir, 1, 1, ckpt=tmp / f"{name}-megatron", moe_aux_loss_coeff=0.0)
-        logits = pipeline_logits(chunks, config, spec, tokens)
-        chunks[0].train()
-        pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-        loss = summed_ce(chunks[0](tokens, pos, None), tokens, spec.vocab_size)
-        loss.backward()
-        grads = grads_as_hf(chunks, spec)
-        report[name] = {
-            "logits": (logits - ref_logits).abs().max().item(),
-            "loss": abs(loss.item() - ref_loss),
-            "grads": max((grads[n] - ref_grads[n]).abs().max().item() for n in grads),
-        }
+        ckpt = tmp / f"{name}-megatron"
+        report[name] = converted_vs_hf(hf_dir, ckpt, tokens, ref_logits, ref_loss, ref_grads, moe_aux_loss_coeff=0.0)
     return report
 
 

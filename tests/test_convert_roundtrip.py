@@ -15,14 +15,10 @@ from safetensors import safe_open
 from tests.dist_utils import run_distributed
 from tests.fixtures_models import (
     FAMILIES,
-    build_from_hf,
-    grads_as_hf,
+    converted_vs_hf,
     hf_logits,
     hf_loss_and_grads,
-    init_parallel,
-    pipeline_logits,
     sample_tokens,
-    summed_ce,
     tiny_checkpoint,
 )
 
@@ -53,19 +49,7 @@ def _roundtrip_worker(rank: int, world: int, cases: dict, tmp: Path) -> dict:
         meg, back = tmp / f"{family}-megatron", tmp / f"{family}-hf"
         convert_hf_to_megatron(hf_dir, meg)
         convert_megatron_to_hf(meg, back)
-        init_parallel(1, 1)
-        spec, config, chunks = build_from_hf(hf_dir, 1, 1, ckpt=meg)
-        logits = pipeline_logits(chunks, config, spec, tokens)
-        chunks[0].train()
-        pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-        loss = summed_ce(chunks[0](tokens, pos, None), tokens, spec.vocab_size)
-        loss.backward()
-        grads = grads_as_hf(chunks, spec)
-        report[family] = {
-            "logits": (logits - ref_logits).abs().max().item(),
-            "loss": abs(loss.item() - ref_loss),
-            "grads": max((grads[n] - ref_grads[n]).abs().max().item() for n in ref_grads),
-        }
+        report[family] = converted_vs_hf(hf_dir, meg, tokens, ref_logits, ref_loss, ref_grads)
 
     family, hf_dir = "qwen2", cases["qwen2"][0]
     # bf16 export from the fp32 checkpoint
