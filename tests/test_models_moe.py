@@ -14,17 +14,14 @@ from luffy_megatron.models import get_family
 from luffy_megatron.models.builder import build_transformer_config, layer_spec_kwargs, model_spec
 from luffy_megatron.models.tiny import tiny_hf_config
 
+#: The tiny model's dense dimensions, shared by every config here.
+SHAPE = dict(vocab_size=397, hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=160, tie_embeddings=False)
+
 
 def _hf(**moe) -> dict:
     config = tiny_hf_config(
         "qwen3_moe",
-        vocab_size=397,
-        hidden_size=64,
-        layers=2,
-        heads=4,
-        kv_heads=2,
-        intermediate_size=160,
-        tie_embeddings=False,
+        **SHAPE,
         moe=moe,
     )
     return config.to_dict()
@@ -97,14 +94,4 @@ def test_make_tiny_model_qwen3_moe(tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert type(model).__name__ == "Qwen3MoeForCausalLM" and model.config.num_experts_per_tok == 2
     with pytest.raises(ValueError, match="moe=.* is for family qwen3_moe only, not 'qwen3'"):
-        tiny_hf_config(
-            "qwen3",
-            vocab_size=397,
-            hidden_size=64,
-            layers=2,
-            heads=4,
-            kv_heads=2,
-            intermediate_size=160,
-            tie_embeddings=False,
-            moe={"num_experts": 4},
-        )
+        tiny_hf_config("qwen3", **SHAPE, moe={"num_experts": 4})
