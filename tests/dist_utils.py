@@ -9,7 +9,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-from luffy_megatron.platform.distributed import free_port
+from luffy_megatron.platform.ports import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:

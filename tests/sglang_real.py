@@ -8,11 +8,13 @@ exactly as a user's config would launch them.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 from luffy_megatron.config import SGLangConfig
+from luffy_megatron.platform.ports import free_port_block
 from tests.tiers import skip_tier
+
+__all__ = ["cpu_server_config", "cpu_server_overrides", "free_port_block", "sglang_python"]
 
 REPO = Path(__file__).resolve().parents[1]
 SGLANG_VENV = REPO / ".venv-sglang"
@@ -27,24 +29,6 @@ def sglang_python() -> str:
         log = SGLANG_VENV.parent / f"{SGLANG_VENV.name}.log"
         skip_tier("sglang", f"{SGLANG_VENV} is not built (`make sglang-venv`; its log: {log})")
     return str(SGLANG_VENV / "bin" / "python")
-
-
-def free_port_block(size: int = 40) -> int:
-    """A base port whose next ``size`` ports were free just now (a server uses a few ports above its own)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + size >= 65535:
-            continue
-        try:
-            for port in range(base, base + size):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no block of free ports found")
 
 
 def cpu_server_overrides(python: str, base_port: int, *, dtype: str = "float32") -> list[str]:

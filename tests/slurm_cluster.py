@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from luffy_megatron.platform.distributed import free_port
+from luffy_megatron.platform.ports import free_port
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 SBIN = Path("/usr/sbin")

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 
 import pytest
 
 from luffy_megatron.config import SGLangConfig
+from luffy_megatron.platform.ports import ephemeral_range, port_in_use
 from luffy_megatron.rollout import RolloutError, SamplingParams, WeightSyncError
 from luffy_megatron.rollout.hf_engine import HFEngine
+from luffy_megatron.rollout.sglang import launcher
 from luffy_megatron.rollout.sglang.client import SGLangClient
 from luffy_megatron.rollout.sglang.engine import SGLangEngine
 from luffy_megatron.rollout.sglang.launcher import (
+    launch_router,
     launch_servers,
     redact,
     router_command,
@@ -63,6 +67,37 @@ def test_servers_do_not_inherit_torchruns_environment() -> None:
 def test_wait_healthy_names_the_url() -> None:
     with pytest.raises(RolloutError, match=r"http://127\.0\.0\.1:9 \("):
         wait_healthy(["http://127.0.0.1:9"], timeout_s=0.5, poll_s=0.1)
+
+
+def test_a_taken_port_is_refused_before_launch_naming_the_key(monkeypatch) -> None:
+    """A server that cannot bind its port never exits (it hangs in shutdown) while the health poll talks to whoever
+    holds the port: so the launcher checks the port first and names the setting to change."""
+    monkeypatch.setattr(launcher, "PORT_WAIT_S", 0.5)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(RolloutError, match=rf"sglang_0: port {port} on 127\.0\.0\.1 is in use.*base_port"):
+            launch_servers(SGLangConfig(base_port=port), "/m")
+        with pytest.raises(RolloutError, match=rf"port {port} .*rollout\.sglang\.router_port"):
+            launch_router(SGLangConfig(router_port=port), ["http://127.0.0.1:1"])
+
+
+def test_a_server_that_never_gets_healthy_is_reported_with_its_log(tmp_path) -> None:
+    stuck = "import time\nprint('loading, never serving', flush=True)\ntime.sleep(60)\n"
+    (tmp_path / "stuck_server.py").write_text(stuck)
+    cfg = SGLangConfig(base_port=free_port_block(), startup_timeout_s=2.0, env={"PYTHONPATH": str(tmp_path)})
+    with pytest.raises(RolloutError, match=r"not healthy after 2s(.|\n)*log tail:\nloading, never serving"):
+        launch_servers(cfg, "/m", log_dir=str(tmp_path / "logs"), module="stuck_server")
+
+
+def test_free_port_blocks_lie_below_the_ephemeral_range() -> None:
+    """Ports from the ephemeral range go to every bind(0) (gloo's sockets, torchrun's store): a server port from there
+    can be taken by the trainer's own process groups before the server binds it."""
+    low = ephemeral_range()[0]
+    for _ in range(20):
+        base = free_port_block(40)
+        assert base + 40 <= low and not any(port_in_use("127.0.0.1", p) for p in range(base, base + 40))
 
 
 @pytest.mark.slow

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from luffy_megatron.config import FaultToleranceConfig, SGLangConfig
-from luffy_megatron.platform.distributed import free_port
 from luffy_megatron.rollout import RolloutError, SamplingParams
 from luffy_megatron.rollout.hf_engine import HFEngine
 from luffy_megatron.rollout.sglang.client import SGLangClient
@@ -64,7 +63,7 @@ def test_a_server_killed_mid_generation_restarts_and_serves_the_trainers_weights
     cfg = SGLangConfig(
         launch=True,
         num_servers=2,
-        base_port=free_port(),
+        base_port=free_port_block(),
         api_key_env="LUFFY_TEST_KEY",
         startup_timeout_s=180,
         weight_sync=sync,
@@ -231,7 +230,7 @@ def test_the_trainer_keeps_training_through_a_server_death_and_logs_servers_heal
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text("")
     (shim / "launch_server.py").write_text("from tests.sglang_test_server import main\n\nmain()\n")
-    port = free_port()
+    port = free_port_block()
     out = tmp_path / "run"
     args = overrides(
         assets,

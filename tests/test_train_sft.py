@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from luffy_megatron.platform.distributed import free_port
+from luffy_megatron.platform.ports import free_port
 from tests.fixtures_models import write_train_assets
 from tests.test_train_e2e import metrics, overrides, run_train
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from luffy_megatron.config import SGLangConfig
-from luffy_megatron.platform.distributed import free_port
+from luffy_megatron.platform.ports import free_port
 from luffy_megatron.rollout.base import SamplingParams
 from luffy_megatron.rollout.hf_engine import HFEngine
 from luffy_megatron.rollout.sglang import client as client_mod

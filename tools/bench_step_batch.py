@@ -44,7 +44,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from luffy_megatron.algo import compute_advantages  # noqa: E402
-from luffy_megatron.platform.distributed import free_port  # noqa: E402
+from luffy_megatron.platform.ports import free_port  # noqa: E402
 from luffy_megatron.train.samples import Sample  # noqa: E402
 from luffy_megatron.train.transport import broadcast_samples, pack_samples, unpack_samples  # noqa: E402
 from tools.bench_throughput import length_mix  # noqa: E402

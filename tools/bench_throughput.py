@@ -348,7 +348,7 @@ def make_model(args: argparse.Namespace, tmp: str) -> str:
 
 
 def run_layout(args: argparse.Namespace, layout: dict, hf_dir: str, tmp: str) -> dict:
-    from luffy_megatron.platform.distributed import free_port
+    from luffy_megatron.platform.ports import free_port
 
     out = Path(tmp) / f"{layout['name']}.json"
     # The worker's settings travel in a file: torchrun's own parser would take "--n" for one of its options.

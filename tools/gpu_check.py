@@ -414,7 +414,7 @@ def stage_luffy_train(ctx: Ctx) -> dict:
         raise Skip("transformer_engine is not installed")
     from luffy_megatron.data.synthetic import write_task
     from luffy_megatron.metrics.logger import read_jsonl
-    from luffy_megatron.platform.distributed import free_port
+    from luffy_megatron.platform.ports import free_port_block
 
     left = ctx.need(NEED_S["luffy_train"])
     model = _qwen05b(ctx)
@@ -450,7 +450,7 @@ def stage_luffy_train(ctx: Ctx) -> dict:
             "rollout.sglang.weight_sync=tensor",
             "rollout.sglang.weight_sync_backend=auto",
             "rollout.sglang.mem_fraction_static=0.3",
-            f"rollout.sglang.base_port={free_port()}",
+            f"rollout.sglang.base_port={free_port_block()}",
             "rollout.sglang.context_length=2048",
             f"rollout.sglang.startup_timeout_s={min(left - 60, 300):.0f}",
             f"rollout.sglang.env.{MARK_ENV}={mark}",
@@ -521,14 +521,14 @@ def _server(ctx: Ctx, model: Path, name: str, gpu: int, weight_sync: str):
     """One colocated SGLang server (memory saver on) on GPU ``gpu``, wrapped in the project's engine."""
     from luffy_megatron.config import SGLangConfig
     from luffy_megatron.models.tokenizer import read_eos_token_ids
-    from luffy_megatron.platform.distributed import free_port
+    from luffy_megatron.platform.ports import free_port_block
     from luffy_megatron.rollout.sglang.client import SGLangClient
     from luffy_megatron.rollout.sglang.engine import SGLangEngine
     from luffy_megatron.rollout.sglang.launcher import launch_servers
 
     cfg = SGLangConfig(
         launch=True,
-        base_port=free_port(),
+        base_port=free_port_block(),
         mem_fraction_static=0.3,
         colocate=True,
         context_length=2048,

@@ -151,7 +151,7 @@ def arm_overrides(
 ) -> list[str]:
     """The ``luffy-train`` overrides of one arm of ``ARMS``: the seed's model and task, the run settings (``steps``,
     default ``--steps``), the arm's own options, ``extra``, then ``--override``."""
-    from luffy_megatron.platform.distributed import free_port
+    from luffy_megatron.platform.ports import free_port_block
 
     return [
         f"model.hf_path={model_dir}",
@@ -166,7 +166,7 @@ def arm_overrides(
         f"data.seed={seed}",
         "checkpoint.export_hf_at_end=true",  # OUT/<arm>/hf_final, for luffy-eval
         *ARMS[arm],
-        *([f"rollout.sglang.base_port={free_port()}"] if arm == "luffy_sglang" else []),  # ports of its own
+        *([f"rollout.sglang.base_port={free_port_block()}"] if arm == "luffy_sglang" else []),  # ports of its own
         *extra,
         *args.override,
     ]
@@ -223,7 +223,7 @@ def run_arms(
     """Check every arm's config, then train the arms concurrently (one thread each); returns wall seconds per arm."""
     from luffy_megatron.config import ConfigError, load_config
     from luffy_megatron.config_checks import validate
-    from luffy_megatron.platform.distributed import free_port  # each arm's process group needs its own port
+    from luffy_megatron.platform.ports import free_port  # each arm's process group needs its own port
 
     if "luffy_sglang" in arms and not SGLANG_PYTHON.is_file():
         raise SystemExit(f"arm luffy_sglang: {SGLANG_PYTHON} is missing; build it with `make sglang-venv`")

@@ -8,7 +8,6 @@ from luffy_megatron.platform.distributed import (
     DistEnv,
     destroy_model_parallel,
     device,
-    free_port,
     init_distributed,
     init_model_parallel,
     is_rank0,
@@ -16,6 +15,7 @@ from luffy_megatron.platform.distributed import (
     setup_platform,
     shutdown_distributed,
 )
+from luffy_megatron.platform.ports import free_port, free_port_block
 from luffy_megatron.platform.rank0 import (
     RankFailure,
     describe,
@@ -35,6 +35,7 @@ __all__ = [
     "every_rank_call",
     "failed_elsewhere",
     "free_port",
+    "free_port_block",
     "init_distributed",
     "init_model_parallel",
     "is_rank0",

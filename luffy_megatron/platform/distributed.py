@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -11,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from luffy_megatron.platform.cpu_compat import apply_cpu_patches
+from luffy_megatron.platform.ports import free_port
 
 
 @dataclass(frozen=True)
@@ -36,13 +36,6 @@ def read_dist_env() -> DistEnv:
     else:
         rank, world, local = 0, 1, 0
     return DistEnv(rank, world, local, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")))
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that nobody listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def setup_platform() -> torch.device:

@@ -20,16 +20,20 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from luffy_megatron.config import ServerDevice, SGLangConfig
+from luffy_megatron.platform.ports import wait_port_free
 from luffy_megatron.rollout.base import RolloutError
 
 logger = logging.getLogger(__name__)
 PORT_STRIDE = 10
+#: How long a launch waits for its port to be released (a server killed just before may still hold it).
+PORT_WAIT_S = 30.0
 _SECRET_FLAGS = ("--api-key", "--admin-api-key")
 #: What torchrun gives its workers (and ``torch.distributed`` reads). A server started from a worker must not see them:
 #: under ``TORCHELASTIC_USE_AGENT_STORE=True`` every ``tcp://`` rendezvous is a store client, so SGLang's own process
@@ -143,6 +147,13 @@ def router_command(
 
 
 def _spawn(cmd: list[str], url: str, log_dir: str | None, name: str, env: dict[str, str]) -> ServerProcess:
+    address = urllib.parse.urlsplit(url)
+    host, port = address.hostname or "", address.port or 0
+    if not wait_port_free(host, port, PORT_WAIT_S):  # a server that cannot bind hangs in shutdown, never exits
+        raise RolloutError(
+            f"{name}: port {port} on {host} is in use by another process; set rollout.sglang."
+            f"{'router_port' if name == 'sglang_router' else 'base_port'} to a free port"
+        )
     printable = redact(cmd)
     log_path = None
     if log_dir is not None:
@@ -289,7 +300,8 @@ def wait_healthy(
             break
         if time.monotonic() > deadline:
             detail = ", ".join(f"{u} ({last.get(u, 'no answer')})" for u in pending)
-            raise RolloutError(f"SGLang servers not healthy after {timeout_s:.0f}s: {detail}")
+            tails = "".join(f"\n{u} log tail:\n{by_url[u].log_tail()}" for u in pending if u in by_url)
+            raise RolloutError(f"SGLang servers not healthy after {timeout_s:.0f}s: {detail}{tails}")
         time.sleep(poll_s)
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from luffy_megatron.platform.distributed import free_port
+from luffy_megatron.platform.ports import free_port
 from luffy_megatron.rollout.base import RolloutError
 from luffy_megatron.rollout.sglang.sync.base import SyncMode
 from luffy_megatron.rollout.sglang.weights import GROUP_NAME, init_weights_update_group, iter_buckets
