@@ -14,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-process or end-to-end tests (skipped by `make test-fast`)")
+    config.addinivalue_line("markers", "registry: reads pinned upstream wheels fetched from the package registry")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -218,17 +218,46 @@ def packed_forward(rank: int, world: int, hf_dir: str) -> dict:
             row, segment_positions(cu).unsqueeze(0), attention_mask=None, packed_seq_params=packed_seq_params(cu)
         )
         plain = model(row, torch.arange(row.shape[1]).unsqueeze(0), attention_mask=None)
+        syncs = packed_forward_syncs(model, row, cu)
     # numpy arrays travel by value (torch tensors would be shared through files the finished worker removes)
-    return {"alone": torch.cat(alone).numpy(), "packed": packed[0].numpy(), "plain": plain[0].numpy()}
+    return {"alone": torch.cat(alone).numpy(), "packed": packed[0].numpy(), "plain": plain[0].numpy(), "syncs": syncs}
+
+
+def packed_forward_syncs(model, row: torch.Tensor, cu: torch.Tensor) -> list[str]:
+    """The host syncs of a packed forward outside the core attention (TE's kernel on a GPU, the per-segment CPU
+    stand-in here): embedding, RoPE, norms, MLPs, output layer."""
+    from luffy_megatron.platform.packed_attention import PackedDotProductAttention, packed_seq_params
+    from tests.test_hot_path_syncs import HostSyncs
+
+    params, positions = packed_seq_params(cu), segment_positions(cu).unsqueeze(0)
+    core = PackedDotProductAttention.forward
+    with HostSyncs() as rec:
+
+        def core_unrecorded(self, *args, **kwargs):
+            rec.paused = True
+            try:
+                return core(self, *args, **kwargs)
+            finally:
+                rec.paused = False
+
+        PackedDotProductAttention.forward = core_unrecorded
+        try:
+            model(row, positions, attention_mask=None, packed_seq_params=params)
+        finally:
+            PackedDotProductAttention.forward = core
+    return rec.calls
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_packed_row_equals_each_sample_alone(family):
     got = {
-        k: torch.from_numpy(v) for k, v in run_distributed(packed_forward, 1, str(tiny_checkpoint(family)))[0].items()
+        k: v if k == "syncs" else torch.from_numpy(v)
+        for k, v in run_distributed(packed_forward, 1, str(tiny_checkpoint(family)))[0].items()
     }
+    syncs = got.pop("syncs")
     torch.testing.assert_close(got["packed"], got["alone"], rtol=1e-5, atol=1e-5)
+    assert syncs == [], f"host syncs in a packed forward outside the core attention: {syncs}"
     # Without the packing parameters later samples attend to earlier ones: the comparison can fail.
     assert (got["plain"] - got["alone"]).abs().max() > 1e-2
 

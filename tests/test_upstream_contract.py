@@ -16,6 +16,7 @@ import sys
 import textwrap
 import types
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +35,8 @@ from luffy_megatron.rollout.sglang.weights import init_weights_update_group, ser
 from tests import upstream
 from tests.fixtures_models import tiny_model
 from tests.sglang_test_server import SGLangTestServer
+
+pytestmark = pytest.mark.registry
 
 SGLANG_PKG = "sglang/srt/"
 
@@ -252,6 +255,7 @@ def test_generate_body_and_sampling_keys_are_sglang_schema(recorded) -> None:
 SERVER_SIDE = """
 import sys, torch
 from datetime import timedelta
+from pathlib import Path
 from tests import upstream
 join = upstream.upstream_common()["init_custom_process_group"]
 pg = join(backend="gloo", init_method="tcp://127.0.0.1:{port}", world_size=2, rank=1,
@@ -526,3 +530,41 @@ def test_distributed_bucket_metadata_is_what_sglang_receives() -> None:
     assert "zip(names, dtypes, shapes)" in body and "getattr(torch, dtype)" in body and "src=0" in body
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
         assert getattr(torch, str(dtype).removeprefix("torch.")) is dtype  # the engine's dtype strings
+
+
+def test_rope_is_fused_where_transformer_engine_runs_and_te_takes_megatrons_packed_call(monkeypatch) -> None:
+    """Where TE runs, the config asks for fused RoPE: megatron-core 0.19.2 then calls TE's ``apply_rotary_pos_emb``
+    with ``tensor_format="thd"`` and ``cu_seqlens`` for packed rows. Every keyword of that call is a parameter of
+    TE 2.20.2's function, whose fused path goes straight to its kernel (no host read of ``cu_seqlens``)."""
+    from luffy_megatron.convert.checkpoint import setup_parallel
+
+    setup_parallel(1, 1)
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from luffy_megatron.models import builder
+
+    hf = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64}
+    spec = builder.model_spec({**hf, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})
+    assert not builder.build_transformer_config(spec).apply_rope_fusion  # no TE here: the sync-free path instead
+    monkeypatch.setattr(builder, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", lambda *a, **k: None)  # what TE provides
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb_thd", lambda *a, **k: None)
+    assert builder.build_transformer_config(spec).apply_rope_fusion
+
+    import megatron.core
+
+    extension = Path(megatron.core.__file__).parent / "extensions" / "transformer_engine.py"
+    tree = ast.parse(extension.read_text())
+    thd = next(
+        n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "fused_apply_rotary_pos_emb_thd"
+    )
+    calls = [c for c in ast.walk(thd) if isinstance(c, ast.Call) and ast.unparse(c.func) == "apply_rotary_pos_emb"]
+    passed = {k.arg for k in calls[0].keywords}
+    assert {"tensor_format", "fused", "cu_seqlens", "cp_size", "cp_rank"} <= passed
+    te_rope = ast.parse(upstream.source("transformer-engine", "transformer_engine/pytorch/attention/rope.py"))
+    te_fn = next(n for n in te_rope.body if isinstance(n, ast.FunctionDef) and n.name == "apply_rotary_pos_emb")
+    assert passed <= {a.arg for a in te_fn.args.args + te_fn.args.kwonlyargs}
+    fused = next(n for n in te_rope.body if isinstance(n, ast.ClassDef) and n.name == "FusedRoPEFunc")
+    assert not {"tolist", "item"} & {
+        c.func.attr for c in ast.walk(fused) if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)
+    }

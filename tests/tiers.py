@@ -1,5 +1,7 @@
 """Test tiers that need something beyond this repository: ``slurm`` (a local Slurm cluster; installed with apt-get
-when missing and running as root) and ``eval-data`` (the full LUFFY eval parquet beside the repository).
+when missing and running as root), ``eval-data`` (the full LUFFY eval parquet beside the repository), ``sglang`` (the
+real server's environment, ``.venv-sglang``) and ``registry`` (the package registry, for the pinned upstream wheels
+the contract tests read; ``-m "not registry"`` deselects the tests marked with it).
 
 A test that cannot run its tier calls :func:`skip_tier`: a skip whose reason starts with ``[tier NAME]``, listed at the
 end of every pytest run (see ``conftest.py``). With ``LUFFY_REQUIRE_ALL_TIERS=1`` (set by ``.ci/run``) it is a failure

@@ -94,6 +94,9 @@ def build_transformer_config(
         # Mixed precision: the attention softmax runs in fp32 (as HF attention does); the residual stream stays in
         # params_dtype (megatron's fp32_residual_connection is off).
         attention_softmax_in_fp32=True,
+        # RoPE in TE's fused kernels where TE runs (packed rows without a host sync); elsewhere the builder installs
+        # a sync-free packed path (platform.packed_attention)
+        apply_rope_fusion=transformer_engine_available(),
     )
     if not torch.cuda.is_available():
         # gloo matches point-to-point messages between two ranks in posting order. With interleaved stages at PP=2
@@ -133,6 +136,10 @@ def build_gpt_model(
         from luffy_megatron.platform.packed_attention import PackedDotProductAttention
 
         layer_spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    if not config.apply_rope_fusion:
+        from luffy_megatron.platform.packed_attention import use_sync_free_packed_rope
+
+        use_sync_free_packed_rope()
     local_sp = not use_te and config.sequence_parallel
     if local_sp:
         _use_local_norms(layer_spec)

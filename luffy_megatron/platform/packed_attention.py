@@ -9,6 +9,11 @@ megatron-core's local ``DotProductAttention`` (the CPU path) refuses packed inpu
 runs it once per segment with its causal mask, so a packed row computes exactly what the same samples compute on
 their own rows.
 
+RoPE on a packed row: megatron-core's unfused THD path splits the row with ``cu_seqlens.tolist()`` and ``.item()``
+for q and k in every layer (a host sync each on a GPU). Where TE's fused kernel is not used,
+:func:`use_sync_free_packed_rope` routes packed rows to :func:`apply_rotary_pos_emb_sync_free`, which reads each
+token's position inside its sample from ``cu_seqlens`` on the device and rotates the whole row at once.
+
 megatron-core is imported at module level: this module is imported only by the model builder, after
 ``luffy_megatron`` has prepared the megatron import.
 """
@@ -16,12 +21,21 @@ megatron-core is imported at module level: this module is imported only by the m
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer import attention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor
 
-__all__ = ["PackedDotProductAttention", "packed_seq_params"]
+__all__ = [
+    "PackedDotProductAttention",
+    "apply_rotary_pos_emb_sync_free",
+    "packed_seq_params",
+    "positions_in_segments",
+    "use_sync_free_packed_rope",
+]
 
 
 def packed_seq_params(cu_seqlens: Tensor, device: torch.device | None = None) -> PackedSeqParams:
@@ -74,3 +88,45 @@ class PackedDotProductAttention(DotProductAttention):
             for s, e in zip(cu[:-1], cu[1:])
         ]
         return torch.cat(outs, dim=0).squeeze(1)
+
+
+def positions_in_segments(cu_seqlens: Tensor, total: int) -> Tensor:
+    """[total] int64: each token's position inside its segment of ``cu_seqlens``, computed on ``cu_seqlens``'s device
+    without reading it on the host."""
+    index = torch.arange(total, device=cu_seqlens.device)
+    cu = cu_seqlens.long()
+    segment = torch.searchsorted(cu[1:], index, right=True)
+    return index - cu[segment]
+
+
+def apply_rotary_pos_emb_sync_free(
+    t: Tensor,
+    freqs: Tensor,
+    config,
+    cu_seqlens: Tensor | None = None,
+    mscale: float = 1.0,
+    cp_group: torch.distributed.ProcessGroup | None = None,
+    mla_rotary_interleaved: bool = False,
+) -> Tensor:
+    """megatron-core's ``apply_rotary_pos_emb`` (same arguments), with packed rows rotated without host syncs.
+
+    A packed row (``cu_seqlens`` given, ``t`` [T, heads, dim], ``freqs`` [max_len, 1, 1, dim]) takes ``freqs`` at
+    each token's position inside its sample: what megatron's per-sample loop computes. Everything else (fused
+    kernels, right-padded rows, context parallelism) goes to megatron's own function.
+    """
+    cp_size = (cp_group or parallel_state.get_context_parallel_group()).size()
+    if cu_seqlens is None or config.apply_rope_fusion or cp_size > 1:
+        return rope_utils.apply_rotary_pos_emb(t, freqs, config, cu_seqlens, mscale, cp_group, mla_rotary_interleaved)
+    positions = positions_in_segments(cu_seqlens, t.shape[0])
+    return rope_utils._apply_rotary_pos_emb_bshd(
+        t.unsqueeze(1),
+        freqs[positions],
+        rotary_interleaved=config.rotary_interleaved,
+        mla_rotary_interleaved=mla_rotary_interleaved,
+        mscale=mscale,
+    ).squeeze(1)
+
+
+def use_sync_free_packed_rope() -> None:
+    """Route megatron-core's attention RoPE calls through :func:`apply_rotary_pos_emb_sync_free` (idempotent)."""
+    attention.apply_rotary_pos_emb = apply_rotary_pos_emb_sync_free
