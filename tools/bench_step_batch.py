@@ -18,7 +18,7 @@ Seconds: every repeat runs both methods (interleaved, the order alternating), ea
 over repeats is reported (wall clock, the slower rank), with each rank's CPU time of the send (less disturbed by other
 jobs on a shared machine) and rank 0's build / pack / local unpack and pickle / unpickle times as a breakdown.
 Peak RSS: ``ru_maxrss`` of each rank in a separate pair of processes per method (it only grows), before the send
-(after rank 0 built the batch) and after it.
+(after rank 0 built the samples and, for ``tensor``, the batch) and after it.
 
 Example (the numbers in docs/benchmarks.md):
     python tools/bench_step_batch.py --repeats 7 --out docs/results/bench_step_batch.json
@@ -91,12 +91,14 @@ def _tokens(step: list[Sample] | StepBatch) -> int:
     return step.num_tokens if isinstance(step, StepBatch) else sum(s.num_tokens for s in step)
 
 
-def _rank0_step(rank: int, args: argparse.Namespace) -> tuple[list[Sample] | None, StepBatch | None]:
-    """Rank 0's samples and the batch built from them; nothing on the other rank."""
+def _rank0_step(
+    rank: int, args: argparse.Namespace, batch: bool = True
+) -> tuple[list[Sample] | None, StepBatch | None]:
+    """Rank 0's samples and (with ``batch``) the batch built from them; nothing on the other rank."""
     if rank != 0:
         return None, None
     samples = step_batch(args.prompts, args.n, args.seed, args.scale)
-    return samples, StepBatch.from_samples(samples)
+    return samples, StepBatch.from_samples(samples) if batch else None
 
 
 def time_methods(rank: int, args: argparse.Namespace) -> dict:
@@ -195,7 +197,7 @@ def pending_checkpoint(samples: list[Sample], folder: Path, repeats: int) -> dic
 
 def peak_rss(rank: int, args: argparse.Namespace) -> dict:
     """ru_maxrss (MiB) of this rank before and after one send of ``args.method``."""
-    samples, batch = _rank0_step(rank, args)
+    samples, batch = _rank0_step(rank, args, batch=args.method == "tensor")
     dist.barrier()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = send(args.method, samples, batch)

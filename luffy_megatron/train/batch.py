@@ -95,12 +95,14 @@ class _Cut:
     seq: Tensor  # [real] local sample of each token
     pos: Tensor  # [real] position of each token inside its sample
     index: Tensor  # [real] index into batch.tokens
+    token_ids: Tensor  # [real] int64: batch.tokens[index]
+    targets: Tensor  # [real] int64: the token each predicts, pad_id where in_sample is not
     nxt: Tensor  # [real] index of the token it predicts (clamped; only meaningful where in_sample)
     in_sample: Tensor  # [real] position t has a next token t + 1 in its own sample
     resp: Tensor  # [real] ... and that token is a response token
 
 
-def _cut(batch: StepBatch, ids: list[int]) -> _Cut:
+def _cut(batch: StepBatch, ids: list[int], pad_id: int) -> _Cut:
     sel = torch.tensor(ids, dtype=torch.long)
     lengths = batch.lengths[sel]
     seq = torch.repeat_interleave(torch.arange(len(ids)), lengths)
@@ -109,7 +111,8 @@ def _cut(batch: StepBatch, ids: list[int]) -> _Cut:
     nxt = (index + 1).clamp(max=max(batch.num_tokens - 1, 0))
     in_sample = pos + 1 < lengths[seq]
     resp = in_sample & (pos + 1 >= batch.prompt_lengths[sel][seq])
-    return _Cut(sel, lengths, seq, pos, index, nxt, in_sample, resp)
+    targets = torch.where(in_sample, batch.tokens[nxt].long(), pad_id)
+    return _Cut(sel, lengths, seq, pos, index, batch.tokens[index].long(), targets, nxt, in_sample, resp)
 
 
 def pack_micro_batch(batch: StepBatch, ids: list[int], pad_id: int, alignment: int = 1) -> FlatMicroBatch:
@@ -118,7 +121,7 @@ def pack_micro_batch(batch: StepBatch, ids: list[int], pad_id: int, alignment: i
 
     The padding, when there is any, is one more segment of ``cu_seqlens``; it carries no loss.
     """
-    c = _cut(batch, ids)
+    c = _cut(batch, ids, pad_id)
     real = int(c.lengths.sum())
     total = round_up(max(real, 1), alignment)
     pad = total - real
@@ -135,10 +138,10 @@ def pack_micro_batch(batch: StepBatch, ids: list[int], pad_id: int, alignment: i
 
     return FlatMicroBatch(
         sample_ids=list(ids),
-        tokens=padded(batch.tokens[c.index], pad_id).unsqueeze(0),
+        tokens=padded(c.token_ids, pad_id).unsqueeze(0),
         position_ids=segment_positions(cu).unsqueeze(0),
         cu_seqlens=cu.to(torch.int32),
-        targets=padded(torch.where(c.in_sample, batch.tokens[c.nxt], pad_id), pad_id),
+        targets=padded(c.targets, pad_id),
         response_mask=padded(c.resp, False),
         seq_index=padded(c.seq, len(ids)),
         off_policy_mask=per_sample(batch.off_policy),
@@ -153,7 +156,7 @@ def pack_micro_batch(batch: StepBatch, ids: list[int], pad_id: int, alignment: i
 def make_micro_batch(batch: StepBatch, ids: list[int], pad_id: int) -> MicroBatch:
     """Samples ``ids`` of ``batch`` as right-padded rows (an empty micro-batch, a rank with fewer samples than
     micro-batches: one fully masked row of two padding tokens)."""
-    c = _cut(batch, ids)
+    c = _cut(batch, ids, pad_id)
     b, length = max(len(ids), 1), int(c.lengths.max()) if ids else 2
 
     def rows(values: Tensor, fill: float | int | bool) -> Tensor:
@@ -167,9 +170,9 @@ def make_micro_batch(batch: StepBatch, ids: list[int], pad_id: int) -> MicroBatc
     resp = rows(c.resp, False)
     return MicroBatch(
         sample_ids=list(ids),
-        tokens=rows(batch.tokens[c.index], pad_id),
+        tokens=rows(c.token_ids, pad_id),
         position_ids=torch.arange(length).unsqueeze(0).expand(b, length).contiguous(),
-        targets=rows(torch.where(c.in_sample, batch.tokens[c.nxt], pad_id), pad_id),
+        targets=rows(c.targets, pad_id),
         response_mask=resp,
         off_policy_mask=resp & per_row(batch.off_policy).bool(),
         advantages=resp * per_row(batch.advantage),

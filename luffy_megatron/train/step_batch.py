@@ -9,9 +9,10 @@ policy's old log-probs are written into its per-token tensor. Per-token values s
 
 from __future__ import annotations
 
-import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
+from itertools import chain, repeat
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from luffy_megatron.train.samples import Sample
 
-__all__ = ["StepBatch", "compact_batch", "token_ranges"]
+__all__ = ["StepBatch", "compact_batch", "token_ranges", "zero_floats"]
 
 
 @dataclass
@@ -27,7 +28,7 @@ class StepBatch:
     """``S`` samples with ``T`` tokens in all. Sample ``i`` is ``tokens[offsets[i]:offsets[i + 1]]``: its prompt,
     then its response."""
 
-    tokens: Tensor  # [T] int64
+    tokens: Tensor  # [T] int32 when every id fits, else int64
     offsets: Tensor  # [S + 1] int64
     prompt_lengths: Tensor  # [S] int64
     prompt_index: Tensor  # [S] int64: row of the dataset
@@ -48,11 +49,9 @@ class StepBatch:
         prompt_lengths = np.array([len(s.prompt_ids) for s in samples], dtype=np.int64)
         lengths = prompt_lengths + np.array([len(s.response_ids) for s in samples], dtype=np.int64)
         total = int(lengths.sum())
-        ids = itertools.chain.from_iterable(part for s in samples for part in (s.prompt_ids, s.response_ids))
         reasons = list(dict.fromkeys(s.finish_reason for s in samples))
-        has_roll = torch.tensor([s.rollout_logprobs is not None for s in samples], dtype=torch.bool)
-        batch = cls(
-            tokens=torch.from_numpy(np.fromiter(ids, np.int64, total)),
+        return cls(
+            tokens=torch.from_numpy(_token_ids(samples, total)),
             offsets=torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])).long(),
             prompt_lengths=torch.from_numpy(prompt_lengths),
             prompt_index=torch.tensor([s.prompt_index for s in samples], dtype=torch.long),
@@ -62,18 +61,11 @@ class StepBatch:
             reward=torch.tensor([s.reward for s in samples], dtype=torch.float64),
             advantage=torch.tensor([s.advantage for s in samples], dtype=torch.float64),
             multiplicity=torch.tensor([s.multiplicity for s in samples], dtype=torch.long),
-            has_rollout_logprobs=has_roll,
-            rollout_logprobs=torch.zeros(total, dtype=torch.float32),
-            old_logprobs=torch.zeros(total, dtype=torch.float32),
+            has_rollout_logprobs=torch.tensor([s.rollout_logprobs is not None for s in samples], dtype=torch.bool),
+            rollout_logprobs=_per_token([s.rollout_logprobs for s in samples], samples, total),
+            old_logprobs=_per_token([s.old_logprobs for s in samples], samples, total),
             reasons=tuple(reasons),
         )
-        resp, owner = batch.response_token_mask(), batch.token_sample()
-        for name in ("rollout_logprobs", "old_logprobs"):
-            lists = [getattr(s, name) for s in samples]
-            mask = resp & torch.tensor([v is not None for v in lists], dtype=torch.bool)[owner]
-            values = itertools.chain.from_iterable(v for v in lists if v is not None)
-            getattr(batch, name)[mask] = torch.from_numpy(np.fromiter(values, np.float64, int(mask.sum()))).float()
-        return batch
 
     @property
     def num_samples(self) -> int:
@@ -162,6 +154,36 @@ def compact_batch(batch: StepBatch, drop_zero_advantage: bool) -> StepBatch:
         counts[slot] += mult
     out = batch.select(kept)
     return replace(out, multiplicity=torch.tensor(counts, dtype=torch.long))
+
+
+def _token_ids(samples: list[Sample], total: int) -> np.ndarray:
+    """Every sample's prompt then response ids, as int32 when every id fits, else int64 (fromiter raises
+    OverflowError for a misfit)."""
+
+    def ids() -> Iterator[int]:
+        return chain.from_iterable(part for s in samples for part in (s.prompt_ids, s.response_ids))
+
+    try:
+        return np.fromiter(ids(), np.int32, total)
+    except OverflowError:
+        return np.fromiter(ids(), np.int64, total)
+
+
+def _per_token(values: list[list[float] | None], samples: list[Sample], total: int) -> Tensor:
+    """[T] fp32: each sample's ``values`` at its response tokens, 0 on prompts and where a sample has none."""
+    if all(v is None for v in values):
+        return zero_floats(total)
+    parts = (
+        part
+        for v, s in zip(values, samples)
+        for part in (repeat(0.0, len(s.prompt_ids)), v if v is not None else repeat(0.0, len(s.response_ids)))
+    )
+    return torch.from_numpy(np.fromiter(chain.from_iterable(parts), np.float32, total))
+
+
+def zero_floats(n: int) -> Tensor:
+    """[n] fp32 zeros whose pages the OS maps on first write (no resident memory until the values are written)."""
+    return torch.from_numpy(np.zeros(n, dtype=np.float32))
 
 
 def token_ranges(lengths: Tensor) -> Tensor:

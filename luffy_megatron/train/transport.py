@@ -1,10 +1,9 @@
 """A step's :class:`~luffy_megatron.train.step_batch.StepBatch` from global rank 0 to every rank as its tensors.
 
 Rank 0 sends a small int64 header (dtype and length of every field), then one broadcast per dtype: the fields of that
-dtype back to back. Token ids travel as int32 when every id fits, else as int64; flags as bytes; the per-sample
-integers as int64, rewards and advantages as fp64, per-token log-probs as fp32, and the old log-probs not at all
-while every one is +0.0 (before the policy computed them). The other ranks' fields are views into the received
-buffers (the token ids widened to int64): no per-sample work, and every tensor equals rank 0's bit for bit. Rank 0
+dtype back to back, each field in its dtype in the batch (token ids int32 when every id fits), flags as bytes; the old
+log-probs do not travel while every one is +0.0 (before the policy computed them). The other ranks' fields are views
+into the received buffers: no per-sample work, and every tensor equals rank 0's bit for bit. Rank 0
 keeps its own batch. On NCCL the buffers live on the current CUDA device, on gloo in CPU memory; the received batch
 lives in CPU memory. Without a process group, or with one process, nothing is sent.
 
@@ -22,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from luffy_megatron.platform.rank0 import rank0_call, single_process
-from luffy_megatron.train.step_batch import StepBatch
+from luffy_megatron.train.step_batch import StepBatch, zero_floats
 
 _DTYPES = (torch.uint8, torch.int32, torch.int64, torch.float32, torch.float64)  # a dtype's code is its index here
 _FLAGS = ("off_policy", "has_rollout_logprobs")  # bool, sent as bytes
@@ -84,17 +83,11 @@ def rank0_batch(fn: Callable[[], tuple[StepBatch, dict]], what: str, note: str =
 
 def pack_batch(batch: StepBatch) -> PackedBatch:
     """The flat form of ``batch`` (no collective)."""
-    tokens = batch.tokens
-    if tokens.numel() and (int(tokens.min()) < -(2**31) or int(tokens.max()) >= 2**31):
-        tokens = tokens.long()
-    else:
-        tokens = tokens.to(torch.int32)
     old = batch.old_logprobs if bool(batch.old_logprobs.view(torch.int32).any()) else batch.old_logprobs[:0]
     encoded = [r.encode() for r in batch.reasons]
     fields = {name: getattr(batch, name) for name in _FIELDS if hasattr(batch, name)}
     fields.update({name: fields[name].view(torch.uint8) for name in _FLAGS})
     fields.update(
-        tokens=tokens,
         old_logprobs=old,
         reason_bytes=torch.tensor(list(b"".join(encoded)), dtype=torch.uint8),
         reason_lengths=torch.tensor([len(e) for e in encoded], dtype=torch.long),
@@ -113,9 +106,8 @@ def unpack_batch(header: torch.Tensor, buffers: dict[int, torch.Tensor]) -> Step
     """The batch of a :class:`PackedBatch` layout (no collective; the fields are views into ``buffers``)."""
     fields = _split_fields(header, buffers)
     fields.update({name: fields[name].view(torch.bool) for name in _FLAGS})
-    fields["tokens"] = fields["tokens"].long()
     if fields["old_logprobs"].numel() == 0:
-        fields["old_logprobs"] = torch.zeros(fields["tokens"].numel(), dtype=torch.float32)
+        fields["old_logprobs"] = zero_floats(fields["tokens"].numel())
     reason_bytes = fields.pop("reason_bytes").numpy().tobytes()
     ends = fields.pop("reason_lengths").cumsum(0).tolist()
     reasons = tuple(reason_bytes[a:b].decode() for a, b in zip([0, *ends[:-1]], ends))
