@@ -32,20 +32,14 @@ __all__ = [
 
 
 @dataclass
-class FlatMicroBatch:
-    """One micro-batch: the model's input and the loss inputs as flat ``[N]`` tensors (``N = tokens.numel()``).
-
-    ``cu_seqlens`` is set for a packed row (``tokens`` ``[1, T]``) and None for right-padded rows (``[b, L]``).
-    ``seq_index`` is each token's position in ``sample_ids`` (``len(sample_ids)`` or more on padding).
-    """
+class _MicroBatchFields:
+    """What both layouts hold: the model's input and the loss inputs of a few samples (``sample_ids``)."""
 
     sample_ids: list[int]
     tokens: Tensor
     position_ids: Tensor
-    cu_seqlens: Tensor | None
     targets: Tensor
     response_mask: Tensor
-    seq_index: Tensor
     off_policy_mask: Tensor
     advantages: Tensor
     old_logprobs: Tensor
@@ -60,7 +54,7 @@ class FlatMicroBatch:
 
 
 @dataclass
-class MicroBatch:
+class MicroBatch(_MicroBatchFields):
     """Right-padded tensors of a few samples; position t predicts token t + 1.
 
     All [b, L] with L the longest sample of this micro-batch (never the max response length): ``tokens``,
@@ -69,21 +63,17 @@ class MicroBatch:
     ``has_rollout_logprobs`` and ``multiplicity`` (the row's sample multiplicity, 0 on padding rows).
     """
 
-    sample_ids: list[int]
-    tokens: Tensor
-    position_ids: Tensor
-    targets: Tensor
-    response_mask: Tensor
-    off_policy_mask: Tensor
-    advantages: Tensor
-    old_logprobs: Tensor
-    rollout_logprobs: Tensor
-    has_rollout_logprobs: Tensor
-    multiplicity: Tensor
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.tokens.numel())
+@dataclass
+class FlatMicroBatch(_MicroBatchFields):
+    """One micro-batch: the model's input and the loss inputs as flat ``[N]`` tensors (``N = tokens.numel()``).
+
+    ``cu_seqlens`` is set for a packed row (``tokens`` ``[1, T]``) and None for right-padded rows (``[b, L]``).
+    ``seq_index`` is each token's position in ``sample_ids`` (``len(sample_ids)`` or more on padding).
+    """
+
+    cu_seqlens: Tensor | None
+    seq_index: Tensor
 
 
 @dataclass
