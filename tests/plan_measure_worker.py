@@ -55,9 +55,11 @@ class _Held:
         self.tracker.release(self.key)
 
 
-def _samples(lengths: list[int], vocab: int, seed: int) -> list:
-    """One sample per length (a quarter prompt, the rest response); every eighth is an off-policy trace."""
+def _samples(lengths: list[int], vocab: int, seed: int):
+    """One sample per length (a quarter prompt, the rest response) as a ``StepBatch``; every eighth is an off-policy
+    trace."""
     from luffy_megatron.train.samples import Sample
+    from luffy_megatron.train.step_batch import StepBatch
 
     rng = random.Random(seed)
     out = []
@@ -67,7 +69,7 @@ def _samples(lengths: list[int], vocab: int, seed: int) -> list:
         off = i % 8 == 0
         lp = None if off else [-1.0] * len(resp)
         out.append(Sample(i, i // 8, prompt, resp, off, rollout_logprobs=lp, advantage=rng.choice([-1.0, 1.0])))
-    return out
+    return StepBatch.from_samples(out)
 
 
 def static_bytes(policy) -> dict[str, int]:

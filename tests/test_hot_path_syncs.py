@@ -19,8 +19,9 @@ from torch.overrides import TorchFunctionMode
 from luffy_megatron.algo import AGG_MODES, GlobalCounts, micro_batch_loss
 from luffy_megatron.algo.logprob import vocab_parallel_logprob_entropy
 from luffy_megatron.config import AlgorithmConfig, RolloutIS, choices
-from luffy_megatron.train.batch import StepBatch, flatten_padded, pack_micro_batch
-from luffy_megatron.train.samples import Sample, make_micro_batch
+from luffy_megatron.train.batch import flatten_padded, make_micro_batch, pack_micro_batch
+from luffy_megatron.train.samples import Sample
+from luffy_megatron.train.step_batch import StepBatch
 
 SYNCS = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy"}
 
@@ -55,10 +56,11 @@ def micro_batch_update(cfg: AlgorithmConfig, debug: bool, packed: bool = False) 
         advantage = float(torch.randn((), generator=g))
         samples.append(Sample(i, i // 4, [1, 2, 3, 4, 5], response, off, "stop", rollout, 0.0, advantage, old))
     ids = list(range(len(samples)))
+    batch = StepBatch.from_samples(samples)
     if packed:
-        mb = pack_micro_batch(StepBatch.from_samples(samples), ids, pad_id=0)
+        mb = pack_micro_batch(batch, ids, pad_id=0)
     else:
-        mb = flatten_padded(make_micro_batch(samples, ids, pad_id=0))
+        mb = flatten_padded(make_micro_batch(batch, ids, pad_id=0))
     # This is one of three micro-batches of the mini-batch.
     counts = GlobalCounts(sum(lengths) * 3, len(lengths) * 3, (lengths[0] + lengths[1]) * 3)
     logits = torch.randn(mb.targets.numel(), vocab, generator=g, requires_grad=True)

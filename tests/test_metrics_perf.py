@@ -40,8 +40,7 @@ def test_forward_flops_match_torch_flop_counter_minus_the_causal_half(seq_lens):
 def test_training_flops_are_three_forwards_and_mfu_divides_by_world_and_peak():
     hf = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 160, "num_attention_heads": 4}
     spec = SimpleNamespace(hf_config=hf, vocab_size=300)
-    samples = [SimpleNamespace(num_tokens=n) for n in (50, 8000, 300)]
-    assert model_flops(spec, samples) == 3 * forward_flops(hf, 300, [50, 8000, 300])
+    assert model_flops(spec, [50, 8000, 300]) == 3 * forward_flops(hf, 300, [50, 8000, 300])
     assert mfu(8e15, 2.0, 4, 1e15) == 1.0
 
 

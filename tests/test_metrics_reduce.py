@@ -12,8 +12,9 @@ import torch
 from luffy_megatron.algo import GlobalCounts, MetricSums, micro_batch_loss, mixed_policy_loss
 from luffy_megatron.config import AlgorithmConfig, RolloutIS, choices
 from luffy_megatron.metrics.reduce import METRIC_REDUCTIONS, Reduce, reduce_mini_batches
-from luffy_megatron.train.batch import StepBatch, pack_micro_batch
+from luffy_megatron.train.batch import FlatMicroBatch, pack_micro_batch
 from luffy_megatron.train.samples import Sample
+from luffy_megatron.train.step_batch import StepBatch
 from tests.dist_utils import run_distributed
 from tests.fixtures_models import tiny_checkpoint
 
@@ -44,7 +45,7 @@ def test_a_metric_without_a_declared_reduction_is_an_error():
         reduce_mini_batches({"actor/loss": [1.0], "made_up": [2.0]})
 
 
-def _micro_batch(vocab: int = 40) -> tuple[StepBatch, list[Sample]]:
+def _micro_batch(vocab: int = 40) -> tuple[FlatMicroBatch, list[Sample]]:
     g = torch.Generator().manual_seed(0)
     samples = []
     for i, n in enumerate([4, 9, 2, 7]):
@@ -141,23 +142,21 @@ def two_mini_batches(rank: int, world: int, hf_dir: str) -> dict:
     per_mini_batch: list[dict[str, float]] = []
     train = policy.train_mini_batch
 
-    def recorded(mb: list[Sample], use_old_logprobs: bool) -> dict[str, float]:
+    def recorded(mb: StepBatch, use_old_logprobs: bool) -> dict[str, float]:
         per_mini_batch.append(train(mb, use_old_logprobs=use_old_logprobs))
         return per_mini_batch[-1]
 
     policy.train_mini_batch = recorded
-    step = update_policy(cfg, policy, samples, Timers())
-    ratios = [
-        torch.exp(torch.tensor(s.old_logprobs) - torch.tensor(s.rollout_logprobs)).max().item()
-        for s in samples
-        if s.rollout_logprobs is not None
-    ]
+    batch = StepBatch.from_samples(samples)
+    step = update_policy(cfg, policy, batch, Timers())
+    corrected = batch.response_token_mask() & batch.has_rollout_logprobs[batch.token_sample()]
+    ratios = torch.exp(batch.old_logprobs - batch.rollout_logprobs)[corrected]
     top = MetricSums()
     top.add_max("rank", torch.tensor(float(rank)))
     return {
         "step": step,
         "per_mini_batch": per_mini_batch,
-        "ratio_max": max(ratios),
+        "ratio_max": ratios.max().item(),
         "rank_max": top.all_reduce().compute(),
     }
 

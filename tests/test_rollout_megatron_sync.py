@@ -21,6 +21,7 @@ def sync_and_compare(rank: int, world: int, hf_dir: str, tp: int) -> dict:
     from luffy_megatron.rollout.base import SamplingParams
     from luffy_megatron.rollout.hf_engine import HFEngine
     from luffy_megatron.train.samples import Sample
+    from luffy_megatron.train.step_batch import StepBatch
 
     setup_platform()
     init_model_parallel(tp, 1, None, seed=1)
@@ -54,9 +55,9 @@ def sync_and_compare(rank: int, world: int, hf_dir: str, tp: int) -> dict:
     torch.distributed.broadcast_object_list(samples, src=0)
     samples = samples[0]
     policy.cfg.rollout.temperature = 0.8  # the fused log-prob divides logits by the sampling temperature
-    megatron = policy.compute_logprobs(samples)
-    gaps = [abs(a - b) for s, lp in zip(samples, megatron) for a, b in zip(s.rollout_logprobs, lp)]
-    return {"max_gap": max(gaps), "tokens": len(gaps)}
+    batch = StepBatch.from_samples(samples)
+    gaps = (policy.compute_logprobs(batch) - batch.rollout_logprobs)[batch.response_token_mask()].abs()
+    return {"max_gap": float(gaps.max()), "tokens": gaps.numel()}
 
 
 @pytest.mark.parametrize("tp", [1, 2])

@@ -19,13 +19,15 @@ import torch
 from packaging.version import Version
 
 from luffy_megatron.train.batch import (
-    StepBatch,
+    FlatMicroBatch,
     flatten_padded,
+    make_micro_batch,
     micro_batch_tokens,
     pack_micro_batch,
     segment_positions,
 )
-from luffy_megatron.train.samples import Sample, make_micro_batch, pack_micro_batches, round_up
+from luffy_megatron.train.samples import Sample, pack_micro_batches, round_up
+from luffy_megatron.train.step_batch import StepBatch, compact_batch
 from tests import upstream
 from tests.dist_utils import run_distributed
 from tests.fixtures_models import tiny_checkpoint
@@ -62,13 +64,19 @@ def luffy_like_samples(vocab: int, prompts: int = 6, n: int = 4, seed: int = 0, 
     return samples
 
 
+def response_logprobs(policy, batch: StepBatch) -> list[list[float]]:
+    """The policy's log-probs of every sample's response tokens (a forward on every rank), per sample."""
+    return [v.tolist() for v in batch.per_response(policy.compute_logprobs(batch))]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The packed micro-batch
 def test_packed_micro_batch_holds_the_padded_rows_loss_inputs():
     samples = luffy_like_samples(vocab=50)
     ids = [3, 0, 7, 5]
-    packed = pack_micro_batch(StepBatch.from_samples(samples), ids, pad_id=-1, alignment=8)
-    padded = flatten_padded(make_micro_batch(samples, ids, pad_id=-1))
+    batch = StepBatch.from_samples(samples)
+    packed = pack_micro_batch(batch, ids, pad_id=-1, alignment=8)
+    padded = flatten_padded(make_micro_batch(batch, ids, pad_id=-1))
     lengths = [samples[i].num_tokens for i in ids]
     total = round_up(sum(lengths), 8)
     assert packed.tokens.shape == (1, total) and packed.num_tokens == total
@@ -92,17 +100,50 @@ def test_packed_micro_batch_holds_the_padded_rows_loss_inputs():
     assert packed.targets[ends].eq(-1).all() and not packed.response_mask[ends].any()
 
 
-def test_a_step_batch_of_some_samples_packs_the_same_micro_batch():
-    """A data-parallel rank builds its StepBatch from its own samples only; its micro-batches name the mini-batch's
-    sample indices and hold exactly what the whole mini-batch's StepBatch gives."""
-    samples = luffy_like_samples(vocab=50)
-    whole = pack_micro_batch(StepBatch.from_samples(samples), [7, 2, 11], pad_id=-1, alignment=8)
-    mine = StepBatch.from_samples(samples, [5, 7, 2, 11])
-    part = pack_micro_batch(mine, [1, 2, 3], pad_id=-1, alignment=8)
-    assert mine.sample_ids == [5, 7, 2, 11] and part.sample_ids == [7, 2, 11]
-    for field in dataclasses.fields(whole):
-        a, b = getattr(whole, field.name), getattr(part, field.name)
-        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, field.name
+def cuts(batch: StepBatch, ids: list[int]) -> dict[str, FlatMicroBatch]:
+    """Samples ``ids`` of ``batch`` as a packed and as a right-padded micro-batch."""
+    return {
+        "packed": pack_micro_batch(batch, ids, pad_id=-1, alignment=8),
+        "padded": flatten_padded(make_micro_batch(batch, ids, pad_id=-1)),
+    }
+
+
+def differing_fields(a: FlatMicroBatch, b: FlatMicroBatch) -> list[str]:
+    return [
+        name
+        for name, x in vars(a).items()
+        if not (torch.equal(x, getattr(b, name)) if isinstance(x, torch.Tensor) else x == getattr(b, name))
+    ]
+
+
+def test_a_micro_batch_cut_from_a_selection_equals_one_cut_directly():
+    """Mini-batches and the compacted batch are index selections: a micro-batch cut out of one holds what the same
+    samples cut out of the whole batch hold (its ``sample_ids`` index the selection; compaction sets multiplicities)."""
+    batch = StepBatch.from_samples(luffy_like_samples(vocab=50))
+    mini = batch.select(batch.mini_batch_ids(3)[1])
+    assert mini.group_id.tolist() == [2] * 4 + [3] * 4
+    for layout, mb in cuts(mini, [1, 6, 3]).items():
+        direct = cuts(batch, [9, 14, 11])[layout]
+        assert mb.sample_ids == [1, 6, 3] and differing_fields(mb, direct) == ["sample_ids"], layout
+    compacted = compact_batch(batch.select([9, 14, 9, 11, 14, 14]), drop_zero_advantage=False)
+    assert compacted.multiplicity.tolist() == [2, 3, 1]
+    for layout, mb in cuts(compacted, [0, 1, 2]).items():
+        direct = cuts(batch, [9, 14, 11])[layout]
+        assert differing_fields(mb, direct) == ["sample_ids", "multiplicity"], layout
+        assert torch.equal(mb.multiplicity, direct.multiplicity * torch.tensor([2.0, 3.0, 1.0, 0.0])[mb.seq_index])
+
+
+def test_old_logprobs_written_into_the_batch_reach_the_micro_batches():
+    """The policy's old log-probs, written into the step batch's per-token tensor, are what every selection and both
+    micro-batch layouts hand to the loss: at each response position, the log-prob of the token it predicts."""
+    batch = StepBatch.from_samples(luffy_like_samples(vocab=50))
+    batch.old_logprobs = -torch.arange(batch.num_tokens, dtype=torch.float32) * batch.response_token_mask()
+    mini = batch.select(batch.mini_batch_ids(2)[1])
+    want = torch.cat([mini.per_response(mini.old_logprobs)[i] for i in (4, 0, 2)])
+    assert torch.equal(want, torch.cat([batch.per_response(batch.old_logprobs)[i] for i in (16, 12, 14)]))
+    for layout, mb in cuts(mini, [4, 0, 2]).items():
+        assert torch.equal(mb.old_logprobs[mb.response_mask], want), layout
+        assert mb.old_logprobs[~mb.response_mask].eq(0).all(), layout
 
 
 def test_an_empty_packed_micro_batch_is_one_aligned_row_of_padding():
@@ -294,11 +335,11 @@ def train_packing(rank: int, world: int, hf_dir: str, tp: int, pp: int, vpp: int
     spec = model_spec(read_hf_config(hf_dir), tp)
     policy = MegatronPolicy(cfg, spec, pad_id=0)
     load_hf_weights(policy.modules, spec, hf_dir)
-    samples = luffy_like_samples(spec.vocab_size)
-    before = policy.compute_logprobs(samples)
-    metrics = policy.train_mini_batch(samples, use_old_logprobs=True)
+    batch = StepBatch.from_samples(luffy_like_samples(spec.vocab_size))
+    before = response_logprobs(policy, batch)
+    metrics = policy.train_mini_batch(batch, use_old_logprobs=True)
     stats = policy.take_token_stats()
-    after = policy.compute_logprobs(samples)
+    after = response_logprobs(policy, batch)
     named = [(n, p) for m in policy.modules for n, p in m.named_parameters()]
     params = {n: p.detach().numpy().copy() for n, p in named}
     grads = {n: p.main_grad.detach().numpy().copy() for n, p in named}  # DDP's buffer: kept until the next update

@@ -11,8 +11,10 @@ import random
 
 import pytest
 
+from luffy_megatron.train.step_batch import StepBatch
 from tests.dist_utils import run_distributed
 from tests.fixtures_models import tiny_checkpoint
+from tests.test_train_packed import response_logprobs
 
 pytestmark = pytest.mark.slow
 REL_TOL = 1e-5
@@ -67,10 +69,10 @@ def train_once(rank: int, world: int, hf_dir: str, tp: int, pp: int, vpp: int | 
     spec = model_spec(read_hf_config(hf_dir), tp)
     policy = MegatronPolicy(cfg, spec, pad_id=0)
     load_hf_weights(policy.modules, spec, hf_dir)
-    samples = make_samples(spec.vocab_size)
-    before = policy.compute_logprobs(samples)
-    metrics = policy.train_mini_batch(samples, use_old_logprobs=False)
-    after = policy.compute_logprobs(samples)
+    batch = StepBatch.from_samples(make_samples(spec.vocab_size))
+    before = response_logprobs(policy, batch)
+    metrics = policy.train_mini_batch(batch, use_old_logprobs=False)
+    after = response_logprobs(policy, batch)
     return {"metrics": metrics, "before": before, "after": after}
 
 
@@ -139,11 +141,10 @@ def train_repeatedly(rank: int, world: int, hf_dir: str) -> list[dict]:
     spec = model_spec(read_hf_config(hf_dir), 1)
     policy = MegatronPolicy(cfg, spec, pad_id=0)
     load_hf_weights(policy.modules, spec, hf_dir)
-    samples = make_samples(spec.vocab_size, seed=3)
+    batch = StepBatch.from_samples(make_samples(spec.vocab_size, seed=3))
     # Old log-probs from the starting policy: the on-policy ratio moves too (PPO-style epochs on one batch).
-    for s, lp in zip(samples, policy.compute_logprobs(samples)):
-        s.old_logprobs = lp
-    return [policy.train_mini_batch(samples, use_old_logprobs=True) for _ in range(8)]
+    batch.old_logprobs = policy.compute_logprobs(batch)
+    return [policy.train_mini_batch(batch, use_old_logprobs=True) for _ in range(8)]
 
 
 def make_redundant_samples(vocab: int):
@@ -202,7 +203,7 @@ def train_redundant(rank: int, world: int, hf_dir: str, variant: str):
         f"algorithm.skip_zero_advantage={variant != 'dedup_only'}",
     ]
     if variant.endswith("reference"):
-        policy_module.compact_samples = lambda samples, drop_zero_advantage: samples
+        policy_module.compact_batch = lambda batch, drop_zero_advantage: batch
     cfg = load_config(None, overrides)
     spec = model_spec(read_hf_config(hf_dir), 1)
     policy = policy_module.MegatronPolicy(cfg, spec, pad_id=0)
@@ -213,12 +214,13 @@ def train_redundant(rank: int, world: int, hf_dir: str, variant: str):
             s.advantage = 0.0
     if variant == "nan":  # one sample's loss is NaN; debug_checks is off, so only the per-step check can see it
         samples[-1].advantage = float("nan")
-    before = policy.compute_logprobs(samples)
+    batch = StepBatch.from_samples(samples)
+    before = response_logprobs(policy, batch)
     try:
-        metrics = policy.train_mini_batch(samples, use_old_logprobs=False)
+        metrics = policy.train_mini_batch(batch, use_old_logprobs=False)
     except FloatingPointError as e:
         metrics = {"error": str(e)}
-    return {"metrics": metrics, "before": before, "after": policy.compute_logprobs(samples)}
+    return {"metrics": metrics, "before": before, "after": response_logprobs(policy, batch)}
 
 
 @pytest.fixture(scope="module")

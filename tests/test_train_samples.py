@@ -1,18 +1,15 @@
-"""Mixed-group assembly, micro-batch tensors and token-budget packing."""
+"""Mixed-group assembly, the step batch's selections (mini-batches, compaction), micro-batch tensors and
+token-budget packing."""
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
-from luffy_megatron.train.samples import (
-    Sample,
-    assemble_groups,
-    compact_samples,
-    make_micro_batch,
-    pack_micro_batches,
-    split_mini_batches,
-)
+from luffy_megatron.train.batch import make_micro_batch
+from luffy_megatron.train.samples import Sample, assemble_groups, pack_micro_batches
+from luffy_megatron.train.step_batch import StepBatch, compact_batch
 
 
 def test_assemble_groups_mixes_rollouts_and_trace_copies():
@@ -32,7 +29,7 @@ def test_assemble_groups_mixes_rollouts_and_trace_copies():
 def test_micro_batch_aligns_targets_with_response_tokens():
     s = Sample(0, 0, [1, 2, 3], [4, 5], off_policy=True, advantage=0.5, old_logprobs=[-1.0, -2.0])
     t = Sample(1, 0, [1], [6, 7, 8], off_policy=False, advantage=-1.0, rollout_logprobs=[-0.1, -0.2, -0.3])
-    mb = make_micro_batch([s, t], [0, 1], pad_id=0)
+    mb = make_micro_batch(StepBatch.from_samples([s, t]), [0, 1], pad_id=0)
     assert mb.tokens.tolist() == [[1, 2, 3, 4, 5], [1, 6, 7, 8, 0]]
     # Position t predicts token t + 1: the response mask marks positions whose target is a response token.
     assert mb.targets[mb.response_mask].tolist() == [4, 5, 6, 7, 8]
@@ -45,7 +42,7 @@ def test_micro_batch_aligns_targets_with_response_tokens():
 
 
 def test_empty_micro_batch_is_fully_masked():
-    mb = make_micro_batch([], [], pad_id=0)
+    mb = make_micro_batch(StepBatch.from_samples([]), [], pad_id=0)
     assert mb.tokens.shape == (1, 2) and not mb.response_mask.any()
 
 
@@ -79,10 +76,12 @@ def test_packing_rejects_bad_budget():
 
 
 def test_mini_batches_never_split_a_group():
-    samples = [Sample(0, g, [1], [2], off_policy=False) for g in range(6) for _ in range(3)]
-    parts = split_mini_batches(samples, 2)
+    samples = [Sample(0, g % 6, [1], [2], off_policy=False) for g in range(18)]  # groups interleaved
+    batch = StepBatch.from_samples(samples)
+    parts = batch.mini_batch_ids(2)
     assert len(parts) == 2
-    assert [sorted({s.group_id for s in p}) for p in parts] == [[0, 1, 2], [3, 4, 5]]
+    assert [sorted(set(batch.group_id[p].tolist())) for p in parts] == [[0, 1, 2], [3, 4, 5]]
+    assert parts[0].tolist() == [0, 6, 12, 1, 7, 13, 2, 8, 14]  # groups in order, each keeping its samples' order
     assert torch.tensor([len(p) for p in parts]).sum() == len(samples)
 
 
@@ -93,32 +92,28 @@ def test_compact_samples_merges_identical_samples_and_drops_zero_advantages():
     trace = Sample(0, 0, [1, 2], [3, 4], off_policy=True, advantage=0.75)  # same tokens, but a trace
     other_group = Sample(1, 1, [1, 2], [3, 4], off_policy=False, advantage=0.5)  # same tokens, other advantage
     solved = Sample(2, 2, [9], [8], off_policy=False, advantage=0.0)
-    samples = [a, same, other_response, trace, other_group, solved, replace_copy(solved)]
+    batch = StepBatch.from_samples([a, same, other_response, trace, other_group, solved, replace(solved)])
 
-    kept = compact_samples(samples, drop_zero_advantage=False)
-    assert [(s.response_ids, s.off_policy, s.advantage, s.multiplicity) for s in kept] == [
+    kept = compact_batch(batch, drop_zero_advantage=False)
+    responses = [kept.tokens[kept.offsets[i] + kept.prompt_lengths[i] : kept.offsets[i + 1]].tolist() for i in range(5)]
+    assert list(zip(responses, kept.off_policy.tolist(), kept.advantage.tolist(), kept.multiplicity.tolist())) == [
         ([3, 4], False, -0.25, 2),
         ([3, 5], False, -0.25, 1),
         ([3, 4], True, 0.75, 1),
         ([3, 4], False, 0.5, 1),
         ([8], False, 0.0, 2),
     ]
-    assert sum(s.multiplicity for s in kept) == len(samples)
-    assert all(s.multiplicity == 1 for s in samples)  # the inputs are left as they were
-    dropped = compact_samples(samples, drop_zero_advantage=True)
-    assert [s.multiplicity for s in dropped] == [2, 1, 1, 1]
-    # Different old log-probs (a later mini-batch epoch) are not merged.
-    x, y = replace_copy(a), replace_copy(a)
-    x.old_logprobs, y.old_logprobs = [-1.0, -2.0], [-1.0, -2.5]
-    assert len(compact_samples([x, y], drop_zero_advantage=False)) == 2
+    assert kept.num_samples == 5 and int(kept.multiplicity.sum()) == batch.num_samples
+    assert batch.multiplicity.tolist() == [1] * 7  # the input is left as it was
+    assert kept.rollout_logprobs[2:4].tolist() == [-1.0, -2.0]  # the first copy's engine log-probs
+    dropped = compact_batch(batch, drop_zero_advantage=True)
+    assert dropped.multiplicity.tolist() == [2, 1, 1, 1]
+    # Different old log-probs (a later mini-batch epoch) are not merged; merged multiplicities add up.
+    x, y = replace(a, old_logprobs=[-1.0, -2.0], multiplicity=2), replace(a, old_logprobs=[-1.0, -2.5])
+    assert compact_batch(StepBatch.from_samples([x, y]), drop_zero_advantage=False).num_samples == 2
+    assert compact_batch(StepBatch.from_samples([x, x]), drop_zero_advantage=False).multiplicity.tolist() == [4]
     mb = make_micro_batch(kept, [0, 4], pad_id=0)
     assert mb.multiplicity.tolist() == [[2.0] * 4, [2.0] * 4]
-
-
-def replace_copy(sample: Sample) -> Sample:
-    from dataclasses import replace
-
-    return replace(sample)
 
 
 @pytest.mark.parametrize(

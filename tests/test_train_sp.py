@@ -15,12 +15,13 @@ import inspect
 import pytest
 import torch
 
-from luffy_megatron.train.batch import StepBatch, micro_batch_tokens, pack_micro_batch
+from luffy_megatron.train.batch import micro_batch_tokens, pack_micro_batch
 from luffy_megatron.train.samples import Sample, pack_micro_batches
+from luffy_megatron.train.step_batch import StepBatch
 from tests import upstream
 from tests.dist_utils import run_distributed
 from tests.fixtures_models import tiny_checkpoint
-from tests.test_train_packed import luffy_like_samples
+from tests.test_train_packed import luffy_like_samples, response_logprobs
 
 REL_TOL = 1e-5
 LR = 1e-2
@@ -95,11 +96,11 @@ def train_cases(rank: int, world: int, hf_dir: str, tp: int, pp: int, vpp: int |
         policy = MegatronPolicy(load_config(None, overrides), spec, pad_id=0)
         assert policy.tconfig.sequence_parallel is sp and policy.alignment == (tp if sp else 1)
         load_hf_weights(policy.modules, spec, hf_dir)
-        samples = luffy_like_samples(spec.vocab_size, seed=3)
-        before = policy.compute_logprobs(samples)
-        metrics = policy.train_mini_batch(samples, use_old_logprobs=True)
+        batch = StepBatch.from_samples(luffy_like_samples(spec.vocab_size, seed=3))
+        before = response_logprobs(policy, batch)
+        metrics = policy.train_mini_batch(batch, use_old_logprobs=True)
         stats = policy.take_token_stats()
-        after = policy.compute_logprobs(samples)
+        after = response_logprobs(policy, batch)
         named = [(n, p) for m in policy.modules for n, p in m.named_parameters()]
         out[pack, sp] = {
             "metrics": metrics,

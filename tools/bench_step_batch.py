@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Moving one RL step's samples from global rank 0 to every rank: pickled objects vs flat tensors.
+"""Moving one RL step's samples from global rank 0 to every rank: pickled objects vs the step batch's tensors.
 
 Two local processes joined by gloo; rank 0 holds a paper-sized batch (by default 128 prompts x 8 = 1,024 samples,
 LUFFY's length mix from ``bench_throughput.length_mix``, seeded: prompts of 80-400 tokens, 7 on-policy responses
@@ -7,16 +7,18 @@ log-normal with a median of ~1,500 tokens capped at 8,192 with fp32 engine log-p
 without) and sends it to rank 1:
 
 - ``object``: ``dist.broadcast_object_list`` of the sample list (what ``rank0_call`` did with the whole step);
-- ``tensor``: ``luffy_megatron.train.transport.broadcast_samples``.
+- ``tensor``: ``luffy_megatron.train.transport.broadcast_batch`` of the step's ``StepBatch``, which rank 0 built
+  from the samples beforehand (as the producer does, in the background with asynchronous rollout; its time is
+  reported as ``rank0_parts_s.build``). The receivers get the batch's tensors, with no per-sample work.
 
 Also the asynchronous checkpoint's batch in flight (``pending_checkpoint``): rank 0's binary file vs the indented
 JSON the trainer state held before, bytes and seconds to write and read.
 
 Seconds: every repeat runs both methods (interleaved, the order alternating), each between two barriers; the median
 over repeats is reported (wall clock, the slower rank), with each rank's CPU time of the send (less disturbed by other
-jobs on a shared machine) and rank 0's pack / local unpack and pickle / unpickle times as a breakdown.
+jobs on a shared machine) and rank 0's build / pack / local unpack and pickle / unpickle times as a breakdown.
 Peak RSS: ``ru_maxrss`` of each rank in a separate pair of processes per method (it only grows), before the send
-(after rank 0 built the batch) and after it.
+(after rank 0 built the samples and, for ``tensor``, the batch) and after it.
 
 Example (the numbers in docs/benchmarks.md):
     python tools/bench_step_batch.py --repeats 7 --out docs/results/bench_step_batch.json
@@ -46,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from luffy_megatron.algo import compute_advantages  # noqa: E402
 from luffy_megatron.platform.ports import free_port  # noqa: E402
 from luffy_megatron.train.samples import Sample  # noqa: E402
-from luffy_megatron.train.transport import broadcast_samples, pack_samples, unpack_samples  # noqa: E402
+from luffy_megatron.train.step_batch import StepBatch  # noqa: E402
+from luffy_megatron.train.transport import broadcast_batch, pack_batch, unpack_batch  # noqa: E402
 from tools.bench_throughput import length_mix  # noqa: E402
 
 METHODS = ("object", "tensor")
@@ -75,21 +78,32 @@ def step_batch(prompts: int, n: int, seed: int, scale: int = 1, vocab: int = 151
     return samples
 
 
-def send(method: str, samples: list[Sample] | None) -> list[Sample]:
+def send(method: str, samples: list[Sample] | None, batch: StepBatch | None) -> list[Sample] | StepBatch:
+    """Rank 0's step (``samples``, or for ``tensor`` its ``batch``) on both ranks (the others pass ``None``)."""
     if method == "tensor":
-        return broadcast_samples(samples)
+        return broadcast_batch(batch)
     box = [(True, (samples, {}))]  # rank0_call's box: (ok, result)
     dist.broadcast_object_list(box, src=0)
     return box[0][1][0]
 
 
-def _tokens(samples: list[Sample]) -> int:
-    return sum(s.num_tokens for s in samples)
+def _tokens(step: list[Sample] | StepBatch) -> int:
+    return step.num_tokens if isinstance(step, StepBatch) else sum(s.num_tokens for s in step)
+
+
+def _rank0_step(
+    rank: int, args: argparse.Namespace, batch: bool = True
+) -> tuple[list[Sample] | None, StepBatch | None]:
+    """Rank 0's samples and (with ``batch``) the batch built from them; nothing on the other rank."""
+    if rank != 0:
+        return None, None
+    samples = step_batch(args.prompts, args.n, args.seed, args.scale)
+    return samples, StepBatch.from_samples(samples) if batch else None
 
 
 def time_methods(rank: int, args: argparse.Namespace) -> dict:
     """Both methods ``args.repeats`` times, interleaved; rank 0 adds :func:`rank0_parts`."""
-    samples = step_batch(args.prompts, args.n, args.seed, args.scale) if rank == 0 else None
+    samples, batch = _rank0_step(rank, args)
     seconds: dict[str, list[float]] = {m: [] for m in METHODS}
     cpu: dict[str, list[float]] = {m: [] for m in METHODS}
     received = {}
@@ -97,11 +111,11 @@ def time_methods(rank: int, args: argparse.Namespace) -> dict:
         for method in METHODS if r % 2 == 0 else METHODS[::-1]:
             dist.barrier()
             start, start_cpu = time.perf_counter(), time.process_time()
-            out = send(method, samples)
+            out = send(method, samples, batch)
             cpu[method].append(time.process_time() - start_cpu)
             dist.barrier()
             seconds[method].append(time.perf_counter() - start)
-            received[method] = (len(out), _tokens(out))
+            received[method] = (out.num_samples if isinstance(out, StepBatch) else len(out), _tokens(out))
             del out
     result: dict = {"seconds": seconds, "cpu_seconds": cpu, "received": received}
     if rank == 0:
@@ -110,21 +124,24 @@ def time_methods(rank: int, args: argparse.Namespace) -> dict:
 
 
 def rank0_parts(samples: list[Sample], repeats: int) -> dict:
-    """Rank 0's local share of each method (medians): pack / unpack and pickle / unpickle; the bytes each sends."""
-    parts: dict[str, list[float]] = {"pack": [], "unpack": [], "pickle": [], "unpickle": []}
+    """Rank 0's local share of each method (medians): build (the batch from the samples) / pack / unpack and
+    pickle / unpickle; the bytes each sends."""
+    parts: dict[str, list[float]] = {"build": [], "pack": [], "unpack": [], "pickle": [], "unpickle": []}
     for _ in range(repeats):
         t0 = time.perf_counter()
-        packed = pack_samples(samples)
+        batch = StepBatch.from_samples(samples)
         t1 = time.perf_counter()
-        rebuilt = unpack_samples(packed.header, packed.buffers)
+        packed = pack_batch(batch)
         t2 = time.perf_counter()
-        del rebuilt  # freeing 4M objects is not part of the rebuild
-        blob = pickle.dumps((True, (samples, {})))
+        rebuilt = unpack_batch(packed.header, packed.buffers)
         t3 = time.perf_counter()
-        rebuilt = pickle.loads(blob)
-        t4 = time.perf_counter()
         del rebuilt
-        for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+        blob = pickle.dumps((True, (samples, {})))
+        t4 = time.perf_counter()
+        rebuilt = pickle.loads(blob)
+        t5 = time.perf_counter()
+        del rebuilt  # freeing 4M objects is not part of the rebuild
+        for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
             parts[name].append(seconds)
     tensor_bytes = packed.header.nbytes + sum(b.nbytes for b in packed.buffers.values())
     return {
@@ -146,13 +163,14 @@ def pending_checkpoint(samples: list[Sample], folder: Path, repeats: int) -> dic
     state held before (``json.dumps(asdict(batch), indent=1)``)."""
     from dataclasses import asdict
 
-    from luffy_megatron.train.producer import PENDING_FILE, RolloutPrefetcher, ScoredBatch
+    from luffy_megatron.train.producer import PENDING_FILE, RolloutPrefetcher
 
     folder.mkdir(parents=True, exist_ok=True)
+    batch = StepBatch.from_samples(samples)
     times: dict[str, list[float]] = {"npz_save": [], "npz_load": [], "json_save": [], "json_load": []}
     for _ in range(repeats):
         writer = RolloutPrefetcher()
-        writer.start(2, 1, lambda: (samples, {}))
+        writer.start(2, 1, lambda: (batch, {}))
         writer.wait()  # the batch the run waited for
         t0 = time.perf_counter()
         record = writer.save(folder)
@@ -160,7 +178,8 @@ def pending_checkpoint(samples: list[Sample], folder: Path, repeats: int) -> dic
         reader = RolloutPrefetcher()
         reader.load(folder, record)
         t2 = time.perf_counter()
-        text = json.dumps(asdict(ScoredBatch(2, 1, samples, {})), indent=1)
+        state = {"step": 2, "weights_step": 1, "samples": [asdict(s) for s in samples], "metrics": {}}
+        text = json.dumps(state, indent=1)
         (folder / "pending.json").write_text(text)
         t3 = time.perf_counter()
         json.loads((folder / "pending.json").read_text())
@@ -178,10 +197,10 @@ def pending_checkpoint(samples: list[Sample], folder: Path, repeats: int) -> dic
 
 def peak_rss(rank: int, args: argparse.Namespace) -> dict:
     """ru_maxrss (MiB) of this rank before and after one send of ``args.method``."""
-    samples = step_batch(args.prompts, args.n, args.seed, args.scale) if rank == 0 else None
+    samples, batch = _rank0_step(rank, args, batch=args.method == "tensor")
     dist.barrier()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = send(args.method, samples)
+    out = send(args.method, samples, batch)
     dist.barrier()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"before_mib": round(before, 1), "peak_mib": round(after, 1), "tokens": _tokens(out)}

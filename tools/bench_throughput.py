@@ -99,15 +99,16 @@ def length_mix(dist: str, prompts: int, n: int, prompt_len: int, response_len: i
 
 
 def synthetic_samples(vocab: int, n: int, lengths: list[tuple[int, int]], seed: int):
-    """Mixed groups of ``n`` samples of the given (prompt, response) lengths: ``n - 1`` on-policy + 1 off-policy
-    trace. The first sample of a group is wrong and the trace right, so every group has an advantage and every sample
-    is trained."""
+    """Mixed groups of ``n`` samples of the given (prompt, response) lengths as one ``StepBatch``: ``n - 1``
+    on-policy + 1 off-policy trace. The first sample of a group is wrong and the trace right, so every group has an
+    advantage and every sample is trained."""
     import random
 
     import torch
 
     from luffy_megatron.algo import compute_advantages
     from luffy_megatron.train.samples import Sample
+    from luffy_megatron.train.step_batch import StepBatch
 
     rng = random.Random(seed)
     samples = []
@@ -123,7 +124,7 @@ def synthetic_samples(vocab: int, n: int, lengths: list[tuple[int, int]], seed: 
     adv = compute_advantages(torch.tensor([s.reward for s in samples]), torch.tensor([s.group_id for s in samples]))
     for s, a in zip(samples, adv.tolist()):
         s.advantage = a
-    return samples
+    return StepBatch.from_samples(samples)
 
 
 def token_accounting(policy, samples) -> dict:
@@ -145,7 +146,7 @@ def token_accounting(policy, samples) -> dict:
     biggest = torch.tensor([float(max(mb.num_tokens for mb in mbs))], dtype=torch.float64, device=device())
     dist.all_reduce(built, group=ps.get_data_parallel_group())
     dist.all_reduce(biggest, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
-    lengths = [s.num_tokens for s in samples]
+    lengths = samples.lengths.tolist()
     if (int(built), int(biggest), sum(lengths)) != tuple(
         int(logged[k])
         for k in ("perf/update_computed_tokens", "perf/max_micro_batch_tokens", "perf/update_real_tokens")
@@ -245,7 +246,7 @@ def worker(args: argparse.Namespace) -> None:
     policy = MegatronPolicy(cfg, spec, pad_id=0)
     lengths = length_mix(args.length_dist, args.prompts, args.n, args.prompt_len, args.response_len, args.seed)
     samples = synthetic_samples(spec.vocab_size, args.n, lengths, seed=args.seed)
-    tokens = sum(s.num_tokens for s in samples)
+    tokens = samples.num_tokens
 
     accounting = token_accounting(policy, samples)
     timing = not args.tokens_only
@@ -264,7 +265,7 @@ def worker(args: argparse.Namespace) -> None:
     if dist.get_rank() == 0:
         step = statistics.median(train_s) if timing else float("nan")
         fwd = statistics.median(logprob_s) if timing else float("nan")
-        flops = model_flops(spec, samples)  # training = 3 x forward
+        flops = model_flops(spec, samples.lengths.tolist())  # training = 3 x forward
         device_name = torch.cuda.get_device_name() if cuda else cpu_name()
         peak = peak_flops(device_name, args.dtype) if cuda else None
         result = {
@@ -279,7 +280,7 @@ def worker(args: argparse.Namespace) -> None:
             "backend": dist.get_backend(),
             "gpus_visible": torch.cuda.device_count() if cuda else 0,
             "tokens_per_step": tokens,
-            "samples_per_step": len(samples),
+            "samples_per_step": samples.num_samples,
             "train": None
             if not timing
             else {

@@ -84,10 +84,10 @@ def forward_flops(hf_config: dict[str, Any], vocab_size: int, seq_lens: Iterable
     return 2 * weights * sum(lens) + attention
 
 
-def model_flops(spec: Any, samples: Iterable[Any]) -> float:
-    """Training FLOPs of one optimiser step over ``samples`` (anything with ``num_tokens``): 3 x forward (the
-    backward pass costs two forwards), without activation recomputation."""
-    return 3 * forward_flops(spec.hf_config, spec.vocab_size, (s.num_tokens for s in samples))
+def model_flops(spec: Any, seq_lens: Iterable[int]) -> float:
+    """Training FLOPs of one optimiser step over sequences of ``seq_lens`` tokens: 3 x forward (the backward pass
+    costs two forwards), without activation recomputation."""
+    return 3 * forward_flops(spec.hf_config, spec.vocab_size, seq_lens)
 
 
 def mfu(flops: float, seconds: float, world_size: int, peak: float) -> float:

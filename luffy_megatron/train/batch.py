@@ -1,12 +1,10 @@
-"""The step batch as flat tensors, and the micro-batches the policy update runs on.
+"""The micro-batches the policy update runs on, cut out of a :class:`~luffy_megatron.train.step_batch.StepBatch`.
 
-:class:`StepBatch` holds a mini-batch's samples back to back: token ids, per-token log-probs and per-sample values as
-tensors with sample offsets (no per-token Python lists). :func:`pack_micro_batch` cuts one *packed* micro-batch out
-of it: the chosen samples concatenated in one row (``[1, T]``), positions restarting at every sample, ``cu_seqlens``
-marking the boundaries for the attention, and the loss inputs as flat ``[T]`` tensors with a ``seq_index`` naming
-each token's sample. The row is padded only up to a multiple of ``alignment``. :func:`flatten_padded` brings the
-right-padded micro-batches of :mod:`luffy_megatron.train.samples` (``parallel.pack_sequences=false``) into the same
-flat form, so one loss function serves both.
+:func:`pack_micro_batch` cuts one *packed* micro-batch: the chosen samples concatenated in one row (``[1, T]``),
+positions restarting at every sample, ``cu_seqlens`` marking the boundaries for the attention, and the loss inputs as
+flat ``[T]`` tensors with a ``seq_index`` naming each token's sample. The row is padded only up to a multiple of
+``alignment``. :func:`make_micro_batch` cuts right-padded rows (``parallel.pack_sequences=false``) and
+:func:`flatten_padded` brings them into the same flat form, so one loss function serves both.
 
 Position ``t`` of a row predicts token ``t + 1`` of the same sample: a sample's last position predicts nothing.
 """
@@ -18,80 +16,30 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from luffy_megatron.train.samples import MicroBatch, Sample, round_up
+from luffy_megatron.train.samples import round_up
+from luffy_megatron.train.step_batch import StepBatch, token_ranges
 
 __all__ = [
     "FlatMicroBatch",
-    "StepBatch",
+    "MicroBatch",
     "flatten_padded",
+    "make_micro_batch",
     "micro_batch_tokens",
     "pack_micro_batch",
+    "pad_micro_batch",
     "segment_positions",
 ]
 
 
 @dataclass
-class StepBatch:
-    """Samples of a mini-batch as flat tensors (``S`` samples, ``T`` tokens in all)."""
-
-    sample_ids: list[int]  # [S]: each row's index in the mini-batch
-    tokens: Tensor  # [T] int64: every sample's prompt + response, back to back
-    offsets: Tensor  # [S + 1] int64: sample i is tokens[offsets[i]:offsets[i + 1]]
-    prompt_lengths: Tensor  # [S] int64
-    advantages: Tensor  # [S] fp32
-    off_policy: Tensor  # [S] bool
-    multiplicity: Tensor  # [S] fp32
-    has_rollout_logprobs: Tensor  # [S] bool
-    old_logprobs: Tensor  # [T] fp32 at each response token's own index (0 on prompts and where unknown)
-    rollout_logprobs: Tensor  # [T] fp32, likewise
-
-    @classmethod
-    def from_samples(cls, samples: list[Sample], ids: list[int] | None = None) -> StepBatch:
-        """``samples[i] for i in ids`` (default: all), in that order; each row remembers its ``i``."""
-        ids = list(range(len(samples))) if ids is None else list(ids)
-        samples = [samples[i] for i in ids]
-
-        def per_token(attr: str) -> list[float]:
-            out: list[float] = []
-            for s in samples:
-                values = getattr(s, attr) or [0.0] * len(s.response_ids)
-                out += [0.0] * len(s.prompt_ids) + list(values)
-            return out
-
-        lengths = torch.tensor([s.num_tokens for s in samples], dtype=torch.long)
-        return cls(
-            sample_ids=ids,
-            tokens=torch.tensor([t for s in samples for t in s.prompt_ids + s.response_ids], dtype=torch.long),
-            offsets=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
-            prompt_lengths=torch.tensor([len(s.prompt_ids) for s in samples], dtype=torch.long),
-            advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32),
-            off_policy=torch.tensor([s.off_policy for s in samples], dtype=torch.bool),
-            multiplicity=torch.tensor([float(s.multiplicity) for s in samples], dtype=torch.float32),
-            has_rollout_logprobs=torch.tensor([s.rollout_logprobs is not None for s in samples], dtype=torch.bool),
-            old_logprobs=torch.tensor(per_token("old_logprobs"), dtype=torch.float32),
-            rollout_logprobs=torch.tensor(per_token("rollout_logprobs"), dtype=torch.float32),
-        )
-
-    @property
-    def lengths(self) -> Tensor:
-        return self.offsets[1:] - self.offsets[:-1]
-
-
-@dataclass
-class FlatMicroBatch:
-    """One micro-batch: the model's input and the loss inputs as flat ``[N]`` tensors (``N = tokens.numel()``).
-
-    ``cu_seqlens`` is set for a packed row (``tokens`` ``[1, T]``) and None for right-padded rows (``[b, L]``).
-    ``seq_index`` is each token's position in ``sample_ids`` (``len(sample_ids)`` or more on padding).
-    """
+class _MicroBatchFields:
+    """What both layouts hold: the model's input and the loss inputs of a few samples (``sample_ids``)."""
 
     sample_ids: list[int]
     tokens: Tensor
     position_ids: Tensor
-    cu_seqlens: Tensor | None
     targets: Tensor
     response_mask: Tensor
-    seq_index: Tensor
     off_policy_mask: Tensor
     advantages: Tensor
     old_logprobs: Tensor
@@ -105,59 +53,155 @@ class FlatMicroBatch:
         return int(self.tokens.numel())
 
 
+@dataclass
+class MicroBatch(_MicroBatchFields):
+    """Right-padded tensors of a few samples; position t predicts token t + 1.
+
+    All [b, L] with L the longest sample of this micro-batch (never the max response length): ``tokens``,
+    ``position_ids``, ``targets`` (token t + 1), ``response_mask`` (target is a response token), ``off_policy_mask``,
+    ``advantages``, ``old_logprobs`` (0 where unknown), ``rollout_logprobs`` (0 where unknown),
+    ``has_rollout_logprobs`` and ``multiplicity`` (the row's sample multiplicity, 0 on padding rows).
+    """
+
+
+@dataclass
+class FlatMicroBatch(_MicroBatchFields):
+    """One micro-batch: the model's input and the loss inputs as flat ``[N]`` tensors (``N = tokens.numel()``).
+
+    ``cu_seqlens`` is set for a packed row (``tokens`` ``[1, T]``) and None for right-padded rows (``[b, L]``).
+    ``seq_index`` is each token's position in ``sample_ids`` (``len(sample_ids)`` or more on padding).
+    """
+
+    cu_seqlens: Tensor | None
+    seq_index: Tensor
+
+
+@dataclass
+class _Cut:
+    """The tokens of some samples of a batch, back to back: where each comes from and what it predicts."""
+
+    sel: Tensor  # [n] the samples
+    lengths: Tensor  # [n]
+    seq: Tensor  # [real] local sample of each token
+    pos: Tensor  # [real] position of each token inside its sample
+    index: Tensor  # [real] index into batch.tokens
+    token_ids: Tensor  # [real] int64: batch.tokens[index]
+    targets: Tensor  # [real] int64: the token each predicts, pad_id where in_sample is not
+    nxt: Tensor  # [real] index of the token it predicts (clamped; only meaningful where in_sample)
+    in_sample: Tensor  # [real] position t has a next token t + 1 in its own sample
+    resp: Tensor  # [real] ... and that token is a response token
+
+
+def _cut(batch: StepBatch, ids: list[int], pad_id: int) -> _Cut:
+    sel = torch.tensor(ids, dtype=torch.long)
+    lengths = batch.lengths[sel]
+    seq = torch.repeat_interleave(torch.arange(len(ids)), lengths)
+    pos = token_ranges(lengths)
+    index = batch.token_index(sel)
+    nxt = (index + 1).clamp(max=max(batch.num_tokens - 1, 0))
+    in_sample = pos + 1 < lengths[seq]
+    resp = in_sample & (pos + 1 >= batch.prompt_lengths[sel][seq])
+    targets = torch.where(in_sample, batch.tokens[nxt].long(), pad_id)
+    return _Cut(sel, lengths, seq, pos, index, batch.tokens[index].long(), targets, nxt, in_sample, resp)
+
+
 def pack_micro_batch(batch: StepBatch, ids: list[int], pad_id: int, alignment: int = 1) -> FlatMicroBatch:
-    """Rows ``ids`` of ``batch`` in one packed row, padded to a multiple of ``alignment`` (one token if empty); its
-    ``sample_ids`` are the rows' mini-batch indices.
+    """Samples ``ids`` of ``batch`` in one packed row, padded to a multiple of ``alignment`` (one token if empty); its
+    ``sample_ids`` are ``ids``.
 
     The padding, when there is any, is one more segment of ``cu_seqlens``; it carries no loss.
     """
-    sel = torch.tensor(ids, dtype=torch.long)
-    starts, lengths = batch.offsets[sel], batch.lengths[sel]
-    seq = torch.repeat_interleave(torch.arange(len(ids)), lengths)  # [real] local sample of each token
-    index = torch.repeat_interleave(starts, lengths) + _ranges(lengths)  # [real] index into batch.tokens
-    real = int(lengths.sum())
+    c = _cut(batch, ids, pad_id)
+    real = int(c.lengths.sum())
     total = round_up(max(real, 1), alignment)
     pad = total - real
-    nxt = (index + 1).clamp(max=max(batch.tokens.numel() - 1, 0))
-    in_sample = _ranges(lengths) + 1 < lengths[seq]  # position t has a next token t + 1 in its own sample
-    resp = in_sample & (_ranges(lengths) + 1 >= batch.prompt_lengths[sel][seq])
-    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)] + ([torch.tensor([total])] if pad else []))
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), c.lengths.cumsum(0)] + ([torch.tensor([total])] if pad else []))
 
     def padded(values: Tensor, fill: float | int | bool) -> Tensor:
         return torch.cat([values, torch.full((pad,), fill, dtype=values.dtype)])
 
     def per_sample(values: Tensor) -> Tensor:
-        return padded(torch.where(resp, values[sel][seq], torch.zeros((), dtype=values.dtype)), 0)
+        return padded(torch.where(c.resp, values[c.sel][c.seq], torch.zeros((), dtype=values.dtype)), 0)
 
     def per_token(values: Tensor) -> Tensor:
-        return padded(torch.where(resp, values[nxt], 0.0), 0.0)
+        return padded(torch.where(c.resp, values[c.nxt], 0.0), 0.0)
 
     return FlatMicroBatch(
-        sample_ids=[batch.sample_ids[i] for i in ids],
-        tokens=padded(batch.tokens[index], pad_id).unsqueeze(0),
+        sample_ids=list(ids),
+        tokens=padded(c.token_ids, pad_id).unsqueeze(0),
         position_ids=segment_positions(cu).unsqueeze(0),
         cu_seqlens=cu.to(torch.int32),
-        targets=padded(torch.where(in_sample, batch.tokens[nxt], pad_id), pad_id),
-        response_mask=padded(resp, False),
-        seq_index=padded(seq, len(ids)),
+        targets=padded(c.targets, pad_id),
+        response_mask=padded(c.resp, False),
+        seq_index=padded(c.seq, len(ids)),
         off_policy_mask=per_sample(batch.off_policy),
-        advantages=per_sample(batch.advantages),
+        advantages=per_sample(batch.advantage.float()),
         old_logprobs=per_token(batch.old_logprobs),
         rollout_logprobs=per_token(batch.rollout_logprobs),
         has_rollout_logprobs=per_sample(batch.has_rollout_logprobs),
-        multiplicity=per_sample(batch.multiplicity),
+        multiplicity=per_sample(batch.multiplicity.float()),
+    )
+
+
+def make_micro_batch(batch: StepBatch, ids: list[int], pad_id: int) -> MicroBatch:
+    """Samples ``ids`` of ``batch`` as right-padded rows (an empty micro-batch, a rank with fewer samples than
+    micro-batches: one fully masked row of two padding tokens)."""
+    c = _cut(batch, ids, pad_id)
+    b, length = max(len(ids), 1), int(c.lengths.max()) if ids else 2
+
+    def rows(values: Tensor, fill: float | int | bool) -> Tensor:
+        out = torch.full((b, length), fill, dtype=values.dtype)
+        out[c.seq, c.pos] = values
+        return out
+
+    def per_row(values: Tensor) -> Tensor:
+        return (values[c.sel].float() if ids else torch.zeros(1)).unsqueeze(1)
+
+    resp = rows(c.resp, False)
+    return MicroBatch(
+        sample_ids=list(ids),
+        tokens=rows(c.token_ids, pad_id),
+        position_ids=torch.arange(length).unsqueeze(0).expand(b, length).contiguous(),
+        targets=rows(c.targets, pad_id),
+        response_mask=resp,
+        off_policy_mask=resp & per_row(batch.off_policy).bool(),
+        advantages=resp * per_row(batch.advantage),
+        old_logprobs=rows(torch.where(c.resp, batch.old_logprobs[c.nxt], 0.0), 0.0),
+        rollout_logprobs=rows(torch.where(c.resp, batch.rollout_logprobs[c.nxt], 0.0), 0.0),
+        has_rollout_logprobs=resp & per_row(batch.has_rollout_logprobs).bool(),
+        multiplicity=per_row(batch.multiplicity).expand(b, length).contiguous(),
+    )
+
+
+def pad_micro_batch(mb: MicroBatch, shape: tuple[int, int], pad_id: int) -> MicroBatch:
+    """``mb`` right-padded to ``shape`` = (rows, length) with fully masked padding."""
+    rows, length = shape
+    b, n = mb.tokens.shape
+
+    def pad(t: Tensor, value: float | int | bool) -> Tensor:
+        out = torch.full((rows, length), value, dtype=t.dtype)
+        out[:b, :n] = t
+        return out
+
+    positions = torch.arange(length).unsqueeze(0).expand(rows, length).contiguous()
+    return MicroBatch(
+        mb.sample_ids,
+        pad(mb.tokens, pad_id),
+        positions,
+        pad(mb.targets, pad_id),
+        pad(mb.response_mask, False),
+        pad(mb.off_policy_mask, False),
+        pad(mb.advantages, 0.0),
+        pad(mb.old_logprobs, 0.0),
+        pad(mb.rollout_logprobs, 0.0),
+        pad(mb.has_rollout_logprobs, False),
+        pad(mb.multiplicity, 0.0),
     )
 
 
 def segment_positions(cu_seqlens: Tensor) -> Tensor:
     """[T] int64 position of every token inside its segment of ``cu_seqlens`` (0 at each segment's first token)."""
-    return _ranges(cu_seqlens[1:].long() - cu_seqlens[:-1].long())
-
-
-def _ranges(lengths: Tensor) -> Tensor:
-    """``[0, 1, ..., l_0 - 1, 0, 1, ..., l_1 - 1, ...]``."""
-    ends = lengths.cumsum(0)
-    return torch.arange(int(ends[-1]) if ends.numel() else 0) - torch.repeat_interleave(ends - lengths, lengths)
+    return token_ranges(cu_seqlens[1:].long() - cu_seqlens[:-1].long())
 
 
 def flatten_padded(mb: MicroBatch) -> FlatMicroBatch:

@@ -1,7 +1,8 @@
 """The policy on Megatron: model chunks, optimizer, LR schedule, log-prob forward and the policy update.
 
-Runs at any (TP, PP, VPP, DP) layout through megatron-core's pipeline schedules. Every rank holds the step's samples
-(broadcast by the loop); :func:`pack_micro_batches` gives each data-parallel rank its share. With
+Runs at any (TP, PP, VPP, DP) layout through megatron-core's pipeline schedules. Every rank holds the step's
+:class:`~luffy_megatron.train.step_batch.StepBatch` (broadcast by the loop); :func:`pack_micro_batches` gives each
+data-parallel rank its share, cut out of the batch by index. With
 ``parallel.pack_sequences`` a micro-batch is one packed row (THD, :mod:`luffy_megatron.train.batch`) whose length
 varies from micro-batch to micro-batch; under pipeline parallelism megatron's ``variable_seq_lengths`` exchanges each
 activation's shape. The loss of a micro-batch carries its global aggregation weights, so the summed gradient is that
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import partial
-from itertools import accumulate, pairwise
 from typing import Any
 
 import torch
@@ -30,19 +30,14 @@ from luffy_megatron.platform import device
 from luffy_megatron.platform.packed_attention import packed_seq_params
 from luffy_megatron.train.batch import (
     FlatMicroBatch,
-    StepBatch,
     flatten_padded,
+    make_micro_batch,
     micro_batch_tokens,
     pack_micro_batch,
-)
-from luffy_megatron.train.samples import (
-    Sample,
-    compact_samples,
-    make_micro_batch,
-    pack_micro_batches,
     pad_micro_batch,
-    round_up,
 )
+from luffy_megatron.train.samples import pack_micro_batches, round_up
+from luffy_megatron.train.step_batch import StepBatch, compact_batch
 
 
 class MegatronPolicy:
@@ -121,13 +116,13 @@ class MegatronPolicy:
         """The bare GPTModel chunks (without the DDP wrapper)."""
         return [getattr(c, "module", c) for c in self.chunks]
 
-    def _micro_batches(self, samples: list[Sample], count_tokens: bool = False) -> list[FlatMicroBatch]:
-        """This rank's micro-batches of ``samples``: packed rows, or right-padded rows with ``pack_sequences`` off.
+    def _micro_batches(self, batch: StepBatch, count_tokens: bool = False) -> list[FlatMicroBatch]:
+        """This rank's micro-batches of ``batch``: packed rows, or right-padded rows with ``pack_sequences`` off.
 
         With ``count_tokens`` the tokens of the whole step (every rank's micro-batches) go into the token stats.
         """
         p = self.cfg.parallel
-        lengths = [s.num_tokens for s in samples]
+        lengths = batch.lengths.tolist()
         plan = pack_micro_batches(
             lengths,
             p.max_tokens_per_micro_batch,
@@ -144,14 +139,9 @@ class MegatronPolicy:
             stats["real"] += sum(lengths)
             stats["computed"] += sum(sizes)
             stats["max_micro_batch"] = max(stats["max_micro_batch"], *sizes)
-        if p.pack_sequences:  # this rank's samples only, as one StepBatch whose rows follow its micro-batches
-            mine = plan[self.dp_rank]
-            batch = StepBatch.from_samples(samples, [i for ids in mine for i in ids])
-            bounds = list(accumulate((len(ids) for ids in mine), initial=0))
-            return [
-                pack_micro_batch(batch, list(range(a, b)), self.pad_id, self.alignment) for a, b in pairwise(bounds)
-            ]
-        mbs = [make_micro_batch(samples, ids, self.pad_id) for ids in plan[self.dp_rank]]
+        if p.pack_sequences:
+            return [pack_micro_batch(batch, ids, self.pad_id, self.alignment) for ids in plan[self.dp_rank]]
+        mbs = [make_micro_batch(batch, ids, self.pad_id) for ids in plan[self.dp_rank]]
         shapes = [(mb.tokens.shape[0], round_up(mb.tokens.shape[1], self.alignment)) for mb in mbs]
         if p.pp > 1:  # padded rows keep one shape per step under PP: every micro-batch is padded to the largest
             shapes = [(max(r for r, _ in shapes), max(n for _, n in shapes))] * len(mbs)
@@ -207,16 +197,17 @@ class MegatronPolicy:
 
     # ---------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def compute_logprobs(self, samples: list[Sample]) -> list[list[float]]:
-        """Log-probs of every sample's response tokens under the current weights (forward only), on every rank.
+    def compute_logprobs(self, batch: StepBatch) -> torch.Tensor:
+        """[T] fp32 log-probs of ``batch``'s response tokens under the current weights (forward only), at each token's
+        own index as :attr:`StepBatch.old_logprobs` holds them (0 on prompt tokens), on every rank.
 
-        The values travel as one flat tensor of the mini-batch's response tokens: each is written by the one rank
-        that computed it (last pipeline stage, first TP rank, its data-parallel rank) and summed over all ranks.
+        The values travel as one flat tensor of the batch's response tokens: each is written by the one rank that
+        computed it (last pipeline stage, first TP rank, its data-parallel rank) and summed over all ranks.
         """
         for c in self.chunks:
             c.eval()
-        mbs = self._micro_batches(samples)
-        resp_lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.long)
+        mbs = self._micro_batches(batch)
+        resp_lengths = batch.response_lengths
         starts = torch.cat([torch.zeros(1, dtype=torch.long), resp_lengths.cumsum(0)])
         # On the collective's device (NCCL reduces GPU tensors only).
         flat = torch.zeros(int(starts[-1]), dtype=torch.float32, device=device())
@@ -234,30 +225,33 @@ class MegatronPolicy:
 
         self._run(mbs, loss_fn, forward_only=True)
         dist.all_reduce(flat)
-        return [v.tolist() for v in flat.cpu().split(resp_lengths.tolist())]
+        out = torch.zeros(batch.num_tokens, dtype=torch.float32)
+        out[batch.response_token_mask()] = flat.cpu()
+        return out
 
-    def train_mini_batch(self, samples: list[Sample], use_old_logprobs: bool) -> dict[str, float]:
-        """One optimiser step on ``samples`` (a mini-batch). Returns reduced metrics (identical on every rank).
+    def train_mini_batch(self, batch: StepBatch, use_old_logprobs: bool) -> dict[str, float]:
+        """One optimiser step on ``batch`` (a mini-batch). Returns reduced metrics (identical on every rank).
 
         Without ``use_old_logprobs`` the old policy is the current one (one optimiser step per rollout batch), so the
         ratio is ``exp(logp - logp.detach())``: value 1, gradient of logp. Identical samples are trained once with their
-        count as weight, and zero-advantage ones not at all where that is exact (:func:`compact_samples`).
+        count as weight, and zero-advantage ones not at all where that is exact (:func:`compact_batch`).
         """
         for c in self.chunks:
             c.train()
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         alg = self.cfg.algorithm
-        lengths = [len(s.response_ids) for s in samples]
+        lengths = batch.response_lengths
         counts = GlobalCounts(
-            num_tokens=sum(lengths),
-            num_seqs=sum(1 for n in lengths if n > 0),
-            num_off_policy_tokens=sum(n for n, s in zip(lengths, samples) if s.off_policy),
+            num_tokens=int(lengths.sum()),
+            num_seqs=int((lengths > 0).sum()),
+            num_off_policy_tokens=int(lengths[batch.off_policy].sum()),
         )
         # A zero advantage zeroes every term of a sample's loss unless an entropy, KL or SFT term is on.
         zero_adv_is_inert = alg.entropy_coeff == 0 and alg.kl_coeff == 0 and not alg.sft_loss
-        trained = compact_samples(samples, drop_zero_advantage=alg.skip_zero_advantage and zero_adv_is_inert)
-        if not trained:  # the gradient is exactly 0: step the optimizer (its moments decay) without a forward
+        trained = compact_batch(batch, drop_zero_advantage=alg.skip_zero_advantage and zero_adv_is_inert)
+        # No sample left: the gradient is exactly 0; step the optimizer (its moments decay) without a forward.
+        if not trained.num_samples:
             return {**self._finish_step([], num_trained=0), "actor/loss": 0.0, "actor/pg_loss": 0.0}
         mbs = self._micro_batches(trained, count_tokens=True)
         # The schedule divides each micro-batch loss by their number and DDP averages over data-parallel ranks; the
@@ -279,7 +273,7 @@ class MegatronPolicy:
             sums.add_total(_NONFINITE, (~torch.isfinite(loss.detach())).sum())
             return loss * scale, sums
 
-        return self._finish_step(self._run(mbs, loss_fn, forward_only=False), num_trained=len(trained))
+        return self._finish_step(self._run(mbs, loss_fn, forward_only=False), num_trained=trained.num_samples)
 
     def _finish_step(self, stores: list[MetricSums], num_trained: int) -> dict[str, float]:
         """The step's metrics, reduced over ranks, then the optimizer and scheduler step; a non-finite micro-batch

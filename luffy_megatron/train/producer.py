@@ -20,6 +20,9 @@ there, as in the synchronous loop. A checkpoint waits for the batch in flight an
 rewards, advantages, metrics) into the checkpoint as flat binary arrays (:data:`PENDING_FILE`); a resumed run trains
 on that batch and continues exactly.
 
+The scored samples become the step's :class:`~luffy_megatron.train.step_batch.StepBatch` here, on rank 0 (in the
+background thread when the rollout is asynchronous): nothing after the producer handles samples one by one.
+
 Timeline: every step logs ``timeline/generate_start``, ``timeline/generate_end`` (its batch's rollout + reward),
 ``timeline/update_start`` and ``timeline/update_end`` (epoch seconds); ``tools/plot_metrics.py --timeline`` draws them.
 """
@@ -34,7 +37,6 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from luffy_megatron.algo import compute_advantages
@@ -47,12 +49,13 @@ from luffy_megatron.rollout.base import SamplingParams
 from luffy_megatron.train.checkpoint import should_save
 from luffy_megatron.train.dynamic_sampling import collect_groups, round_seed
 from luffy_megatron.train.samples import Sample, assemble_groups, group_metrics
-from luffy_megatron.train.transport import pack_samples, unpack_samples
+from luffy_megatron.train.step_batch import StepBatch
+from luffy_megatron.train.transport import load_batch, save_batch
 
 if TYPE_CHECKING:
     from luffy_megatron.train.run_state import RunState
 
-Produce = Callable[[], tuple[list[Sample], dict[str, float]]]
+Produce = Callable[[], tuple[StepBatch, dict[str, float]]]
 #: The asynchronous run's batch in flight, in a checkpoint folder (written by global rank 0 alone).
 PENDING_FILE = "pending_rollout.npz"
 
@@ -63,16 +66,16 @@ class ScoredBatch:
 
     step: int
     weights_step: int
-    samples: list[Sample]
+    batch: StepBatch
     metrics: dict[str, float]
 
 
 def produce_batch(step: int, weights_step: int, produce: Produce) -> ScoredBatch:
     """Run ``produce`` and stamp the batch with its generation window."""
     start = time.time()
-    samples, metrics = produce()
+    batch, metrics = produce()
     window = {"timeline/generate_start": start, "timeline/generate_end": time.time()}
-    return ScoredBatch(step, weights_step, samples, {**metrics, **window})
+    return ScoredBatch(step, weights_step, batch, {**metrics, **window})
 
 
 class RolloutPrefetcher:
@@ -105,15 +108,12 @@ class RolloutPrefetcher:
 
     def save(self, folder: Path) -> dict[str, Any] | None:
         """Write the batch in flight (waiting for it) to ``folder/PENDING_FILE`` as the flat arrays of
-        :func:`~luffy_megatron.train.transport.pack_samples` (binary, floats bit-exact); return its small record for
+        :func:`~luffy_megatron.train.transport.save_batch` (binary, floats bit-exact); return its small record for
         the trainer state, None when there is no batch."""
         self.wait()
         if self._ready is None:
             return None
-        packed = pack_samples(self._ready.samples)
-        arrays = {f"buffer_{code}": buf for code, buf in packed.buffers.items()}
-        with open(folder / PENDING_FILE, "wb") as f:
-            np.savez(f, header=packed.header, **arrays)
+        save_batch(self._ready.batch, folder / PENDING_FILE)
         batch = self._ready
         return {"step": batch.step, "weights_step": batch.weights_step, "metrics": batch.metrics, "file": PENDING_FILE}
 
@@ -121,10 +121,8 @@ class RolloutPrefetcher:
         """Restore a batch written by :meth:`save` into ``folder`` (its record from the trainer state)."""
         if record is None:
             return
-        with np.load(folder / record["file"]) as f:
-            buffers = {int(k.removeprefix("buffer_")): f[k] for k in f.files if k.startswith("buffer_")}
-            samples = unpack_samples(f["header"], buffers)
-        self._ready = ScoredBatch(int(record["step"]), int(record["weights_step"]), samples, dict(record["metrics"]))
+        batch = load_batch(folder / record["file"])
+        self._ready = ScoredBatch(int(record["step"]), int(record["weights_step"]), batch, dict(record["metrics"]))
 
     def close(self) -> None:
         """Wait for the background thread to finish (close the engine first so that it cannot block) and drop it."""
@@ -135,7 +133,7 @@ class RolloutPrefetcher:
 # ----------------------------------------------------------------------------------------------------------------
 # The batch of a step, and the engine's weights
 # ----------------------------------------------------------------------------------------------------------------
-def take_rollout(cfg: RunConfig, run: RunState, timers: Timers) -> tuple[list[Sample], dict[str, float]]:
+def take_rollout(cfg: RunConfig, run: RunState, timers: Timers) -> tuple[StepBatch, dict[str, float]]:
     """Global rank 0: this step's scored batch, the one produced in the background (async) or one produced now."""
     batch = None
     if run.prefetch is not None:
@@ -143,7 +141,7 @@ def take_rollout(cfg: RunConfig, run: RunState, timers: Timers) -> tuple[list[Sa
             batch = run.prefetch.take(run.step)
     if batch is None:
         batch = produce_batch(run.step, run.engine_step, partial(rollout_and_score, cfg, run, timers, run.step))
-    return batch.samples, {**batch.metrics, "rollout/weight_staleness": float(run.step - 1 - batch.weights_step)}
+    return batch.batch, {**batch.metrics, "rollout/weight_staleness": float(run.step - 1 - batch.weights_step)}
 
 
 def start_next_rollout(cfg: RunConfig, run: RunState, policy) -> None:
@@ -156,10 +154,10 @@ def start_next_rollout(cfg: RunConfig, run: RunState, policy) -> None:
         return
     step = run.step + 1
 
-    def produce() -> tuple[list[Sample], dict[str, float]]:
+    def produce() -> tuple[StepBatch, dict[str, float]]:
         timers = Timers()
-        samples, metrics = rollout_and_score(cfg, run, timers, step)
-        return samples, {**metrics, **{f"time/{k}_s": v for k, v in timers.seconds.items()}}
+        batch, metrics = rollout_and_score(cfg, run, timers, step)
+        return batch, {**metrics, **{f"time/{k}_s": v for k, v in timers.seconds.items()}}
 
     run.prefetch.start(step, run.engine_step, produce)
 
@@ -189,9 +187,9 @@ def sync_weights(run: RunState, policy, updates: int | None = None) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Rollout -> reward -> advantages
 # ----------------------------------------------------------------------------------------------------------------
-def rollout_and_score(cfg: RunConfig, run: RunState, timers: Timers, step: int) -> tuple[list[Sample], dict]:
+def rollout_and_score(cfg: RunConfig, run: RunState, timers: Timers, step: int) -> tuple[StepBatch, dict]:
     """Global rank 0's part of a step: one scored round (or, with dynamic sampling, rounds until the batch is full of
-    groups with signal) and the group metrics."""
+    groups with signal) as the step's batch, and the group metrics."""
     a = cfg.algorithm
 
     def draw(round_index: int) -> tuple[list[Sample], dict[str, float]]:
@@ -202,7 +200,7 @@ def rollout_and_score(cfg: RunConfig, run: RunState, timers: Timers, step: int) 
         samples, extra = collect_groups(draw, target, rounds, signal)
     else:
         samples, extra = draw(0)
-    return samples, {**group_metrics(samples), **extra, **run.engine.step_metrics()}
+    return StepBatch.from_samples(samples), {**group_metrics(samples), **extra, **run.engine.step_metrics()}
 
 
 def score_round(

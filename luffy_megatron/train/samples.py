@@ -1,17 +1,16 @@
-"""Mixed groups of samples and their packing into micro-batches.
+"""Mixed groups of samples as global rank 0 assembles and scores them, and the plan of micro-batches.
 
 A *sample* is one prompt + one response: on-policy (sampled by the rollout engine) or off-policy (the expert trace).
 Each prompt's samples form a *group* of ``n``: ``n - n_off`` on-policy samples and ``n_off`` copies of its trace
-(a prompt without a trace gets ``n`` on-policy samples instead). The engine is asked for exactly these counts.
+(a prompt without a trace gets ``n`` on-policy samples instead). The engine is asked for exactly these counts. Once
+scored, a step's samples become one :class:`~luffy_megatron.train.step_batch.StepBatch`, which is what every rank
+trains on; :func:`pack_micro_batches` plans its micro-batches from the samples' lengths.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from dataclasses import dataclass, replace
-
-import torch
+from dataclasses import dataclass
 
 
 @dataclass
@@ -28,7 +27,7 @@ class Sample:
     reward: float = 0.0
     advantage: float = 0.0
     old_logprobs: list[float] | None = None  # from the policy before this update
-    multiplicity: int = 1  # identical samples this one stands for (see compact_samples)
+    multiplicity: int = 1  # identical samples this one stands for (see step_batch.compact_batch)
 
     @property
     def num_tokens(self) -> int:
@@ -55,119 +54,6 @@ def assemble_groups(
             for _ in range(n_off):
                 samples.append(Sample(pidx, gid, pids, list(trace), True, "stop"))
     return samples
-
-
-@dataclass
-class MicroBatch:
-    """Right-padded tensors of a few samples; position t predicts token t + 1.
-
-    All [b, L] with L the longest sample of this micro-batch (never the max response length): ``tokens``,
-    ``position_ids``, ``targets`` (token t + 1), ``response_mask`` (target is a response token), ``off_policy_mask``,
-    ``advantages``, ``old_logprobs`` (0 where unknown), ``rollout_logprobs`` (0 where unknown),
-    ``has_rollout_logprobs`` and ``multiplicity`` (the row's sample multiplicity, 0 on padding rows).
-    """
-
-    sample_ids: list[int]
-    tokens: torch.Tensor
-    position_ids: torch.Tensor
-    targets: torch.Tensor
-    response_mask: torch.Tensor
-    off_policy_mask: torch.Tensor
-    advantages: torch.Tensor
-    old_logprobs: torch.Tensor
-    rollout_logprobs: torch.Tensor
-    has_rollout_logprobs: torch.Tensor
-    multiplicity: torch.Tensor
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.tokens.numel())
-
-
-def compact_samples(samples: list[Sample], drop_zero_advantage: bool) -> list[Sample]:
-    """The samples the update needs, each once: identical ones merged into one with their count as ``multiplicity``.
-
-    Identical means the same prompt, response, kind (trace or not), advantage and old log-probs, so every loss term
-    and metric of the merged sample, weighted by its multiplicity, equals the sum over the copies (the train-vs-rollout
-    log-prob gap uses the first copy's engine log-probs). With ``drop_zero_advantage`` samples whose advantage is
-    exactly 0 are left out; the caller passes it only when their loss and gradient are provably 0.
-    """
-    merged: dict[tuple, Sample] = {}
-    for s in samples:
-        if drop_zero_advantage and s.advantage == 0.0:
-            continue
-        key = (
-            tuple(s.prompt_ids),
-            tuple(s.response_ids),
-            s.off_policy,
-            s.advantage,
-            None if s.old_logprobs is None else tuple(s.old_logprobs),
-        )
-        if key in merged:
-            merged[key].multiplicity += s.multiplicity
-        else:
-            merged[key] = replace(s)
-    return list(merged.values())
-
-
-def make_micro_batch(samples: list[Sample], sample_ids: list[int], pad_id: int) -> MicroBatch:
-    """Right-padded tensors of ``samples[i] for i in sample_ids``."""
-    rows = [samples[i] for i in sample_ids]
-    # An empty micro-batch (a rank with fewer samples than micro-batches) is one fully masked row of padding.
-    length = max((s.num_tokens for s in rows), default=2)
-    b = max(len(rows), 1)
-
-    def padded(values: list, start: int, fill: float | int) -> list:
-        return [fill] * start + values + [fill] * (length - start - len(values))
-
-    tokens = torch.tensor([padded(s.prompt_ids + s.response_ids, 0, pad_id) for s in rows] or [[pad_id] * length])
-    targets = torch.full_like(tokens, pad_id)
-    targets[:, :-1] = tokens[:, 1:]
-    # Position t predicts token t + 1: the response's targets sit at positions [p - 1, p - 1 + r).
-    starts = torch.tensor([len(s.prompt_ids) - 1 for s in rows] or [0]).unsqueeze(1)
-    ends = starts + torch.tensor([len(s.response_ids) for s in rows] or [0]).unsqueeze(1)
-    positions = torch.arange(length).unsqueeze(0).expand(b, length).contiguous()
-    resp = (positions >= starts) & (positions < ends)
-
-    def per_row(values: list) -> torch.Tensor:
-        return torch.tensor(values or [0], dtype=torch.float32).unsqueeze(1)
-
-    def spans(attr: str) -> torch.Tensor:
-        vals = [padded(getattr(s, attr) or [], len(s.prompt_ids) - 1, 0.0) for s in rows]
-        return torch.tensor(vals or [[0.0] * length], dtype=torch.float32)
-
-    off = resp & per_row([float(s.off_policy) for s in rows]).bool()
-    adv = resp * per_row([s.advantage for s in rows])
-    has_roll = resp & per_row([float(s.rollout_logprobs is not None) for s in rows]).bool()
-    old, roll = spans("old_logprobs"), spans("rollout_logprobs")
-    mult = per_row([float(s.multiplicity) for s in rows]).expand(b, length).contiguous()
-    return MicroBatch(sample_ids, tokens, positions, targets, resp, off, adv, old, roll, has_roll, mult)
-
-
-def pad_micro_batch(mb: MicroBatch, shape: tuple[int, int], pad_id: int) -> MicroBatch:
-    """``mb`` right-padded to ``shape`` = (rows, length) with fully masked padding."""
-    rows, length = shape
-    b, n = mb.tokens.shape
-
-    def pad(t: torch.Tensor, value: float | int | bool) -> torch.Tensor:
-        out = torch.full((rows, length), value, dtype=t.dtype)
-        out[:b, :n] = t
-        return out
-
-    positions = torch.arange(length).unsqueeze(0).expand(rows, length).contiguous()
-    return MicroBatch(
-        mb.sample_ids,
-        pad(mb.tokens, pad_id),
-        positions,
-        pad(mb.targets, pad_id),
-        pad(mb.response_mask, False),
-        pad(mb.off_policy_mask, False),
-        pad(mb.advantages, 0.0),
-        pad(mb.old_logprobs, 0.0),
-        pad(mb.rollout_logprobs, 0.0),
-        pad(mb.has_rollout_logprobs, False),
-        pad(mb.multiplicity, 0.0),
-    )
 
 
 def pack_micro_batches(
@@ -249,13 +135,6 @@ def by_group(samples: list[Sample]) -> list[list[Sample]]:
     for s in samples:
         groups[s.group_id].append(s)
     return [groups[g] for g in sorted(groups)]
-
-
-def split_mini_batches(samples: list[Sample], num: int) -> list[list[Sample]]:
-    """Consecutive groups of prompts (a group is never split across optimiser steps)."""
-    groups = by_group(samples)
-    per = math.ceil(len(groups) / num)
-    return [[s for g in groups[i : i + per] for s in g] for i in range(0, len(groups), per)]
 
 
 def group_metrics(samples: list[Sample]) -> dict[str, float]:

@@ -22,6 +22,7 @@ from luffy_megatron.config import RunConfig, TrainerMode
 from luffy_megatron.metrics.logger import Timers
 from luffy_megatron.train.producer import sync_weights
 from luffy_megatron.train.samples import Sample, mean_or_zero
+from luffy_megatron.train.step_batch import StepBatch
 
 if TYPE_CHECKING:
     from luffy_megatron.train.run_state import RunState
@@ -36,13 +37,13 @@ def needs_engine(cfg: RunConfig) -> bool:
     return not is_sft(cfg) or bool(cfg.trainer.val_interval and cfg.data.val_files)
 
 
-def trace_batch(run: RunState, timers: Timers) -> tuple[list[Sample], dict[str, float]]:
+def trace_batch(run: RunState, timers: Timers) -> tuple[StepBatch, dict[str, float]]:
     """Global rank 0: the next prompts' traces as one off-policy sample each, and their lengths."""
     with timers("batch"):
         items = run.dataset.get_batch(next(run.sampler).indices)
         samples = [Sample(it.index, gid, it.prompt_ids, list(it.trace_ids), True) for gid, it in enumerate(items)]
     lengths = [len(s.response_ids) for s in samples]
-    return samples, {
+    return StepBatch.from_samples(samples), {
         "response/length_mean": mean_or_zero(lengths),
         "response/length_max": float(max(lengths, default=0)),
         "response/truncated": mean_or_zero([float(it.trace_truncated) for it in items]),

@@ -1,209 +1,167 @@
-"""A step's samples from global rank 0 to every rank as a few flat tensors (tensor collectives, no pickling).
+"""A step's :class:`~luffy_megatron.train.step_batch.StepBatch` from global rank 0 to every rank as its tensors.
 
-Rank 0 flattens the token ids (each distinct prompt list once), the per-token floats and the per-sample scalars into
-one buffer per dtype; a first int64 broadcast carries the layout (dtype and length of every field), then one
-broadcast per dtype moves the data. Token ids travel as int32 when every id fits, else as int64; a per-token float
-field as fp32 when every value survives fp64 -> fp32 -> fp64 unchanged, else as fp64; the per-sample integers as
-int64, rewards and advantages as fp64. Every rank then holds samples equal to rank 0's field by field (floats
-bit-exact), with samples that shared one prompt list on rank 0 sharing one list again. On NCCL the buffers live on
-the current CUDA device, on gloo in CPU memory. Without a process group, or with one process, nothing is sent.
+Rank 0 sends a small int64 header (dtype and length of every field), then one broadcast per dtype: the fields of that
+dtype back to back, each field in its dtype in the batch (token ids int32 when every id fits), flags as bytes; the old
+log-probs do not travel while every one is +0.0 (before the policy computed them). The other ranks' fields are views
+into the received buffers: no per-sample work, and every tensor equals rank 0's bit for bit. Rank 0
+keeps its own batch. On NCCL the buffers live on the current CUDA device, on gloo in CPU memory; the received batch
+lives in CPU memory. Without a process group, or with one process, nothing is sent.
+
+The same flat form is the asynchronous checkpoint's batch in flight (:func:`save_batch`, :func:`load_batch`).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from luffy_megatron.platform.rank0 import rank0_call, single_process
-from luffy_megatron.train.samples import Sample
+from luffy_megatron.train.step_batch import StepBatch, zero_floats
 
-_DTYPES = (np.int32, np.int64, np.float32, np.float64)  # a field's dtype code is its index here
-_TORCH_DTYPES = (torch.int32, torch.int64, torch.float32, torch.float64)
-_FIELDS = (  # in send order; the dtype of each is chosen by pack_samples and sent in the header
-    "tokens",  # the distinct prompt lists, then the responses, concatenated: int32 when every id fits, else int64
-    "prompt_lengths",  # int64, as the next three
-    "sample_ints",  # [n, 9]: the _INT_COLUMNS of every sample
-    "reason_bytes",  # the distinct finish reasons, UTF-8, concatenated
+_DTYPES = (torch.uint8, torch.int32, torch.int64, torch.float32, torch.float64)  # a dtype's code is its index here
+_FLAGS = ("off_policy", "has_rollout_logprobs")  # bool, sent as bytes
+_FIELDS = (  # in send order; the dtype of each is chosen by pack_batch and sent in the header
+    "tokens",
+    "offsets",
+    "prompt_lengths",
+    "prompt_index",
+    "group_id",
+    "finish_reason",
+    "multiplicity",
+    *_FLAGS,
+    "reward",
+    "advantage",
+    "rollout_logprobs",
+    "old_logprobs",  # empty while every value is +0.0
+    "reason_bytes",  # the finish reasons, UTF-8, concatenated
     "reason_lengths",
-    "rollout_logprobs",  # of the samples that have them, concatenated: fp32 when every value is exact in fp32
-    "old_logprobs",  # (engines and the policy produce fp32 values), else fp64
-    "sample_floats",  # [n, 2]: reward, advantage; fp64
 )
-# Per sample; a log-prob length of -1 means None.
-_INT_COLUMNS = ("prompt_index", "group_id", "prompt", "response", "rollout", "old", "multiplicity", "off", "reason")
 
 
 @dataclass
-class PackedSamples:
-    """Rank 0's flat form of a sample list: ``header`` = (dtype code, length) per field of ``_FIELDS``, and one
-    buffer per dtype code present (the fields of that dtype concatenated in ``_FIELDS`` order)."""
+class PackedBatch:
+    """Rank 0's flat form of a batch: ``header`` = (dtype code, length) per field of ``_FIELDS``, and one buffer per
+    dtype code present (the fields of that dtype concatenated in ``_FIELDS`` order)."""
 
-    header: np.ndarray
-    buffers: dict[int, np.ndarray]
+    header: torch.Tensor
+    buffers: dict[int, torch.Tensor]
 
 
-def broadcast_samples(samples: list[Sample] | None, what: str = "packing the samples") -> list[Sample]:
-    """Rank 0's ``samples`` on every rank (collective: every rank calls it, rank 0 with its list, the others with
-    ``None``). Rank 0 gets its own list back. A failure while rank 0 packs reaches every rank as with
+def broadcast_batch(batch: StepBatch | None, what: str = "packing the batch") -> StepBatch:
+    """Rank 0's ``batch`` on every rank (collective: every rank calls it, rank 0 with its batch, the others with
+    ``None``). Rank 0 gets its own batch back. A failure while rank 0 packs reaches every rank as with
     :func:`~luffy_megatron.platform.rank0_call`."""
     if single_process():
-        return samples if samples is not None else []
-    packed: list[PackedSamples] = []
-    rank0_call(lambda: packed.append(pack_samples(samples or [])), what)
-    return _send(packed[0] if packed else None, samples)
+        return batch if batch is not None else StepBatch.from_samples([])
+    packed: list[PackedBatch] = []
+    rank0_call(lambda: packed.append(pack_batch(batch or StepBatch.from_samples([]))), what)
+    return _send(packed[0] if packed else None, batch)
 
 
-def rank0_batch(fn: Callable[[], tuple[list[Sample], dict]], what: str, note: str = "") -> tuple[list[Sample], dict]:
-    """:func:`~luffy_megatron.platform.rank0_call` for a ``(samples, metrics)`` result: ``fn`` runs on global rank 0,
-    its metrics travel as an object, its samples as flat tensors. A failure of ``fn`` (or of packing its samples)
-    raises on rank 0 and as :class:`~luffy_megatron.platform.RankFailure` everywhere else, before any tensor is
-    sent."""
+def rank0_batch(fn: Callable[[], tuple[StepBatch, dict]], what: str, note: str = "") -> tuple[StepBatch, dict]:
+    """:func:`~luffy_megatron.platform.rank0_call` for a ``(batch, metrics)`` result: ``fn`` runs on global rank 0,
+    its metrics travel as an object, its batch as tensors. A failure of ``fn`` (or of packing its batch) raises on
+    rank 0 and as :class:`~luffy_megatron.platform.RankFailure` everywhere else, before any tensor is sent."""
     if single_process():
         return fn()
-    held: list[tuple[list[Sample], PackedSamples]] = []
+    held: list[tuple[StepBatch, PackedBatch]] = []
 
     def run() -> dict:
-        samples, metrics = fn()
-        held.append((samples, pack_samples(samples)))
+        batch, metrics = fn()
+        held.append((batch, pack_batch(batch)))
         return metrics
 
     metrics = rank0_call(run, what, note)
-    samples, packed = held[0] if held else (None, None)
-    return _send(packed, samples), metrics
+    batch, packed = held[0] if held else (None, None)
+    return _send(packed, batch), metrics
 
 
-def pack_samples(samples: list[Sample]) -> PackedSamples:
-    """The flat form of ``samples`` (rank 0; no collective)."""
-    prompt_slot: dict[int, int] = {}  # id(prompt list) -> its slot: shared lists are sent once
-    prompts: list[list[int]] = []
-    reasons: dict[str, int] = {}
-    rows = []
-    for s in samples:
-        slot = prompt_slot.setdefault(id(s.prompt_ids), len(prompts))
-        if slot == len(prompts):
-            prompts.append(s.prompt_ids)
-        reason = reasons.setdefault(s.finish_reason, len(reasons))
-        rows.append(
-            (
-                s.prompt_index,
-                s.group_id,
-                slot,
-                len(s.response_ids),
-                _length(s.rollout_logprobs),
-                _length(s.old_logprobs),
-                s.multiplicity,
-                int(s.off_policy),
-                reason,
-            )
-        )
-    encoded = [r.encode() for r in reasons]
-    fields = {
-        "tokens": _token_ids(prompts + [s.response_ids for s in samples]),
-        "prompt_lengths": np.array([len(p) for p in prompts], dtype=np.int64),
-        "sample_ints": np.array(rows, dtype=np.int64).reshape(-1),
-        "reason_bytes": np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.int64),
-        "reason_lengths": np.array([len(e) for e in encoded], dtype=np.int64),
-        "rollout_logprobs": _floats([s.rollout_logprobs for s in samples if s.rollout_logprobs is not None]),
-        "old_logprobs": _floats([s.old_logprobs for s in samples if s.old_logprobs is not None]),
-        "sample_floats": np.array([(s.reward, s.advantage) for s in samples], dtype=np.float64).reshape(-1),
-    }
-    codes = [_DTYPES.index(fields[k].dtype.type) for k in _FIELDS]
-    header = np.array([(code, fields[k].size) for code, k in zip(codes, _FIELDS)], dtype=np.int64).reshape(-1)
+def pack_batch(batch: StepBatch) -> PackedBatch:
+    """The flat form of ``batch`` (no collective)."""
+    old = batch.old_logprobs if bool(batch.old_logprobs.view(torch.int32).any()) else batch.old_logprobs[:0]
+    encoded = [r.encode() for r in batch.reasons]
+    fields = {name: getattr(batch, name) for name in _FIELDS if hasattr(batch, name)}
+    fields.update({name: fields[name].view(torch.uint8) for name in _FLAGS})
+    fields.update(
+        old_logprobs=old,
+        reason_bytes=torch.tensor(list(b"".join(encoded)), dtype=torch.uint8),
+        reason_lengths=torch.tensor([len(e) for e in encoded], dtype=torch.long),
+    )
+    codes = [_DTYPES.index(fields[k].dtype) for k in _FIELDS]
+    header = torch.tensor([(code, fields[k].numel()) for code, k in zip(codes, _FIELDS)], dtype=torch.long)
     buffers = {}
-    for code, dtype in enumerate(_DTYPES):
-        parts = [fields[k].astype(dtype, copy=False) for c, k in zip(codes, _FIELDS) if c == code and fields[k].size]
+    for code in range(len(_DTYPES)):
+        parts = [fields[k].reshape(-1) for c, k in zip(codes, _FIELDS) if c == code and fields[k].numel()]
         if parts:  # one part (the usual case for the big fields) is sent as it is
-            buffers[code] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return PackedSamples(header, buffers)
+            buffers[code] = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
+    return PackedBatch(header.reshape(-1), buffers)
 
 
-def unpack_samples(header: np.ndarray, buffers: dict[int, np.ndarray]) -> list[Sample]:
-    """The samples of a :class:`PackedSamples` layout (no collective)."""
+def unpack_batch(header: torch.Tensor, buffers: dict[int, torch.Tensor]) -> StepBatch:
+    """The batch of a :class:`PackedBatch` layout (no collective; the fields are views into ``buffers``)."""
     fields = _split_fields(header, buffers)
-    cols = fields["sample_ints"].reshape(-1, len(_INT_COLUMNS))
-    prompt_lengths = fields["prompt_lengths"]
-    prompt_tokens = int(prompt_lengths.sum())
-    prompts = _split(fields["tokens"][:prompt_tokens], prompt_lengths)
-    responses = _split(fields["tokens"][prompt_tokens:], cols[:, 3])
-    rollout = _split(fields["rollout_logprobs"], cols[:, 4])
-    old = _split(fields["old_logprobs"], cols[:, 5])
-    reason_bytes = fields["reason_bytes"].astype(np.uint8).tobytes()
-    ends = np.cumsum(fields["reason_lengths"]).tolist()
-    reasons = [reason_bytes[a:b].decode() for a, b in zip([0, *ends[:-1]], ends)]
-    floats = fields["sample_floats"].reshape(-1, 2).tolist()
-    return [
-        Sample(pidx, gid, prompts[slot], response, bool(off), reasons[reason], roll, reward, adv, old_lp, mult)
-        for (pidx, gid, slot, _, _, _, mult, off, reason), response, roll, old_lp, (reward, adv) in zip(
-            cols.tolist(), responses, rollout, old, floats
-        )
-    ]
+    fields.update({name: fields[name].view(torch.bool) for name in _FLAGS})
+    if fields["old_logprobs"].numel() == 0:
+        fields["old_logprobs"] = zero_floats(fields["tokens"].numel())
+    reason_bytes = fields.pop("reason_bytes").numpy().tobytes()
+    ends = fields.pop("reason_lengths").cumsum(0).tolist()
+    reasons = tuple(reason_bytes[a:b].decode() for a, b in zip([0, *ends[:-1]], ends))
+    return StepBatch(**fields, reasons=reasons)
 
 
-def _send(packed: PackedSamples | None, samples: list[Sample] | None) -> list[Sample]:
-    """Broadcast ``packed`` from global rank 0 (which passes it and gets ``samples`` back); the others rebuild."""
+def save_batch(batch: StepBatch, path: Path) -> None:
+    """Write ``batch`` to ``path`` as the binary arrays of its flat form (floats bit-exact)."""
+    packed = pack_batch(batch)
+    arrays = {f"buffer_{code}": buf.numpy() for code, buf in packed.buffers.items()}
+    with open(path, "wb") as f:
+        np.savez(f, header=packed.header.numpy(), **arrays)
+
+
+def load_batch(path: Path) -> StepBatch:
+    """The batch :func:`save_batch` wrote to ``path``."""
+    with np.load(path) as f:
+        buffers = {int(k.removeprefix("buffer_")): torch.from_numpy(f[k]) for k in f.files if k.startswith("buffer_")}
+        return unpack_batch(torch.from_numpy(f["header"]), buffers)
+
+
+def _send(packed: PackedBatch | None, batch: StepBatch | None) -> StepBatch:
+    """Broadcast ``packed`` from global rank 0 (which passes it and gets ``batch`` back); the others rebuild."""
     dev = _device()
     header = torch.zeros(2 * len(_FIELDS), dtype=torch.int64, device=dev)
     if packed is not None:
-        header.copy_(torch.from_numpy(packed.header))
+        header.copy_(packed.header)
     dist.broadcast(header, src=0)
-    layout = header.cpu().numpy().reshape(-1, 2)
-    buffers: dict[int, np.ndarray] = {}
-    for code in range(len(_DTYPES)):
-        size = int(layout[layout[:, 0] == code, 1].sum())
+    layout = header.cpu()
+    sizes = layout.reshape(-1, 2)
+    buffers: dict[int, torch.Tensor] = {}
+    for code, dtype in enumerate(_DTYPES):
+        size = int(sizes[sizes[:, 0] == code, 1].sum())
         if size == 0:
             continue
         if packed is not None:
-            dist.broadcast(torch.from_numpy(packed.buffers[code]).to(dev), src=0)
+            dist.broadcast(packed.buffers[code].to(dev), src=0)
             continue
-        buf = torch.empty(size, dtype=_TORCH_DTYPES[code], device=dev)
+        buf = torch.empty(size, dtype=dtype, device=dev)
         dist.broadcast(buf, src=0)
-        buffers[code] = buf.cpu().numpy()
+        buffers[code] = buf.cpu()
     if packed is not None:
-        return samples  # type: ignore[return-value]
-    return unpack_samples(layout.reshape(-1), buffers)
+        return batch  # type: ignore[return-value]
+    return unpack_batch(layout, buffers)
 
 
-def _split_fields(header: np.ndarray, buffers: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
-    layout = header.reshape(-1, 2)
+def _split_fields(header: torch.Tensor, buffers: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
     offsets = dict.fromkeys(range(len(_DTYPES)), 0)
     fields = {}
-    for name, (code, size) in zip(_FIELDS, layout.tolist()):
+    for name, (code, size) in zip(_FIELDS, header.reshape(-1, 2).tolist()):
         start = offsets[code]
-        fields[name] = buffers[code][start : start + size] if size else np.zeros(0, _DTYPES[code])
+        fields[name] = buffers[code][start : start + size] if size else torch.zeros(0, dtype=_DTYPES[code])
         offsets[code] = start + size
     return fields
-
-
-def _split(flat: np.ndarray, lengths: np.ndarray) -> list:
-    """``flat`` cut into consecutive Python lists of ``lengths`` (a length of -1: ``None``, taking nothing)."""
-    taken = np.maximum(lengths, 0)
-    parts = np.split(flat, np.cumsum(taken)[:-1]) if len(taken) else []
-    return [part.tolist() if n >= 0 else None for part, n in zip(parts, lengths.tolist())]
-
-
-def _token_ids(lists: list[list[int]]) -> np.ndarray:
-    """The concatenated ids as int32 when every id fits, else int64 (fromiter raises OverflowError for a misfit)."""
-    total = sum(len(v) for v in lists)
-    try:
-        return np.fromiter(itertools.chain.from_iterable(lists), np.int32, total)
-    except OverflowError:
-        return np.fromiter(itertools.chain.from_iterable(lists), np.int64, total)
-
-
-def _floats(lists: list[list[float]]) -> np.ndarray:
-    """The concatenated values as fp32 when every one is exact in fp32 (engines return fp32 log-probs), else fp64."""
-    values = np.fromiter(itertools.chain.from_iterable(lists), np.float64, sum(len(v) for v in lists))
-    as32 = values.astype(np.float32)
-    return as32 if bool((as32 == values).all()) else values  # a NaN compares unequal: fp64, exact as well
-
-
-def _length(values: list | None) -> int:
-    return -1 if values is None else len(values)
 
 
 def _device() -> torch.device:
