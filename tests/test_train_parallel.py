@@ -185,9 +185,6 @@ def train_redundant(rank: int, world: int, hf_dir: str, variant: str):
     """One update on :func:`make_redundant_samples`: ``compact`` (the default), ``dedup_only`` (zero-advantage
     samples kept), ``reference`` (every copy trained, compaction disabled); ``all_zero[_reference]``: every
     advantage 0."""
-    from luffy_megatron.config import load_config, read_hf_config
-    from luffy_megatron.convert.load import load_hf_weights
-    from luffy_megatron.models.builder import model_spec
     from luffy_megatron.platform import init_model_parallel, setup_platform
     from luffy_megatron.train import policy as policy_module
 
@@ -202,8 +199,21 @@ def train_redundant(rank: int, world: int, hf_dir: str, variant: str):
         "parallel.max_tokens_per_micro_batch=40",
         f"algorithm.skip_zero_advantage={variant != 'dedup_only'}",
     ]
-    if variant.endswith("reference"):
+    compact = policy_module.compact_batch
+    if variant.endswith("reference"):  # undone below: the next test body may run in this process
         policy_module.compact_batch = lambda batch, drop_zero_advantage: batch
+    try:
+        return _train_redundant_variant(hf_dir, variant, overrides)
+    finally:
+        policy_module.compact_batch = compact
+
+
+def _train_redundant_variant(hf_dir: str, variant: str, overrides: list[str]) -> dict:
+    from luffy_megatron.config import load_config, read_hf_config
+    from luffy_megatron.convert.load import load_hf_weights
+    from luffy_megatron.models.builder import model_spec
+    from luffy_megatron.train import policy as policy_module
+
     cfg = load_config(None, overrides)
     spec = model_spec(read_hf_config(hf_dir), 1)
     policy = policy_module.MegatronPolicy(cfg, spec, pad_id=0)
