@@ -126,6 +126,13 @@ class DynamicSamplingSignal(str, Enum):
     GROUP = "group"
 
 
+class TokenDispatcher(str, Enum):
+    """``parallel.moe_token_dispatcher``: megatron-core's ``moe_token_dispatcher_type`` (docs/training.md)."""
+
+    ALLTOALL = "alltoall"
+    ALLGATHER = "allgather"
+
+
 class TrainerMode(str, Enum):
     """``trainer.mode``: ``rl`` (LUFFY and its baselines) or ``sft`` (token-mean cross entropy on the traces; no
     generation: :mod:`luffy_megatron.train.sft`)."""
@@ -174,6 +181,11 @@ class ParallelConfig:
     # Sequence parallelism: the norms, residuals and dropout of each TP rank keep 1/tp of the sequence. null = on
     # whenever tp > 1 (Megatron's recommendation); true with tp = 1 is refused.
     sequence_parallel: bool | None = None
+    # Expert parallelism (MoE models): each layer's experts split over ep ranks carved out of the data-parallel ones.
+    ep: int = 1
+    # TokenDispatcher. alltoall (default) sends a token only to the EP ranks of its top-k experts and runs every
+    # layout; allgather gathers all tokens on every EP rank: ep = 1 only, not with packed rows under PP.
+    moe_token_dispatcher: str = "alltoall"
 
     def sequence_parallel_on(self) -> bool:
         """Whether this layout runs with sequence parallelism (``sequence_parallel``, or null resolved by ``tp``)."""

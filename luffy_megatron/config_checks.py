@@ -37,13 +37,14 @@ from luffy_megatron.config import (
     RunConfig,
     ServerDevice,
     SystemPrompt,
+    TokenDispatcher,
     TrainerMode,
     WeightSync,
     choices,
     read_hf_config,
 )
 
-__all__ = ["validate", "validate_parallel"]
+__all__ = ["expert_count", "validate", "validate_parallel"]
 
 # Megatron's names (OptimizerParamScheduler, torch.distributed); nothing of ours dispatches on them.
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
@@ -57,7 +58,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     heads, layers = hf["num_attention_heads"], hf["num_hidden_layers"]
     groups = hf.get("num_key_value_heads") or heads
-    dp = validate_parallel(cfg.parallel, world_size, layers, heads, groups)
+    experts = expert_count(hf)[1]
+    dp = validate_parallel(cfg.parallel, world_size, layers, heads, groups, experts if isinstance(experts, int) else 0)
     check_rollout(cfg.rollout)
     check_algorithm(cfg.algorithm)
     check_data(cfg.data, dp, hf.get("max_position_embeddings"))
@@ -82,12 +84,25 @@ def check_model(m: ModelConfig) -> dict:
     return hf
 
 
+def expert_count(hf: dict) -> tuple[str, Any]:
+    """The key and value of an HF config's routed experts per layer: ``num_experts`` (Qwen's configs) or
+    ``num_local_experts`` (transformers >= 5 writes that name); the value is None for a dense model."""
+    key = "num_experts" if "num_experts" in hf else "num_local_experts"
+    return key, hf.get(key)
+
+
 def validate_parallel(
-    parallel: ParallelConfig, world_size: int, num_layers: int, num_heads: int, num_query_groups: int
+    parallel: ParallelConfig,
+    world_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_query_groups: int,
+    num_experts: int = 0,
 ) -> int:
-    """Check a parallel layout against a model's shape; returns the data-parallel size."""
+    """Check a parallel layout against a model's shape (``num_experts`` 0: a dense model); returns the data-parallel
+    size."""
     tp, pp, vpp = parallel.tp, parallel.pp, parallel.vpp
-    _positive(parallel, "parallel", ("tp", "pp", "vpp", "max_tokens_per_micro_batch"))
+    _positive(parallel, "parallel", ("tp", "pp", "vpp", "ep", "max_tokens_per_micro_batch"))
     if num_heads % tp:
         _fail("parallel.tp", f"{tp} does not divide the {num_heads} attention heads")
     if num_query_groups % tp:
@@ -104,7 +119,37 @@ def validate_parallel(
         _fail("parallel.sequence_parallel", "shards the sequence over the tensor-parallel ranks: needs parallel.tp > 1")
     if parallel.backend is not None:
         _choice(parallel.backend, "parallel.backend", DIST_BACKENDS)
-    return world_size // (tp * pp)
+    dp = world_size // (tp * pp)
+    _check_experts(parallel, dp, num_experts)
+    return dp
+
+
+def _check_experts(parallel: ParallelConfig, dp: int, num_experts: int) -> None:
+    """Expert parallelism and the MoE layers' requirements in megatron-core 0.19: the expert grid is (expert TP = tp)
+    x ep x expert DP x pp over the same ranks, so ep divides the data-parallel size; an MoE layer trains under TP only
+    with sequence parallelism; the allgather dispatcher gathers equal token blocks from every EP rank (the micro-batches
+    of data-parallel ranks differ here) and refuses variable sequence lengths (packed rows under PP)."""
+    ep, dispatcher = parallel.ep, parallel.moe_token_dispatcher
+    _choice(dispatcher, "parallel.moe_token_dispatcher", choices(TokenDispatcher))
+    if ep > 1 and not num_experts:
+        _fail("parallel.ep", f"{ep} splits the experts of a mixture-of-experts model; this model is dense")
+    if num_experts and num_experts % ep:
+        _fail("parallel.ep", f"{ep} does not divide the {num_experts} experts of each layer")
+    if dp % ep:
+        _fail("parallel.ep", f"{ep} does not divide the data-parallel size world_size / (tp * pp) = {dp}")
+    if not num_experts:
+        return
+    if parallel.tp > 1 and not parallel.sequence_parallel_on():
+        _fail("parallel.sequence_parallel", "false: megatron trains MoE layers under parallel.tp > 1 only with it")
+    if dispatcher == TokenDispatcher.ALLGATHER and ep > 1:
+        _fail(
+            "parallel.moe_token_dispatcher", f"allgather needs equal micro-batches on the {ep} EP ranks; use alltoall"
+        )
+    if dispatcher == TokenDispatcher.ALLGATHER and parallel.pack_sequences and parallel.pp > 1:
+        _fail(
+            "parallel.moe_token_dispatcher",
+            "allgather does not run packed rows under parallel.pp > 1 (variable sequence lengths): use alltoall",
+        )
 
 
 def check_rollout(r: RolloutConfig) -> None:

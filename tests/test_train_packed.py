@@ -305,16 +305,9 @@ def test_packed_row_equals_each_sample_alone(family):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The update: packed equals padded at every layout
-def train_packing(rank: int, world: int, hf_dir: str, tp: int, pp: int, vpp: int | None, pack: bool) -> dict:
-    from luffy_megatron.config import load_config, read_hf_config
-    from luffy_megatron.convert.load import load_hf_weights
-    from luffy_megatron.models.builder import model_spec
-    from luffy_megatron.platform import init_model_parallel, setup_platform
-    from luffy_megatron.train.policy import MegatronPolicy
-
-    setup_platform()
-    init_model_parallel(tp, pp, vpp, seed=1)
-    overrides = [
+def update_overrides(hf_dir: str, tp: int, pp: int, pack: bool, *extra: str) -> list[str]:
+    """The config of the equality tests' one update (fp32, micro-batches of 400 tokens, lr 1e-2), plus ``extra``."""
+    return [
         f"model.hf_path={hf_dir}",
         "model.dtype=float32",
         f"parallel.tp={tp}",
@@ -329,8 +322,20 @@ def train_packing(rank: int, world: int, hf_dir: str, tp: int, pp: int, vpp: int
         # that; the weights are then compared to 1e-4 of the step lr, the gradients themselves to rel 1e-5.
         "optimizer.adam_eps=1e-6",
         "data.max_response_length=256",
-        *([f"parallel.vpp={vpp}"] if vpp else []),
+        *extra,
     ]
+
+
+def train_packing(rank: int, world: int, hf_dir: str, tp: int, pp: int, vpp: int | None, pack: bool) -> dict:
+    from luffy_megatron.config import load_config, read_hf_config
+    from luffy_megatron.convert.load import load_hf_weights
+    from luffy_megatron.models.builder import model_spec
+    from luffy_megatron.platform import init_model_parallel, setup_platform
+    from luffy_megatron.train.policy import MegatronPolicy
+
+    setup_platform()
+    init_model_parallel(tp, pp, vpp, seed=1)
+    overrides = update_overrides(hf_dir, tp, pp, pack, *([f"parallel.vpp={vpp}"] if vpp else []))
     cfg = load_config(None, overrides)
     spec = model_spec(read_hf_config(hf_dir), tp)
     policy = MegatronPolicy(cfg, spec, pad_id=0)

@@ -174,7 +174,7 @@ def test_megatron_sequence_parallel_contract():
     """What the builder and the CPU path rely on in megatron-core 0.19.2: the torch norm of the local spec refuses SP
     (hence LocalNorm), ``finalize_model_grads`` sums the gradients of parameters marked ``sequence_parallel`` over
     TP, the block takes its final norm from ``TransformerBlockSubmodules.layer_norm``, the SP backward allocates on
-    ``torch.cuda.current_device()`` (hence the CPU patch of every tensor-parallel backward), and the collectives are
+    ``torch.cuda.current_device()`` (hence the CPU layer's patch of every backward pass), and the collectives are
     torch's ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` (gloo has both since torch 2.3; checked below)."""
     from luffy_megatron.platform import setup_platform
 
@@ -195,8 +195,7 @@ def test_megatron_sequence_parallel_contract():
     }
     linear = layers.LinearWithGradAccumulationAndAsyncCommunication
     assert "device=torch.cuda.current_device()" in inspect.getsource(linear.backward)
-    for cls in (linear, mappings._GatherFromSequenceParallelRegion, mappings._ReduceScatterToSequenceParallelRegion):
-        assert hasattr(cls.backward, "__wrapped__"), cls  # patched by the platform layer
+    assert hasattr(torch.autograd._engine_run_backward, "__wrapped__")  # patched by the platform layer
     src = inspect.getsource(importlib.import_module("megatron.core.distributed.finalize_model_grads"))
     assert 'config.sequence_parallel and getattr(param, "sequence_parallel", False)' in src
     # A TransformerBlockSubmodules spec is used as given, its layer_norm builds the final norm.

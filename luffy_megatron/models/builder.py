@@ -71,12 +71,16 @@ def build_transformer_config(
     dtype: str = "float32",
     recompute: bool = False,
     sequence_parallel: bool = False,
+    ep: int = 1,
+    moe_token_dispatcher: str = "alltoall",
     **overrides: Any,
 ):
     """HF config -> ``TransformerConfig`` with the parallel layout and precision of this run.
 
     ``sequence_parallel`` (TP > 1 only) shards the sequence of the norms, residuals and dropout over the TP ranks:
-    every micro-batch's sequence length must then be a multiple of ``tp``.
+    every micro-batch's sequence length must then be a multiple of ``tp``. ``ep`` splits an MoE model's experts over
+    that many ranks (their tensor-parallel size stays ``tp``); ``moe_token_dispatcher`` is megatron's
+    ``moe_token_dispatcher_type`` of an MoE model (a dense model dispatches nothing).
     """
     params_dtype = torch_dtype(dtype)
     kwargs = transformer_config_kwargs(spec.family, spec.hf_config)
@@ -85,6 +89,7 @@ def build_transformer_config(
         sequence_parallel=sequence_parallel,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -103,6 +108,8 @@ def build_transformer_config(
         # the same pair of ranks exchanges activations and gradients in one direction, and batched ops would swap
         # them silently; megatron's unbatched ops put the two streams on different process groups.
         kwargs["batch_p2p_comm"] = False
+    if spec.family.moe_config is not None:
+        kwargs["moe_token_dispatcher_type"] = moe_token_dispatcher
     if recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     kwargs.update(overrides)

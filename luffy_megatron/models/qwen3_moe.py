@@ -24,14 +24,13 @@ import re
 from typing import Any
 
 from luffy_megatron.config import ConfigError
+from luffy_megatron.config_checks import expert_count
 from luffy_megatron.models.family import QKV_WEIGHT, FusedGatedMLP, ModelFamily, layer_direct_map
 
 
 def experts_in(hf: dict[str, Any]) -> int:
-    """The routed experts per layer: ``num_experts`` (Qwen's configs), or ``num_local_experts`` (transformers >= 5
-    writes that name)."""
-    key = "num_experts" if "num_experts" in hf else "num_local_experts"
-    value = hf.get(key)
+    """The routed experts per layer (:func:`~luffy_megatron.config_checks.expert_count`), checked."""
+    key, value = expert_count(hf)
     if not isinstance(value, int) or value < 1:
         raise ConfigError(f"{key}={value!r} must be a positive integer for family qwen3_moe")
     return value

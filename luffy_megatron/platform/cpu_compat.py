@@ -138,26 +138,76 @@ def _patch_shape_exchange() -> None:
     p2p.P2PCommunicator._communicate_shapes = communicate_shapes
 
 
-def _patch_tensor_parallel_backward() -> None:
-    """Fixes CUDA placements in the backward of megatron's tensor-parallel autograd functions (sequence parallelism's
-    all-gather and reduce-scatter allocate on ``torch.cuda.current_device()``): a backward pass runs outside
-    :class:`_CudaToCpuMode`, because ``torch.autograd.backward`` is itself dispatched to the mode, whose handler runs
-    with the mode off. Each of these backward functions now enters the mode itself."""
-    from megatron.core.tensor_parallel import layers, mappings
+def _patch_backward_engine() -> None:
+    """Fixes CUDA placements anywhere in a backward pass (megatron's tensor-parallel and expert-parallel autograd
+    functions allocate on ``torch.cuda.current_device()`` there; recomputed forwards run there too): the backward
+    entry points ``torch.autograd.backward`` / ``grad`` / ``Tensor.backward`` are dispatched to
+    :class:`_CudaToCpuMode`, whose handler runs with the mode off, and the autograd engine keeps the modes active
+    when it starts for every node and hook it runs. Both entry points start the engine through
+    ``torch.autograd._engine_run_backward``, which now re-enters the mode (torch.compiler patches it the same way)."""
+    import torch.autograd.graph
 
-    def in_cpu_mode(backward):
-        @functools.wraps(backward)
-        def run(ctx, *grads):
-            with _CudaToCpuMode():
-                return backward(ctx, *grads)
+    engine_run = torch.autograd.graph._engine_run_backward
 
-        return run
+    @functools.wraps(engine_run)
+    def run_in_cpu_mode(*args: Any, **kwargs: Any):
+        with _CudaToCpuMode():
+            return engine_run(*args, **kwargs)
 
-    for module in (layers, mappings):
-        for cls in list(vars(module).values()):
-            own = isinstance(cls, type) and cls.__module__ == module.__name__
-            if own and issubclass(cls, torch.autograd.Function) and isinstance(vars(cls).get("backward"), staticmethod):
-                cls.backward = staticmethod(in_cpu_mode(vars(cls)["backward"].__func__))
+    torch.autograd.graph._engine_run_backward = run_in_cpu_mode
+    torch.autograd._engine_run_backward = run_in_cpu_mode  # type: ignore[attr-defined]
+
+
+def _patch_moe_split_sizes() -> None:
+    """Fixes ``all_to_all_single(): incompatible function arguments`` of the alltoall MoE dispatcher under expert
+    parallelism: ``maybe_move_tensor_to_cpu(..., as_numpy=True)`` makes the split sizes numpy arrays for CUDA tensors
+    only, and torch's collective takes no tensor as a list of sizes. CPU tensors now become numpy arrays too."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    def to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.cpu().numpy()
+        return tensor
+
+    moe_utils.maybe_move_tensor_to_cpu = to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = to_cpu  # imported by name
+
+
+def _patch_uneven_collectives() -> None:
+    """Fixes ``ProcessGroupGloo::allgather: invalid tensor size`` of the alltoall MoE dispatcher under TP: megatron
+    gathers and reduce-scatters the routed tokens of the TP ranks in blocks of different sizes with torch's list
+    collectives, which gloo runs only for equal blocks (NCCL for any). Uneven blocks now travel padded to the largest
+    (all-gather) or summed whole (reduce-scatter: an all-reduce of the concatenation, each rank keeping its block)."""
+    import torch.distributed as dist
+
+    all_gather, reduce_scatter = dist.all_gather, dist.reduce_scatter
+
+    @functools.wraps(all_gather)
+    def all_gather_uneven(tensor_list, tensor, group=None, async_op=False):
+        rows = [t.shape[0] for t in tensor_list]
+        if async_op or len(set(rows)) == 1:
+            return all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        width = max(rows)
+        padded = torch.zeros((width, *tensor.shape[1:]), dtype=tensor.dtype)
+        padded[: tensor.shape[0]] = tensor
+        out = torch.empty((width * len(rows), *tensor.shape[1:]), dtype=tensor.dtype)
+        dist.all_gather_into_tensor(out, padded, group=group)
+        for i, (t, n) in enumerate(zip(tensor_list, rows)):
+            t.copy_(out[i * width : i * width + n])
+        return None
+
+    @functools.wraps(reduce_scatter)
+    def reduce_scatter_uneven(output, input_list, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if async_op:
+            return reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+        whole = torch.cat(input_list)
+        dist.all_reduce(whole, op=op, group=group)
+        rank = dist.get_rank(group)
+        start = sum(t.shape[0] for t in input_list[:rank])
+        output.copy_(whole[start : start + input_list[rank].shape[0]])
+        return None
+
+    dist.all_gather, dist.reduce_scatter = all_gather_uneven, reduce_scatter_uneven
 
 
 def apply_cpu_patches() -> None:
@@ -182,6 +232,8 @@ def apply_cpu_patches() -> None:
     torch.cuda.memory_reserved = lambda device=None: 0
     _patch_rng_tracker()
     _patch_shape_exchange()
-    _patch_tensor_parallel_backward()
+    _patch_backward_engine()
+    _patch_moe_split_sizes()
+    _patch_uneven_collectives()
     _CudaToCpuMode().__enter__()
     _APPLIED = True

@@ -79,8 +79,9 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30) ->
     return env
 
 
-def init_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1) -> None:
-    """Create megatron-core's TP/PP/DP groups and seed the model-parallel RNG tracker."""
+def init_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1, ep: int = 1) -> None:
+    """Create megatron-core's TP/PP/DP groups (and the expert groups: ``ep`` expert-parallel ranks out of the
+    data-parallel ones, expert TP = ``tp``) and seed the model-parallel RNG tracker."""
     # megatron-core is imported here, not at the top: this module is also used by light tools (free_port,
     # read_dist_env) that should not pay its ~3 s of imports.
     from megatron.core import parallel_state
@@ -92,6 +93,7 @@ def init_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: 
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
     )
     model_parallel_cuda_manual_seed(seed)
 

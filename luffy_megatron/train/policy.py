@@ -54,6 +54,8 @@ class MegatronPolicy:
             dtype=cfg.model.dtype,
             recompute=cfg.model.recompute_activations,
             sequence_parallel=p.sequence_parallel_on(),
+            ep=p.ep,
+            moe_token_dispatcher=p.moe_token_dispatcher,
             variable_seq_lengths=p.pack_sequences and p.pp > 1,
         )
         use_dist_opt = p.use_distributed_optimizer and torch.cuda.is_available()

@@ -54,7 +54,7 @@ def setup(cfg: RunConfig) -> tuple[RunState, Any]:
     if not cfg.logging.progress_bar:
         hf_logging.disable_progress_bar()  # transformers' own "Loading weights" bars
     p = cfg.parallel
-    init_model_parallel(p.tp, p.pp, p.vpp, seed=cfg.trainer.seed)
+    init_model_parallel(p.tp, p.pp, p.vpp, seed=cfg.trainer.seed, ep=p.ep)
     tokenizer = load_tokenizer(cfg.model.hf_path)
     spec = model_spec(read_hf_config(cfg.model.hf_path), p.tp)
     policy = MegatronPolicy(cfg, spec, pad_token_id(tokenizer))
