@@ -21,7 +21,7 @@ import torch
 from luffy_megatron.config import ConfigError, ParallelConfig
 from luffy_megatron.config_checks import validate_parallel
 from tests.dist_utils import run_distributed
-from tests.test_train_packed import LR, luffy_like_samples, update_overrides
+from tests.test_train_packed import LR, luffy_like_samples, response_logprobs, update_overrides
 from tests.test_train_sp import METRICS, _rel_diff
 
 REL_TOL = 1e-5
@@ -175,6 +175,7 @@ def train_cases(rank: int, world: int, hf_dir: str, layouts: list[str]) -> dict:
     from luffy_megatron.models.builder import model_spec
     from luffy_megatron.platform import init_model_parallel, setup_platform
     from luffy_megatron.train.policy import MegatronPolicy
+    from luffy_megatron.train.step_batch import StepBatch
 
     setup_platform()
     out = {}
@@ -189,10 +190,10 @@ def train_cases(rank: int, world: int, hf_dir: str, layouts: list[str]) -> dict:
                 assert policy.tconfig.expert_model_parallel_size == ep
                 assert policy.tconfig.moe_token_dispatcher_type == "alltoall"
                 load_hf_weights(policy.modules, spec, hf_dir)
-                samples = luffy_like_samples(spec.vocab_size, seed=3)
-                before = policy.compute_logprobs(samples)
-                metrics = policy.train_mini_batch(samples, use_old_logprobs=True)
-                after = policy.compute_logprobs(samples)
+                batch = StepBatch.from_samples(luffy_like_samples(spec.vocab_size, seed=3))
+                before = response_logprobs(policy, batch)
+                metrics = policy.train_mini_batch(batch, use_old_logprobs=True)
+                after = response_logprobs(policy, batch)
                 named = [(n, p) for m in policy.modules for n, p in m.named_parameters()]
                 ep_rank = ps.get_expert_model_parallel_rank()
                 out[layout, pack, ep] = {
