@@ -22,7 +22,7 @@ from luffy_megatron.config import ConfigError, ParallelConfig
 from luffy_megatron.config_checks import validate_parallel
 from tests.dist_utils import run_distributed
 from tests.test_train_packed import LR, luffy_like_samples, response_logprobs, update_overrides
-from tests.test_train_sp import METRICS, _rel_diff
+from tests.test_train_sp import _rel_diff, assert_same_metrics_and_logprobs
 
 REL_TOL = 1e-5
 EXPERTS = 4
@@ -236,14 +236,7 @@ def ep_results(moe_dir):
 def test_expert_parallel_update_equals_the_update_at_ep1(ep_results, layout, pack):
     ranks = ep_results(layout)
     ep2, ep1 = ranks[0][layout, pack, 2], ranks[0][layout, pack, 1]
-    worst = {}
-    for key in METRICS:
-        assert ep2["metrics"][key] == pytest.approx(ep1["metrics"][key], rel=REL_TOL), key
-        worst[key] = _rel_diff(torch.tensor(ep2["metrics"][key]), torch.tensor(ep1["metrics"][key]))
-    for a, b in zip(ep1["before"] + ep1["after"], ep2["before"] + ep2["after"]):
-        assert b == pytest.approx(a, rel=REL_TOL, abs=1e-6)
-    worst["logprobs"] = max(_rel_diff(torch.tensor(b), torch.tensor(a)) for a, b in zip(ep1["after"], ep2["after"]))
-    worst["grads"] = 0.0
+    worst = assert_same_metrics_and_logprobs(ep2, ep1)
     experts_seen: set[str] = set()
     for rank in ranks:  # every rank's finalised gradients and updated weights, experts by their global index
         r2, r1 = rank[layout, pack, 2], rank[layout, pack, 1]

@@ -133,20 +133,27 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
 
+def assert_same_metrics_and_logprobs(got: dict, ref: dict) -> dict[str, float]:
+    """``got``'s update equals ``ref``'s in every metric of ``METRICS`` and in the log-probs before and after it (rel
+    ``REL_TOL``); the worst relative difference of each, with ``grads`` at 0 for the caller to raise."""
+    worst = {}
+    for key in METRICS:
+        assert got["metrics"][key] == pytest.approx(ref["metrics"][key], rel=REL_TOL), key
+        worst[key] = _rel_diff(torch.tensor(got["metrics"][key]), torch.tensor(ref["metrics"][key]))
+    for a, b in zip(ref["before"] + ref["after"], got["before"] + got["after"]):
+        assert b == pytest.approx(a, rel=REL_TOL, abs=1e-6)
+    worst["logprobs"] = max(_rel_diff(torch.tensor(b), torch.tensor(a)) for a, b in zip(ref["after"], got["after"]))
+    worst["grads"] = 0.0
+    return worst
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("layout", list(SP_LAYOUTS))
 def test_sequence_parallel_update_equals_the_update_without_it(sp_results, layout, pack):
     ranks = layout_results(sp_results, layout)
     on, off = ranks[0][pack, True], ranks[0][pack, False]
-    worst = {}
-    for key in METRICS:
-        assert on["metrics"][key] == pytest.approx(off["metrics"][key], rel=REL_TOL), key
-        worst[key] = _rel_diff(torch.tensor(on["metrics"][key]), torch.tensor(off["metrics"][key]))
-    for a, b in zip(off["before"] + off["after"], on["before"] + on["after"]):
-        assert b == pytest.approx(a, rel=REL_TOL, abs=1e-6)
-    worst["logprobs"] = max(_rel_diff(torch.tensor(b), torch.tensor(a)) for a, b in zip(off["after"], on["after"]))
-    worst["grads"] = 0.0
+    worst = assert_same_metrics_and_logprobs(on, off)
     for rank in ranks:  # every rank's gradients (finalised: SP's norm gradients summed over TP) and updated weights
         on_r, off_r = rank[pack, True], rank[pack, False]
         for name, g_ref in off_r["grads"].items():
