@@ -12,6 +12,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _kept_worlds_only_where_used(request):
+    """Kept gloo worlds (``tests.dist_utils``) stay alive across the modules that use them and are stopped before a
+    module that does not, so they hold no memory or CPU while real servers and clusters run."""
+    if "run_distributed" not in vars(request.module):
+        from tests.dist_utils import shutdown_worlds
+
+        shutdown_worlds()
+    yield
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-process or end-to-end tests (skipped by `make test-fast`)")
     config.addinivalue_line("markers", "registry: reads pinned upstream wheels fetched from the package registry")
