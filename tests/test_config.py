@@ -190,6 +190,21 @@ def test_async_recipes_are_the_synchronous_ones_plus_async_rollout_and_tis(recip
     assert sync["algorithm.rollout_is"] is None and not asyn["rollout.sglang.colocate"]  # the paper keeps IS off
 
 
+def test_long_recipe_is_the_32b_one_with_32k_responses_in_one_sample_micro_batches():
+    from luffy_megatron.config import iter_leaves
+
+    base = dict(iter_leaves(load_config(ROOT / "configs" / "luffy_qwen2.5_32b.yaml")))
+    long = dict(iter_leaves(load_config(ROOT / "configs" / "luffy_qwen2.5_32b_long.yaml")))
+    changed = {k: long[k] for k in base if base[k] != long[k]}
+    assert changed == {
+        "data.max_response_length": 32768,
+        "parallel.max_tokens_per_micro_batch": 1024 + 32768,
+        "checkpoint.save_dir": "checkpoints/luffy_qwen2.5_32b_long",
+        "checkpoint.save_interval": 10,
+        "logging.out_dir": "outputs/luffy_qwen2.5_32b_long",
+    }
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_shipped_config_loads(name):
     load_config(ROOT / "configs" / name)

@@ -66,7 +66,12 @@ def test_distributed_optimizer_and_recompute_save_what_they_should():
 
 
 @pytest.mark.parametrize(
-    ("recipe", "nodes", "rollout"), [("luffy_qwen2.5_math_7b.yaml", 2, 8), ("luffy_qwen2.5_32b.yaml", 4, 16)]
+    ("recipe", "nodes", "rollout"),
+    [
+        ("luffy_qwen2.5_math_7b.yaml", 2, 8),
+        ("luffy_qwen2.5_32b.yaml", 4, 16),
+        ("luffy_qwen2.5_32b_long.yaml", 4, 16),
+    ],
 )
 def test_recipes_layouts_are_rated_feasible_on_80gb(recipe, nodes, rollout, tmp_path, capsys):
     out = tmp_path / "plan.json"

@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 MODEL_PATH = "/models/stub-model"
 # The jobs of the examples that start SGLang servers for a trainer (launch_rollout_servers of slurm_common.sh).
-TRAINER_SERVER_JOBS = {"7b": "run_7b.sh", "7b_restart": "run_7b.sh", "32b": "run_32b.sh"}
+TRAINER_SERVER_JOBS = {"7b": "run_7b.sh", "7b_restart": "run_7b.sh", "32b": "run_32b.sh", "32b_long": "run_32b.sh"}
+# The configs run_32b.sh is submitted with: the 32B recipe and its long-response variant.
+RUN_32B_CONFIGS = {"32b": "configs/luffy_qwen2.5_32b.yaml", "32b_long": "configs/luffy_qwen2.5_32b_long.yaml"}
 
 STUB = """#!/usr/bin/env bash
 # Stands in for $PYTHON: records how it was started (node, GPUs, API key, arguments). Servers are recorded as server.*
@@ -123,8 +125,8 @@ def submit_gpu_script(cluster, root: Path, script: str, servers: int, *args: str
 @pytest.fixture(scope="module")
 def jobs(cluster, assets, tmp_path_factory):
     """Every job, submitted at once so they run side by side: the tiny CPU example twice on the host node (4 CPUs,
-    2 each; a good run and one with ``parallel.tp=3``), then run_7b.sh, run_32b.sh and eval.sh (at TP 1 and 2) on
-    the GPU partition."""
+    2 each; a good run and one with ``parallel.tp=3``), then run_7b.sh, run_32b.sh (the 32B recipe, then its
+    long-response variant) and eval.sh (at TP 1 and 2) on the GPU partition."""
     root = tmp_path_factory.mktemp("jobs")
     tiny = EXAMPLES / "run_tiny_cpu_slurm.sh"
     tiny_options = (f"--output={root}/%x-%j.out",)
@@ -152,10 +154,11 @@ def jobs(cluster, assets, tmp_path_factory):
     procs["7b_restart"], calls["7b_restart"] = submit_gpu_script(
         cluster, root / "7b_restart", "run_7b.sh", 8, STUB_SERVERS_DIE_ONCE="1", SERVER_RESTART_DELAY="1"
     )
-    (root / "32b").mkdir()
-    procs["32b"], calls["32b"] = submit_gpu_script(
-        cluster, root / "32b", "run_32b.sh", 4, "configs/luffy_qwen2.5_32b.yaml", "data.train_files=[/data/a b.parquet]"
-    )
+    for name, config in RUN_32B_CONFIGS.items():  # 4 nodes each: the second job starts when the first ends
+        (root / name).mkdir()
+        procs[name], calls[name] = submit_gpu_script(
+            cluster, root / name, "run_32b.sh", 4, config, "data.train_files=[/data/a b.parquet]"
+        )
     for name, env in (("eval", {}), ("eval_tp2", {"EVAL_TP": "2"})):
         (root / name).mkdir()
         procs[name], calls[name] = submit_gpu_script(cluster, root / name, "eval.sh", 0, **env)
@@ -258,8 +261,9 @@ def test_run_7b_places_servers_and_trainer(cluster, jobs):
     assert args[-1] == "trainer.total_steps=3", args
 
 
-def test_run_32b_places_servers_and_two_trainer_nodes(cluster, jobs):
-    info, servers, trainers = gpu_job(cluster, jobs, "32b")
+@pytest.mark.parametrize("name", sorted(RUN_32B_CONFIGS))
+def test_run_32b_places_servers_and_two_trainer_nodes(cluster, jobs, name):
+    info, servers, trainers = gpu_job(cluster, jobs, name)
     nodes = cluster.run("scontrol", "show", "hostnames", info["NodeList"]).stdout.split()
     assert len(nodes) == 4, info
     by_node: dict[str, list[str]] = {}
@@ -273,6 +277,7 @@ def test_run_32b_places_servers_and_two_trainer_nodes(cluster, jobs):
         args = t["args"]
         assert arg_after(args, "--nnodes") == "2" and arg_after(args, "--nproc-per-node") == "8", args
         assert arg_after(args, "--master-addr") == nodes[0], args
+        assert arg_after(args, "luffy_megatron.train.cli") == RUN_32B_CONFIGS[name], args
         ranks.append(arg_after(args, "--node-rank"))
         urls = [a for a in args if a.startswith("rollout.sglang.urls=")]
         assert len(urls) == 1 and urls[0].count("http://") == 4, args
