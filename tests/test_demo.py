@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.run_demo import HELD_OUT, MAX_NEW_TOKENS, NUM_OOD, phase_steps, table
+from tools.run_demo import HELD_OUT, MAX_NEW_TOKENS, NUM_OOD, main, phase_steps, table
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,16 +148,18 @@ def _check_the_ood_split(seed_dir: Path) -> None:
         assert len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + MAX_NEW_TOKENS["ood"] <= max_positions
 
 
-def test_the_report_spreads_each_arm_over_the_seeds() -> None:
+def test_the_report_spreads_each_arm_over_the_seeds(tmp_path: Path) -> None:
     """Several seeds: one row per arm, mean (min-max) of tokens and held-out avg@k; the columns are the task's data
-    sources."""
+    sources. ``--report-only`` writes the same report from seeds that separate calls finished."""
     from luffy_megatron.data.synthetic import DATA_SOURCE, OOD_KINDS
 
     assert list(HELD_OUT) == [DATA_SOURCE, *OOD_KINDS.values()]
 
     def arm(tokens: int, *scores: float) -> dict:
         held_out = {src: {"problems": 256, "k": 4, "avg@k": v} for src, v in zip(HELD_OUT, scores)}
-        return {"steps": 700, "tokens_trained": tokens, "tokens": 2 * tokens, "held_out": held_out}
+        curve = dict.fromkeys(("final_val_greedy", "best_val_greedy", "final_train_reward_on_policy"), 0.5)
+        curve.update(first_step_above_50pct=None, train_seconds_to_50pct=None, seconds=9.0)
+        return {"steps": 700, "tokens_trained": tokens, "tokens": 2 * tokens, "held_out": held_out, **curve}
 
     summaries = [
         {"seed": 1, "arms": {"luffy": arm(1_000_000, 0.70, 0.0, 0.10), "grpo": arm(0, 0.0, 0.0, 0.0)}},
@@ -171,6 +173,13 @@ def test_the_report_spreads_each_arm_over_the_seeds() -> None:
     )
     assert lines[-1] == "| grpo | 0.00 (0.00-0.00) | 0.00 (0.00-0.00) | 0.0 (0.0-0.0) | 0.0 (0.0-0.0) | 0.0 (0.0-0.0) |"
     assert table(summaries[:1]).splitlines()[-2] == "| luffy | 1.00 | 2.00 | 70.0 | 0.0 | 10.0 |"
+    for summary in summaries:
+        (tmp_path / f"summary_seed{summary['seed']}.json").write_text(json.dumps(summary))
+    assert main(["--out", str(tmp_path), "--report-only", "--seeds", "1", "2"]) == 0
+    assert (tmp_path / "results.md").read_text() == table(summaries) + "\n"
+    assert "| 2 | grpo |" in (tmp_path / "seeds.md").read_text()
+    with pytest.raises(SystemExit, match="summary_seed3.json is missing"):
+        main(["--out", str(tmp_path), "--report-only", "--seeds", "1", "3"])
 
 
 def test_prepare_only_makes_the_paths_the_demo_config_names(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from luffy_megatron.config import SGLangConfig
-from luffy_megatron.platform.ports import ephemeral_range, port_in_use
+from luffy_megatron.platform.ports import ephemeral_range, free_port, port_in_use
 from luffy_megatron.rollout import RolloutError, SamplingParams, WeightSyncError
 from luffy_megatron.rollout.hf_engine import HFEngine
 from luffy_megatron.rollout.sglang import launcher
@@ -91,13 +91,14 @@ def test_a_server_that_never_gets_healthy_is_reported_with_its_log(tmp_path) -> 
         launch_servers(cfg, "/m", log_dir=str(tmp_path / "logs"), module="stuck_server")
 
 
-def test_free_port_blocks_lie_below_the_ephemeral_range() -> None:
-    """Ports from the ephemeral range go to every bind(0) (gloo's sockets, torchrun's store): a server port from there
-    can be taken by the trainer's own process groups before the server binds it."""
+def test_free_ports_and_blocks_lie_below_the_ephemeral_range() -> None:
+    """Ports from the ephemeral range go to every bind(0) (gloo's sockets, torchrun's store): a server port or a
+    rendezvous port (MASTER_PORT) from there can be taken by other process groups before its owner binds it."""
     low = ephemeral_range()[0]
     for _ in range(20):
-        base = free_port_block(40)
+        base, port = free_port_block(40), free_port()
         assert base + 40 <= low and not any(port_in_use("127.0.0.1", p) for p in range(base, base + 40))
+        assert port < low and not port_in_use("127.0.0.1", port)
 
 
 @pytest.mark.slow

@@ -361,6 +361,14 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     return summary
 
 
+def read_summary(out: Path, seed: int) -> dict:
+    """A finished seed's summary (``OUT/summary_seed<S>.json``)."""
+    path = out / f"summary_seed{seed}.json"
+    if not path.is_file():
+        raise SystemExit(f"--report-only: {path} is missing: seed {seed} has not finished in {out}")
+    return json.loads(path.read_text())
+
+
 def curve_file(run_root: Path, arm: str) -> str:
     """The metrics file the curves plot: a phased arm's runs one after another (``metrics_phases.jsonl``)."""
     if arm not in PHASES:
@@ -482,6 +490,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--prepare-only", action="store_true", help="only make each seed's model and task (OUT/seed<S>/), then stop"
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rewrite OUT/results.md and OUT/seeds.md from the finished seeds' OUT/summary_seed<S>.json "
+        "(seeds run by separate calls)",
+    )
     args = parser.parse_args(argv)
     if any(arm in PHASES for arm in args.arms):
         phase_steps(args.steps, args.sft_fraction)  # enough steps for both runs, before anything starts
@@ -492,7 +506,10 @@ def main(argv: list[str] | None = None) -> int:
             model_dir, task_dir = prepare(out / f"seed{seed}", seed)
             print(f"seed {seed}: model {model_dir}, task {task_dir}")
         return 0
-    summaries = [run_seed(args, seed, out) for seed in args.seeds]
+    if args.report_only:
+        summaries = [read_summary(out, seed) for seed in args.seeds]
+    else:
+        summaries = [run_seed(args, seed, out) for seed in args.seeds]
     seeds, report = seed_table(summaries), table(summaries)
     (out / "seeds.md").write_text(seeds + "\n")
     (out / "results.md").write_text(report + "\n")

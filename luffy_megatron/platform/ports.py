@@ -12,10 +12,10 @@ DEFAULT_EPHEMERAL = (32768, 60999)
 
 
 def free_port() -> int:
-    """A TCP port on the loopback interface that nobody listens on now (from the OS's ephemeral range)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on the loopback interface that nobody listens on now, for a process to listen on later (a
+    rendezvous store, a server): chosen below the OS's ephemeral range, like :func:`free_port_block`, so that no
+    ``bind(0)`` or outgoing connection can take it in between."""
+    return free_port_block(1)
 
 
 def ephemeral_range() -> tuple[int, int]:
