@@ -196,3 +196,32 @@ def test_bad_counts_are_rejected() -> None:
         engine.generate([[2], [3]], params, [1, 1, 1])
     with pytest.raises(ValueError, match="non-negative"):
         engine.generate([[2], [3]], params, [1, -1])
+
+
+def test_per_expert_tensors_reach_a_model_with_fused_experts(tmp_path) -> None:
+    """A Qwen3-MoE checkpoint and the trainer's export name one tensor per expert; transformers >= 5 keeps them fused
+    (``mlp.experts.gate_up_proj`` [E, 2I, H], gate rows first, and ``down_proj``): the stream lands there, and a
+    stream that lacks one expert's half is incomplete."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from luffy_megatron.models.tiny import make_tiny_model
+
+    moe = {"num_experts": 4, "num_experts_per_tok": 2}
+    first, second = (make_tiny_model(tmp_path / f"m{s}", "qwen3_moe", seed=s, moe=moe) for s in (1, 2))
+    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # noqa: E731
+    engine, other = HFEngine(load(first), eos_token_ids=[1]), load(second)
+    stream = load_file(second / "model.safetensors")
+    assert (
+        "model.layers.0.mlp.experts.3.up_proj.weight" in stream
+        and "model.layers.0.mlp.experts.gate_up_proj" in dict(other.named_parameters())
+    )
+    engine.update_weights(stream.items(), version=1)
+    for (name, got), want in zip(engine.model.named_parameters(), other.parameters()):
+        assert torch.equal(got, want), name
+    params = SamplingParams(n=2, max_new_tokens=6, seed=3)
+    ref = HFEngine(other, eos_token_ids=[1]).generate([[2, 3]], params)
+    assert [o.logprobs for o in engine.generate([[2, 3]], params)[0]] == [o.logprobs for o in ref[0]]
+    stream.pop("model.layers.1.mlp.experts.2.up_proj.weight")
+    with pytest.raises(WeightSyncError, match=r"not in the stream, e.g. \['model.layers.1.mlp.experts.gate_up_proj'\]"):
+        engine.update_weights(stream.items(), version=2)

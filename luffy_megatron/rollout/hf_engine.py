@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -318,10 +319,17 @@ class HFEngine(RolloutEngine):
         for name, t in targets.items():
             by_storage.setdefault(t.data_ptr(), []).append(name)
         seen: set[str] = set()
+        expert_parts: dict[str, set[tuple[int, str]]] = {}
         nbytes = 0
         with torch.no_grad():
             for name, tensor in named_tensors:
-                target = targets.get(name)
+                target, owner = targets.get(name), name  # owner: the parameter complete once this is copied
+                if target is None and (slot := fused_expert_slot(targets, name)) is not None:
+                    owner, expert, part, target = slot
+                    parts = expert_parts.setdefault(owner, set())
+                    parts.add((expert, part))
+                    if len(parts) < targets[owner].shape[0] * (1 if part == "down" else 2):
+                        owner = ""
                 if target is None:
                     raise WeightSyncError(f"update_weights: unknown parameter name {name!r}")
                 if tuple(target.shape) != tuple(tensor.shape):
@@ -331,7 +339,8 @@ class HFEngine(RolloutEngine):
                     )
                 target.data.copy_(tensor)
                 nbytes += tensor.numel() * tensor.element_size()
-                seen.update(by_storage[target.data_ptr()])
+                if owner:
+                    seen.update(by_storage[targets[owner].data_ptr()])
         missing = sorted(set(targets) - seen)
         if strict and missing:
             raise WeightSyncError(f"update_weights: {len(missing)} parameters not in the stream, e.g. {missing[:5]}")
@@ -347,3 +356,25 @@ def _select_cache_rows(cache, rows: torch.Tensor) -> None:
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys[rows], layer.values[rows]
         layer.batch_size = len(rows)
+
+
+_PER_EXPERT = re.compile(r"^(.+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def fused_expert_slot(targets: dict[str, torch.Tensor], name: str) -> tuple[str, int, str, torch.Tensor] | None:
+    """Where a per-expert tensor (``mlp.experts.{e}.{gate,up,down}_proj.weight``, as checkpoints and the trainer name
+    them) lives in a transformers >= 5 MoE model, which fuses a layer's experts into ``mlp.experts.gate_up_proj``
+    ``[E, 2I, H]`` (gate rows first) and ``mlp.experts.down_proj`` ``[E, H, I]``: (fused name, expert, part, the view
+    to copy into), or None when ``name`` is no such tensor of this model."""
+    m = _PER_EXPERT.match(name)
+    if m is None:
+        return None
+    prefix, expert, part = m.group(1), int(m.group(2)), m.group(3)
+    fused = f"{prefix}.{'down_proj' if part == 'down' else 'gate_up_proj'}"
+    param = targets.get(fused)
+    if param is None or param.dim() != 3 or expert >= param.shape[0]:
+        return None
+    if part == "down":
+        return fused, expert, part, param[expert]
+    half = param.shape[1] // 2
+    return fused, expert, part, param[expert, :half] if part == "gate" else param[expert, half:]
