@@ -356,6 +356,52 @@ def test_tensor_payloads_one_per_rank_accepted_by_sglang_safe_unpickler() -> Non
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Weight names: SGLang's Qwen3-MoE loader
+# ---------------------------------------------------------------------------------------------------------------------
+def test_exported_moe_names_are_exactly_what_sglang_qwen3_moe_loader_maps() -> None:
+    """The export stream of a Qwen3-MoE (what every sync mode sends), run through SGLang's ``load_weights``: every name
+    reaches one parameter (the loader silently skips names it does not map), each expert tensor its expert and shard
+    of the fused ``w13`` (gate = ``w1``, up = ``w3``) / ``w2``, and every parameter, shard and expert is written once.
+    transformers' in-memory form of the experts (``mlp.experts.gate_up_proj``) would be skipped: the stream must
+    carry the per-expert checkpoint names."""
+    from luffy_megatron.convert import iter_hf_weights
+    from luffy_megatron.convert.checkpoint import setup_parallel
+    from luffy_megatron.models.builder import build_gpt_model, build_transformer_config, model_spec
+    from luffy_megatron.models.tiny import tiny_hf_config
+
+    setup_parallel(1, 1)
+    layers, experts = 2, 4
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, heads=4, kv_heads=2, tie_embeddings=False)
+    spec = model_spec(tiny_hf_config("qwen3_moe", layers=layers, moe={"num_experts": experts}, **shape).to_dict())
+    chunks = build_gpt_model(spec, build_transformer_config(spec))
+    named = [pair for bucket in iter_hf_weights(chunks, spec, bucket_bytes=4096) for pair in bucket]
+    params = upstream.sglang_qwen3_moe_params(layers)
+
+    calls = upstream.qwen3_moe_load_calls(named, experts, layers, params)
+    assert sorted(c[0] for c in calls) == sorted(n for n, _ in named)  # each name loaded exactly once
+    shard_of = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    for name, param, shard, expert in calls:
+        parts = name.split(".")
+        if ".mlp.experts." in name:  # model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight
+            fused = "w2_weight" if parts[6] == "down_proj" else "w13_weight"
+            assert (param, shard, expert) == (
+                f"model.layers.{parts[2]}.mlp.experts.{fused}",
+                shard_of[parts[6]],
+                int(parts[5]),
+            )
+        elif parts[-2] in ("q_proj", "k_proj", "v_proj"):
+            assert (param, shard) == (name.replace(parts[-2], "qkv_proj"), parts[-2][0]), name
+        else:
+            assert (param, shard, expert) == (name, None, None), name
+    targets = [(param, shard, expert) for _, param, shard, expert in calls]
+    assert len(set(targets)) == len(targets) and {c[1] for c in calls} == set(params)  # all written, none twice
+    w13 = {(s, e) for p, s, e in targets if p.endswith("layers.1.mlp.experts.w13_weight")}
+    assert w13 == {(s, e) for s in ("w1", "w3") for e in range(experts)}
+    fused_name = [("model.layers.0.mlp.experts.gate_up_proj", torch.zeros(1))]
+    assert upstream.qwen3_moe_load_calls(fused_name, experts, layers, params) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # transformer-engine layer spec of megatron-core
 # ---------------------------------------------------------------------------------------------------------------------
 def test_te_spec_kwargs_bind_to_megatron_core_signature() -> None:

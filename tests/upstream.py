@@ -314,3 +314,92 @@ def upstream_auth() -> dict[str, Any]:
                 paths.append(dec.args[0].value)
         levels.update(dict.fromkeys(paths, level))
     return {**ns, "levels": levels}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SGLang's Qwen3-MoE weight loader (what every weight-sync mode ends in: ``model.load_weights(named tensors)``)
+# ---------------------------------------------------------------------------------------------------------------------
+QWEN3_MOE = "sglang/srt/models/qwen3_moe.py"
+FUSED_MOE = "sglang/srt/layers/moe/fused_moe_triton/layer.py"
+LAYER_UTILS = "sglang/srt/layers/utils/common.py"
+
+
+def sglang_qwen3_moe_params(layers: int) -> list[str]:
+    """The parameters of SGLang's ``Qwen3MoeForCausalLM`` (untied embeddings), as its ``/weights_checker`` names them:
+    what its loader writes into. ``tests/test_sglang_real_moe.py`` checks the list against a live server."""
+    per_layer = [
+        "self_attn.qkv_proj.weight",
+        "self_attn.o_proj.weight",
+        "self_attn.q_norm.weight",
+        "self_attn.k_norm.weight",
+        "mlp.experts.w13_weight",
+        "mlp.experts.w2_weight",
+        "mlp.gate.weight",
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+    ]
+    layer_params = [f"model.layers.{i}.{p}" for i in range(layers) for p in per_layer]
+    return ["model.embed_tokens.weight", *layer_params, "model.norm.weight", "lm_head.weight"]
+
+
+def method(src: str, cls: str, name: str, namespace: dict[str, Any]) -> Any:
+    """The method ``cls.name`` of a module's source, executed in ``namespace`` as a plain function (decorators and
+    annotations dropped: they name types the namespace does not hold)."""
+    node = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == cls)
+    fn = next(n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    fn.decorator_list, fn.returns = [], None
+    for arg in [*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs]:
+        arg.annotation = None
+    ns = dict(namespace)
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "<upstream>", "exec"), ns)  # noqa: S102
+    return ns[name]
+
+
+def qwen3_moe_load_calls(
+    named: list[tuple[str, Any]], num_experts: int, layers: int, params: list[str]
+) -> list[tuple[str, str, Any, Any]]:
+    """Run SGLang's ``Qwen3MoeForCausalLM.load_weights`` (and ``FusedMoE.make_expert_params_mapping``, both from the
+    pinned source) over ``named`` on a stand-in model whose parameters are ``params``. Returns one
+    ``(checkpoint name, parameter, shard_id, expert_id)`` per weight-loader call; a name the loader skips has none."""
+    import logging
+    import types
+
+    calls: list[tuple[str, str, Any, Any]] = []
+    current = [""]
+
+    def recorder(param_name: str):
+        def weight_loader(param, loaded_weight, *args, shard_id=None, expert_id=None):
+            if args and shard_id is None:  # stacked: (param, weight, shard_id); experts: (param, weight, name, ...)
+                shard_id = args[0]
+            calls.append((current[0], param_name, shard_id, expert_id))
+
+        return weight_loader
+
+    model_src = source(SGLANG, QWEN3_MOE)
+    mapping = method(source(SGLANG, FUSED_MOE), "FusedMoE", "make_expert_params_mapping", {})
+    common = load_defs(source(SGLANG, LAYER_UTILS), ["get_layer_id"], {"re": re})
+    ns = {
+        "FusedMoE": type("FusedMoE", (), {"make_expert_params_mapping": classmethod(mapping)}),
+        "get_layer_id": common["get_layer_id"],
+        "default_weight_loader": None,  # every stand-in parameter has its own loader
+        "LazyValue": lambda fn: fn,
+        "Qwen3MoeSparseMoeBlock": type("Qwen3MoeSparseMoeBlock", (), {}),
+        "logger": logging.getLogger("upstream.qwen3_moe"),
+    }
+    load_weights = method(model_src, "Qwen3MoeForCausalLM", "load_weights", ns)
+    stand_in_params = {n: types.SimpleNamespace(weight_loader=recorder(n)) for n in params}
+    model = types.SimpleNamespace(
+        config=types.SimpleNamespace(num_experts=num_experts),
+        model=types.SimpleNamespace(start_layer=0, end_layer=layers),
+        start_layer=0,
+        end_layer=layers,
+        named_parameters=lambda: iter(stand_in_params.items()),
+    )
+
+    def stream():
+        for name, tensor in named:
+            current[0] = name
+            yield name, tensor
+
+    load_weights(model, stream())
+    return calls
