@@ -185,6 +185,7 @@ def test_the_report_spreads_each_arm_over_the_seeds(tmp_path: Path) -> None:
 def test_prepare_only_makes_the_paths_the_demo_config_names(tmp_path: Path) -> None:
     """``--prepare-only`` writes seed 1's model and task where ``configs/tiny_cpu_luffy.yaml`` looks for them."""
     from luffy_megatron.config import load_config
+    from luffy_megatron.config_checks import expert_count
 
     cmd = [sys.executable, str(ROOT / "tools" / "run_demo.py"), "--out", "outputs/demo", "--prepare-only"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -194,6 +195,14 @@ def test_prepare_only_makes_the_paths_the_demo_config_names(tmp_path: Path) -> N
     for path in (*cfg.data.train_files, *cfg.data.val_files):
         assert (tmp_path / path).is_file(), path
     assert not (tmp_path / "outputs" / "demo" / "seed1" / "luffy").exists()  # nothing was trained
+    # luffy_moe's model: the dense one's width, heads and tokenizer, with 4 routed experts of half its FFN, top-2
+    seed_dir = tmp_path / "outputs" / "demo" / "seed1"
+    dense, moe = (json.loads((seed_dir / m / "config.json").read_text()) for m in ("tiny_model", "tiny_moe_model"))
+    assert moe["architectures"] == ["Qwen3MoeForCausalLM"] and moe["num_experts_per_tok"] == 2
+    assert expert_count(moe)[1] == 4  # transformers writes it as num_local_experts
+    assert 2 * moe["moe_intermediate_size"] == dense["intermediate_size"] and moe["hidden_size"] == dense["hidden_size"]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (seed_dir / "tiny_model" / name).read_text() == (seed_dir / "tiny_moe_model" / name).read_text()
 
 
 @pytest.mark.parametrize(

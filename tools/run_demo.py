@@ -14,11 +14,12 @@ truncated IS, cap 10; not run by default; it uses two threads, so compare its st
 ``luffy_async_no_is`` (the same without the IS correction), ``luffy_on_baseline`` and ``luffy_async_on_baseline``
 (``luffy`` and ``luffy_async`` with ``algorithm.on_policy_baseline=on_policy_mean``; not run by default),
 ``luffy_sglang`` (``luffy`` with rollouts from a real SGLang server on its CPU engine; needs ``make sglang-venv``;
-not run by default), ``rl_sft_loss`` (the paper's "RL w/ SFT loss" baseline: LUFFY's batches, the rollouts' policy
-gradient with a baseline from the rollouts alone, the trace's NLL in place of its shaped gradient; not run by
-default), ``sft`` (imitation: the traces' token-mean NLL, ``trainer.mode=sft``; not run by default), ``sft_rl`` (the
-paper's "SFT+RL": ``sft`` for ``--sft-fraction`` of the steps, then the ``grpo`` arm's on-policy RL from the SFT
-checkpoint, two runs; not run by default).
+not run by default), ``luffy_moe`` (``luffy`` on a tiny mixture-of-experts model; not run by default),
+``rl_sft_loss`` (the paper's "RL w/ SFT loss" baseline: LUFFY's batches, the rollouts' policy gradient with a
+baseline from the rollouts alone, the trace's NLL in place of its shaped gradient; not run by default), ``sft``
+(imitation: the traces' token-mean NLL, ``trainer.mode=sft``; not run by default), ``sft_rl`` (the paper's "SFT+RL":
+``sft`` for ``--sft-fraction`` of the steps, then the ``grpo`` arm's on-policy RL from the SFT checkpoint, two runs;
+not run by default).
 
 The budget: every arm takes ``--steps`` steps of ``data.train_batch_size`` prompts, the sampler's same prompts in the
 same order, one optimiser step each; the tokens each arm then trains on are its own (SFT trains only the traces, GRPO
@@ -124,14 +125,30 @@ MODEL = dict(
 )
 
 
+#: ``luffy_moe``: LUFFY on a tiny Qwen3-MoE beside the dense model (``OUT/seed<S>/tiny_moe_model``): the same width,
+#: heads and tokenizer, Qwen3's attention (QK-norm, no biases), and in each layer 4 SwiGLU experts of half the dense
+#: FFN, routed top-2 (the same FFN width per token, twice the FFN parameters) with the load-balancing loss at
+#: Qwen3-MoE's coefficient (0.001).
+MOE_MODEL = {
+    **MODEL,
+    "family": "qwen3_moe",
+    "moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 192},
+}
+MODELS = {"tiny_model": MODEL, "tiny_moe_model": MOE_MODEL}  # folder in OUT/seed<S>/ -> make_tiny_model arguments
+ARMS["luffy_moe"] = []
+MOE_ARMS = {"luffy_moe"}
+
+
 def prepare(out: Path, seed: int) -> tuple[Path, Path]:
-    """The tiny model and the task (made once; reused when present)."""
+    """The tiny models (dense, and MoE for ``MOE_ARMS``) and the task, made once and reused when present; returns the
+    dense model's folder and the task's."""
     from luffy_megatron.data.synthetic import tokenizer_corpus, write_ood, write_task
     from luffy_megatron.models.tiny import make_tiny_model
 
     model_dir, task_dir = out / "tiny_model", out / "task"
-    if not (model_dir / "config.json").is_file():
-        make_tiny_model(model_dir, **MODEL, corpus=tokenizer_corpus(), seed=seed)
+    for folder, spec in MODELS.items():
+        if not (out / folder / "config.json").is_file():
+            make_tiny_model(out / folder, **spec, corpus=tokenizer_corpus(), seed=seed)
     if not (task_dir / "train.parquet").is_file():
         write_task(task_dir, num_train=9000, num_val=NUM_VAL, seed=seed, system_prompt=None)
     if not (task_dir / "ood.parquet").is_file():  # its own random stream: train and val are the same without it
@@ -153,8 +170,9 @@ def arm_overrides(
     default ``--steps``), the arm's own options, ``extra``, then ``--override``."""
     from luffy_megatron.platform.ports import free_port_block
 
+    model = model_dir.parent / "tiny_moe_model" if arm in MOE_ARMS else model_dir
     return [
-        f"model.hf_path={model_dir}",
+        f"model.hf_path={model}",
         f"data.train_files=[{task_dir / 'train.parquet'}]",
         f"data.val_files=[{task_dir / 'val.parquet'}]",
         f"logging.out_dir={run_dir}",
