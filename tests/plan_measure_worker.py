@@ -75,7 +75,8 @@ def _samples(lengths: list[int], vocab: int, seed: int):
 def static_bytes(policy) -> dict[str, int]:
     """Parameter storage, gradient buffers and optimizer state of this rank, from the live objects."""
     weights = sum(p.numel() * p.element_size() for c in policy.chunks for p in c.parameters())
-    grads = sum(b.grad_data.numel() * b.grad_data.element_size() for c in policy.chunks for b in c.buffers)
+    buffers = [b for c in policy.chunks for b in c.buffers + c.expert_parallel_buffers]
+    grads = sum(b.grad_data.numel() * b.grad_data.element_size() for b in buffers)
     opt_bytes = 0
     for o in getattr(policy.optimizer, "chained_optimizers", [policy.optimizer]):
         for state in o.optimizer.state.values():
@@ -94,18 +95,21 @@ def measure_step(
     lengths: list[int],
     max_tokens: int,
     sequence_parallel: bool | None = None,
+    ep: int = 1,
 ) -> dict:
     """One rank: build the policy, train one warm-up mini-batch, then measure the next one.
 
-    ``sequence_parallel`` sets ``parallel.sequence_parallel`` (None: the config's default, on whenever TP > 1).
+    ``sequence_parallel`` sets ``parallel.sequence_parallel`` (None: the config's default, on whenever TP > 1);
+    ``ep`` is ``parallel.ep`` (an MoE model's expert parallelism).
     """
     from luffy_megatron.config import load_config, read_hf_config
     from luffy_megatron.models.builder import model_spec
     from luffy_megatron.platform import init_model_parallel, setup_platform
 
     setup_platform()
-    init_model_parallel(tp, pp, vpp, seed=1)
+    init_model_parallel(tp, pp, vpp, seed=1, ep=ep)
     over = [
+        f"parallel.ep={ep}",
         f"model.hf_path={hf_dir}",
         "model.dtype=float32",
         f"parallel.tp={tp}",

@@ -1,9 +1,9 @@
 """Build one rank of a model at full size on the meta device and report what Megatron allocates (JSON on stdout).
 
-``python tests/plan_meta_worker.py HF_CONFIG_JSON TP PP VPP|0 WORLD RANK[,RANK...] DIST_OPT(0/1) DTYPE``. For each
+``python tests/plan_meta_worker.py HF_CONFIG_JSON TP PP VPP|0 WORLD RANK[,RANK...] DIST_OPT(0/1) DTYPE [EP]``. For each
 RANK the process joins a fake process group of WORLD ranks as RANK (collectives are no-ops), so megatron-core's real
 model, DDP and optimizer code run for that rank while every tensor they create lives on the meta device (no memory is
-used). One ``RESULT {json}`` line per rank.
+used). One ``RESULT {json}`` line per rank; its ``buffers`` are every chunk's dense then expert-parallel buffers.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ class MetaMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def measure(hf_path: str, tp: int, pp: int, vpp_n: int | None, world: int, rank: int, use: bool, dtype: str) -> dict:
+def measure(
+    hf_path: str, tp: int, pp: int, vpp_n: int | None, world: int, rank: int, use: bool, dtype: str, ep: int = 1
+) -> dict:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
@@ -52,12 +54,15 @@ def measure(hf_path: str, tp: int, pp: int, vpp_n: int | None, world: int, rank:
 
     from luffy_megatron.models.builder import build_gpt_model, build_transformer_config, model_spec
 
-    ps.initialize_model_parallel(tp, pp, virtual_pipeline_model_parallel_size=vpp_n)
+    ps.initialize_model_parallel(tp, pp, virtual_pipeline_model_parallel_size=vpp_n, expert_model_parallel_size=ep)
     hf = json.loads(Path(hf_path).read_text())
     spec = model_spec(hf, tp=tp)
     half = dtype != "float32"
+    sp = tp > 1 and spec.family.moe_config is not None  # megatron builds MoE layers under TP only with SP
     with torch.device("meta"), MetaMode():
-        cfg = build_transformer_config(spec, tp=tp, pp=pp, vpp=vpp_n, dtype=dtype, perform_initialization=False)
+        cfg = build_transformer_config(
+            spec, tp=tp, pp=pp, vpp=vpp_n, dtype=dtype, ep=ep, sequence_parallel=sp, perform_initialization=False
+        )
         ddp = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use
         )
@@ -75,7 +80,7 @@ def measure(hf_path: str, tp: int, pp: int, vpp_n: int | None, world: int, rank:
         )
     out = {"weights": 0, "grads": 0, "master_weights": 0, "adam": 0, "buffers": []}
     for c in chunks:
-        for b in c.buffers:
+        for b in c.buffers + c.expert_parallel_buffers:
             out["buffers"].append([str(b.param_dtype).removeprefix("torch."), b.numel])
             out["grads"] += b.grad_data.numel() * b.grad_data.element_size()
             if use:
@@ -98,12 +103,14 @@ def measure(hf_path: str, tp: int, pp: int, vpp_n: int | None, world: int, rank:
 def main(argv: list[str]) -> None:
     from luffy_megatron.platform import setup_platform
 
-    hf_path, tp, pp, vpp, world, ranks, dist_opt, dtype = argv
+    hf_path, tp, pp, vpp, world, ranks, dist_opt, dtype, *ep = argv
     setup_platform()
     new_group = dist.new_group
     dist.new_group = lambda *a, **k: new_group(*a, **{x: y for x, y in k.items() if x != "backend"})  # no gloo
     for rank in ranks.split(","):
-        res = measure(hf_path, int(tp), int(pp), int(vpp) or None, int(world), int(rank), dist_opt == "1", dtype)
+        res = measure(
+            hf_path, int(tp), int(pp), int(vpp) or None, int(world), int(rank), dist_opt == "1", dtype, int(*ep or [1])
+        )
         print("RESULT " + json.dumps(res), flush=True)
 
 

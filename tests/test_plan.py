@@ -149,3 +149,80 @@ def test_help_shows_examples():
 
     proc = subprocess.run([sys.executable, "-m", "luffy_megatron.plan.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: luffy-plan") and "examples:" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixture-of-experts models
+QWEN3_30B_A3B = dict(  # huggingface.co/Qwen/Qwen3-30B-A3B/blob/main/config.json
+    architectures=["Qwen3MoeForCausalLM"],
+    model_type="qwen3_moe",
+    hidden_size=2048,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_experts=128,
+    num_experts_per_tok=8,
+    num_hidden_layers=48,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    vocab_size=151936,
+    max_position_embeddings=40960,
+    tie_word_embeddings=False,
+    norm_topk_prob=True,
+)
+MOE = ModelShape.from_hf(QWEN3_30B_A3B, "Qwen3-30B-A3B")
+
+
+def test_moe_parameters_per_expert_parallel_rank():
+    # 30.5B parameters (the model card): 48 x (attention + router + 128 experts of 3 x 2048 x 768) + embeddings
+    assert (MOE.experts, MOE.topk, MOE.moe_ffn, MOE.qk_norm) == (128, 8, 768, True)
+    assert MOE.num_params() == 30_532_122_624
+    from luffy_megatron.plan.shapes import layer_params
+
+    for tp, ep in ((1, 1), (2, 4), (4, 8)):
+        params = layer_params(MOE, tp, ep)
+        experts = [p for p in params if p.expert]
+        assert len(experts) == 2 * 128 // ep  # fc1 and fc2 of each local expert
+        assert sum(p.numel for p in experts) == 128 // ep * 3 * 2048 * 768 // tp  # split over TP as dense MLPs are
+        (router,) = [p for p in params if p.name == "mlp.router.weight"]
+        assert router.numel == 128 * 2048 and not router.expert  # replicated, averaged over the whole DP group
+
+
+def test_moe_layouts_search_expert_parallelism():
+    result = plan(MOE, PlanInputs(nodes=2, gpus_per_node=8, gpu_mem_gb=1000, micro_batch_tokens=8192))
+    rows = result["feasible"]
+    by = {(r["tp"], r["pp"], r["dp"]): set() for r in rows}
+    for r in rows:
+        by[r["tp"], r["pp"], r["dp"]].add(r["ep"])
+        assert r["tp"] == 1 or r["sp"]  # MoE layers train under TP only with SP
+    assert by[(1, 1, 16)] == {1, 2, 4, 8, 16} and by[(2, 1, 8)] == {1, 2, 4, 8}
+    # more EP: fewer experts per rank, less static memory at the same TP / PP / DP
+    static = {r["ep"]: r["memory"]["weights"] for r in rows if (r["tp"], r["pp"], r["dp"]) == (1, 1, 16)}
+    assert static[16] < static[8] < static[4] < static[2] < static[1]
+    assert {r["ep"] for r in plan(QWEN7B, PlanInputs(gpu_mem_gb=1000))["feasible"]} == {1}  # dense: EP 1 only
+    off = plan(MOE, PlanInputs(gpu_mem_gb=1000, sequence_parallel="off"))["infeasible"]
+    assert "TP 2: megatron trains MoE layers under TP only with SP" in next(r for r in off if r["tp"] == 2)["reasons"]
+    gather = plan(MOE, PlanInputs(gpu_mem_gb=1000, moe_dispatcher="allgather"))
+    assert {r["ep"] for r in gather["feasible"]} == {1}  # the trainer runs allgather at EP 1 only
+
+
+def test_dispatcher_buffers_by_hand():
+    from luffy_megatron.plan.memory import Layout, MicroBatch
+    from luffy_megatron.plan.search import dispatcher_bytes
+
+    mb = MicroBatch(4096, 1024)
+    lay = Layout(tp=2, pp=1, dp=8, sp=True, ep=4)
+    # alltoall: one [tokens x top-k, hidden] copy of the routed tokens (bf16)
+    assert dispatcher_bytes(MOE, lay, mb, 2, PlanInputs()) == 4096 * 8 * 2048 * 2
+    # allgather: every token of the TP x EP ranks (hidden bf16, probabilities fp32, routing map bool), then the copy
+    gathered = 4096 * 4 * (2048 * 2 + 128 * 5)
+    assert dispatcher_bytes(MOE, lay, mb, 2, PlanInputs(moe_dispatcher="allgather")) == gathered + 4096 * 8 * 2048 * 2
+    assert dispatcher_bytes(QWEN7B, lay, mb, 2, PlanInputs()) == 0
+
+
+def test_moe_table_names_the_experts_and_has_an_ep_column(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+    argv = ["--model", str(tmp_path), "--nodes", "2", "--gpu-mem-gb", "80", "--moe-dispatcher", "alltoall"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "128 experts, top-8, alltoall dispatcher" in out and "| rank | TP | SP | PP | VPP | DP | EP |" in out

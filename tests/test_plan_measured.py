@@ -1,5 +1,5 @@
 """The planner against real Megatron policy updates on CPU (fp32, gloo), at 9 layouts of two small model shapes
-(sequence parallelism on and off at TP 2).
+(sequence parallelism on and off at TP 2) and 3 of a small MoE (EP 1 and 2, TP 2 with SP).
 
 Per rank: the static bytes (weights, gradient buffers, Adam moments) must equal the planner's exactly, and the peak of
 activations autograd holds (saved-tensor hooks; see tests/plan_measure_worker.py) and the peak in total must be
@@ -36,6 +36,16 @@ SHAPES = {
         intermediate_size=256,
         tie_embeddings=True,
     ),
+    "qwen3_moe": dict(
+        family="qwen3_moe",
+        vocab_size=397,
+        hidden_size=128,
+        layers=4,
+        heads=8,
+        kv_heads=2,
+        intermediate_size=320,
+        moe=dict(num_experts=8, moe_intermediate_size=64),
+    ),
 }
 SAMPLES, LENGTH, BUDGET = 16, 256, 1024  # 4 rows of 256 tokens per micro-batch
 # (shape, tp, pp, vpp, dp, recompute, sequence parallel). Recomputation does not run on CPU (megatron's checkpointing
@@ -61,16 +71,29 @@ def models(tmp_path_factory):
     return {name: make_tiny_model(root / name, seed=0, **kw) for name, kw in SHAPES.items()}
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: "{}-tp{}-pp{}-vpp{}-dp{}-rec{}-sp{}".format(*x))
+# The MoE shape (QK-norm, 8 experts, top-2): expert parallelism and TP with SP. (shape, tp, pp, vpp, dp, recompute,
+# sequence parallel, ep)
+MOE_LAYOUTS = [
+    ("qwen3_moe", 1, 1, None, 1, False, False, 1),
+    ("qwen3_moe", 1, 1, None, 2, False, False, 2),
+    ("qwen3_moe", 2, 1, None, 1, False, True, 1),
+]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    LAYOUTS + MOE_LAYOUTS,
+    ids=lambda x: "{}-tp{}-pp{}-vpp{}-dp{}-rec{}-sp{}-ep{}".format(*x, 1),
+)
 def test_measured_peak_memory_matches_the_plan(layout, models):
-    name, tp, pp, vpp, dp, recompute, sp = layout
+    name, tp, pp, vpp, dp, recompute, sp, ep = (*layout, 1)[:8]
     hf_dir = models[name]
     lengths = [LENGTH] * SAMPLES
     results = run_distributed(
-        measure_step, tp * pp * dp, str(hf_dir), tp, pp, vpp, recompute, lengths, BUDGET, sp, timeout_s=900
+        measure_step, tp * pp * dp, str(hf_dir), tp, pp, vpp, recompute, lengths, BUDGET, sp, ep, timeout_s=900
     )
     shape = ModelShape.from_hf(json.loads((hf_dir / "config.json").read_text()))
-    lay = Layout(tp, pp, dp, vpp, dist_opt=False, sp=sp)
+    lay = Layout(tp, pp, dp, vpp, dist_opt=False, sp=sp, ep=ep)
     rows = []
     for r in results:
         planned = static_bytes(shape, lay, r["pp_rank"], r["dp_rank"], "float32", fp32_norms=True)

@@ -2,8 +2,9 @@
 
 The tiny Qwen3-MoE (4 experts, top-2, auxiliary loss on) at EP2, EP2 x TP2 (with SP), EP2 x PP2 and EP2 x DP2 (expert
 DP 2), packed and padded, with the alltoall dispatcher: one policy update on LUFFY's length mix gives the same loss,
-grad norm, per-rank gradients (every expert's by its global index), updated weights and log-probs before and after
-as EP = 1 on the same ranks (fp32, relative 1e-5). Every expert gets a gradient, so the equality is not vacuous.
+grad norm, router metrics (expert load shares, auxiliary loss), per-rank gradients (every expert's by its global
+index), updated weights and log-probs before and after as EP = 1 on the same ranks (fp32, relative 1e-5). Every
+expert gets a gradient, so the equality is not vacuous.
 The layout checks refuse, naming the key and the value, an EP size that does not divide the experts or the
 data-parallel size, EP with a dense model, MoE under TP without SP, and the allgather dispatcher where megatron-core
 cannot run it. The CPU layer's backward fix is checked on its own: a CUDA placement in any backward works on CPU.
@@ -237,6 +238,10 @@ def test_expert_parallel_update_equals_the_update_at_ep1(ep_results, layout, pac
     ranks = ep_results(layout)
     ep2, ep1 = ranks[0][layout, pack, 2], ranks[0][layout, pack, 1]
     worst = assert_same_metrics_and_logprobs(ep2, ep1)
+    routing = sorted(k for k in ep1["metrics"] if k.startswith("moe/"))  # router metrics (train.router_metrics)
+    assert "moe/aux_loss" in routing and routing == sorted(k for k in ep2["metrics"] if k.startswith("moe/"))
+    want = {k: ep1["metrics"][k] for k in routing}
+    assert {k: ep2["metrics"][k] for k in routing} == pytest.approx(want, rel=REL_TOL)
     experts_seen: set[str] = set()
     for rank in ranks:  # every rank's finalised gradients and updated weights, experts by their global index
         r2, r1 = rank[layout, pack, 2], rank[layout, pack, 1]

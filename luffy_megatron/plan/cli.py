@@ -1,5 +1,5 @@
 """``luffy-plan``: per-GPU memory of every TP / PP / VPP / DP layout of a training job (sequence parallelism on and off
-at TP > 1), and which ones fit.
+at TP > 1; expert parallelism for an MoE model), and which ones fit.
 
 examples:
   luffy-plan --model configs/luffy_qwen2.5_math_7b.yaml --nodes 2 --rollout-gpus 8        # the 7B recipe
@@ -14,7 +14,7 @@ import json
 import sys
 from dataclasses import fields
 
-from luffy_megatron.config import DTYPES, ConfigError
+from luffy_megatron.config import DTYPES, ConfigError, TokenDispatcher, choices
 from luffy_megatron.plan.search import GB, PlanInputs, plan
 from luffy_megatron.plan.shapes import load_shape
 
@@ -51,6 +51,11 @@ def parser() -> argparse.ArgumentParser:
         default="both",
         help="sequence parallelism at TP > 1: price each layout with it (on), without (off), or both (default)",
     )
+    p.add_argument(
+        "--moe-dispatcher",
+        choices=choices(TokenDispatcher),
+        help="an MoE model's token dispatcher (default: the recipe's parallel.moe_token_dispatcher, else alltoall)",
+    )
     p.add_argument("--reserve-gb", type=float, default=3.0, help="per GPU for CUDA context, NCCL, fragmentation")
     p.add_argument("--json", help="write the whole plan here")
     p.add_argument("--all", action="store_true", help="list every infeasible layout (default: the first 12)")
@@ -80,6 +85,7 @@ def inputs(args: argparse.Namespace, recipe) -> PlanInputs:
         inp.logprob_chunk_tokens = r.algorithm.logprob_chunk_tokens
         inp.rollout_tp = [r.rollout.sglang.tp_size]
         inp.rollout_mem_fraction = r.rollout.sglang.mem_fraction_static
+        inp.moe_dispatcher = r.parallel.moe_token_dispatcher
     given = {
         "dtype": args.dtype,
         "prompt_len": args.prompt_len,
@@ -87,6 +93,7 @@ def inputs(args: argparse.Namespace, recipe) -> PlanInputs:
         "micro_batch_tokens": args.micro_batch_tokens,
         "samples_per_optimizer_step": args.samples_per_step,
         "rollout_tp": args.rollout_tp,
+        "moe_dispatcher": args.moe_dispatcher,
     }
     for key, value in given.items():
         if value is not None:
@@ -115,25 +122,29 @@ def render(result: dict, show_all: bool) -> str:
         f"distributed optimizer {'on' if inp['dist_opt'] else 'off'}, sequence parallelism at TP > 1: "
         f"{inp['sequence_parallel']}"
     )
+    model = result["model"]
+    if model["experts"]:
+        head += f"; {model['experts']} experts, top-{model['topk']}, {inp['moe_dispatcher']} dispatcher"
     lines = [
         head,
         "",
-        "| rank | TP | SP | PP | VPP | DP | " + " | ".join(COLUMNS) + " | total GiB | step time |",
-        "|---" * (len(COLUMNS) + 8) + "|",
+        "| rank | TP | SP | PP | VPP | DP | EP | " + " | ".join(COLUMNS) + " | total GiB | step time |",
+        "|---" * (len(COLUMNS) + 9) + "|",
     ]
     for r in result["feasible"]:
         mem = r["memory"]
         cells = [f"{mem[c] / GB:.2f}" for c in COLUMNS]
         lines.append(
-            f"| {r['rank']} | {r['tp']} | {_sp(r)} | {r['pp']} | {r['vpp'] or '-'} | {r['dp']} | "
+            f"| {r['rank']} | {r['tp']} | {_sp(r)} | {r['pp']} | {r['vpp'] or '-'} | {r['dp']} | {r['ep']} | "
             + " | ".join(cells)
             + f" | {mem['total'] / GB:.2f} | {r['step_time_factor']:.2f} |"
         )
     if not result["feasible"]:
-        lines.append("| - | no layout fits |" + " |" * (len(COLUMNS) + 7))
+        lines.append("| - | no layout fits |" + " |" * (len(COLUMNS) + 8))
     bad = result["infeasible"] if show_all else result["infeasible"][:12]
     lines += ["", "Infeasible:"] + [
-        f"- TP {r['tp']} SP {_sp(r)} PP {r['pp']} VPP {r['vpp'] or '-'} DP {r['dp']}: " + "; ".join(r["reasons"])
+        f"- TP {r['tp']} SP {_sp(r)} PP {r['pp']} VPP {r['vpp'] or '-'} DP {r['dp']} EP {r['ep'] or '-'}: "
+        + "; ".join(r["reasons"])
         for r in bad
     ]
     if len(bad) < len(result["infeasible"]):

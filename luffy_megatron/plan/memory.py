@@ -11,12 +11,15 @@ Static part (bytes Megatron allocates, reproduced rule by rule from megatron-cor
   re-mapped into a param buffer of the same size. Each DP rank owns 1/DP of every bucket; the optimizer holds, for the
   parameter elements in its range, fp32 master copies (for bf16/fp16 parameters) and Adam's two moments.
 * Without it, buffers are unpadded and every rank keeps master copies and moments of all its parameters.
+* With expert parallelism (EP > 1) the expert weights have buffers of their own, after the chunk's others, laid out
+  and sharded as above over the expert-data-parallel group (DP / EP ranks: data-parallel rank ``r`` is expert-DP rank
+  ``r // EP``); at EP 1 they share the dense buffers.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from luffy_megatron.models.family import TORCH_DTYPES, VOCAB_PARAMS, padded_vocab_size
 from luffy_megatron.plan.shapes import ModelShape, chunk_params
@@ -32,6 +35,12 @@ class Layout:
     vpp: int | None = None
     dist_opt: bool = True
     sp: bool = False  # sequence parallelism (TP > 1): norms, residuals and dropout keep 1/TP of the sequence
+    ep: int = 1  # expert parallelism (MoE): each rank holds experts / EP experts of every layer
+
+    def group(self, expert: bool) -> tuple[int, int]:
+        """(size, this rank's index from its data-parallel rank ``r``) of the group a buffer is sharded over: the
+        data-parallel group, or for an expert buffer the expert-data-parallel group (rank ``r // EP``)."""
+        return (self.dp // self.ep, self.ep) if expert else (self.dp, 1)
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class Buffer:
     dtype: str
     numel: int
     buckets: list[tuple[int, int, list[tuple[int, int]]]]
+    expert: bool = False  # an expert-parallel buffer (EP > 1)
 
 
 def _pad(value: int, divisor: int) -> int:
@@ -84,18 +94,21 @@ def owned_numel(buf: Buffer, dp: int, dp_rank: int) -> int:
 
 
 def rank_buffers(m: ModelShape, lay: Layout, pp_rank: int, dtype: str, fp32_norms: bool) -> list[Buffer]:
-    """The DDP buffers of pipeline rank ``pp_rank`` (all its model chunks)."""
+    """The DDP buffers of pipeline rank ``pp_rank`` (all its model chunks; per chunk the dense ones, then the expert
+    ones, each kind by dtype in order of first parameter)."""
     out = []
     for chunk in range(lay.vpp or 1):
-        params = chunk_params(m, lay.tp, lay.pp, lay.vpp, pp_rank, chunk)
+        params = chunk_params(m, lay.tp, lay.pp, lay.vpp, pp_rank, chunk, lay.ep)
         tied_pp = m.tied and lay.pp * (lay.vpp or 1) > 1
-        groups: dict[str, list[tuple[int, bool]]] = {}
-        for name, numel, norm in params:
-            key = "float32" if norm and fp32_norms else dtype
-            shared = tied_pp and name in VOCAB_PARAMS
-            groups.setdefault(key, []).append((numel, shared))
-        for key, items in groups.items():
-            out.append(layout_buffer([n for n, _ in items], [s for _, s in items], lay.dp, lay.dist_opt, key))
+        groups: dict[tuple[bool, str], list[tuple[int, bool]]] = {}
+        for p in params:
+            key = (p.expert and lay.ep > 1, "float32" if p.norm and fp32_norms else dtype)
+            shared = tied_pp and p.name in VOCAB_PARAMS
+            groups.setdefault(key, []).append((p.numel, shared))
+        for (expert, key), items in sorted(groups.items(), key=lambda kv: kv[0][0]):  # stable: dense first
+            size, _ = lay.group(expert)
+            buf = layout_buffer([n for n, _ in items], [s for _, s in items], size, lay.dist_opt, key)
+            out.append(replace(buf, expert=expert))
     return out
 
 
@@ -108,7 +121,8 @@ def static_bytes(
         unpadded = sum(e - s for _, _, ps in buf.buckets for s, e in ps)
         weights += (buf.numel if lay.dist_opt else unpadded) * DTYPE_BYTES[buf.dtype]
         grads += buf.numel * 4
-        owned = owned_numel(buf, lay.dp, dp_rank) if lay.dist_opt else unpadded
+        size, per = lay.group(buf.expert)
+        owned = owned_numel(buf, size, dp_rank // per) if lay.dist_opt else unpadded
         if buf.dtype != "float32":
             master += owned * 4
         adam += owned * 8
@@ -139,13 +153,22 @@ def layer_activation_bytes(m: ModelShape, lay: Layout, mb: MicroBatch, act_bytes
     of the whole fused QKV output), the softmax output (heads x length per token) and, per packed sequence, the
     causal mask (length^2 bytes) and RoPE's cos / sin for query and key; flash attention (transformer-engine) keeps
     query, key and value unexpanded and no score matrix. The SwiGLU MLP keeps the fc1 output (2 x ffn), the GLU's two
-    intermediate results (2 x ffn) and the fc2 input (ffn). Measured breakdown: docs/plan.md.
+    intermediate results (2 x ffn) and the fc2 input (ffn); an MoE layer keeps :func:`moe_activation_bytes` instead.
+    QK-norm (Qwen3) keeps the normalised query and key with their fp32 reciprocal RMS per head and, unfused with
+    grouped queries, the query's norm input (a reshaped copy) and the whole fused QKV output (the key's norm input is a
+    view of it). Measured breakdown: docs/plan.md.
     """
     tp = lay.tp
     h, q, kv, f = m.hidden, m.heads * m.head_dim // tp, m.kv_heads * m.head_dim // tp, m.ffn // tp
-    per_token = q + 5 * f
+    per_token = q + (0 if m.experts else 5 * f)
     # RoPE's cos / sin for query and key, per token of every packed sequence
     extra = 4 * mb.tokens * m.head_dim * act_bytes
+    if m.qk_norm:  # the normalised query and key, with their fp32 reciprocal RMS per head
+        per_token += q + kv
+        extra += mb.tokens * ((m.heads + m.kv_heads) // tp) * 4
+        if m.kv_heads != m.heads and not flash:
+            # the query's norm input is a reshaped copy; the key's is a view of the fused QKV output, kept whole
+            per_token += q + q + 2 * kv
     if flash:
         per_token += q + 2 * kv
     else:
@@ -154,7 +177,26 @@ def layer_activation_bytes(m: ModelShape, lay: Layout, mb: MicroBatch, act_bytes
         # sequences x heads x length^2 scores and length^2 mask bytes: at most tokens x length for any packing
         extra += mb.tokens * (m.heads // tp) * mb.length * act_bytes + mb.tokens * mb.length
     norms = math.ceil(sp_share(mb.tokens, lay) * (6 * h * act_bytes + 2 * 4))
-    return mb.tokens * per_token * act_bytes + extra + norms
+    return mb.tokens * per_token * act_bytes + extra + norms + moe_activation_bytes(m, lay, mb, act_bytes)
+
+
+def moe_activation_bytes(m: ModelShape, lay: Layout, mb: MicroBatch, act_bytes: int) -> int:
+    """What an MoE layer keeps for backward (0 for a dense model), with balanced routing.
+
+    The router runs on this rank's tokens (1/TP of them with SP; its input is the norm output counted above) and
+    keeps, per token, the fp32 softmax over all experts (the auxiliary loss's), the top-k's int64 indices and fp32
+    probabilities, and the permutation's int64 sort over tokens x experts and its top-k row indices: 12 x experts +
+    20 x top-k bytes. The experts of this rank compute ``tokens x top-k`` routed tokens: the all-to-all brings this
+    rank's experts their tokens from the EP ranks (as many as it sends when balanced), and the all-gather over TP the
+    whole sequence's. Per routed token they keep the input (hidden), the fc1 output (2 x ffn / TP), the GLU's two
+    intermediate results (2 x ffn / TP), its output and the probability-scaled fc2 input (ffn / TP each) and the fp32
+    probability. Measured breakdown: docs/plan.md.
+    """
+    if not m.experts:
+        return 0
+    routed = mb.tokens * m.topk
+    router = math.ceil(sp_share(mb.tokens, lay) * (12 * m.experts + 20 * m.topk))
+    return routed * ((m.hidden + 6 * (m.moe_ffn // lay.tp)) * act_bytes + 4) + router
 
 
 def head_activation_bytes(m: ModelShape, lay: Layout, mb: MicroBatch, act_bytes: int) -> int:

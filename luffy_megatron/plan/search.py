@@ -1,5 +1,5 @@
-"""Enumerate TP / PP / VPP / DP layouts (with sequence parallelism on and off at TP > 1) for a cluster, price each
-one's worst rank, and rank the feasible ones."""
+"""Enumerate TP / PP / VPP / DP layouts (with sequence parallelism on and off at TP > 1, and for an MoE model every EP
+size that divides DP and the experts) for a cluster, price each one's worst rank, and rank the feasible ones."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ class PlanInputs:
     sequence_parallel: str = "both"  # at TP > 1: "on", "off", or "both" (each layout priced with and without)
     rollout_tp: list[int] = field(default_factory=list)
     rollout_mem_fraction: float = 0.8
+    moe_dispatcher: str = "alltoall"  # an MoE model's token dispatcher (parallel.moe_token_dispatcher)
 
     @property
     def train_gpus(self) -> int:
@@ -55,20 +56,31 @@ class PlanInputs:
         length = self.prompt_len + self.response_len
         return MicroBatch(max(self.micro_batch_tokens, -(-length // alignment) * alignment), length)
 
-    def sp_choices(self, tp: int) -> list[bool]:
-        """Sequence parallelism on / off to price at ``tp`` (on first: the trainer's default at TP > 1)."""
+    def sp_choices(self, tp: int, moe: bool = False) -> list[bool]:
+        """Sequence parallelism on / off to price at ``tp`` (on first: the trainer's default at TP > 1); an MoE model
+        trains under TP only with it."""
         if tp == 1 or self.sequence_parallel == "off":
             return [False]
-        return [True] if self.sequence_parallel == "on" else [True, False]
+        return [True] if self.sequence_parallel == "on" or moe else [True, False]
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def expert_sizes(m: ModelShape, dp: int, inp: PlanInputs) -> list[int]:
+    """The EP sizes to try: those dividing both DP and the experts (1 for a dense model, and with the allgather
+    dispatcher, which the trainer runs at EP 1 only)."""
+    if not m.experts or inp.moe_dispatcher == "allgather":
+        return [1]
+    return [e for e in _divisors(dp) if m.experts % e == 0]
+
+
 def layout_problems(m: ModelShape, lay: Layout, inp: PlanInputs) -> list[str]:
     """Why a layout cannot run (empty when it can, memory aside)."""
     out = []
+    if m.experts and lay.tp > 1 and inp.sequence_parallel == "off":
+        out.append(f"TP {lay.tp}: megatron trains MoE layers under TP only with SP")
     if m.heads % lay.tp or m.kv_heads % lay.tp:
         out.append(f"TP {lay.tp} does not divide {m.heads} heads / {m.kv_heads} query groups")
     if lay.tp > inp.gpus_per_node:
@@ -102,7 +114,7 @@ def price(m: ModelShape, lay: Layout, inp: PlanInputs) -> dict:
             )
             if last
             else 0,
-            "comm_buffers": comm_buffer_bytes(m, lay, mb, act_bytes),
+            "comm_buffers": comm_buffer_bytes(m, lay, mb, act_bytes) + dispatcher_bytes(m, lay, mb, act_bytes, inp),
             "reserve": int(inp.reserve_gb * GB),
         }
         parts["total"] = sum(parts.values())
@@ -122,6 +134,27 @@ def comm_buffer_bytes(m: ModelShape, lay: Layout, mb: MicroBatch, act_bytes: int
     return p2p + (mb.tokens * m.hidden * act_bytes if lay.sp else 0)
 
 
+def dispatcher_bytes(m: ModelShape, lay: Layout, mb: MicroBatch, act_bytes: int, inp: PlanInputs) -> int:
+    """An MoE layer's token dispatcher: the token copies it holds at once beyond what autograd keeps, with balanced
+    routing (megatron-core 0.19 ``transformer/moe/token_dispatcher.py``). 0 for a dense model.
+
+    alltoall: ``dispatch_postprocess`` holds the tokens routed to this rank, ``tokens x top-k`` (the all-to-all
+    output, all-gathered over TP), while ``sort_chunks_by_idxs`` writes them sorted by local expert (the experts'
+    input, counted in the activations); ``combine_preprocess`` does the same in reverse: one more ``[tokens x top-k,
+    hidden]`` copy. A router that sends every token to one EP rank's experts makes that rank receive EP times more.
+    allgather: ``token_dispatch`` gathers every token of the TP x EP ranks, ``tokens x EP`` rows of hidden (activation
+    dtype), expert probabilities (fp32) and routing map (bool) (nothing at TP = EP = 1), then ``permute`` copies this
+    rank's ``tokens x top-k`` routed tokens out of them.
+    """
+    if not m.experts:
+        return 0
+    routed = mb.tokens * m.topk * m.hidden * act_bytes
+    if inp.moe_dispatcher == "allgather":
+        gathered = mb.tokens * lay.ep * (m.hidden * act_bytes + m.experts * 5) if lay.tp * lay.ep > 1 else 0
+        return gathered + routed
+    return routed
+
+
 def _dp_ranks(lay: Layout) -> range:
     """Every DP rank when the optimizer is sharded (alignment gaps and bucket padding make shards differ)."""
     return range(lay.dp if lay.dist_opt else 1)
@@ -137,20 +170,22 @@ def step_time_factor(lay: Layout, num_mb: int, recompute: bool) -> float:
 
 def plan(m: ModelShape, inp: PlanInputs) -> dict:
     """Every layout of the training GPUs: feasible ones ranked by :func:`step_time_factor` (then memory), the rest
-    with reasons (a layout that cannot run is listed once, without SP)."""
+    with reasons (a layout that cannot run is listed once, without SP or EP)."""
     feasible, infeasible = [], []
     for tp in [d for d in _divisors(inp.train_gpus) if d <= max(inp.gpus_per_node, 1) * 2]:
         for pp in _divisors(inp.train_gpus // tp):
+            dp = inp.train_gpus // (tp * pp)
             for vpp in inp.vpp:
-                dp = inp.train_gpus // (tp * pp)
                 problems = layout_problems(m, Layout(tp, pp, dp, vpp, inp.dist_opt), inp)
                 if problems:
-                    infeasible.append({"tp": tp, "pp": pp, "vpp": vpp, "dp": dp, "sp": None, "reasons": problems})
+                    where = {"tp": tp, "pp": pp, "vpp": vpp, "dp": dp, "ep": None, "sp": None}
+                    infeasible.append({**where, "reasons": problems})
                     continue
-                for sp in inp.sp_choices(tp):
-                    lay = Layout(tp, pp, dp, vpp, inp.dist_opt, sp)
+                for ep, sp in [(e, p) for e in expert_sizes(m, dp, inp) for p in inp.sp_choices(tp, bool(m.experts))]:
+                    where = {"tp": tp, "pp": pp, "vpp": vpp, "dp": dp, "ep": ep}
+                    lay = Layout(tp, pp, dp, vpp, inp.dist_opt, sp, ep)
                     mem = price(m, lay, inp)
-                    row = {"tp": tp, "pp": pp, "vpp": vpp, "dp": dp, "sp": sp, "memory": mem}
+                    row = {**where, "sp": sp, "memory": mem}
                     row["step_time_factor"] = step_time_factor(lay, mem["micro_batches_per_rank"], inp.recompute)
                     if mem["total"] > inp.gpu_mem_gb * GB:
                         gib = mem["total"] / GB

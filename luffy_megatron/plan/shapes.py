@@ -2,7 +2,9 @@
 
 Parameters are listed per model chunk in the order megatron-core's ``GPTModel`` registers them (embedding, then per
 layer input norm, attention output and QKV projections, QK norms, MLP norm, MLP, then final norm and output layer),
-with their numel under tensor parallelism and whether they are norms (which the local layer spec keeps in fp32).
+with their numel under tensor parallelism and whether they are norms (which the local layer spec keeps in fp32). An
+MoE layer's MLP is its router (``[experts, hidden]``, not split) and the ``experts / EP`` experts of this EP rank,
+each a SwiGLU MLP split over TP as a dense one is (megatron's expert TP is the TP size here).
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from luffy_megatron.config import ConfigError, load_config
+from luffy_megatron.config_checks import expert_count
 from luffy_megatron.models.family import padded_vocab_size
 
 # config.json values of the recipes' models (huggingface.co/Qwen/<name>/blob/main/config.json), used when the
@@ -66,11 +69,15 @@ class ModelShape:
     tied: bool
     qkv_bias: bool
     qk_norm: bool
+    experts: int = 0  # routed experts per layer (0: a dense model); every layer is an MoE layer
+    topk: int = 0  # experts per token
+    moe_ffn: int = 0  # an expert's intermediate size
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str = "model") -> ModelShape:
         model_type = hf.get("model_type", "")
         heads = int(hf["num_attention_heads"])
+        experts = int(expert_count(hf)[1] or 0)
         return cls(
             name=name,
             layers=int(hf["num_hidden_layers"]),
@@ -82,12 +89,15 @@ class ModelShape:
             vocab=int(hf["vocab_size"]),
             tied=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2",
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type.startswith("qwen3"),
+            experts=experts,
+            topk=int(hf["num_experts_per_tok"]) if experts else 0,
+            moe_ffn=int(hf["moe_intermediate_size"]) if experts else 0,
         )
 
     def num_params(self) -> int:
         """Parameters of the HF model (unpadded vocabulary)."""
-        per_layer = sum(n for _, n, _ in layer_params(self, 1))
+        per_layer = sum(p.numel for p in layer_params(self, 1))
         embed = self.vocab * self.hidden * (1 if self.tied else 2)
         return self.layers * per_layer + embed + self.hidden
 
@@ -117,33 +127,47 @@ def _read_json(path: Path) -> dict:
         raise ConfigError(f"{path}: not valid JSON: {e}") from e
 
 
-Param = tuple[str, int, bool]  # (name, numel on this rank, is a norm weight)
+class Param(NamedTuple):
+    """One parameter of a rank."""
+
+    name: str
+    numel: int  # on this rank
+    norm: bool  # a norm weight (fp32 in the local layer spec)
+    expert: bool = False  # an expert's weight: reduced over the expert-DP group, in its own buffers when EP > 1
 
 
-def layer_params(m: ModelShape, tp: int) -> list[Param]:
-    """One transformer layer's parameters on a TP rank, in registration order."""
+def layer_params(m: ModelShape, tp: int, ep: int = 1) -> list[Param]:
+    """One transformer layer's parameters on a TP (and EP) rank, in registration order."""
     q, kv = m.heads * m.head_dim // tp, m.kv_heads * m.head_dim // tp
-    out: list[Param] = [
-        ("input_layernorm.weight", m.hidden, True),
-        ("self_attention.linear_proj.weight", m.hidden * q, False),
-        ("self_attention.linear_qkv.weight", (q + 2 * kv) * m.hidden, False),
+    out = [
+        Param("input_layernorm.weight", m.hidden, True),
+        Param("self_attention.linear_proj.weight", m.hidden * q, False),
+        Param("self_attention.linear_qkv.weight", (q + 2 * kv) * m.hidden, False),
     ]
     if m.qkv_bias:
-        out.append(("self_attention.linear_qkv.bias", q + 2 * kv, False))
+        out.append(Param("self_attention.linear_qkv.bias", q + 2 * kv, False))
     if m.qk_norm:
         out += [
-            ("self_attention.q_layernorm.weight", m.head_dim, True),
-            ("self_attention.k_layernorm.weight", m.head_dim, True),
+            Param("self_attention.q_layernorm.weight", m.head_dim, True),
+            Param("self_attention.k_layernorm.weight", m.head_dim, True),
         ]
-    out += [
-        ("pre_mlp_layernorm.weight", m.hidden, True),
-        ("mlp.linear_fc1.weight", 2 * m.ffn // tp * m.hidden, False),
-        ("mlp.linear_fc2.weight", m.hidden * (m.ffn // tp), False),
-    ]
+    out.append(Param("pre_mlp_layernorm.weight", m.hidden, True))
+    if not m.experts:
+        return out + [
+            Param("mlp.linear_fc1.weight", 2 * m.ffn // tp * m.hidden, False),
+            Param("mlp.linear_fc2.weight", m.hidden * (m.ffn // tp), False),
+        ]
+    out.append(Param("mlp.router.weight", m.experts * m.hidden, False))
+    for e in range(m.experts // ep):
+        expert = f"mlp.experts.local_experts.{e}"
+        out.append(Param(f"{expert}.linear_fc1.weight", 2 * m.moe_ffn // tp * m.hidden, False, True))
+        out.append(Param(f"{expert}.linear_fc2.weight", m.hidden * (m.moe_ffn // tp), False, True))
     return out
 
 
-def chunk_params(m: ModelShape, tp: int, pp: int, vpp: int | None, pp_rank: int, chunk: int) -> list[Param]:
+def chunk_params(
+    m: ModelShape, tp: int, pp: int, vpp: int | None, pp_rank: int, chunk: int, ep: int = 1
+) -> list[Param]:
     """Parameters of model chunk ``chunk`` (virtual stage) of pipeline rank ``pp_rank``, in registration order."""
     stages = pp * (vpp or 1)
     per_stage = m.layers // stages
@@ -151,11 +175,11 @@ def chunk_params(m: ModelShape, tp: int, pp: int, vpp: int | None, pp_rank: int,
     vocab_rows = padded_vocab_size(m.vocab, tp) // tp
     out: list[Param] = []
     if stage == 0:
-        out.append(("embedding.word_embeddings.weight", vocab_rows * m.hidden, False))
+        out.append(Param("embedding.word_embeddings.weight", vocab_rows * m.hidden, False))
     for layer in range(stage * per_stage, (stage + 1) * per_stage):
-        out += [(f"decoder.layers.{layer}.{n}", k, norm) for n, k, norm in layer_params(m, tp)]
+        out += [p._replace(name=f"decoder.layers.{layer}.{p.name}") for p in layer_params(m, tp, ep)]
     if stage == stages - 1:
-        out.append(("decoder.final_layernorm.weight", m.hidden, True))
+        out.append(Param("decoder.final_layernorm.weight", m.hidden, True))
         if not m.tied or stages > 1:
-            out.append(("output_layer.weight", vocab_rows * m.hidden, False))
+            out.append(Param("output_layer.weight", vocab_rows * m.hidden, False))
     return out

@@ -36,6 +36,7 @@ from luffy_megatron.train.batch import (
     pack_micro_batch,
     pad_micro_batch,
 )
+from luffy_megatron.train.router_metrics import RouterLoad
 from luffy_megatron.train.samples import pack_micro_batches, round_up
 from luffy_megatron.train.step_batch import StepBatch, compact_batch
 
@@ -111,6 +112,8 @@ class MegatronPolicy:
         # sequence parallelism shards it.
         self.alignment = p.tp if self.tconfig.sequence_parallel else 1
         self._token_stats = {"real": 0, "computed": 0, "max_micro_batch": 0}
+        # An MoE model's router metrics (train.router_metrics): counted in the update's forward passes
+        self.router_load = RouterLoad(self.chunks, self.tconfig) if spec.family.moe_config is not None else None
 
     # ---------------------------------------------------------------------------------------------------------
     @property
@@ -181,6 +184,8 @@ class MegatronPolicy:
     def _run(self, mbs: list[FlatMicroBatch], loss_fn, forward_only: bool) -> list[Any]:
         def forward_step(data_iterator: Iterator[FlatMicroBatch], model: torch.nn.Module):
             mb = next(data_iterator)
+            if self.router_load is not None:
+                self.router_load.before_forward(model, mb)
             dev = next(model.parameters()).device
             packed = None if mb.cu_seqlens is None else packed_seq_params(mb.cu_seqlens, dev)
             out = model(mb.tokens.to(dev), mb.position_ids.to(dev), attention_mask=None, packed_seq_params=packed)
@@ -256,6 +261,8 @@ class MegatronPolicy:
         if not trained.num_samples:
             return {**self._finish_step([], num_trained=0), "actor/loss": 0.0, "actor/pg_loss": 0.0}
         mbs = self._micro_batches(trained, count_tokens=True)
+        if self.router_load is not None:
+            self.router_load.start(trained.lengths)
         # The schedule divides each micro-batch loss by their number and DDP averages over data-parallel ranks; the
         # aggregation weights already normalise over the whole mini-batch, so undo both.
         scale = len(mbs) * self.dp_size
@@ -275,7 +282,9 @@ class MegatronPolicy:
             sums.add_total(_NONFINITE, (~torch.isfinite(loss.detach())).sum())
             return loss * scale, sums
 
-        return self._finish_step(self._run(mbs, loss_fn, forward_only=False), num_trained=trained.num_samples)
+        stores = self._run(mbs, loss_fn, forward_only=False)
+        routing = self.router_load.finish() if self.router_load is not None else {}
+        return {**self._finish_step(stores, num_trained=trained.num_samples), **routing}
 
     def _finish_step(self, stores: list[MetricSums], num_trained: int) -> dict[str, float]:
         """The step's metrics, reduced over ranks, then the optimizer and scheduler step; a non-finite micro-batch
