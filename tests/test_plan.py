@@ -153,24 +153,7 @@ def test_help_shows_examples():
 
 # ----------------------------------------------------------------------------------------------------------------
 # Mixture-of-experts models
-QWEN3_30B_A3B = dict(  # huggingface.co/Qwen/Qwen3-30B-A3B/blob/main/config.json
-    architectures=["Qwen3MoeForCausalLM"],
-    model_type="qwen3_moe",
-    hidden_size=2048,
-    intermediate_size=6144,
-    moe_intermediate_size=768,
-    num_experts=128,
-    num_experts_per_tok=8,
-    num_hidden_layers=48,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    head_dim=128,
-    vocab_size=151936,
-    max_position_embeddings=40960,
-    tie_word_embeddings=False,
-    norm_topk_prob=True,
-)
-MOE = ModelShape.from_hf(QWEN3_30B_A3B, "Qwen3-30B-A3B")
+MOE = ModelShape.from_hf(KNOWN_MODELS["Qwen3-30B-A3B"], "Qwen3-30B-A3B")
 
 
 def test_moe_parameters_per_expert_parallel_rank():
@@ -221,7 +204,7 @@ def test_dispatcher_buffers_by_hand():
 
 
 def test_moe_table_names_the_experts_and_has_an_ep_column(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+    (tmp_path / "config.json").write_text(json.dumps(KNOWN_MODELS["Qwen3-30B-A3B"]))
     argv = ["--model", str(tmp_path), "--nodes", "2", "--gpu-mem-gb", "80", "--moe-dispatcher", "alltoall"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out

@@ -18,8 +18,8 @@ from luffy_megatron.config import ConfigError, load_config
 from luffy_megatron.config_checks import expert_count
 from luffy_megatron.models.family import padded_vocab_size
 
-# config.json values of the recipes' models (huggingface.co/Qwen/<name>/blob/main/config.json), used when the
-# recipe's model.hf_path is not on this machine.
+# config.json values of the recipes' models and of Qwen3-30B-A3B (huggingface.co/Qwen/<name>/blob/main/config.json),
+# used when a recipe's model.hf_path is not on this machine.
 KNOWN_MODELS: dict[str, dict[str, Any]] = {
     "Qwen2.5-Math-7B": dict(
         architectures=["Qwen2ForCausalLM"],
@@ -50,6 +50,23 @@ KNOWN_MODELS: dict[str, dict[str, Any]] = {
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
         hidden_act="silu",
+    ),
+    "Qwen3-30B-A3B": dict(
+        architectures=["Qwen3MoeForCausalLM"],
+        model_type="qwen3_moe",
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+        norm_topk_prob=True,
     ),
 }
 
